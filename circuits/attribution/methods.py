@@ -1,0 +1,296 @@
+"""The scoring methods, one function each, registered by name (DESIGN.md section 3).
+
+Every method accumulates, over batches, sums over examples of
+    edge u->v:  delta_u . g_v        node u:  delta_u . g_u
+with delta_u = a_u(ablated) - a_u(clean) (ablated = corrupted for patching) and g the gradient of the
+per-example metric at v's input (u's output), taken where the method says:
+- eap:                 at the clean input (1 forward + 1 forward/backward per batch);
+- eap-ig-inputs:       averaged over inputs e_corr + alpha (e_clean - e_corr), alpha on a quadrature grid
+                       (steps stacked in the batch: 2 forwards + `steps` forward/backward rows per batch);
+- eap-ig-activations:  for the sources of one group (input, layer l's heads, layer l's MLP), averaged over
+                       that group's outputs interpolated between ablated and clean, the rest of the model
+                       clean (steps x (2 n_layers + 1) forward/backward rows per batch);
+- clean-corrupted:     mean of the gradients at the clean and the corrupted inputs;
+- exact:               M(model with only that edge / node ablated) - M(clean), batched edge by edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from circuits.attribution.recorder import (
+    GradientRecorder,
+    edge_scores,
+    node_scores,
+    source_group_index,
+    source_hooks,
+)
+from circuits.data import PromptPairs
+from circuits.graph import Graph
+from circuits.intervention import forward_with_ablation
+from circuits.metrics import Metric
+from circuits.models.hooked import HookedModel, HookFn
+from circuits.quadrature import quadrature
+
+
+@dataclass
+class Job:
+    """Everything a method needs for one batch."""
+
+    model: HookedModel
+    graph: Graph
+    metric: Metric
+    pairs: PromptPairs
+    ablated: Tensor | None  # [1, P, n_sources, d] mean / zero ablation values, None for patching
+    level: str  # "edge" or "node"
+    steps: int
+    quadrature: str
+    max_rows: int
+
+
+@dataclass
+class BatchResult:
+    """Sums over the batch's examples."""
+
+    edges: Tensor | None  # [n_sources, n_destinations]
+    nodes: Tensor | None  # [n_sources]
+    metric_clean: Tensor  # [b] per-example metric on the clean prompts
+    metric_corrupted: Tensor | None  # [b] on the corrupted prompts (patching only)
+    ig_total: Tensor | None  # [b] sum_d delta_input . g_input (completeness), IG-inputs only
+
+
+Method = Callable[[Job], BatchResult]
+METHODS: dict[str, Method] = {}
+ABLATION_FREE = {"eap-ig-inputs", "clean-corrupted"}  # methods that need corrupted prompts (patching)
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    def add(fn: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        METHODS[name] = fn
+        return fn
+
+    return add
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _buffers(job: Job, rows: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Source-activation buffer [rows, P, n_src, d], dst-grad buffer (edge level) and src-grad buffer."""
+    b, n_pos, d = len(job.pairs), job.pairs.n_positions, job.graph.spec.d_model
+    device = job.model.device
+    acts = torch.zeros(rows, n_pos, job.graph.n_sources, d, device=device)
+    dst = torch.zeros(b, n_pos, job.graph.n_destinations, d, device=device) if job.level == "edge" else None
+    src = torch.zeros(b, n_pos, 2 * job.graph.spec.n_layers + 1, d, device=device)
+    return acts, dst, src
+
+
+def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> Tensor:
+    mask = job.pairs.attention_mask.to(ids.device)
+    mask = mask.repeat(ids.shape[0] // mask.shape[0], 1)
+    with torch.set_grad_enabled(grad), job.model.hooks(hooks):
+        return job.model(ids, mask)
+
+
+def _grad_leaf(x: Tensor) -> Tensor:
+    """Input hook making the embeddings a leaf that requires grad (the parameters are frozen)."""
+    return x.detach().requires_grad_(True)
+
+
+def _forward_sources(job: Job, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """No-grad forward recording source outputs; returns (activations [b, P, n_src, d], logits)."""
+    acts, _, _ = _buffers(job, ids.shape[0])
+    logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False)
+    return acts, logits
+
+
+def _scores(job: Job, delta: Tensor, dst: Tensor | None, src: Tensor) -> tuple[Tensor | None, Tensor]:
+    edges = edge_scores(delta, dst, job.graph.valid) if dst is not None else None
+    return edges, node_scores(delta, src, source_group_index(job.graph))
+
+
+def _ablated_acts(job: Job, clean_acts: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Ablated source outputs and, for patching, the corrupted logits."""
+    if job.ablated is not None:
+        return job.ablated[:, : clean_acts.shape[1]].expand_as(clean_acts), None
+    corrupted, logits = _forward_sources(job, job.pairs.corrupted.to(job.model.device))
+    return corrupted, logits
+
+
+def _step_chunks(job: Job) -> Iterator[tuple[Tensor, Tensor]]:
+    """Quadrature (alphas, weights) in chunks whose steps x batch rows stay within `max_rows`."""
+    alphas, weights = quadrature(job.quadrature, job.steps)
+    per_chunk = max(1, job.max_rows // len(job.pairs))
+    for start in range(0, job.steps, per_chunk):
+        yield alphas[start : start + per_chunk].float(), weights[start : start + per_chunk].float()
+
+
+def _metric(job: Job, logits: Tensor, clean_logits: Tensor | None, repeat: int = 1) -> Tensor:
+    pairs = job.pairs if repeat == 1 else job.pairs.repeat(repeat)
+    if clean_logits is not None and repeat > 1:
+        clean_logits = clean_logits.repeat(repeat, 1, 1)
+    return job.metric(logits, pairs, clean_logits)
+
+
+def _check_metric(values: Tensor, rows: int) -> Tensor:
+    if values.shape != (rows,):
+        raise ValueError(
+            f"the metric must return one value per example, shape ({rows},); got {tuple(values.shape)}"
+        )
+    return values
+
+
+# ------------------------------------------------------------------------------------------ methods
+@register("eap")
+def eap(job: Job) -> BatchResult:
+    b = len(job.pairs)
+    clean_ids = job.pairs.clean.to(job.model.device)
+    acts, dst, src = _buffers(job, b)
+    recorder = GradientRecorder(job.model, job.graph, torch.ones(1), dst, src)
+    hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
+    logits = _run(job, clean_ids, hooks, grad=True)
+    clean_logits = logits.detach()
+    values = _check_metric(_metric(job, logits, clean_logits), b)
+    ablated, corrupted_logits = _ablated_acts(job, acts)
+    values.sum().backward()
+    edges, nodes = _scores(job, ablated - acts, dst, src)
+    metric_corrupted = None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    return BatchResult(edges, nodes, values.detach(), metric_corrupted, None)
+
+
+@register("clean-corrupted")
+def clean_corrupted(job: Job) -> BatchResult:
+    b = len(job.pairs)
+    ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
+    acts, dst, src = _buffers(job, 2 * b)
+    recorder = GradientRecorder(job.model, job.graph, torch.full((2,), 0.5), dst, src)
+    hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
+    logits = _run(job, ids, hooks, grad=True)
+    clean_logits = logits[:b].detach()
+    values = _check_metric(_metric(job, logits, clean_logits, repeat=2), 2 * b)
+    values.sum().backward()
+    edges, nodes = _scores(job, acts[b:] - acts[:b], dst, src)
+    return BatchResult(edges, nodes, values[:b].detach(), values[b:].detach(), None)
+
+
+@register("eap-ig-inputs")
+def eap_ig_inputs(job: Job) -> BatchResult:
+    model, graph, b = job.model, job.graph, len(job.pairs)
+    clean_acts, clean_logits = _forward_sources(job, job.pairs.clean.to(model.device))
+    corrupted_acts, corrupted_logits = _forward_sources(job, job.pairs.corrupted.to(model.device))
+    e_clean, e_corr = clean_acts[:, :, 0], corrupted_acts[:, :, 0]
+    _, dst, src = _buffers(job, 0)
+    for alphas, weights in _step_chunks(job):
+        m = alphas.shape[0]
+        a = alphas.to(e_clean.device).repeat_interleave(b)[:, None, None]
+
+        def interpolate(x: Tensor, a: Tensor = a, m: int = m) -> Tensor:
+            mixed = e_corr.repeat(m, 1, 1) + a * (e_clean - e_corr).repeat(m, 1, 1)
+            return mixed.to(x.dtype).requires_grad_(True)
+
+        recorder = GradientRecorder(model, graph, weights, dst, src)
+        ids = job.pairs.clean.to(model.device).repeat(m, 1)
+        logits = _run(job, ids, [(model.input_hook, interpolate), *recorder.hooks()], grad=True)
+        _check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum().backward()
+    edges, nodes = _scores(job, corrupted_acts - clean_acts, dst, src)
+    ig_total = torch.einsum("bpd,bpd->b", e_clean - e_corr, src[:, :, 0])
+    return BatchResult(
+        edges,
+        nodes,
+        _metric(job, clean_logits, clean_logits),
+        _metric(job, corrupted_logits, clean_logits),
+        ig_total,
+    )
+
+
+@register("eap-ig-activations")
+def eap_ig_activations(job: Job) -> BatchResult:
+    model, graph, b = job.model, job.graph, len(job.pairs)
+    clean_ids = job.pairs.clean.to(model.device)
+    clean_acts, clean_logits = _forward_sources(job, clean_ids)
+    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
+    delta = ablated - clean_acts
+    groups = source_group_index(graph)
+    n_groups = 2 * graph.spec.n_layers + 1
+    edges = torch.zeros(graph.n_sources, graph.n_destinations) if job.level == "edge" else None
+    nodes = torch.zeros(graph.n_sources)
+    for group in range(n_groups):
+        members = (groups == group).nonzero()[:, 0]
+        hook_name, clean_out, delta_out = _group_output(model, graph, group, clean_acts, delta, members)
+        _, dst, src = _buffers(job, 0)
+        for alphas, weights in _step_chunks(job):
+            m = alphas.shape[0]
+            a = alphas.to(clean_out.device).repeat_interleave(b)[:, None, None]
+
+            def interpolate(x: Tensor, a: Tensor = a, m: int = m, c=clean_out, dlt=delta_out) -> Tensor:
+                return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
+
+            recorder = GradientRecorder(model, graph, weights, dst, src)
+            logits = _run(job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True)
+            _check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum().backward()
+        group_delta = delta[:, :, members]
+        if edges is not None and dst is not None:
+            edges[members] = edge_scores(group_delta, dst, graph.valid[members])
+        nodes[members] = node_scores(group_delta, src, groups[members])
+    metric_corrupted = None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    return BatchResult(edges, nodes, _metric(job, clean_logits, clean_logits), metric_corrupted, None)
+
+
+def _group_output(
+    model: HookedModel, graph: Graph, group: int, clean: Tensor, delta: Tensor, members: Tensor
+) -> tuple[str, Tensor, Tensor]:
+    """Hook carrying a source group's summed output, its clean value and its ablation difference."""
+    if group == 0:
+        return model.input_hook, clean[:, :, 0], delta[:, :, 0]
+    layer = (group - 1) // 2
+    hook = model.attn_out_hook(layer) if group % 2 == 1 else model.mlp_out_hook(layer)
+    clean_sum = clean[:, :, members].sum(2)
+    if group % 2 == 1 and model.b_O(layer) is not None:
+        clean_sum = clean_sum + model.b_O(layer)  # type: ignore[operator]
+    return hook, clean_sum, delta[:, :, members].sum(2)
+
+
+@register("exact")
+def exact(job: Job) -> BatchResult:
+    """Ablate one edge (or node) at a time, many side by side in the batch dimension."""
+    model, graph, b = job.model, job.graph, len(job.pairs)
+    clean_ids = job.pairs.clean.to(model.device)
+    clean_acts, clean_logits = _forward_sources(job, clean_ids)
+    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
+    base = _metric(job, clean_logits, clean_logits)
+    if job.level == "edge":
+        units = graph.valid.nonzero()  # [n_edges, 2]
+    else:
+        units = torch.arange(graph.n_sources)[:, None]
+    per_chunk = max(1, job.max_rows // b)
+    totals = torch.zeros(units.shape[0])
+    for start in range(0, units.shape[0], per_chunk):
+        chunk = units[start : start + per_chunk]
+        e = chunk.shape[0]
+        mask = torch.zeros(e, graph.n_sources, graph.n_destinations, dtype=torch.bool)
+        if job.level == "edge":
+            mask[torch.arange(e), chunk[:, 0], chunk[:, 1]] = True
+        else:
+            mask[torch.arange(e), chunk[:, 0]] = graph.valid[chunk[:, 0]]
+        logits = forward_with_ablation(
+            model,
+            graph,
+            clean_ids.repeat(e, 1),
+            job.pairs.attention_mask.to(model.device).repeat(e, 1),
+            ablated.repeat(e, 1, 1, 1),
+            mask.repeat_interleave(b, dim=0),
+        )
+        values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)
+        totals[start : start + e] = (values - base).sum(1).cpu()
+    edges, nodes = None, None
+    if job.level == "edge":
+        edges = torch.zeros(graph.n_sources, graph.n_destinations)
+        edges[units[:, 0], units[:, 1]] = totals
+    else:
+        nodes = totals
+    metric_corrupted = None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    return BatchResult(edges, nodes, base, metric_corrupted, None)

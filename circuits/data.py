@@ -1,0 +1,151 @@
+"""`PromptPairs`: clean / corrupted prompts as token ids with the answer and distractor of each pair."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from circuits.models.hooked import HookedModel
+
+
+@dataclass
+class PromptPairs:
+    """N prompt pairs, right-padded to a common length P.
+
+    Attributes:
+        clean, corrupted: [N, P] token ids; a pair has the same length in both.
+        lengths: [N] real (unpadded) length; the metric reads position lengths - 1.
+        answer, distractor: [N] token ids of the correct and the contrasting next token.
+        pad_id: id used for padding.
+    """
+
+    clean: Tensor
+    corrupted: Tensor
+    lengths: Tensor
+    answer: Tensor
+    distractor: Tensor
+    pad_id: int = 0
+    texts: list[tuple[str, str]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        n = self.clean.shape[0]
+        if n == 0:
+            raise ValueError("PromptPairs is empty: give at least one prompt pair")
+        if self.clean.shape != self.corrupted.shape:
+            raise ValueError(f"clean {tuple(self.clean.shape)} and corrupted {tuple(self.corrupted.shape)} differ")
+        for name in ("lengths", "answer", "distractor"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
+        if int(self.lengths.min()) < 1 or int(self.lengths.max()) > self.clean.shape[1]:
+            raise ValueError("lengths must lie in [1, number of positions]")
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def n_positions(self) -> int:
+        return self.clean.shape[1]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[N, P] ones on real tokens, zeros on padding."""
+        return (torch.arange(self.n_positions)[None, :] < self.lengths[:, None]).long()
+
+    def __getitem__(self, index: slice) -> PromptPairs:
+        lengths = self.lengths[index]
+        width = int(lengths.max())
+        return PromptPairs(
+            self.clean[index, :width],
+            self.corrupted[index, :width],
+            lengths,
+            self.answer[index],
+            self.distractor[index],
+            self.pad_id,
+            self.texts[index] if self.texts else [],
+        )
+
+    def batches(self, batch_size: int) -> Iterator[PromptPairs]:
+        """Consecutive batches of at most `batch_size` pairs, each trimmed to its longest pair."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self[start : start + batch_size]
+
+    def repeat(self, times: int) -> PromptPairs:
+        """The pairs tiled `times` times along the batch (row r * N + i is pair i), e.g. for IG steps."""
+        return PromptPairs(
+            self.clean.repeat(times, 1),
+            self.corrupted.repeat(times, 1),
+            self.lengths.repeat(times),
+            self.answer.repeat(times),
+            self.distractor.repeat(times),
+            self.pad_id,
+        )
+
+    def to(self, device: torch.device | str) -> PromptPairs:
+        return PromptPairs(
+            self.clean.to(device),
+            self.corrupted.to(device),
+            self.lengths.to(device),
+            self.answer.to(device),
+            self.distractor.to(device),
+            self.pad_id,
+            self.texts,
+        )
+
+    @classmethod
+    def from_strings(
+        cls,
+        model: HookedModel,
+        clean: Sequence[str],
+        corrupted: Sequence[str],
+        answers: Sequence[str],
+        distractors: Sequence[str],
+    ) -> PromptPairs:
+        """Tokenise pairs with the model's tokenizer; answers must be single tokens (e.g. ' Mary').
+
+        Raises ValueError naming the pair whose clean and corrupted prompts differ in token length, or
+        whose answer is not one token.
+        """
+        sizes = {len(clean), len(corrupted), len(answers), len(distractors)}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"need as many clean ({len(clean)}), corrupted ({len(corrupted)}), answers "
+                f"({len(answers)}) and distractors ({len(distractors)})"
+            )
+        if not clean:
+            raise ValueError("no prompt pairs given")
+        clean_ids, corrupted_ids = model.to_ids(clean), model.to_ids(corrupted)
+        for i, (a, b) in enumerate(zip(clean_ids, corrupted_ids)):
+            if len(a) != len(b):
+                raise ValueError(
+                    f"pair {i}: clean prompt is {len(a)} tokens, corrupted is {len(b)}; positions must "
+                    f"match.\n  clean: {clean[i]!r}\n  corrupted: {corrupted[i]!r}"
+                )
+        answer_ids, distractor_ids = [], []
+        for i, (a, d) in enumerate(zip(answers, distractors)):
+            try:
+                answer_ids.append(model.single_token_id(a))
+                distractor_ids.append(model.single_token_id(d))
+            except ValueError as err:
+                raise ValueError(f"pair {i}: {err}") from None
+        pad = model.tokenizer.pad_token_id
+        pad = model.tokenizer.eos_token_id if pad is None else pad
+        pad = 0 if pad is None else int(pad)
+        return cls(
+            _pad(clean_ids, pad),
+            _pad(corrupted_ids, pad),
+            torch.tensor([len(a) for a in clean_ids]),
+            torch.tensor(answer_ids),
+            torch.tensor(distractor_ids),
+            pad,
+            list(zip(clean, corrupted)),
+        )
+
+
+def _pad(rows: list[list[int]], pad: int) -> Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
