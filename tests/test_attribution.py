@@ -1,0 +1,170 @@
+import copy
+
+import pytest
+import torch
+
+from circuits import Graph
+from circuits.attribution import attribute
+from circuits.data import PromptPairs
+from circuits.metrics import logit_diff
+from circuits.testing import tiny_llama_hf, tiny_tokenizer
+from circuits.models import load_model
+from circuits.quadrature import quadrature
+
+from .reference import reference_llama
+
+PAIRS = [
+    ("When Mary and John went to the store, John gave a drink to", "When Mary and John went to the store, Alice gave a drink to", " Mary", " John"),
+    ("When Alice and Bob went to the store, Bob gave a drink to", "When Alice and Bob went to the store, Tom gave a drink to", " Alice", " Bob"),
+    ("Then Tom said hello to", "Then Anna said hello to", " Tom", " Anna"),
+]
+
+
+def make_pairs(model):
+    clean, corrupted, answers, distractors = zip(*PAIRS)
+    return PromptPairs.from_strings(model, clean, corrupted, answers, distractors)
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    return tiny_llama_hf(seed=7)
+
+
+@pytest.fixture(scope="module")
+def model7(hf_llama):
+    return load_model(hf_llama, tiny_tokenizer())
+
+
+def reference_metric(hf, pairs, patches=None):
+    logits, _ = reference_llama(hf, pairs.clean, patches)
+    return logit_diff(logits, pairs)
+
+
+def test_exact_equals_brute_force_edge_patching(model7, hf_llama):
+    pairs = make_pairs(model7)
+    graph = Graph.from_model(model7)
+    scores = attribute(model7, graph, pairs, method="exact", quiet=True).edge_scores
+    with torch.no_grad():
+        base = reference_metric(hf_llama, pairs)
+        _, clean_src = reference_llama(hf_llama, pairs.clean)
+        _, corr_src = reference_llama(hf_llama, pairs.corrupted)
+        for name in ["input->a0.h1<q>", "input->a1.h0<k>", "a0.h2->a1.h3<q>", "a0.h3->a1.h1<v>",
+                     "m0->a1.h2<q>", "a0.h0->m0", "a1.h1->logits", "m1->logits", "input->m1"]:
+            src, dst = name.split("->")
+            patched = reference_metric(hf_llama, pairs, {dst: corr_src[src] - clean_src[src]})
+            r, c = graph.edge_index(name)
+            assert scores[r, c] == pytest.approx(float((patched - base).mean()), abs=1e-5), name
+
+
+def test_eap_equals_finite_differences(model7, hf_llama):
+    """EAP's delta . grad is the directional derivative of M along the edge's activation difference."""
+    pairs = make_pairs(model7)
+    graph = Graph.from_model(model7)
+    scores = attribute(model7, graph, pairs, method="eap", quiet=True).edge_scores
+    hf64 = copy.deepcopy(hf_llama).double()
+
+    def metric64(patches):
+        logits, _ = reference_llama(hf64, pairs.clean, patches)
+        last = logits[torch.arange(len(pairs)), pairs.lengths - 1]
+        return (last.gather(1, pairs.answer[:, None]) - last.gather(1, pairs.distractor[:, None])).mean()
+
+    eps = 1e-5
+    with torch.no_grad():
+        _, clean_src = reference_llama(hf64, pairs.clean)
+        _, corr_src = reference_llama(hf64, pairs.corrupted)
+        for name in ["input->a0.h1<q>", "input->a1.h0<k>", "a0.h2->a1.h1<v>", "m0->a1.h2<q>", "a0.h0->m0", "m1->logits"]:
+            src, dst = name.split("->")
+            delta = corr_src[src] - clean_src[src]
+            fd = float(metric64({dst: eps * delta}) - metric64({dst: -eps * delta})) / (2 * eps)
+            r, c = graph.edge_index(name)
+            assert float(scores[r, c]) == pytest.approx(fd, rel=1e-4, abs=1e-9), name
+
+
+def test_ig_completeness_with_many_steps(tiny):
+    pairs = make_pairs(tiny)
+    result = attribute(tiny, Graph.from_model(tiny), pairs, method="eap-ig-inputs", ig_steps=256,
+                       quadrature="gauss-legendre", quiet=True, max_rows=256)
+    assert result.completeness.relative_error < 1e-3
+
+
+def test_left_riemann_matches_hand_written_loop(llama):
+    """EAP-IG's grid: alpha = k/m, k = 0..m-1, gradients averaged; compared on the node scores of input."""
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    m = 5
+    result = attribute(llama, graph, pairs, method="eap-ig-inputs", ig_steps=m, quiet=True, level="node")
+    ids, mask = pairs.clean, pairs.attention_mask
+    embeds = {}
+    for name, tokens in (("clean", pairs.clean), ("corrupted", pairs.corrupted)):
+        with torch.no_grad(), llama.hooks([(llama.input_hook, lambda x, n=name: embeds.__setitem__(n, x))]):
+            llama(tokens, mask)
+    grad_sum = torch.zeros_like(embeds["clean"])
+    for k in range(m):
+        e = (embeds["corrupted"] + k / m * (embeds["clean"] - embeds["corrupted"])).requires_grad_(True)
+        with llama.hooks([(llama.input_hook, lambda x, e=e: e)]):
+            logit_diff(llama(ids, mask), pairs).sum().backward()
+        grad_sum += e.grad
+    expected = ((embeds["corrupted"] - embeds["clean"]) * grad_sum / m).sum() / len(pairs)
+    assert result.node_scores[0] == pytest.approx(float(expected), rel=1e-5)
+    alphas, weights = quadrature("left", m)
+    assert alphas.tolist() == [k / m for k in range(m)] and torch.allclose(weights, torch.full((m,), 0.2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "clean-corrupted", "eap-ig-activations", "exact"])
+def test_scores_do_not_depend_on_batch_size(llama, method):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    a = attribute(llama, graph, pairs, method=method, batch_size=1, quiet=True, ig_steps=3)
+    b = attribute(llama, graph, pairs, method=method, batch_size=3, quiet=True, ig_steps=3, max_rows=4)
+    assert torch.allclose(a.edge_scores, b.edge_scores, atol=1e-6, rtol=1e-4)
+
+
+def test_methods_agree_with_exact_on_gpt2(gpt2):
+    pairs = make_pairs(gpt2)
+    graph = Graph.from_model(gpt2)
+    exact = attribute(gpt2, graph, pairs, method="exact", quiet=True).edge_scores[graph.valid]
+    ig = attribute(gpt2, graph, pairs, method="eap-ig-inputs", ig_steps=32, quadrature="gauss-legendre", quiet=True)
+    corr = torch.corrcoef(torch.stack([ig.edge_scores[graph.valid], exact]))[0, 1]
+    assert corr > 0.95
+    assert graph.scores is not None and torch.equal(graph.scores, ig.edge_scores)
+
+
+def test_node_level_exact_equals_ablating_all_outgoing_edges(llama):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    nodes = attribute(llama, graph, pairs, method="exact", level="node", quiet=True).node_scores
+    # Last-layer MLP has exactly one outgoing edge (to logits): node score == that edge's score.
+    edges = attribute(llama, graph, pairs, method="exact", quiet=True).edge_scores
+    m1 = graph.mlp_source(1)
+    assert nodes[m1] == pytest.approx(float(edges[m1, graph.logits_destination]), abs=1e-6)
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_eap_with_mean_and_zero_ablation_matches_exact_direction(llama, ablation):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    exact = attribute(llama, graph, pairs, method="exact", ablation=ablation, quiet=True).edge_scores[graph.valid]
+    eap = attribute(llama, graph, pairs, method="eap", ablation=ablation, quiet=True).edge_scores[graph.valid]
+    assert torch.corrcoef(torch.stack([eap, exact]))[0, 1] > 0.5
+
+
+def test_bad_inputs(llama):
+    graph = Graph.from_model(llama)
+    pairs = make_pairs(llama)
+    with pytest.raises(ValueError, match="positions must"):
+        PromptPairs.from_strings(llama, ["When Mary and John went"], ["When Mary went"], [" Mary"], [" John"])
+    with pytest.raises(ValueError, match="not one"):
+        PromptPairs.from_strings(llama, ["Then Tom said"], ["Then Anna said"], [" Marylebone station"], [" John"])
+    with pytest.raises(ValueError, match="empty|no prompt"):
+        PromptPairs.from_strings(llama, [], [], [], [])
+    with pytest.raises(ValueError, match="unknown method"):
+        attribute(llama, graph, pairs, method="acdc-magic")
+    with pytest.raises(ValueError, match="needs ablation='patching'"):
+        attribute(llama, graph, pairs, method="eap-ig-inputs", ablation="mean")
+    with pytest.raises(ValueError, match="one value per example"):
+        attribute(llama, graph, pairs, metric=lambda logits, p, c=None: logits.sum(), method="eap", quiet=True)
+    from circuits.graph import GraphMismatchError
+    from circuits.models import ModelSpec
+
+    with pytest.raises(GraphMismatchError):
+        attribute(llama, Graph.from_model(ModelSpec(3, 4, 2, 64, 16, 128)), pairs)
