@@ -35,7 +35,9 @@ class PromptPairs:
         if n == 0:
             raise ValueError("PromptPairs is empty: give at least one prompt pair")
         if self.clean.shape != self.corrupted.shape:
-            raise ValueError(f"clean {tuple(self.clean.shape)} and corrupted {tuple(self.corrupted.shape)} differ")
+            raise ValueError(
+                f"clean {tuple(self.clean.shape)} and corrupted {tuple(self.corrupted.shape)} differ"
+            )
         for name in ("lengths", "answer", "distractor"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
@@ -126,10 +128,10 @@ class PromptPairs:
                     f"match.\n  clean: {clean[i]!r}\n  corrupted: {corrupted[i]!r}"
                 )
         answer_ids, distractor_ids = [], []
-        for i, (a, d) in enumerate(zip(answers, distractors)):
+        for i, (answer, distractor) in enumerate(zip(answers, distractors)):
             try:
-                answer_ids.append(model.single_token_id(a))
-                distractor_ids.append(model.single_token_id(d))
+                answer_ids.append(model.single_token_id(answer))
+                distractor_ids.append(model.single_token_id(distractor))
             except ValueError as err:
                 raise ValueError(f"pair {i}: {err}") from None
         pad = model.tokenizer.pad_token_id

@@ -79,6 +79,18 @@ class Graph:
         new.node_scores = None if self.node_scores is None else self.node_scores.clone()
         return new
 
+    def top_n(self, n: int, absolute: bool = True) -> Graph:
+        """A copy whose circuit is the `n` highest-scoring valid edges (by |score| unless absolute=False)."""
+        if not 0 <= n <= self.n_edges:
+            raise ValueError(f"n must lie in [0, {self.n_edges}], got {n}")
+        scores = self.scores.abs() if absolute else self.scores
+        flat = scores.masked_fill(~self.valid, float("-inf")).flatten()
+        chosen = torch.zeros_like(self.valid).flatten()
+        chosen[flat.topk(n).indices] = True
+        circuit = self.copy()
+        circuit.in_graph = chosen.reshape(self.valid.shape)
+        return circuit
+
     # ---------------------------------------------------------------------------------- indexing
     @property
     def n_sources(self) -> int:
@@ -156,8 +168,10 @@ class Graph:
         per_dst = self.valid.sum(0)
         for j, dst in enumerate(self.destinations):
             match = _DST_RE.match(dst)
-            kind = f"edges into {match.group(4)} inputs" if match else (
-                "edges into logits" if dst == "logits" else "edges into MLPs"
+            kind = (
+                f"edges into {match.group(4)} inputs"
+                if match
+                else ("edges into logits" if dst == "logits" else "edges into MLPs")
             )
             counts[kind] += int(per_dst[j])
         counts["edges: total"] = self.n_edges
@@ -175,8 +189,10 @@ class Graph:
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"Graph({self.spec.name!r}, {self.n_sources} sources, {self.n_destinations} destinations, "\
-               f"{self.n_edges} edges)"
+        return (
+            f"Graph({self.spec.name!r}, {self.n_sources} sources, {self.n_destinations} destinations, "
+            f"{self.n_edges} edges)"
+        )
 
     # -------------------------------------------------------------------------------- networkx
     def to_networkx(self, circuit_only: bool = True) -> nx.MultiDiGraph:
@@ -235,7 +251,9 @@ class Graph:
             if name == "logits":
                 continue
             if name not in graph.src_index:
-                raise GraphMismatchError(f"{path}: node '{name}' does not exist in the graph its cfg describes")
+                raise GraphMismatchError(
+                    f"{path}: node '{name}' does not exist in the graph its cfg describes"
+                )
             i = graph.src_index[name]
             graph.nodes_in_graph[i] = bool(info.get("in_graph", True))
             if "score" in info and info["score"] is not None:

@@ -70,7 +70,7 @@ def forward_with_ablation(
         return hook
 
     def rebuild_qkv(layer: int, letter: str) -> HookFn:
-        proj = getattr(model.bridge.blocks[layer].attn, letter)._original_component  # type: ignore[union-attr,index]
+        proj = getattr(model.bridge.blocks[layer].attn, letter)._original_component
         n = spec.n_qkv_heads(letter)  # type: ignore[arg-type]
         dst = graph.qkv_destinations(layer, letter)
 

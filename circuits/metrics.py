@@ -68,4 +68,6 @@ def get_metric(metric: str | Metric) -> Metric:
     try:
         return METRICS[metric]
     except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a callable") from None
+        raise ValueError(
+            f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a callable"
+        ) from None

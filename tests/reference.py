@@ -40,6 +40,7 @@ def reference_llama(hf, ids: torch.Tensor, patches: dict[str, torch.Tensor] | No
         wk = attn.k_proj.weight.reshape(n_kv, d_head, -1)
         wv = attn.v_proj.weight.reshape(n_kv, d_head, -1)
         wo = attn.o_proj.weight.T.reshape(n_heads, d_head, -1)
+
         def norm(x, module=layer.input_layernorm):
             return rms_norm(module, x)
 

@@ -7,15 +7,25 @@ from circuits import Graph
 from circuits.attribution import attribute
 from circuits.data import PromptPairs
 from circuits.metrics import logit_diff
-from circuits.testing import tiny_llama_hf, tiny_tokenizer
 from circuits.models import load_model
 from circuits.quadrature import quadrature
+from circuits.testing import tiny_llama_hf, tiny_tokenizer
 
 from .reference import reference_llama
 
 PAIRS = [
-    ("When Mary and John went to the store, John gave a drink to", "When Mary and John went to the store, Alice gave a drink to", " Mary", " John"),
-    ("When Alice and Bob went to the store, Bob gave a drink to", "When Alice and Bob went to the store, Tom gave a drink to", " Alice", " Bob"),
+    (
+        "When Mary and John went to the store, John gave a drink to",
+        "When Mary and John went to the store, Alice gave a drink to",
+        " Mary",
+        " John",
+    ),
+    (
+        "When Alice and Bob went to the store, Bob gave a drink to",
+        "When Alice and Bob went to the store, Tom gave a drink to",
+        " Alice",
+        " Bob",
+    ),
     ("Then Tom said hello to", "Then Anna said hello to", " Tom", " Anna"),
 ]
 
@@ -48,8 +58,17 @@ def test_exact_equals_brute_force_edge_patching(model7, hf_llama):
         base = reference_metric(hf_llama, pairs)
         _, clean_src = reference_llama(hf_llama, pairs.clean)
         _, corr_src = reference_llama(hf_llama, pairs.corrupted)
-        for name in ["input->a0.h1<q>", "input->a1.h0<k>", "a0.h2->a1.h3<q>", "a0.h3->a1.h1<v>",
-                     "m0->a1.h2<q>", "a0.h0->m0", "a1.h1->logits", "m1->logits", "input->m1"]:
+        for name in [
+            "input->a0.h1<q>",
+            "input->a1.h0<k>",
+            "a0.h2->a1.h3<q>",
+            "a0.h3->a1.h1<v>",
+            "m0->a1.h2<q>",
+            "a0.h0->m0",
+            "a1.h1->logits",
+            "m1->logits",
+            "input->m1",
+        ]:
             src, dst = name.split("->")
             patched = reference_metric(hf_llama, pairs, {dst: corr_src[src] - clean_src[src]})
             r, c = graph.edge_index(name)
@@ -72,7 +91,14 @@ def test_eap_equals_finite_differences(model7, hf_llama):
     with torch.no_grad():
         _, clean_src = reference_llama(hf64, pairs.clean)
         _, corr_src = reference_llama(hf64, pairs.corrupted)
-        for name in ["input->a0.h1<q>", "input->a1.h0<k>", "a0.h2->a1.h1<v>", "m0->a1.h2<q>", "a0.h0->m0", "m1->logits"]:
+        for name in [
+            "input->a0.h1<q>",
+            "input->a1.h0<k>",
+            "a0.h2->a1.h1<v>",
+            "m0->a1.h2<q>",
+            "a0.h0->m0",
+            "m1->logits",
+        ]:
             src, dst = name.split("->")
             delta = corr_src[src] - clean_src[src]
             fd = float(metric64({dst: eps * delta}) - metric64({dst: -eps * delta})) / (2 * eps)
@@ -82,8 +108,16 @@ def test_eap_equals_finite_differences(model7, hf_llama):
 
 def test_ig_completeness_with_many_steps(tiny):
     pairs = make_pairs(tiny)
-    result = attribute(tiny, Graph.from_model(tiny), pairs, method="eap-ig-inputs", ig_steps=256,
-                       quadrature="gauss-legendre", quiet=True, max_rows=256)
+    result = attribute(
+        tiny,
+        Graph.from_model(tiny),
+        pairs,
+        method="eap-ig-inputs",
+        ig_steps=256,
+        quadrature="gauss-legendre",
+        quiet=True,
+        max_rows=256,
+    )
     assert result.completeness.relative_error < 1e-3
 
 
@@ -107,7 +141,9 @@ def test_left_riemann_matches_hand_written_loop(llama):
     expected = ((embeds["corrupted"] - embeds["clean"]) * grad_sum / m).sum() / len(pairs)
     assert result.node_scores[0] == pytest.approx(float(expected), rel=1e-5)
     alphas, weights = quadrature("left", m)
-    assert alphas.tolist() == [k / m for k in range(m)] and torch.allclose(weights, torch.full((m,), 0.2, dtype=torch.float64))
+    assert alphas.tolist() == [k / m for k in range(m)] and torch.allclose(
+        weights, torch.full((m,), 0.2, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "clean-corrupted", "eap-ig-activations", "exact"])
@@ -123,7 +159,9 @@ def test_methods_agree_with_exact_on_gpt2(gpt2):
     pairs = make_pairs(gpt2)
     graph = Graph.from_model(gpt2)
     exact = attribute(gpt2, graph, pairs, method="exact", quiet=True).edge_scores[graph.valid]
-    ig = attribute(gpt2, graph, pairs, method="eap-ig-inputs", ig_steps=32, quadrature="gauss-legendre", quiet=True)
+    ig = attribute(
+        gpt2, graph, pairs, method="eap-ig-inputs", ig_steps=32, quadrature="gauss-legendre", quiet=True
+    )
     corr = torch.corrcoef(torch.stack([ig.edge_scores[graph.valid], exact]))[0, 1]
     assert corr > 0.95
     assert graph.scores is not None and torch.equal(graph.scores, ig.edge_scores)
@@ -143,7 +181,9 @@ def test_node_level_exact_equals_ablating_all_outgoing_edges(llama):
 def test_eap_with_mean_and_zero_ablation_matches_exact_direction(llama, ablation):
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
-    exact = attribute(llama, graph, pairs, method="exact", ablation=ablation, quiet=True).edge_scores[graph.valid]
+    exact = attribute(llama, graph, pairs, method="exact", ablation=ablation, quiet=True).edge_scores[
+        graph.valid
+    ]
     eap = attribute(llama, graph, pairs, method="eap", ablation=ablation, quiet=True).edge_scores[graph.valid]
     assert torch.corrcoef(torch.stack([eap, exact]))[0, 1] > 0.5
 
@@ -154,15 +194,19 @@ def test_bad_inputs(llama):
     with pytest.raises(ValueError, match="positions must"):
         PromptPairs.from_strings(llama, ["When Mary and John went"], ["When Mary went"], [" Mary"], [" John"])
     with pytest.raises(ValueError, match="not one"):
-        PromptPairs.from_strings(llama, ["Then Tom said"], ["Then Anna said"], [" Marylebone station"], [" John"])
-    with pytest.raises(ValueError, match="empty|no prompt"):
+        PromptPairs.from_strings(
+            llama, ["Then Tom said"], ["Then Anna said"], [" Marylebone station"], [" John"]
+        )
+    with pytest.raises(ValueError, match=r"empty|no prompt"):
         PromptPairs.from_strings(llama, [], [], [], [])
     with pytest.raises(ValueError, match="unknown method"):
         attribute(llama, graph, pairs, method="acdc-magic")
     with pytest.raises(ValueError, match="needs ablation='patching'"):
         attribute(llama, graph, pairs, method="eap-ig-inputs", ablation="mean")
     with pytest.raises(ValueError, match="one value per example"):
-        attribute(llama, graph, pairs, metric=lambda logits, p, c=None: logits.sum(), method="eap", quiet=True)
+        attribute(
+            llama, graph, pairs, metric=lambda logits, p, c=None: logits.sum(), method="eap", quiet=True
+        )
     from circuits.graph import GraphMismatchError
     from circuits.models import ModelSpec
 

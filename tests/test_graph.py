@@ -8,7 +8,9 @@ from circuits import Graph
 from circuits.graph import GraphMismatchError
 from circuits.models import ModelSpec
 
-GPT2_SMALL = ModelSpec(n_layers=12, n_heads=12, n_kv_heads=12, d_model=768, d_head=64, d_mlp=3072, name="gpt2")
+GPT2_SMALL = ModelSpec(
+    n_layers=12, n_heads=12, n_kv_heads=12, d_model=768, d_head=64, d_mlp=3072, name="gpt2"
+)
 SMOLLM2 = ModelSpec(n_layers=30, n_heads=9, n_kv_heads=3, d_model=576, d_head=64, d_mlp=1536, name="smollm2")
 
 
@@ -35,7 +37,9 @@ def test_smollm2_counts():
     assert graph.n_edges == 70651 == brute_force_edge_count(30, 9, 3)
     assert graph.n_sources == 301 and graph.n_destinations == 481
     counts = graph.count_by_kind()
-    assert counts["edges into k inputs"] == counts["edges into v inputs"] == counts["edges into q inputs"] // 3
+    assert (
+        counts["edges into k inputs"] == counts["edges into v inputs"] == counts["edges into q inputs"] // 3
+    )
 
 
 def test_edge_names_follow_eap_ig():

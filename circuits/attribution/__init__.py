@@ -90,7 +90,9 @@ def attribute(
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
     if method in ABLATION_FREE and ablation != "patching":
-        raise ValueError(f"{method} interpolates between clean and corrupted prompts; it needs ablation='patching'")
+        raise ValueError(
+            f"{method} interpolates between clean and corrupted prompts; it needs ablation='patching'"
+        )
     if level not in ("edge", "node"):
         raise ValueError(f"level must be 'edge' or 'node', got {level!r}")
     if ig_steps < 1:
@@ -98,7 +100,11 @@ def attribute(
     graph.check_fits(model.spec)
     metric_fn = get_metric(metric)
     _check_ids(model, pairs)
-    ablated = None if ablation == "patching" else source_means(model, graph, reference or pairs, ablation, batch_size)
+    ablated = (
+        None
+        if ablation == "patching"
+        else source_means(model, graph, reference or pairs, ablation, batch_size)
+    )
 
     totals: dict[str, Tensor | float] = {}
     bar = tqdm(total=len(pairs), desc=f"{method} ({level})", unit="pair", disable=quiet)
@@ -152,7 +158,7 @@ def _accumulate(totals: dict[str, Tensor | float], r: BatchResult) -> None:
 
 
 def _check_ids(model: HookedModel, pairs: PromptPairs) -> None:
-    vocab = model.bridge.cfg.d_vocab  # type: ignore[union-attr]
+    vocab = model.d_vocab
     for name in ("clean", "corrupted", "answer", "distractor"):
         ids = getattr(pairs, name)
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:

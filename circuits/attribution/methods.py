@@ -230,7 +230,9 @@ def eap_ig_activations(job: Job) -> BatchResult:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
 
             recorder = GradientRecorder(model, graph, weights, dst, src)
-            logits = _run(job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True)
+            logits = _run(
+                job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True
+            )
             _check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum().backward()
         group_delta = delta[:, :, members]
         if edges is not None and dst is not None:
@@ -262,10 +264,8 @@ def exact(job: Job) -> BatchResult:
     clean_acts, clean_logits = _forward_sources(job, clean_ids)
     ablated, corrupted_logits = _ablated_acts(job, clean_acts)
     base = _metric(job, clean_logits, clean_logits)
-    if job.level == "edge":
-        units = graph.valid.nonzero()  # [n_edges, 2]
-    else:
-        units = torch.arange(graph.n_sources)[:, None]
+    # [n_units, 2] (source, destination) edges, or [n_units, 1] source nodes
+    units = graph.valid.nonzero() if job.level == "edge" else torch.arange(graph.n_sources)[:, None]
     per_chunk = max(1, job.max_rows // b)
     totals = torch.zeros(units.shape[0])
     for start in range(0, units.shape[0], per_chunk):

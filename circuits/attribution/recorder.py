@@ -47,7 +47,9 @@ def source_hooks(model: HookedModel, graph: Graph, out: Tensor) -> list[tuple[st
 
     hooks = [(model.input_hook, write(0))]
     for layer in range(graph.spec.n_layers):
-        hooks.append((model.head_z_hook(layer), write(graph.head_sources(layer), _head_results(model, layer))))
+        hooks.append(
+            (model.head_z_hook(layer), write(graph.head_sources(layer), _head_results(model, layer)))
+        )
         hooks.append((model.mlp_out_hook(layer), write(graph.mlp_source(layer))))
     return hooks
 
@@ -91,7 +93,9 @@ class GradientRecorder:
         w = self.weights.to(g.device, torch.float32).reshape(steps, *([1] * (g.dim() - 1)))
         return (w * g).sum(0)
 
-    def _on_grad(self, buffer: Tensor, index: int | slice, transform: Callable[[Tensor], Tensor] | None) -> HookFn:
+    def _on_grad(
+        self, buffer: Tensor, index: int | slice, transform: Callable[[Tensor], Tensor] | None
+    ) -> HookFn:
         """A forward hook returning a fresh view whose gradient (this branch only) lands in buffer[index]."""
 
         def hook(x: Tensor) -> Tensor:
@@ -137,7 +141,10 @@ class GradientRecorder:
                         )
                     )
                 hooks.append(
-                    (model.mlp_norm_in_hook(layer), self._on_grad(self.dst_grads, graph.mlp_destination(layer), None))
+                    (
+                        model.mlp_norm_in_hook(layer),
+                        self._on_grad(self.dst_grads, graph.mlp_destination(layer), None),
+                    )
                 )
             hooks.append(
                 (model.final_norm_in_hook, self._on_grad(self.dst_grads, graph.logits_destination, None))
@@ -146,10 +153,16 @@ class GradientRecorder:
             hooks.append((model.input_hook, self._on_grad(self.src_grads, 0, None)))
             for layer in range(graph.spec.n_layers):
                 hooks.append(
-                    (model.attn_out_hook(layer), self._on_grad(self.src_grads, group_of_head_layer(layer), None))
+                    (
+                        model.attn_out_hook(layer),
+                        self._on_grad(self.src_grads, group_of_head_layer(layer), None),
+                    )
                 )
                 hooks.append(
-                    (model.mlp_out_hook(layer), self._on_grad(self.src_grads, group_of_mlp_layer(layer), None))
+                    (
+                        model.mlp_out_hook(layer),
+                        self._on_grad(self.src_grads, group_of_mlp_layer(layer), None),
+                    )
                 )
         return hooks
 

@@ -38,7 +38,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
     spec = model.spec
     if input_ids is None:
         gen = torch.Generator().manual_seed(0)
-        vocab = min(len(model.tokenizer), model.bridge.cfg.d_vocab)  # type: ignore[union-attr]
+        vocab = min(len(model.tokenizer), model.d_vocab)
         input_ids = torch.randint(0, vocab, (2, 7), generator=gen)
     input_ids = input_ids.to(model.device)
     acts: dict[str, Tensor] = {}
@@ -90,9 +90,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         mlp_in = pre if spec.parallel_attn_mlp else pre + attn
         _close(model.mlp_norm_in_hook(layer), acts[model.mlp_norm_in_hook(layer)], mlp_in, rtol)
         _close(model.resid_post_hook(layer), post, pre + attn + mlp, rtol)
-        following = (
-            model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
-        )
+        following = model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
         _close(following, acts[following], post, rtol)
 
         resid = acts[model.attn_norm_in_hook(layer)]

