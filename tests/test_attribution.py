@@ -212,3 +212,30 @@ def test_bad_inputs(llama):
 
     with pytest.raises(GraphMismatchError):
         attribute(llama, Graph.from_model(ModelSpec(3, 4, 2, 64, 16, 128)), pairs)
+
+
+def test_hand_built_circuit_is_ranked_first():
+    """Only head a1.h0 writes to the residual stream (other heads' W_O and every MLP's down projection are
+    zeroed), so the behaviour runs through a known handful of edges."""
+    hf = tiny_llama_hf(seed=11)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+        hf.model.layers[0].self_attn.o_proj.weight.zero_()
+        hf.model.layers[1].self_attn.o_proj.weight[:, 16:].zero_()  # keep head 0 (d_head 16)
+        hf.model.layers[1].self_attn.q_proj.weight.mul_(8)  # make the attention pattern matter
+        hf.model.layers[1].self_attn.k_proj.weight.mul_(8)
+    model = load_model(hf, tiny_tokenizer())
+    pairs = make_pairs(model)
+    # The corruption changes one name, not the last token, so the input reaches the metric only through
+    # a1.h0's keys and values (its query and the direct input->logits path see the unchanged last token).
+    known = {"input->a1.h0<k>", "input->a1.h0<v>", "a1.h0->logits"}
+    for method in ["exact", "eap-ig-inputs", "eap"]:
+        graph = Graph.from_model(model)
+        scores = attribute(model, graph, pairs, method=method, quiet=True).edge_scores
+        top = set(graph.top_n(len(known)).edge_names(graph.top_n(len(known)).in_graph))
+        assert top == known, method
+        rest = scores.clone()
+        for name in known:
+            rest[graph.edge_index(name)] = 0
+        assert rest.abs().max() < 1e-6, method  # zero up to float32 rounding of the metric
