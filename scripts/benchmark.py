@@ -51,7 +51,9 @@ def random_pairs(model: HookedModel, n: int, length: int) -> PromptPairs:
     return PromptPairs(clean, corrupted, torch.full((n,), length), answer, (answer + 1) % model.d_vocab)
 
 
-def plain_pass_times(model: HookedModel, pairs: PromptPairs, batch_size: int, repeats: int) -> tuple[float, float]:
+def plain_pass_times(
+    model: HookedModel, pairs: PromptPairs, batch_size: int, repeats: int
+) -> tuple[float, float]:
     """Seconds for one plain HF forward and one forward+backward over all batches (best of `repeats`)."""
     hf = model.bridge.original_model
     embed = hf.get_input_embeddings()
@@ -98,7 +100,15 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[str], a
         limit = forwards * t_f + fbs * t_fb
 
         def go(method: str = method) -> None:
-            attribute(model, graph, pairs, method=method, ig_steps=args.steps, batch_size=args.batch_size, quiet=True)
+            attribute(
+                model,
+                graph,
+                pairs,
+                method=method,
+                ig_steps=args.steps,
+                batch_size=args.batch_size,
+                quiet=True,
+            )
 
         seconds = best_of(go, args.repeats)
         rows.append(
@@ -110,7 +120,8 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[str], a
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "gpt2-small-random"])
     parser.add_argument("--methods", nargs="+", default=["eap", "eap-ig-inputs", "clean-corrupted"])
     parser.add_argument("--n", type=int, default=32)
@@ -120,7 +131,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {platform.processor() or platform.machine()},"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{platform.processor() or platform.machine()},"
         f" {torch.get_num_threads()} threads; n={args.n}, batch {args.batch_size}, IG steps {args.steps}"
     )
     print("| model | method | wall time | ratio to pass-count limit | peak RSS (process) |")
