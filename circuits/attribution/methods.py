@@ -121,6 +121,18 @@ def _ablated_acts(job: Job, clean_acts: Tensor) -> tuple[Tensor, Tensor | None]:
     return corrupted, logits
 
 
+def _clean_and_ablated(job: Job) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Clean ids, clean source outputs and logits, ablated source outputs, corrupted logits (patching)."""
+    clean_ids = job.pairs.clean.to(job.model.device)
+    clean_acts, clean_logits = _forward_sources(job, clean_ids)
+    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
+    return clean_ids, clean_acts, clean_logits, ablated, corrupted_logits
+
+
+def _corrupted_metric(job: Job, corrupted_logits: Tensor | None, clean_logits: Tensor) -> Tensor | None:
+    return None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+
+
 def _step_chunks(job: Job) -> Iterator[tuple[Tensor, Tensor]]:
     """Quadrature (alphas, weights) in chunks whose steps x batch rows stay within `max_rows`."""
     alphas, weights = quadrature(job.quadrature, job.steps)
@@ -158,7 +170,7 @@ def eap(job: Job) -> BatchResult:
     ablated, corrupted_logits = _ablated_acts(job, acts)
     values.sum().backward()
     edges, nodes = _scores(job, ablated - acts, dst, src)
-    metric_corrupted = None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(edges, nodes, values.detach(), metric_corrupted, None)
 
 
@@ -210,9 +222,7 @@ def eap_ig_inputs(job: Job) -> BatchResult:
 @register("eap-ig-activations")
 def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
-    clean_ids = job.pairs.clean.to(model.device)
-    clean_acts, clean_logits = _forward_sources(job, clean_ids)
-    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
+    clean_ids, clean_acts, clean_logits, ablated, corrupted_logits = _clean_and_ablated(job)
     delta = ablated - clean_acts
     groups = source_group_index(graph)
     n_groups = 2 * graph.spec.n_layers + 1
@@ -238,7 +248,7 @@ def eap_ig_activations(job: Job) -> BatchResult:
         if edges is not None and dst is not None:
             edges[members] = edge_scores(group_delta, dst, graph.valid[members])
         nodes[members] = node_scores(group_delta, src, groups[members])
-    metric_corrupted = None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(edges, nodes, _metric(job, clean_logits, clean_logits), metric_corrupted, None)
 
 
@@ -260,9 +270,7 @@ def _group_output(
 def exact(job: Job) -> BatchResult:
     """Ablate one edge (or node) at a time, many side by side in the batch dimension."""
     model, graph, b = job.model, job.graph, len(job.pairs)
-    clean_ids = job.pairs.clean.to(model.device)
-    clean_acts, clean_logits = _forward_sources(job, clean_ids)
-    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
+    clean_ids, _clean_acts, clean_logits, ablated, corrupted_logits = _clean_and_ablated(job)
     base = _metric(job, clean_logits, clean_logits)
     # [n_units, 2] (source, destination) edges, or [n_units, 1] source nodes
     units = graph.valid.nonzero() if job.level == "edge" else torch.arange(graph.n_sources)[:, None]
@@ -292,5 +300,5 @@ def exact(job: Job) -> BatchResult:
         edges[units[:, 0], units[:, 1]] = totals
     else:
         nodes = totals
-    metric_corrupted = None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(edges, nodes, base, metric_corrupted, None)
