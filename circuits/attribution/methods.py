@@ -22,13 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from circuits.attribution.recorder import (
-    GradientRecorder,
-    edge_scores,
-    node_scores,
-    source_group_index,
-    source_hooks,
-)
+from circuits.attribution.recorder import ScoreRecorder, source_buffer, source_groups, source_hooks
 from circuits.data import PromptPairs
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
@@ -79,14 +73,21 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _buffers(job: Job, rows: int) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Source-activation buffer [rows, P, n_src, d], dst-grad buffer (edge level) and src-grad buffer."""
-    b, n_pos, d = len(job.pairs), job.pairs.n_positions, job.graph.spec.d_model
-    device = job.model.device
-    acts = torch.zeros(rows, n_pos, job.graph.n_sources, d, device=device)
-    dst = torch.zeros(b, n_pos, job.graph.n_destinations, d, device=device) if job.level == "edge" else None
-    src = torch.zeros(b, n_pos, 2 * job.graph.spec.n_layers + 1, d, device=device)
-    return acts, dst, src
+def _acts(job: Job, rows: int) -> Tensor:
+    """Uninitialised source-output buffer [rows, P, n_sources, d] (source-major storage)."""
+    return source_buffer(job.graph, rows, job.pairs.n_positions, job.model.device)
+
+
+def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
+    """Zeroed edge sums [n_sources, n_destinations] (edge level only), per-example node scores [b, n_src]."""
+    device, graph = job.model.device, job.graph
+    edges = torch.zeros(graph.n_sources, graph.n_destinations, device=device) if job.level == "edge" else None
+    return edges, torch.zeros(len(job.pairs), graph.n_sources, device=device)
+
+
+def _difference(job: Job, ablated: Tensor, clean: Tensor) -> Tensor:
+    """ablated - clean, written into a source-major buffer (what the score matmuls want)."""
+    return torch.sub(ablated, clean, out=_acts(job, clean.shape[0]))
 
 
 def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> Tensor:
@@ -103,20 +104,15 @@ def _grad_leaf(x: Tensor) -> Tensor:
 
 def _forward_sources(job: Job, ids: Tensor) -> tuple[Tensor, Tensor]:
     """No-grad forward recording source outputs; returns (activations [b, P, n_src, d], logits)."""
-    acts, _, _ = _buffers(job, ids.shape[0])
+    acts = _acts(job, ids.shape[0])
     logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False)
     return acts, logits
 
 
-def _scores(job: Job, delta: Tensor, dst: Tensor | None, src: Tensor) -> tuple[Tensor | None, Tensor]:
-    edges = edge_scores(delta, dst, job.graph.valid) if dst is not None else None
-    return edges, node_scores(delta, src, source_group_index(job.graph))
-
-
-def _ablated_acts(job: Job, clean_acts: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Ablated source outputs and, for patching, the corrupted logits."""
+def _ablated_acts(job: Job) -> tuple[Tensor, Tensor | None]:
+    """Ablated source outputs [b or 1, P, n_src, d] and, for patching, the corrupted logits."""
     if job.ablated is not None:
-        return job.ablated[:, : clean_acts.shape[1]].expand_as(clean_acts), None
+        return job.ablated[:, : job.pairs.n_positions], None
     corrupted, logits = _forward_sources(job, job.pairs.corrupted.to(job.model.device))
     return corrupted, logits
 
@@ -125,7 +121,7 @@ def _clean_and_ablated(job: Job) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     """Clean ids, clean source outputs and logits, ablated source outputs, corrupted logits (patching)."""
     clean_ids = job.pairs.clean.to(job.model.device)
     clean_acts, clean_logits = _forward_sources(job, clean_ids)
-    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
+    ablated, corrupted_logits = _ablated_acts(job)
     return clean_ids, clean_acts, clean_logits, ablated, corrupted_logits
 
 
@@ -160,33 +156,34 @@ def _check_metric(values: Tensor, rows: int) -> Tensor:
 @register("eap")
 def eap(job: Job) -> BatchResult:
     b = len(job.pairs)
-    clean_ids = job.pairs.clean.to(job.model.device)
-    acts, dst, src = _buffers(job, b)
-    recorder = GradientRecorder(job.model, job.graph, torch.ones(1), dst, src)
+    ablated, corrupted_logits = _ablated_acts(job)
+    acts = _acts(job, b)
+    edges, nodes = _accumulators(job)
+    recorder = ScoreRecorder(job.model, job.graph, torch.ones(1), edges, nodes)
     hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
-    logits = _run(job, clean_ids, hooks, grad=True)
+    logits = _run(job, job.pairs.clean.to(job.model.device), hooks, grad=True)
     clean_logits = logits.detach()
     values = _check_metric(_metric(job, logits, clean_logits), b)
-    ablated, corrupted_logits = _ablated_acts(job, acts)
-    values.sum().backward()
-    edges, nodes = _scores(job, ablated - acts, dst, src)
+    recorder.delta = _difference(job, ablated, acts)
+    recorder.backward(values.sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    return BatchResult(edges, nodes, values.detach(), metric_corrupted, None)
+    return BatchResult(edges, nodes.sum(0), values.detach(), metric_corrupted, None)
 
 
 @register("clean-corrupted")
 def clean_corrupted(job: Job) -> BatchResult:
     b = len(job.pairs)
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
-    acts, dst, src = _buffers(job, 2 * b)
-    recorder = GradientRecorder(job.model, job.graph, torch.full((2,), 0.5), dst, src)
+    acts = _acts(job, 2 * b)
+    edges, nodes = _accumulators(job)
+    recorder = ScoreRecorder(job.model, job.graph, torch.full((2,), 0.5), edges, nodes)
     hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
     values = _check_metric(_metric(job, logits, clean_logits, repeat=2), 2 * b)
-    values.sum().backward()
-    edges, nodes = _scores(job, acts[b:] - acts[:b], dst, src)
-    return BatchResult(edges, nodes, values[:b].detach(), values[b:].detach(), None)
+    recorder.delta = _difference(job, acts[b:], acts[:b])
+    recorder.backward(values.sum())
+    return BatchResult(edges, nodes.sum(0), values[:b].detach(), values[b:].detach(), None)
 
 
 @register("eap-ig-inputs")
@@ -195,7 +192,8 @@ def eap_ig_inputs(job: Job) -> BatchResult:
     clean_acts, clean_logits = _forward_sources(job, job.pairs.clean.to(model.device))
     corrupted_acts, corrupted_logits = _forward_sources(job, job.pairs.corrupted.to(model.device))
     e_clean, e_corr = clean_acts[:, :, 0], corrupted_acts[:, :, 0]
-    _, dst, src = _buffers(job, 0)
+    delta = _difference(job, corrupted_acts, clean_acts)
+    edges, nodes = _accumulators(job)
     for alphas, weights in _step_chunks(job):
         m = alphas.shape[0]
         a = alphas.to(e_clean.device).repeat_interleave(b)[:, None, None]
@@ -204,15 +202,14 @@ def eap_ig_inputs(job: Job) -> BatchResult:
             mixed = e_corr.repeat(m, 1, 1) + a * (e_clean - e_corr).repeat(m, 1, 1)
             return mixed.to(x.dtype).requires_grad_(True)
 
-        recorder = GradientRecorder(model, graph, weights, dst, src)
+        recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
         logits = _run(job, ids, [(model.input_hook, interpolate), *recorder.hooks()], grad=True)
-        _check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum().backward()
-    edges, nodes = _scores(job, corrupted_acts - clean_acts, dst, src)
-    ig_total = torch.einsum("bpd,bpd->b", e_clean - e_corr, src[:, :, 0])
+        recorder.backward(_check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum())
+    ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
     return BatchResult(
         edges,
-        nodes,
+        nodes.sum(0),
         _metric(job, clean_logits, clean_logits),
         _metric(job, corrupted_logits, clean_logits),
         ig_total,
@@ -223,15 +220,10 @@ def eap_ig_inputs(job: Job) -> BatchResult:
 def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids, clean_acts, clean_logits, ablated, corrupted_logits = _clean_and_ablated(job)
-    delta = ablated - clean_acts
-    groups = source_group_index(graph)
-    n_groups = 2 * graph.spec.n_layers + 1
-    edges = torch.zeros(graph.n_sources, graph.n_destinations) if job.level == "edge" else None
-    nodes = torch.zeros(graph.n_sources)
-    for group in range(n_groups):
-        members = (groups == group).nonzero()[:, 0]
+    delta = _difference(job, ablated, clean_acts)
+    edges, nodes = _accumulators(job)
+    for group, members in enumerate(source_groups(graph)):
         hook_name, clean_out, delta_out = _group_output(model, graph, group, clean_acts, delta, members)
-        _, dst, src = _buffers(job, 0)
         for alphas, weights in _step_chunks(job):
             m = alphas.shape[0]
             a = alphas.to(clean_out.device).repeat_interleave(b)[:, None, None]
@@ -239,21 +231,17 @@ def eap_ig_activations(job: Job) -> BatchResult:
             def interpolate(x: Tensor, a: Tensor = a, m: int = m, c=clean_out, dlt=delta_out) -> Tensor:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
 
-            recorder = GradientRecorder(model, graph, weights, dst, src)
+            recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta, sources=members)
             logits = _run(
                 job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True
             )
-            _check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum().backward()
-        group_delta = delta[:, :, members]
-        if edges is not None and dst is not None:
-            edges[members] = edge_scores(group_delta, dst, graph.valid[members])
-        nodes[members] = node_scores(group_delta, src, groups[members])
+            recorder.backward(_check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    return BatchResult(edges, nodes, _metric(job, clean_logits, clean_logits), metric_corrupted, None)
+    return BatchResult(edges, nodes.sum(0), _metric(job, clean_logits, clean_logits), metric_corrupted, None)
 
 
 def _group_output(
-    model: HookedModel, graph: Graph, group: int, clean: Tensor, delta: Tensor, members: Tensor
+    model: HookedModel, graph: Graph, group: int, clean: Tensor, delta: Tensor, members: slice
 ) -> tuple[str, Tensor, Tensor]:
     """Hook carrying a source group's summed output, its clean value and its ablation difference."""
     if group == 0:
@@ -289,7 +277,7 @@ def exact(job: Job) -> BatchResult:
             graph,
             clean_ids.repeat(e, 1),
             job.pairs.attention_mask.to(model.device).repeat(e, 1),
-            ablated.repeat(e, 1, 1, 1),
+            ablated if ablated.shape[0] == 1 else ablated.repeat(e, 1, 1, 1),
             mask.repeat_interleave(b, dim=0),
         )
         values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)

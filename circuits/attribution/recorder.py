@@ -1,10 +1,15 @@
-"""Hooks shared by every method: record source outputs, gradients at destinations and at sources.
+"""Hooks shared by every method: record source outputs in the forward pass, turn gradients into scores
+in the backward pass as they arrive.
 
-Layouts (B rows in the forward pass; with IG steps in the batch, B = steps x b, row = k * b + i):
-- source outputs   [B, P, n_sources, d_model]   (`input`, each head's result z_h W_O[h], each MLP output)
-- dst gradients    [b, P, n_destinations, d_model], summed over steps with quadrature weights
-- source gradients [b, P, 2 * n_layers + 1, d_model]: one per source group (input, layer l's heads, which
-  all share the gradient at the attention output, layer l's MLP), summed over steps likewise.
+Source outputs live in a source-major buffer `[n_sources, B, P, d_model]` (exposed to hooks as the view
+`[B, P, n_sources, d_model]`), so that the rows of any prefix of sources form one contiguous matrix
+`[n, B * P * d_model]`. With the ablation differences delta in that layout, each destination block's scores
+are one matmul `delta[:n_valid] @ grad_block` taken inside the backward hook, restricted to the sources
+that can reach the block (no dense destination-gradient buffer, no upper-triangular work).
+
+Gradients of IG steps stacked in the batch (rows k * b + i) are folded over steps with quadrature weights
+before scoring. A head's q/k/v gradients are pulled back through the shared attention norm in one
+vector-Jacobian product per layer, at the norm input's backward hook (which runs after q, k and v's).
 """
 
 from __future__ import annotations
@@ -18,20 +23,24 @@ from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn
 
 
-def group_of_head_layer(layer: int) -> int:
-    return 1 + 2 * layer
+def source_buffer(graph: Graph, rows: int, n_pos: int, device: torch.device) -> Tensor:
+    """Uninitialised source outputs, a [rows, P, n_sources, d] view of source-major storage."""
+    storage = torch.empty(graph.n_sources, rows, n_pos, graph.spec.d_model, device=device)
+    return storage.permute(1, 2, 0, 3)
 
 
-def group_of_mlp_layer(layer: int) -> int:
-    return 2 + 2 * layer
+def source_major(acts: Tensor) -> Tensor:
+    """[B, P, n_sources, d] -> [n_sources, B * P * d] (free for `source_buffer` layouts)."""
+    return acts.permute(2, 0, 1, 3).reshape(acts.shape[2], -1)
 
 
-def source_group_index(graph: Graph) -> Tensor:
-    """[n_sources] index of each source's group (0 = input, 1 + 2l = heads of l, 2 + 2l = MLP l)."""
-    groups = torch.zeros(graph.n_sources, dtype=torch.long)
+def source_groups(graph: Graph) -> list[slice]:
+    """The sources sharing one gradient: input, then per layer its heads and its MLP."""
+    groups = [slice(0, 1)]
     for layer in range(graph.spec.n_layers):
-        groups[graph.head_sources(layer)] = group_of_head_layer(layer)
-        groups[graph.mlp_source(layer)] = group_of_mlp_layer(layer)
+        groups.append(graph.head_sources(layer))
+        mlp = graph.mlp_source(layer)
+        groups.append(slice(mlp, mlp + 1))
     return groups
 
 
@@ -65,13 +74,26 @@ def _head_results(model: HookedModel, layer: int) -> Callable[[Tensor], Tensor]:
     return results
 
 
-class GradientRecorder:
-    """Backward hooks accumulating weighted gradients at destinations and source groups.
+def valid_prefixes(graph: Graph) -> list[int]:
+    """[n_destinations] number n_v of sources reaching each destination; they are exactly sources [0, n_v)."""
+    counts = graph.valid.sum(0)
+    prefix = torch.arange(graph.n_sources)[:, None] < counts[None, :]
+    if not torch.equal(prefix, graph.valid):
+        raise AssertionError("the sources reaching a destination are not a prefix of the source list")
+    return counts.tolist()
+
+
+class ScoreRecorder:
+    """Backward hooks adding, for the sources in `sources`, edge scores sum_{b,p} delta_u . g_v into
+    `edges` [n_sources, n_destinations] and per-example node scores delta_u . g_u into `nodes` [b, n_sources].
 
     Args:
         weights: [steps] quadrature weights; the forward batch holds steps x b rows, step-major.
-        dst_grads: [b, P, n_destinations, d] buffer to add into, or None to skip destinations.
-        src_grads: [b, P, 2 n_layers + 1, d] buffer to add into, or None to skip sources.
+        delta: [b, P, n_sources, d] ablated minus clean source outputs; may be set after construction (before
+            the backward pass), e.g. when it comes from the same forward pass.
+        edges: accumulator, or None for node scores only.
+        sources: the contiguous range of sources to score (all by default).
+        flush_columns: destinations whose gradients are queued before one score matmul.
     """
 
     def __init__(
@@ -79,105 +101,141 @@ class GradientRecorder:
         model: HookedModel,
         graph: Graph,
         weights: Tensor,
-        dst_grads: Tensor | None,
-        src_grads: Tensor | None,
+        edges: Tensor | None,
+        nodes: Tensor,
+        delta: Tensor | None = None,
+        sources: slice = slice(None),
+        flush_columns: int = 64,
     ) -> None:
         self.model, self.graph, self.weights = model, graph, weights
-        self.dst_grads, self.src_grads = dst_grads, src_grads
+        self.edges, self.nodes, self.delta = edges, nodes, delta
+        self.flush_columns = flush_columns
+        start, stop, _ = sources.indices(graph.n_sources)
+        self.start, self.stop = start, stop
         self._resid: dict[int, Tensor] = {}
+        self._qkv: dict[int, dict[str, Tensor]] = {}
+        self._prefix = valid_prefixes(graph)
+        self._pending: list[tuple[int, Tensor]] = []  # (first destination, gradients [n, b * P * d])
+        self._n_pending = 0
 
+    # ---------------------------------------------------------------------------------- scoring
     def _fold(self, g: Tensor) -> Tensor:
         """[steps * b, ...] -> [b, ...] weighted sum over steps, in float32."""
         steps = self.weights.shape[0]
-        g = g.float().reshape(steps, g.shape[0] // steps, *g.shape[1:])
+        g = g.float()
+        if steps == 1 and float(self.weights[0]) == 1.0:
+            return g
+        g = g.reshape(steps, g.shape[0] // steps, *g.shape[1:])
         w = self.weights.to(g.device, torch.float32).reshape(steps, *([1] * (g.dim() - 1)))
         return (w * g).sum(0)
 
-    def _on_grad(
-        self, buffer: Tensor, index: int | slice, transform: Callable[[Tensor], Tensor] | None
-    ) -> HookFn:
-        """A forward hook returning a fresh view whose gradient (this branch only) lands in buffer[index]."""
+    def _score_edges(self, cols: slice | int, g: Tensor) -> None:
+        """Queue the folded gradient g: [b, P, d] (destination `cols`) or [b, P, n, d] (block `cols`)."""
+        if g.dim() == 3:
+            g = g.unsqueeze(2)
+        first = cols if isinstance(cols, int) else cols.start
+        self._pending.append((first, g.permute(2, 0, 1, 3).reshape(g.shape[2], -1)))
+        self._n_pending += g.shape[2]
+        if self._n_pending >= self.flush_columns:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score the queued destinations in one matmul delta[rows] @ G^T, invalid pairs dropped.
+
+        Batching destinations of a few layers keeps the matmul wide enough to be compute-bound, while
+        restricting rows to the sources that reach any of them skips most of the upper triangle.
+        """
+        if not self._pending:
+            return
+        assert self.edges is not None and self.delta is not None, "delta must be set before the backward pass"
+        firsts = [first for first, _ in self._pending]
+        cols = torch.cat([torch.arange(f, f + g.shape[0]) for f, g in self._pending])
+        grads = torch.cat([g for _, g in self._pending])  # [N, b * P * d]
+        self._pending, self._n_pending = [], 0
+        rows = slice(self.start, min(max(self._prefix[f] for f in firsts), self.stop))
+        if rows.stop <= rows.start:
+            return
+        delta = source_major(self.delta[:, :, rows])  # [n, b * P * d]
+        valid = self.graph.valid[rows][:, cols].to(delta.device)
+        self.edges[rows, cols.to(self.edges.device)] += ((delta @ grads.T) * valid).to(self.edges.device)
+
+    def backward(self, loss: Tensor) -> None:
+        """Run the backward pass of `loss` through the hooks, then score what is still queued."""
+        loss.backward()
+        if self.edges is not None:
+            self.flush()
+
+    def _score_nodes(self, group: slice, g: Tensor) -> None:
+        """g: [b, P, d], the gradient shared by the sources of `group`."""
+        rows = slice(max(group.start, self.start), min(group.stop, self.stop))
+        if rows.stop <= rows.start:
+            return
+        assert self.delta is not None, "delta must be set before the backward pass"
+        b = g.shape[0]
+        delta = self.delta[:, :, rows].permute(0, 2, 1, 3).reshape(b, rows.stop - rows.start, -1)
+        scores = torch.bmm(delta, g.reshape(b, -1, 1))[:, :, 0]  # [b, n]
+        self.nodes[:, rows] += scores.to(self.nodes.device)
+
+    # ------------------------------------------------------------------------------------ hooks
+    @staticmethod
+    def _on_grad(fn: Callable[[Tensor], None]) -> HookFn:
+        """A forward hook returning a fresh view whose gradient (this branch only) is passed to fn."""
 
         def hook(x: Tensor) -> Tensor:
             y = x.view_as(x)
             if y.requires_grad:
-
-                def on_backward(g: Tensor) -> None:
-                    g = transform(g) if transform else g
-                    buffer[:, : g.shape[1], index] += self._fold(g)
-
-                y.register_hook(on_backward)
+                y.register_hook(lambda g: fn(g))
             return y
 
         return hook
 
-    def _save_resid(self, layer: int) -> HookFn:
-        def hook(x: Tensor) -> None:
+    def _edge_hook(self, cols: int) -> HookFn:
+        return self._on_grad(lambda g: self._score_edges(cols, self._fold(g)))
+
+    def _node_hook(self, group: slice) -> HookFn:
+        return self._on_grad(lambda g: self._score_nodes(group, self._fold(g)))
+
+    def _qkv_hook(self, layer: int, letter: str) -> HookFn:
+        """Keep the gradient at a q/k/v projection output; the norm hook pulls all three back at once."""
+
+        def stash(g: Tensor) -> None:
+            self._qkv.setdefault(layer, {})[letter] = g
+
+        return self._on_grad(stash)
+
+    def _attn_norm_hook(self, layer: int) -> HookFn:
+        """Save the norm's input; on backward, score the layer's q, k, v destinations in one block."""
+        graph = self.graph
+        cols = slice(graph.qkv_destinations(layer, "q").start, graph.qkv_destinations(layer, "v").stop)
+        on_grad = self._on_grad(lambda _g: self._score_qkv(layer, cols))
+
+        def hook(x: Tensor) -> Tensor:
             self._resid[layer] = x.detach()
+            return on_grad(x)
 
         return hook
 
-    def _qkv_transform(self, layer: int, letter: str) -> Callable[[Tensor], Tensor]:
-        def transform(g: Tensor) -> Tensor:
-            return self.model.qkv_input_grads(layer, letter, self._resid[layer], g)  # type: ignore[arg-type]
-
-        return transform
+    def _score_qkv(self, layer: int, cols: slice) -> None:
+        stashed = self._qkv.pop(layer, {})
+        if set(stashed) != {"q", "k", "v"}:
+            return  # no gradient flowed into this layer's attention inputs
+        per_head = [stashed[letter] for letter in ("q", "k", "v")]
+        g = self.model.attn_input_grads(layer, self._resid.pop(layer), per_head, self.weights)
+        self._score_edges(cols, g.float())
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         model, graph = self.model, self.graph
         hooks: list[tuple[str, HookFn]] = []
-        if self.dst_grads is not None:
+        if self.edges is not None:
             for layer in range(graph.spec.n_layers):
-                hooks.append((model.attn_norm_in_hook(layer), self._save_resid(layer)))
+                hooks.append((model.attn_norm_in_hook(layer), self._attn_norm_hook(layer)))
                 for letter in ("q", "k", "v"):
-                    hooks.append(
-                        (
-                            model.qkv_out_hook(layer, letter),  # type: ignore[arg-type]
-                            self._on_grad(
-                                self.dst_grads,
-                                graph.qkv_destinations(layer, letter),
-                                self._qkv_transform(layer, letter),
-                            ),
-                        )
-                    )
-                hooks.append(
-                    (
-                        model.mlp_norm_in_hook(layer),
-                        self._on_grad(self.dst_grads, graph.mlp_destination(layer), None),
-                    )
-                )
-            hooks.append(
-                (model.final_norm_in_hook, self._on_grad(self.dst_grads, graph.logits_destination, None))
-            )
-        if self.src_grads is not None:
-            hooks.append((model.input_hook, self._on_grad(self.src_grads, 0, None)))
-            for layer in range(graph.spec.n_layers):
-                hooks.append(
-                    (
-                        model.attn_out_hook(layer),
-                        self._on_grad(self.src_grads, group_of_head_layer(layer), None),
-                    )
-                )
-                hooks.append(
-                    (
-                        model.mlp_out_hook(layer),
-                        self._on_grad(self.src_grads, group_of_mlp_layer(layer), None),
-                    )
-                )
+                    hooks.append((model.qkv_out_hook(layer, letter), self._qkv_hook(layer, letter)))  # type: ignore[arg-type]
+                hooks.append((model.mlp_norm_in_hook(layer), self._edge_hook(graph.mlp_destination(layer))))
+            hooks.append((model.final_norm_in_hook, self._edge_hook(graph.logits_destination)))
+        groups = source_groups(graph)
+        hooks.append((model.input_hook, self._node_hook(groups[0])))
+        for layer in range(graph.spec.n_layers):
+            hooks.append((model.attn_out_hook(layer), self._node_hook(groups[1 + 2 * layer])))
+            hooks.append((model.mlp_out_hook(layer), self._node_hook(groups[2 + 2 * layer])))
         return hooks
-
-
-def edge_scores(delta: Tensor, dst_grads: Tensor, valid: Tensor) -> Tensor:
-    """sum over batch, positions and d_model of delta[u] . grad[v] -> [n_sources, n_destinations].
-
-    delta: [b, P, n_sources, d]; dst_grads: [b, P, n_destinations, d]. One matmul; invalid edges zeroed.
-    """
-    n_src, n_dst = delta.shape[2], dst_grads.shape[2]
-    a = delta.permute(2, 0, 1, 3).reshape(n_src, -1)
-    g = dst_grads.permute(2, 0, 1, 3).reshape(n_dst, -1)
-    return (a @ g.T) * valid.to(a.device)
-
-
-def node_scores(delta: Tensor, src_grads: Tensor, groups: Tensor) -> Tensor:
-    """sum of delta[u] . grad at u's output -> [n_sources]; grads are per source group."""
-    return torch.einsum("bpsd,bpsd->s", delta, src_grads[:, :, groups.to(src_grads.device)])

@@ -94,10 +94,8 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         _close(following, acts[following], post, rtol)
 
         resid = acts[model.attn_norm_in_hook(layer)]
-        total = sum(
-            model.qkv_input_grads(layer, letter, resid, grads[model.qkv_out_hook(layer, letter)]).sum(2)
-            for letter in ("q", "k", "v")
-        )
+        per_head = [grads[model.qkv_out_hook(layer, letter)] for letter in ("q", "k", "v")]
+        total = model.attn_input_grads(layer, resid, per_head).sum(2)
         _close(
             f"{model.attn_norm_in_hook(layer)} (gradient through per-head q/k/v)",
             total,  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from circuits.models.norms import projected_norm_vjp
+
 QKV = Literal["q", "k", "v"]
 HookFn = Callable[[Tensor], Tensor | None]
 
@@ -152,24 +154,26 @@ class HookedModel:
         bias = self._block(layer).attn.o._original_component.bias
         return bias if isinstance(bias, Tensor) else None
 
-    def qkv_input_grads(self, layer: int, letter: QKV, resid: Tensor, grad_proj: Tensor) -> Tensor:
-        """Gradient at each head's own q/k/v input from the gradient at its projection output.
+    def attn_input_grads(
+        self, layer: int, resid: Tensor, grad_proj: Sequence[Tensor], weights: Tensor | None = None
+    ) -> Tensor:
+        """Gradient at each head's own q, k and v input from the gradients at the projection outputs.
 
-        The q (k, v) input of head h is the residual stream `resid` as seen through the block's norm and
-        W_Q[h] alone, so its gradient is norm_vjp(W_Q[h]^T g_h): one projection-sized matmul and a few norm
-        backward passes instead of n_heads split forward copies.
+        The q (k, v) input of head h is the residual stream `resid` seen through the block's norm and
+        W_Q[h] alone, so its gradient is norm_vjp(W_Q[h]^T g_h): no split per-head forward copies.
 
         Args:
-            resid: [batch, pos, d_model] input of the attention norm.
-            grad_proj: [batch, pos, n * d_head] gradient at the projection output.
+            resid: [K * b, P, d_model] input of the attention norm (K integration steps, step-major).
+            grad_proj: gradients at the q, k and v projection outputs, each [K * b, P, n * d_head].
+            weights: [K] step weights to sum the steps with (default: one step, weight 1).
         Returns:
-            [batch, pos, n, d_model] with n = n_heads (q) or n_kv_heads (k, v).
+            [b, P, n_heads + 2 n_kv_heads, d_model]: the q heads, then the k heads, then the v heads.
         """
-        n = self.spec.n_qkv_heads(letter)
-        g = grad_proj.reshape(*grad_proj.shape[:-1], n, self.spec.d_head)
-        w = self.W_qkv(layer, letter).to(g.dtype)
-        grad_normed = torch.einsum("bpnh,nhd->bpnd", g, w)
-        return norm_vjp(self.attn_norm(layer), resid, grad_normed)
+        spec = self.spec
+        grads = torch.cat([g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj], dim=2)
+        w = torch.cat([self.W_qkv(layer, letter) for letter in ("q", "k", "v")])
+        weights = torch.ones(1, device=resid.device) if weights is None else weights
+        return projected_norm_vjp(self.attn_norm(layer), resid, grads, w, weights)
 
     # ------------------------------------------------------------------------------------ running
     def hook_point(self, name: str) -> nn.Module:
@@ -226,17 +230,3 @@ def _as_module_hook(fn: HookFn) -> Callable[[nn.Module, tuple, Tensor], Tensor |
         return fn(output)
 
     return hook
-
-
-def norm_vjp(norm: nn.Module, x: Tensor, grads: Tensor) -> Tensor:
-    """Vector-Jacobian products of a per-position norm at `x` for several output gradients at once.
-
-    Args:
-        x: [batch, pos, d] the norm's input; grads: [batch, pos, n, d] gradients at its output.
-    Returns:
-        [batch, pos, n, d]: J(x)^T grads[..., i, :] for each i.
-    """
-    with torch.enable_grad():
-        xs = x.detach().unsqueeze(2).expand_as(grads).contiguous().requires_grad_(True)
-        (out,) = torch.autograd.grad(norm(xs), xs, grads)
-    return out
