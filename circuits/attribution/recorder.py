@@ -211,7 +211,7 @@ class ScoreRecorder:
 
         def hook(x: Tensor) -> Tensor:
             self._resid[layer] = x.detach()
-            return on_grad(x)
+            return on_grad(x)  # type: ignore[return-value]
 
         return hook
 

@@ -31,13 +31,13 @@ def projected_norm_vjp(norm: nn.Module, x: Tensor, grads: Tensor, w: Tensor, wei
     centre = isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
     if not centre and type(norm).__name__ not in RMS_NORMS:
         return _autograd_projected_vjp(norm, x, grads, w, weights)
-    gamma = norm.weight
-    eps = norm.eps if centre else norm.variance_epsilon  # type: ignore[union-attr]
+    gamma: Tensor = norm.weight  # type: ignore[assignment]
+    eps = float(norm.eps if centre else norm.variance_epsilon)  # type: ignore[arg-type]
     dtype = torch.promote_types(grads.dtype, torch.float32)
     k = weights.shape[0]
     x = x.to(dtype).reshape(k, -1, *x.shape[1:])  # [K, b, P, d]
     g = grads.to(dtype).reshape(k, -1, *grads.shape[1:])  # [K, b, P, n, e]
-    w, gamma = w.to(dtype), gamma.to(dtype)  # type: ignore[union-attr]
+    w, gamma = w.to(dtype), gamma.to(dtype)
     d = x.shape[-1]
 
     centred = x - x.mean(-1, keepdim=True) if centre else x
