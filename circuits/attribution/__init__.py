@@ -108,8 +108,9 @@ def attribute(
 
     totals: dict[str, Tensor | float] = {}
     bar = tqdm(total=len(pairs), desc=f"{method} ({level})", unit="pair", disable=quiet)
+    workspace: dict[str, Tensor] = {}
     for batch in pairs.batches(batch_size):
-        job = Job(model, graph, metric_fn, batch, ablated, level, ig_steps, quadrature, max_rows)
+        job = Job(model, graph, metric_fn, batch, ablated, level, ig_steps, quadrature, max_rows, workspace)
         _accumulate(totals, METHODS[method](job))
         bar.update(len(batch))
     bar.close()

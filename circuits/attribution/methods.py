@@ -17,7 +17,7 @@ per-example metric at v's input (u's output), taken where the method says:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ class Job:
     steps: int
     quadrature: str
     max_rows: int
+    workspace: dict[str, Tensor] = field(default_factory=dict)  # buffers reused from batch to batch
 
 
 @dataclass
@@ -73,9 +74,18 @@ def register(name: str) -> Callable[[Method], Method]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _acts(job: Job, rows: int) -> Tensor:
-    """Uninitialised source-output buffer [rows, P, n_sources, d] (source-major storage)."""
-    return source_buffer(job.graph, rows, job.pairs.n_positions, job.model.device)
+def _acts(job: Job, rows: int, role: str) -> Tensor:
+    """Uninitialised source-output buffer [rows, P, n_sources, d] (source-major storage) for `role`.
+
+    Buffers are kept in the job's workspace and reused by the next batch of the same shape: fresh ones
+    cost a page fault per 4 KiB on first touch, a sizeable part of a pass at these sizes.
+    """
+    shape = (job.graph.n_sources, rows, job.pairs.n_positions, job.graph.spec.d_model)
+    cached = job.workspace.get(role)
+    if cached is None or cached.permute(2, 0, 1, 3).shape != shape:
+        cached = source_buffer(job.graph, rows, job.pairs.n_positions, job.model.device)
+        job.workspace[role] = cached
+    return cached
 
 
 def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
@@ -87,7 +97,7 @@ def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
 
 def _difference(job: Job, ablated: Tensor, clean: Tensor) -> Tensor:
     """ablated - clean, written into a source-major buffer (what the score matmuls want)."""
-    return torch.sub(ablated, clean, out=_acts(job, clean.shape[0]))
+    return torch.sub(ablated, clean, out=_acts(job, clean.shape[0], "delta"))
 
 
 def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> Tensor:
@@ -102,27 +112,32 @@ def _grad_leaf(x: Tensor) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
-def _forward_sources(job: Job, ids: Tensor) -> tuple[Tensor, Tensor]:
+def _forward_sources(job: Job, ids: Tensor, role: str) -> tuple[Tensor, Tensor]:
     """No-grad forward recording source outputs; returns (activations [b, P, n_src, d], logits)."""
-    acts = _acts(job, ids.shape[0])
+    acts = _acts(job, ids.shape[0], role)
     logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False)
     return acts, logits
 
 
 def _ablated_acts(job: Job) -> tuple[Tensor, Tensor | None]:
-    """Ablated source outputs [b or 1, P, n_src, d] and, for patching, the corrupted logits."""
-    if job.ablated is not None:
-        return job.ablated[:, : job.pairs.n_positions], None
-    corrupted, logits = _forward_sources(job, job.pairs.corrupted.to(job.model.device))
-    return corrupted, logits
+    """Ablated source outputs [b, P, n_src, d] in the "delta" buffer and, for patching, the corrupted logits.
+
+    The buffer is meant to be turned into ablated - clean in place by a `subtract` forward on the clean
+    prompts.
+    """
+    if job.ablated is None:
+        return _forward_sources(job, job.pairs.corrupted.to(job.model.device), "delta")
+    acts = _acts(job, len(job.pairs), "delta")
+    acts.copy_(job.ablated[:, : job.pairs.n_positions].expand_as(acts))
+    return acts, None
 
 
-def _clean_and_ablated(job: Job) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """Clean ids, clean source outputs and logits, ablated source outputs, corrupted logits (patching)."""
+def _clean_and_delta(job: Job) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Clean ids, clean source outputs and logits, ablated - clean source outputs, corrupted logits."""
     clean_ids = job.pairs.clean.to(job.model.device)
-    clean_acts, clean_logits = _forward_sources(job, clean_ids)
+    clean_acts, clean_logits = _forward_sources(job, clean_ids, "clean")
     ablated, corrupted_logits = _ablated_acts(job)
-    return clean_ids, clean_acts, clean_logits, ablated, corrupted_logits
+    return clean_ids, clean_acts, clean_logits, ablated.sub_(clean_acts), corrupted_logits
 
 
 def _corrupted_metric(job: Job, corrupted_logits: Tensor | None, clean_logits: Tensor) -> Tensor | None:
@@ -156,15 +171,17 @@ def _check_metric(values: Tensor, rows: int) -> Tensor:
 @register("eap")
 def eap(job: Job) -> BatchResult:
     b = len(job.pairs)
-    ablated, corrupted_logits = _ablated_acts(job)
-    acts = _acts(job, b)
+    delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
-    recorder = ScoreRecorder(job.model, job.graph, torch.ones(1), edges, nodes)
-    hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
+    recorder = ScoreRecorder(job.model, job.graph, torch.ones(1), edges, nodes, delta)
+    hooks = [
+        (job.model.input_hook, _grad_leaf),
+        *source_hooks(job.model, job.graph, delta, subtract=True),
+        *recorder.hooks(),
+    ]
     logits = _run(job, job.pairs.clean.to(job.model.device), hooks, grad=True)
     clean_logits = logits.detach()
     values = _check_metric(_metric(job, logits, clean_logits), b)
-    recorder.delta = _difference(job, ablated, acts)
     recorder.backward(values.sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(edges, nodes.sum(0), values.detach(), metric_corrupted, None)
@@ -174,7 +191,7 @@ def eap(job: Job) -> BatchResult:
 def clean_corrupted(job: Job) -> BatchResult:
     b = len(job.pairs)
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
-    acts = _acts(job, 2 * b)
+    acts = _acts(job, 2 * b, "clean")
     edges, nodes = _accumulators(job)
     recorder = ScoreRecorder(job.model, job.graph, torch.full((2,), 0.5), edges, nodes)
     hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
@@ -189,10 +206,12 @@ def clean_corrupted(job: Job) -> BatchResult:
 @register("eap-ig-inputs")
 def eap_ig_inputs(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
-    clean_acts, clean_logits = _forward_sources(job, job.pairs.clean.to(model.device))
-    corrupted_acts, corrupted_logits = _forward_sources(job, job.pairs.corrupted.to(model.device))
-    e_clean, e_corr = clean_acts[:, :, 0], corrupted_acts[:, :, 0]
-    delta = _difference(job, corrupted_acts, clean_acts)
+    delta, corrupted_logits = _ablated_acts(job)
+    assert corrupted_logits is not None, "eap-ig-inputs interpolates towards the corrupted prompts"
+    e_corr = delta[:, :, 0].clone()
+    hooks = source_hooks(model, graph, delta, subtract=True)
+    clean_logits = _run(job, job.pairs.clean.to(model.device), hooks, grad=False)  # delta = corr - clean
+    e_clean = e_corr - delta[:, :, 0]
     edges, nodes = _accumulators(job)
     for alphas, weights in _step_chunks(job):
         m = alphas.shape[0]
@@ -219,8 +238,7 @@ def eap_ig_inputs(job: Job) -> BatchResult:
 @register("eap-ig-activations")
 def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
-    clean_ids, clean_acts, clean_logits, ablated, corrupted_logits = _clean_and_ablated(job)
-    delta = _difference(job, ablated, clean_acts)
+    clean_ids, clean_acts, clean_logits, delta, corrupted_logits = _clean_and_delta(job)
     edges, nodes = _accumulators(job)
     for group, members in enumerate(source_groups(graph)):
         hook_name, clean_out, delta_out = _group_output(model, graph, group, clean_acts, delta, members)
@@ -258,7 +276,9 @@ def _group_output(
 def exact(job: Job) -> BatchResult:
     """Ablate one edge (or node) at a time, many side by side in the batch dimension."""
     model, graph, b = job.model, job.graph, len(job.pairs)
-    clean_ids, _clean_acts, clean_logits, ablated, corrupted_logits = _clean_and_ablated(job)
+    clean_ids = job.pairs.clean.to(model.device)
+    clean_logits = _run(job, clean_ids, [], grad=False)
+    ablated, corrupted_logits = _ablated_acts(job)
     base = _metric(job, clean_logits, clean_logits)
     # [n_units, 2] (source, destination) edges, or [n_units, 1] source nodes
     units = graph.valid.nonzero() if job.level == "edge" else torch.arange(graph.n_sources)[:, None]
@@ -277,7 +297,7 @@ def exact(job: Job) -> BatchResult:
             graph,
             clean_ids.repeat(e, 1),
             job.pairs.attention_mask.to(model.device).repeat(e, 1),
-            ablated if ablated.shape[0] == 1 else ablated.repeat(e, 1, 1, 1),
+            ablated.repeat(e, 1, 1, 1),
             mask.repeat_interleave(b, dim=0),
         )
         values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)

@@ -44,13 +44,20 @@ def source_groups(graph: Graph) -> list[slice]:
     return groups
 
 
-def source_hooks(model: HookedModel, graph: Graph, out: Tensor) -> list[tuple[str, HookFn]]:
-    """Hooks writing every source's output into `out` [B, P, n_sources, d_model] (no grad)."""
+def source_hooks(
+    model: HookedModel, graph: Graph, out: Tensor, subtract: bool = False
+) -> list[tuple[str, HookFn]]:
+    """Hooks writing every source's output into `out` [B, P, n_sources, d_model] (no grad), or, with
+    `subtract`, subtracting it from what `out` holds (turning ablated outputs into ablated - current)."""
 
     def write(index: int | slice, transform: Callable[[Tensor], Tensor] | None = None) -> HookFn:
         def fn(x: Tensor) -> None:
             with torch.no_grad():
-                out[:, : x.shape[1], index] = (transform(x) if transform else x).to(out.dtype)
+                value = (transform(x) if transform else x).to(out.dtype)
+                if subtract:
+                    out[:, : x.shape[1], index] -= value
+                else:
+                    out[:, : x.shape[1], index] = value
 
         return fn
 
