@@ -23,6 +23,7 @@ import networkx as nx
 import torch
 from torch import Tensor
 
+from circuits import selection
 from circuits.models.hooked import HookedModel, ModelSpec
 
 _DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
@@ -79,17 +80,33 @@ class Graph:
         new.node_scores = None if self.node_scores is None else self.node_scores.clone()
         return new
 
-    def top_n(self, n: int, absolute: bool = True) -> Graph:
-        """A copy whose circuit is the `n` highest-scoring valid edges (by |score| unless absolute=False)."""
-        if not 0 <= n <= self.n_edges:
-            raise ValueError(f"n must lie in [0, {self.n_edges}], got {n}")
-        scores = self.scores.abs() if absolute else self.scores
-        flat = scores.masked_fill(~self.valid, float("-inf")).flatten()
-        chosen = torch.zeros_like(self.valid).flatten()
-        chosen[flat.topk(n).indices] = True
+    # -------------------------------------------------------------------- selection (copies)
+    def top_n(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
+        """A copy whose circuit is the `n` best-ranked edges, then pruned (see `circuits.selection`)."""
+        return selection.top_n(self, n, absolute, prune)
+
+    def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> Graph:
+        """A copy whose circuit is the edges ranked at least `t`, then pruned."""
+        return selection.threshold(self, t, absolute, prune)
+
+    def greedy(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
+        """A copy whose circuit grows edge by edge from the logits, `n` edges."""
+        return selection.greedy(self, n, absolute, prune)
+
+    def top_nodes(self, k: int, absolute: bool = True, prune: bool = True) -> Graph:
+        """A copy whose circuit is every edge between the `k` best-ranked nodes (by `node_scores`)."""
+        return selection.top_nodes(self, k, absolute, prune)
+
+    def pruned(self) -> Graph:
+        """A copy without the circuit's dead edges (not on an input -> logits path)."""
         circuit = self.copy()
-        circuit.in_graph = chosen.reshape(self.valid.shape)
+        selection.prune_dead(circuit)
         return circuit
+
+    @property
+    def n_in_graph(self) -> int:
+        """Number of edges in the circuit."""
+        return int((self.in_graph & self.valid).sum())
 
     # ---------------------------------------------------------------------------------- indexing
     @property
@@ -175,7 +192,7 @@ class Graph:
             )
             counts[kind] += int(per_dst[j])
         counts["edges: total"] = self.n_edges
-        counts["edges: in circuit"] = int((self.in_graph & self.valid).sum())
+        counts["edges: in circuit"] = self.n_in_graph
         return dict(counts)
 
     def summary(self) -> str:

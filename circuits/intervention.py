@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from circuits.attribution.recorder import source_hooks
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn, linear_weight
 
@@ -32,29 +31,60 @@ def forward_with_ablation(
     """Logits [rows, P, d_vocab] with the edges in `ablation_mask` carrying `ablated` source outputs.
 
     Args:
-        input_ids: [rows, P]; ablated: [rows or 1, P, n_sources, d_model] source outputs to patch in.
+        input_ids: [rows, P].
+        ablated: [r, P, n_sources, d_model] source outputs to patch in, with r dividing rows (row i of the
+            batch uses ablated row i mod r; e.g. r = b examples repeated for several masks).
         ablation_mask: bool [rows, n_sources, n_destinations] or [n_sources, n_destinations].
+    Only the sources with an ablated edge are recorded and patched, so a mask touching few sources
+    (exact patching of single edges) costs little more than a plain forward.
     """
     rows, n_pos = input_ids.shape
-    spec = graph.spec
-    mask = ablation_mask.to(input_ids.device)
+    if rows % ablated.shape[0]:
+        raise ValueError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
+    mask = ablation_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
     if mask.dim() == 2:
-        mask = mask.unsqueeze(0).expand(rows, -1, -1)
-    mask = (mask & graph.valid.to(mask.device)).float()
-    current = torch.zeros(rows, n_pos, graph.n_sources, spec.d_model, device=input_ids.device)
+        mask = mask.unsqueeze(0)
+    sources = mask.any(2).any(0).nonzero()[:, 0]  # sources with at least one ablated edge
+    slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
+    slot[sources.cpu()] = torch.arange(sources.numel())
+    weights = mask[:, sources].float()  # [rows or 1, k, n_dst]
+    patch = ablated[:, :n_pos, sources].repeat(rows // ablated.shape[0], 1, 1, 1)  # [rows, P, k, d]
+    current = torch.zeros_like(patch)
     resid: dict[int, Tensor] = {}
 
     def correction(dst: int | slice) -> Tensor | None:
         """[rows, P, d] (int) or [rows, P, n, d] (slice) summed ablation differences, or None."""
-        cols = mask[:, :, dst]
-        flat = cols.reshape(rows, graph.n_sources, -1)
-        active = flat.any(-1).any(0).nonzero()[:, 0]  # only sources with an ablated edge into dst
-        if active.numel() == 0:
+        w = weights[:, :, dst]
+        used = w.reshape(w.shape[0], w.shape[1], -1).any(-1).any(0).nonzero()[:, 0]
+        if used.numel() == 0:
             return None
-        weights = cols[:, active]
-        diff = ablated[:, :, active].to(current.dtype) - current[:, :, active]
+        diff = patch[:, :, used] - current[:, :, used]
+        w = w[:, used]
         pattern = "bpsd,bs->bpd" if isinstance(dst, int) else "bpsd,bsn->bpnd"
-        return torch.einsum(pattern, diff, weights)
+        return torch.einsum(pattern, diff, w.expand(rows, *w.shape[1:]))
+
+    def record(index: int | slice, transform=None) -> HookFn | None:
+        """Hook writing the recorded sources among `index` into `current`, or None if none is recorded."""
+        ids = torch.arange(graph.n_sources)[index].reshape(-1)
+        keep = (slot[ids] >= 0).nonzero()[:, 0]
+        if keep.numel() == 0:
+            return None
+        targets = slot[ids[keep]].to(current.device)
+
+        def hook(x: Tensor) -> None:
+            value = transform(x, keep) if transform else x.unsqueeze(2)
+            current[:, :, targets] = value.to(current.dtype)
+
+        return hook
+
+    def head_results(layer: int):
+        w_o = model.W_O(layer)
+
+        def results(z: Tensor, heads: Tensor) -> Tensor:
+            z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)[:, :, heads]
+            return torch.einsum("bpnh,nhd->bpnd", z, w_o[heads].to(z.dtype))
+
+        return results
 
     def add_to_input(dst: int) -> HookFn:
         def hook(x: Tensor) -> Tensor | None:
@@ -88,7 +118,12 @@ def forward_with_ablation(
 
         return hook
 
-    hooks: list[tuple[str, HookFn]] = list(source_hooks(model, graph, current))
+    spec = graph.spec
+    recorders = [(model.input_hook, record(0))]
+    for layer in range(spec.n_layers):
+        recorders.append((model.head_z_hook(layer), record(graph.head_sources(layer), head_results(layer))))
+        recorders.append((model.mlp_out_hook(layer), record(graph.mlp_source(layer))))
+    hooks: list[tuple[str, HookFn]] = [(name, fn) for name, fn in recorders if fn is not None]
     for layer in range(spec.n_layers):
         hooks.append((model.attn_norm_in_hook(layer), save_resid(layer)))
         for letter in ("q", "k", "v"):

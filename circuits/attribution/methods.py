@@ -297,7 +297,7 @@ def exact(job: Job) -> BatchResult:
             graph,
             clean_ids.repeat(e, 1),
             job.pairs.attention_mask.to(model.device).repeat(e, 1),
-            ablated.repeat(e, 1, 1, 1),
+            ablated,
             mask.repeat_interleave(b, dim=0),
         )
         values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)

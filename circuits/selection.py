@@ -1,0 +1,169 @@
+"""From scores to circuits: top-n, threshold and greedy selection at edge or node level, then pruning.
+
+Sign convention (as EAP-IG): a score estimates M(edge ablated) - M(clean), so an edge that helps the metric
+has a negative score. `absolute=True` ranks by |score|; `absolute=False` ranks by how much the edge helps
+(-score), the "signed" selection of MIB's CPR.
+
+Pruning removes edges that cannot matter under ablation: an edge whose source cannot be reached from the
+input through the circuit (its output is then the ablated one anyway) or whose destination feeds nothing
+that reaches the logits. Every function returns a new graph; the caller's is never modified.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from circuits.graph import Graph
+
+
+def _ranking(graph: Graph, scores: Tensor, absolute: bool) -> Tensor:
+    return scores.abs() if absolute else -scores
+
+
+def _with_edges(graph: Graph, chosen: Tensor, prune: bool) -> Graph:
+    circuit = graph.copy()
+    circuit.in_graph = chosen & graph.valid
+    if prune:
+        prune_dead(circuit)
+    else:
+        circuit.nodes_in_graph = nodes_touched(circuit)
+    return circuit
+
+
+def top_n(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> Graph:
+    """The `n` best-ranked valid edges (fewer after pruning)."""
+    if not 0 <= n <= graph.n_edges:
+        raise ValueError(f"n must lie in [0, {graph.n_edges}], got {n}")
+    rank = _ranking(graph, graph.scores, absolute).masked_fill(~graph.valid, float("-inf")).flatten()
+    chosen = torch.zeros(rank.numel(), dtype=torch.bool)
+    chosen[rank.topk(n, sorted=False).indices] = True
+    return _with_edges(graph, chosen.reshape(graph.valid.shape), prune)
+
+
+def threshold(graph: Graph, t: float, absolute: bool = True, prune: bool = True) -> Graph:
+    """The valid edges ranked at least `t` (|score| >= t, or -score >= t when signed)."""
+    return _with_edges(graph, _ranking(graph, graph.scores, absolute) >= t, prune)
+
+
+def greedy(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> Graph:
+    """Grow a circuit from the logits: repeatedly add the best-ranked edge into a node already in it.
+
+    Every edge added is connected to the logits by construction; the source of each new edge joins the
+    circuit and its own inputs become candidates.
+    """
+    if not 0 <= n <= graph.n_edges:
+        raise ValueError(f"n must lie in [0, {graph.n_edges}], got {n}")
+    rank = _ranking(graph, graph.scores, absolute)
+    valid = graph.valid
+    inputs_of = destinations_of_sources(graph)
+    heap: list[tuple[float, int, int]] = []
+    opened = torch.zeros(graph.n_destinations, dtype=torch.bool)
+
+    def open_destination(col: int) -> None:
+        if opened[col]:
+            return
+        opened[col] = True
+        rows = valid[:, col].nonzero()[:, 0]
+        for row, value in zip(rows.tolist(), rank[rows, col].tolist()):
+            heapq.heappush(heap, (-value, row, col))
+
+    open_destination(graph.logits_destination)
+    chosen = torch.zeros_like(valid)
+    added = 0
+    while added < n and heap:
+        _, row, col = heapq.heappop(heap)
+        chosen[row, col] = True
+        added += 1
+        for dst in inputs_of[row]:
+            open_destination(dst)
+    return _with_edges(graph, chosen, prune)
+
+
+def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -> Graph:
+    """The circuit of the `k` best-ranked nodes by `graph.node_scores` (input and logits always in):
+    every valid edge between kept nodes."""
+    if graph.node_scores is None:
+        raise ValueError("node-level selection needs node scores: run attribute(..., level='node') first")
+    n_nodes = graph.n_sources - 1
+    if not 0 <= k <= n_nodes:
+        raise ValueError(f"k must lie in [0, {n_nodes}], got {k}")
+    rank = _ranking(graph, graph.node_scores.nan_to_num(0.0), absolute)
+    rank[0] = float("inf")  # the input is always kept
+    kept = torch.zeros(graph.n_sources, dtype=torch.bool)
+    kept[rank.topk(k + 1).indices] = True
+    dst_kept = (destination_owners(graph) & kept[None, :]).any(1)
+    dst_kept[graph.logits_destination] = True
+    circuit = _with_edges(graph, kept[:, None] & dst_kept[None, :], prune)
+    return circuit
+
+
+def destination_owners(graph: Graph) -> Tensor:
+    """bool [n_destinations, n_sources]: which nodes read each destination (a k/v input feeds every query
+    head of its key-value group; logits feed no source)."""
+    owners = torch.zeros(graph.n_destinations, graph.n_sources, dtype=torch.bool)
+    spec = graph.spec
+    group = torch.arange(spec.n_heads) // (spec.n_heads // spec.n_kv_heads)
+    for layer in range(spec.n_layers):
+        heads = torch.arange(graph.n_sources)[graph.head_sources(layer)]
+        q = graph.qkv_destinations(layer, "q")
+        owners[torch.arange(q.start, q.stop), heads] = True
+        for letter in ("k", "v"):
+            cols = graph.qkv_destinations(layer, letter)
+            owners[cols.start + group, heads] = True
+        owners[graph.mlp_destination(layer), graph.mlp_source(layer)] = True
+    return owners
+
+
+def destinations_of_sources(graph: Graph) -> list[list[int]]:
+    """For each source node, the destinations (its q/k/v or MLP inputs) it reads."""
+    rows, cols = destination_owners(graph).T.nonzero(as_tuple=True)
+    inputs: list[list[int]] = [[] for _ in range(graph.n_sources)]
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        inputs[r].append(c)
+    return inputs
+
+
+def prune_dead(circuit: Graph) -> None:
+    """In place: drop edges not on an input -> logits path of the circuit; update `nodes_in_graph`.
+
+    One forward sweep (which nodes the input reaches) and one backward sweep (which destinations reach
+    the logits), layer by layer over column / row blocks; one pass reaches the fixed point.
+    """
+    edges = circuit.in_graph & circuit.valid
+    owners = destination_owners(circuit)  # [n_dst, n_src]
+    reached = torch.zeros(circuit.n_sources, dtype=torch.bool)
+    reached[0] = True
+    for layer in range(circuit.spec.n_layers):
+        for block, nodes in _layer_blocks(circuit, layer):
+            live_dst = (edges[:, block] & reached[:, None]).any(0)  # [n block destinations]
+            reached[nodes] = (owners[block][:, nodes] & live_dst[:, None]).any(0)
+    useful_dst = torch.zeros(circuit.n_destinations, dtype=torch.bool)
+    useful_dst[circuit.logits_destination] = True
+    for layer in reversed(range(circuit.spec.n_layers)):
+        for block, nodes in reversed(_layer_blocks(circuit, layer)):
+            useful_src = (edges[nodes] & useful_dst[None, :]).any(1)  # [n nodes]
+            useful_dst[block] = (owners[block][:, nodes] & useful_src[None, :]).any(1)
+    circuit.in_graph = edges & reached[:, None] & useful_dst[None, :]
+    circuit.nodes_in_graph = nodes_touched(circuit)
+
+
+def _layer_blocks(graph: Graph, layer: int) -> list[tuple[slice, slice]]:
+    """(destination columns, source nodes) of a layer's attention, then of its MLP, in forward order."""
+    q, v = graph.qkv_destinations(layer, "q"), graph.qkv_destinations(layer, "v")
+    mlp_dst, mlp_src = graph.mlp_destination(layer), graph.mlp_source(layer)
+    return [
+        (slice(q.start, v.stop), graph.head_sources(layer)),
+        (slice(mlp_dst, mlp_dst + 1), slice(mlp_src, mlp_src + 1)),
+    ]
+
+
+def nodes_touched(circuit: Graph) -> Tensor:
+    """bool [n_sources]: nodes with an in-circuit edge out of them or into one of their inputs."""
+    edges = circuit.in_graph & circuit.valid
+    into = (destination_owners(circuit) & edges.any(0)[:, None]).any(0)
+    return edges.any(1) | into
