@@ -1,24 +1,29 @@
-"""Faithfulness of a circuit: run the model with every edge outside it ablated (DESIGN.md section 4).
+"""Faithfulness of circuits: run the model with every edge outside a circuit ablated (DESIGN.md section 4).
 
-f(C) = (M(C) - M(empty)) / (M(full) - M(empty)), a ratio of dataset means. The caller's graph is never
-modified: the ablation mask is computed from it.
+f(C) = (M(C) - M(empty)) / (M(full) - M(empty)), a ratio of dataset means. The callers' graphs are never
+modified: the ablation masks are computed from them. Several circuits are evaluated batch by batch, so the
+clean, ablated and empty-circuit passes are shared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from circuits.attribution import source_means
-from circuits.attribution.recorder import source_hooks
+from circuits.attribution.recorder import source_buffer, source_hooks
 from circuits.data import PromptPairs
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel
+
+Ablation = Literal["patching", "mean", "zero"]
 
 
 @dataclass
@@ -38,41 +43,95 @@ def evaluate(
     circuit: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    ablation: Literal["patching", "mean", "zero"] = "patching",
+    ablation: Ablation = "patching",
     *,
     reference: PromptPairs | None = None,
     complement: bool = False,
     batch_size: int = 8,
+    quiet: bool = True,
 ) -> Evaluation:
     """Metric of the circuit (edges with `in_graph`), the full model and the empty circuit.
 
-    complement=True ablates the circuit's edges instead, keeping everything else.
+    ablation: what a removed edge carries: the corrupted run's output (`patching`), the source's mean
+        output over `reference`'s clean prompts (`mean`, per position when lengths agree) or zero.
+    complement: ablate the circuit's edges instead, keeping everything else.
     """
-    circuit.check_fits(model.spec)
+    return evaluate_many(
+        model,
+        [circuit],
+        pairs,
+        metric,
+        ablation,
+        reference=reference,
+        complement=complement,
+        batch_size=batch_size,
+        quiet=quiet,
+    )[0]
+
+
+def evaluate_many(
+    model: HookedModel,
+    circuits: Sequence[Graph],
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    ablation: Ablation = "patching",
+    *,
+    reference: PromptPairs | None = None,
+    complement: bool = False,
+    batch_size: int = 8,
+    quiet: bool = True,
+) -> list[Evaluation]:
+    """`evaluate` for several circuits of one model, sharing the clean, ablated and empty passes."""
+    if not circuits:
+        raise ValueError("no circuits to evaluate")
+    if len(pairs) == 0:
+        raise ValueError("no prompt pairs to evaluate on")
+    if ablation not in ("patching", "mean", "zero"):
+        raise ValueError(f"unknown ablation {ablation!r}; choose patching, mean or zero")
+    graph = circuits[0]
+    for circuit in circuits:
+        circuit.check_fits(model.spec)
     fn = get_metric(metric)
-    keep = circuit.in_graph & circuit.valid
-    ablate = keep if complement else circuit.valid & ~keep
+    ablate = [_ablation_mask(c, complement) for c in circuits]
     means = (
         None
         if ablation == "patching"
-        else source_means(model, circuit, reference or pairs, ablation, batch_size)
+        else source_means(model, graph, reference or pairs, ablation, batch_size)
     )
-    values, full, empty = [], 0.0, 0.0
+    values: list[list[Tensor]] = [[] for _ in circuits]
+    full = empty = 0.0
+    bar = tqdm(total=len(pairs), desc=f"evaluating {len(circuits)} circuit(s)", unit="pair", disable=quiet)
     for batch in pairs.batches(batch_size):
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
-        if means is None:
-            acts = torch.zeros(len(batch), batch.n_positions, circuit.n_sources, circuit.spec.d_model)
-            with torch.no_grad(), model.hooks(source_hooks(model, circuit, acts)):
-                model(batch.corrupted.to(model.device), mask)
-        else:
-            acts = means[:, : batch.n_positions]
+        ablated = _ablated_outputs(model, graph, batch, means)
         with torch.no_grad():
             clean_logits = model(ids, mask)
-        patched = forward_with_ablation(model, circuit, ids, mask, acts, ablate)
-        nothing = forward_with_ablation(model, circuit, ids, mask, acts, circuit.valid)
-        values.append(fn(patched, batch, clean_logits).cpu())
+        nothing = forward_with_ablation(model, graph, ids, mask, ablated, graph.valid)
         full += float(fn(clean_logits, batch, clean_logits).sum())
         empty += float(fn(nothing, batch, clean_logits).sum())
-    per_example = torch.cat(values)
+        for i, edges in enumerate(ablate):
+            patched = forward_with_ablation(model, graph, ids, mask, ablated, edges)
+            values[i].append(fn(patched, batch, clean_logits).cpu())
+        bar.update(len(batch))
+    bar.close()
     n = len(pairs)
-    return Evaluation(per_example, float(per_example.mean()), full / n, empty / n)
+    results = []
+    for per_batch in values:
+        per_example = torch.cat(per_batch)
+        results.append(Evaluation(per_example, float(per_example.mean()), full / n, empty / n))
+    return results
+
+
+def _ablation_mask(circuit: Graph, complement: bool) -> Tensor:
+    keep = circuit.in_graph & circuit.valid
+    return keep if complement else circuit.valid & ~keep
+
+
+def _ablated_outputs(model: HookedModel, graph: Graph, batch: PromptPairs, means: Tensor | None) -> Tensor:
+    """[b, P, n_sources, d] corrupted source outputs (patching), or the [1, P, ...] means / zeros."""
+    if means is not None:
+        return means[:, : batch.n_positions]
+    acts = source_buffer(graph, len(batch), batch.n_positions, model.device)
+    with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
+        model(batch.corrupted.to(model.device), batch.attention_mask.to(model.device))
+    return acts

@@ -45,6 +45,9 @@ def forward_with_ablation(
     if mask.dim() == 2:
         mask = mask.unsqueeze(0)
     sources = mask.any(2).any(0).nonzero()[:, 0]  # sources with at least one ablated edge
+    if sources.numel() == 0:
+        with torch.no_grad():
+            return model(input_ids, attention_mask)
     slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
     slot[sources.cpu()] = torch.arange(sources.numel())
     weights = mask[:, sources].float()  # [rows or 1, k, n_dst]

@@ -163,7 +163,5 @@ def _layer_blocks(graph: Graph, layer: int) -> list[tuple[slice, slice]]:
 
 
 def nodes_touched(circuit: Graph) -> Tensor:
-    """bool [n_sources]: nodes with an in-circuit edge out of them or into one of their inputs."""
-    edges = circuit.in_graph & circuit.valid
-    into = (destination_owners(circuit) & edges.any(0)[:, None]).any(0)
-    return edges.any(1) | into
+    """bool [n_sources]: nodes with an edge out of them in the circuit (after pruning: the live nodes)."""
+    return (circuit.in_graph & circuit.valid).any(1)

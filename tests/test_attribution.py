@@ -11,28 +11,8 @@ from circuits.models import load_model
 from circuits.quadrature import quadrature
 from circuits.testing import tiny_llama_hf, tiny_tokenizer
 
+from .pairs import make_pairs
 from .reference import reference_llama
-
-PAIRS = [
-    (
-        "When Mary and John went to the store, John gave a drink to",
-        "When Mary and John went to the store, Alice gave a drink to",
-        " Mary",
-        " John",
-    ),
-    (
-        "When Alice and Bob went to the store, Bob gave a drink to",
-        "When Alice and Bob went to the store, Tom gave a drink to",
-        " Alice",
-        " Bob",
-    ),
-    ("Then Tom said hello to", "Then Anna said hello to", " Tom", " Anna"),
-]
-
-
-def make_pairs(model):
-    clean, corrupted, answers, distractors = zip(*PAIRS)
-    return PromptPairs.from_strings(model, clean, corrupted, answers, distractors)
 
 
 @pytest.fixture(scope="module")

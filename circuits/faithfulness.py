@@ -1,0 +1,148 @@
+"""Faithfulness curves over circuit sizes and the MIB circuit metrics CPR and CMD (DESIGN.md section 4).
+
+For each edge budget (a percentage of the graph's edges) a circuit is selected from the scores, pruned and
+evaluated; x is the fraction of edges left after pruning. With f the normalised faithfulness:
+- CPR (circuit performance ratio) = area under f(x), trapezoid rule over the points, linear x;
+  circuits selected by signed score (the edges that help the metric most), higher is better;
+- CMD (circuit-model distance) = area under |1 - f(x)|; circuits selected by |score|, lower is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from circuits.data import PromptPairs
+from circuits.evaluation import Ablation, evaluate_many
+from circuits.graph import Graph
+from circuits.metrics import Metric
+from circuits.models.hooked import HookedModel
+
+MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+Selection = Literal["top_n", "greedy", "nodes", "random"]
+
+
+@dataclass
+class CurvePoint:
+    percent: float  # budget, % of the graph's edges
+    n_edges: int  # edges in the circuit after pruning
+    fraction: float  # n_edges / all edges
+    metric: float  # mean metric of the circuit
+    faithfulness: float
+
+
+@dataclass
+class FaithfulnessCurve:
+    label: str
+    absolute: bool  # selection by |score| (CMD) or by signed score (CPR)
+    full: float  # mean metric of the full model
+    empty: float  # mean metric of the empty circuit
+    points: list[CurvePoint] = field(default_factory=list)
+
+    @property
+    def area_under(self) -> float:
+        """Area under f(x) (CPR when the selection is signed)."""
+        return area([p.fraction for p in self.points], [p.faithfulness for p in self.points])
+
+    @property
+    def area_from_one(self) -> float:
+        """Area under |1 - f(x)| (CMD when the selection is absolute)."""
+        return area([p.fraction for p in self.points], [abs(1 - p.faithfulness) for p in self.points])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "area_under": self.area_under, "area_from_one": self.area_from_one}
+
+
+def area(x: Sequence[float], y: Sequence[float]) -> float:
+    """Trapezoid rule over consecutive points (x ascending)."""
+    return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
+
+
+def select(graph: Graph, n: int, selection: Selection, absolute: bool, seed: int = 0) -> Graph:
+    """A pruned circuit of at most `n` edges chosen by `selection`.
+
+    `nodes` takes the largest set of best-ranked nodes (by `graph.node_scores`) whose pruned circuit has at
+    most `n` edges; `random` ranks edges by random scores (a baseline).
+    """
+    if selection == "top_n":
+        return graph.top_n(n, absolute)
+    if selection == "greedy":
+        return graph.greedy(n, absolute)
+    if selection == "random":
+        shuffled = graph.copy()
+        gen = torch.Generator().manual_seed(seed)
+        shuffled.scores = torch.rand(graph.valid.shape, generator=gen)
+        return shuffled.top_n(n, absolute=False)
+    if selection == "nodes":
+        low, high = 0, graph.n_sources - 1  # largest k with at most n edges (edges grow with k)
+        while low < high:
+            k = (low + high + 1) // 2
+            if graph.top_nodes(k, absolute).n_in_graph <= n:
+                low = k
+            else:
+                high = k - 1
+        return graph.top_nodes(low, absolute)
+    raise ValueError(f"unknown selection {selection!r}; choose top_n, greedy, nodes or random")
+
+
+def faithfulness_curve(
+    model: HookedModel,
+    graph: Graph,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    *,
+    absolute: bool = True,
+    selection: Selection = "top_n",
+    percentages: Sequence[float] = MIB_PERCENTAGES,
+    ablation: Ablation = "patching",
+    reference: PromptPairs | None = None,
+    batch_size: int = 8,
+    label: str | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+) -> FaithfulnessCurve:
+    """Faithfulness of circuits of `graph`'s best edges at each budget in `percentages` (% of all edges)."""
+    if not percentages or sorted(percentages) != list(percentages):
+        raise ValueError("percentages must be a non-empty ascending sequence")
+    if any(not 0 < p <= 100 for p in percentages):
+        raise ValueError(f"percentages must lie in (0, 100], got {list(percentages)}")
+    circuits = [select(graph, round(p / 100 * graph.n_edges), selection, absolute, seed) for p in percentages]
+    results = evaluate_many(
+        model, circuits, pairs, metric, ablation, reference=reference, batch_size=batch_size, quiet=quiet
+    )
+    curve = FaithfulnessCurve(label or selection, absolute, results[0].full, results[0].empty)
+    for p, circuit, result in zip(percentages, circuits, results):
+        n = circuit.n_in_graph
+        curve.points.append(CurvePoint(p, n, n / graph.n_edges, result.circuit, result.faithfulness))
+    return curve
+
+
+@dataclass
+class MIBScores:
+    cpr: float  # area under f, signed selection (higher is better)
+    cmd: float  # area under |1 - f|, absolute selection (lower is better)
+    signed: FaithfulnessCurve
+    absolute: FaithfulnessCurve
+
+
+def mib_scores(
+    model: HookedModel,
+    graph: Graph,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    *,
+    selection: Selection = "top_n",
+    label: str | None = None,
+    **kwargs,
+) -> MIBScores:
+    """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves."""
+    signed = faithfulness_curve(
+        model, graph, pairs, metric, absolute=False, selection=selection, label=label, **kwargs
+    )
+    absolute = faithfulness_curve(
+        model, graph, pairs, metric, absolute=True, selection=selection, label=label, **kwargs
+    )
+    return MIBScores(signed.area_under, absolute.area_from_one, signed, absolute)

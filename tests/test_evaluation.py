@@ -1,0 +1,98 @@
+"""Circuit evaluation against plain runs and exact patching; faithfulness curves and MIB areas."""
+
+import pytest
+import torch
+
+from circuits import Graph, attribute, evaluate
+from circuits.attribution import source_means
+from circuits.faithfulness import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
+from circuits.metrics import logit_diff
+
+from .pairs import make_pairs
+
+
+def plain_metric(model, pairs, ids):
+    with torch.no_grad():
+        clean = model(pairs.clean, pairs.attention_mask)
+        logits = model(ids, pairs.attention_mask)
+    return logit_diff(logits, pairs, clean)
+
+
+def test_full_and_empty_circuits_reproduce_clean_and_corrupted_runs(tiny):
+    pairs = make_pairs(tiny)
+    graph = Graph.from_model(tiny)
+    result = evaluate(tiny, graph, pairs, batch_size=2)
+    clean, corrupted = plain_metric(tiny, pairs, pairs.clean), plain_metric(tiny, pairs, pairs.corrupted)
+    torch.testing.assert_close(result.per_example, clean, atol=1e-4, rtol=1e-4)
+    assert result.full == pytest.approx(float(clean.mean()), abs=1e-4)
+    assert result.empty == pytest.approx(float(corrupted.mean()), abs=1e-4)
+    assert result.faithfulness == pytest.approx(1.0, abs=1e-4)
+    empty = graph.copy()
+    empty.in_graph.zero_()
+    assert evaluate(tiny, empty, pairs).circuit == pytest.approx(result.empty, abs=1e-4)
+    assert evaluate(tiny, graph, pairs, complement=True).circuit == pytest.approx(result.empty, abs=1e-4)
+
+
+def test_one_edge_removed_equals_exact_score(llama):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    exact = attribute(llama, graph, pairs, method="exact", quiet=True).edge_scores
+    before = graph.in_graph.clone()
+    for name in ["input->a0.h1<q>", "a0.h2->a1.h0<v>", "m0->logits", "a1.h3->logits"]:
+        circuit = graph.copy()
+        circuit.in_graph[graph.edge_index(name)] = False
+        result = evaluate(llama, circuit, pairs)
+        assert result.circuit - result.full == pytest.approx(float(exact[graph.edge_index(name)]), abs=1e-4)
+    assert torch.equal(graph.in_graph, before)  # the caller's graph is never modified
+
+
+def test_mean_ablation_uses_a_mean_per_node(llama):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    means = source_means(llama, graph, pairs, "mean")  # prompts differ in length: mean over all real tokens
+    real = pairs.attention_mask.bool()
+    captured = {}
+
+    def grab(name):
+        def hook(x):
+            captured[name] = x.detach()
+
+        return hook
+
+    names = [llama.mlp_out_hook(0), llama.head_z_hook(1)]
+    with torch.no_grad(), llama.hooks([(n, grab(n)) for n in names]):
+        llama(pairs.clean, pairs.attention_mask)
+    mlp0 = captured[names[0]][real].mean(0)
+    z = captured[names[1]][real].reshape(-1, llama.spec.n_heads, llama.spec.d_head)
+    heads1 = torch.einsum("tnh,nhd->nd", z, llama.W_O(1)) / z.shape[0]
+    torch.testing.assert_close(means[0, 0, graph.mlp_source(0)], mlp0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(means[0, 0, graph.head_sources(1)], heads1, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(heads1[0], heads1[1])  # one mean per node, not one for all
+
+
+def test_areas_of_a_hand_made_curve():
+    curve = FaithfulnessCurve("hand", absolute=False, full=2.0, empty=0.0)
+    for fraction, f in [(0.001, 0.2), (0.01, 0.6), (0.1, 1.2), (1.0, 1.0)]:
+        curve.points.append(CurvePoint(fraction * 100, 0, fraction, 2 * f, f))
+    # trapezoids: 0.009 * 0.4 + 0.09 * 0.9 + 0.9 * 1.1
+    assert curve.area_under == pytest.approx(0.0036 + 0.081 + 0.99)
+    # |1 - f| = 0.8, 0.4, 0.2, 0: 0.009 * 0.6 + 0.09 * 0.3 + 0.9 * 0.1
+    assert curve.area_from_one == pytest.approx(0.0054 + 0.027 + 0.09)
+
+
+def test_curves_on_a_tiny_model(llama):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    attribute(llama, graph, pairs, method="eap-ig-inputs", quiet=True)
+    scores = mib_scores(llama, graph, pairs, percentages=(10, 50, 100), quiet=True)
+    for curve in (scores.signed, scores.absolute):
+        assert [p.percent for p in curve.points] == [10, 50, 100]
+        assert curve.points[-1].n_edges == graph.n_edges
+        assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-4)
+        assert all(p.n_edges <= round(p.percent / 100 * graph.n_edges) for p in curve.points)
+    assert scores.cpr == pytest.approx(scores.signed.area_under)
+    assert scores.cmd == pytest.approx(scores.absolute.area_from_one)
+    random = faithfulness_curve(llama, graph, pairs, selection="random", percentages=(10, 100), quiet=True)
+    assert random.points[-1].faithfulness == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="ascending"):
+        faithfulness_curve(llama, graph, pairs, percentages=(50, 10))
