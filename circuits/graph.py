@@ -159,6 +159,12 @@ class Graph:
         return index
 
     @staticmethod
+    def qkv_letter(dst: str) -> str | None:
+        """`q`, `k` or `v` for a head input destination (`a3.h1<k>` -> `k`), else None."""
+        match = _DST_RE.match(dst)
+        return match.group(4) if match else None
+
+    @staticmethod
     def destination_node(dst: str) -> str:
         """Node name of a destination: `a3.h1<q>` -> `a3.h1`; `m2` -> `m2`."""
         match = _DST_RE.match(dst)

@@ -96,7 +96,7 @@ def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -
     rank[0] = float("inf")  # the input is always kept
     kept = torch.zeros(graph.n_sources, dtype=torch.bool)
     kept[rank.topk(k + 1).indices] = True
-    dst_kept = (destination_owners(graph) & kept[None, :]).any(1)
+    dst_kept = (destination_owners(graph) & kept[None, :]).amax(1)
     dst_kept[graph.logits_destination] = True
     circuit = _with_edges(graph, kept[:, None] & dst_kept[None, :], prune)
     return circuit
@@ -132,22 +132,24 @@ def prune_dead(circuit: Graph) -> None:
     """In place: drop edges not on an input -> logits path of the circuit; update `nodes_in_graph`.
 
     One forward sweep (which nodes the input reaches) and one backward sweep (which destinations reach
-    the logits), layer by layer over column / row blocks; one pass reaches the fixed point.
+    the logits), layer by layer over column / row blocks; one pass reaches the fixed point. (Reductions use
+    `amax`: torch's bool `any` over a dimension is orders of magnitude slower on CPU.)
     """
     edges = circuit.in_graph & circuit.valid
+    edges_into = edges.T.contiguous()  # [n_dst, n_src]: a destination block's rows are contiguous
     owners = destination_owners(circuit)  # [n_dst, n_src]
     reached = torch.zeros(circuit.n_sources, dtype=torch.bool)
     reached[0] = True
     for layer in range(circuit.spec.n_layers):
         for block, nodes in _layer_blocks(circuit, layer):
-            live_dst = (edges[:, block] & reached[:, None]).any(0)  # [n block destinations]
-            reached[nodes] = (owners[block][:, nodes] & live_dst[:, None]).any(0)
+            live_dst = (edges_into[block] & reached[None, :]).amax(1)  # [n block destinations]
+            reached[nodes] = (owners[block][:, nodes] & live_dst[:, None]).amax(0)
     useful_dst = torch.zeros(circuit.n_destinations, dtype=torch.bool)
     useful_dst[circuit.logits_destination] = True
     for layer in reversed(range(circuit.spec.n_layers)):
         for block, nodes in reversed(_layer_blocks(circuit, layer)):
-            useful_src = (edges[nodes] & useful_dst[None, :]).any(1)  # [n nodes]
-            useful_dst[block] = (owners[block][:, nodes] & useful_src[None, :]).any(1)
+            useful_src = (edges[nodes] & useful_dst[None, :]).amax(1)  # [n nodes]
+            useful_dst[block] = (owners[block][:, nodes] & useful_src[None, :]).amax(1)
     circuit.in_graph = edges & reached[:, None] & useful_dst[None, :]
     circuit.nodes_in_graph = nodes_touched(circuit)
 
@@ -164,4 +166,4 @@ def _layer_blocks(graph: Graph, layer: int) -> list[tuple[slice, slice]]:
 
 def nodes_touched(circuit: Graph) -> Tensor:
     """bool [n_sources]: nodes with an edge out of them in the circuit (after pruning: the live nodes)."""
-    return (circuit.in_graph & circuit.valid).any(1)
+    return (circuit.in_graph & circuit.valid).amax(1)

@@ -96,3 +96,22 @@ def test_curves_on_a_tiny_model(llama):
     assert random.points[-1].faithfulness == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="ascending"):
         faithfulness_curve(llama, graph, pairs, percentages=(50, 10))
+
+
+def test_drawings(llama, tmp_path):
+    from circuits.drawing import draw_circuit, plot_curves
+
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    attribute(llama, graph, pairs, method="eap", quiet=True)
+    circuit = graph.top_n(20)
+    svg = draw_circuit(circuit, tmp_path / "circuit.svg")
+    assert svg.read_text().count("<path") >= circuit.n_in_graph  # one arrow at least per edge
+    png = draw_circuit(circuit, tmp_path / "circuit.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    curve = faithfulness_curve(llama, graph, pairs, percentages=(10, 100), quiet=True)
+    assert plot_curves([curve], tmp_path / "curve.png").stat().st_size > 0
+    empty = graph.copy()
+    empty.in_graph.zero_()
+    with pytest.raises(ValueError, match="no edges"):
+        draw_circuit(empty, tmp_path / "empty.svg")
