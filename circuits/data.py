@@ -134,17 +134,48 @@ class PromptPairs:
                 distractor_ids.append(model.single_token_id(distractor))
             except ValueError as err:
                 raise ValueError(f"pair {i}: {err}") from None
+        return cls.from_ids(
+            model, clean_ids, corrupted_ids, answer_ids, distractor_ids, list(zip(clean, corrupted))
+        )
+
+    @classmethod
+    def from_ids(
+        cls,
+        model: HookedModel,
+        clean: Sequence[Sequence[int]],
+        corrupted: Sequence[Sequence[int]],
+        answers: Sequence[int],
+        distractors: Sequence[int],
+        texts: list[tuple[str, str]] | None = None,
+    ) -> PromptPairs:
+        """Pairs from token ids (BOS included if the model wants it); pads with the tokenizer's pad id."""
+        for i, (a, b) in enumerate(zip(clean, corrupted)):
+            if len(a) != len(b):
+                raise ValueError(
+                    f"pair {i}: clean has {len(a)} tokens, corrupted {len(b)}; positions must match"
+                )
+        vocab = model.d_vocab
+        for name, rows in (("clean prompt", clean), ("corrupted prompt", corrupted)):
+            for i, row in enumerate(rows):
+                if any(not 0 <= int(t) < vocab for t in row):
+                    raise ValueError(f"{name} {i} has token ids outside the vocabulary [0, {vocab})")
+        for name, ids in (("answer", answers), ("distractor", distractors)):
+            for i, t in enumerate(ids):
+                if not 0 <= int(t) < vocab:
+                    raise ValueError(
+                        f"{name} of pair {i} is token id {t}, outside the vocabulary [0, {vocab})"
+                    )
         pad = model.tokenizer.pad_token_id
         pad = model.tokenizer.eos_token_id if pad is None else pad
         pad = 0 if pad is None else int(pad)
         return cls(
-            _pad(clean_ids, pad),
-            _pad(corrupted_ids, pad),
-            torch.tensor([len(a) for a in clean_ids]),
-            torch.tensor(answer_ids),
-            torch.tensor(distractor_ids),
+            _pad([list(r) for r in clean], pad),
+            _pad([list(r) for r in corrupted], pad),
+            torch.tensor([len(a) for a in clean]),
+            torch.tensor(list(answers)),
+            torch.tensor(list(distractors)),
             pad,
-            list(zip(clean, corrupted)),
+            texts or [],
         )
 
 

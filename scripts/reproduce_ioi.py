@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
 
     data = ioi_pairs(model, args.n, seed=args.seed)
     pairs = data.pairs
-    print(f"\nIOI: {len(pairs)} pairs ({data.dropped} dropped for unequal token lengths)")
+    print(
+        f"\nIOI: {len(pairs)} pairs ({data.dropped} proposals dropped: multi-token answers, unequal lengths)"
+    )
     for clean, corrupted in pairs.texts[:3]:
         print(f"  clean: {clean!r}\n  corrupted: {corrupted!r}")
     base = baseline(model, pairs)

@@ -1,6 +1,34 @@
-"""Ready-made circuit tasks as seeded generators of prompt pairs."""
+"""Ready-made circuit tasks as seeded generators of prompt pairs, loaders for user files, and baselines."""
 
+from tasks.agreement import agreement_pairs
 from tasks.baseline import Baseline, baseline
-from tasks.ioi import IOIPairs, ioi_pairs
+from tasks.capitals import capital_pairs
+from tasks.common import Example, TaskPairs
+from tasks.files import DataFileError, load_pairs
+from tasks.greater_than import GreaterThanMetric, greater_than_pairs
+from tasks.induction import induction_pairs
+from tasks.ioi import ioi_pairs
 
-__all__ = ["Baseline", "IOIPairs", "baseline", "ioi_pairs"]
+TASKS = {
+    "ioi": ioi_pairs,
+    "agreement": agreement_pairs,
+    "capitals": capital_pairs,
+    "greater_than": greater_than_pairs,
+    "induction": induction_pairs,
+}
+
+__all__ = [
+    "TASKS",
+    "Baseline",
+    "DataFileError",
+    "Example",
+    "GreaterThanMetric",
+    "TaskPairs",
+    "agreement_pairs",
+    "baseline",
+    "capital_pairs",
+    "greater_than_pairs",
+    "induction_pairs",
+    "ioi_pairs",
+    "load_pairs",
+]

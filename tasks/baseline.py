@@ -7,15 +7,16 @@ from dataclasses import dataclass
 import torch
 
 from circuits.data import PromptPairs
-from circuits.metrics import Metric, get_metric, last_logits
+from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel
+from tasks.common import TaskPairs
 
 
 @dataclass
 class Baseline:
     clean_metric: float  # mean metric on clean prompts
     corrupted_metric: float  # mean metric on corrupted prompts
-    accuracy: float  # fraction of clean prompts where the answer outscores the distractor
+    accuracy: float  # fraction of clean prompts with a positive metric (answer beats distractor)
     n: int
 
     def __str__(self) -> str:
@@ -26,20 +27,29 @@ class Baseline:
 
 
 def baseline(
-    model: HookedModel, pairs: PromptPairs, metric: str | Metric = "logit_diff", batch_size: int = 16
+    model: HookedModel,
+    data: TaskPairs | PromptPairs,
+    metric: str | Metric | None = None,
+    batch_size: int = 16,
 ) -> Baseline:
-    """Mean metric on clean and corrupted prompts, and answer-vs-distractor accuracy on clean prompts."""
-    fn = get_metric(metric)
+    """Mean metric on clean and corrupted prompts, and the fraction of clean prompts where it is positive.
+
+    With `TaskPairs` the task's own metric is used unless `metric` is given; plain `PromptPairs` default to
+    the logit difference. For difference metrics (logit / probability difference, greater-than) a
+    positive value means the model prefers the answer.
+    """
+    pairs = data.pairs if isinstance(data, TaskPairs) else data
+    chosen = metric if metric is not None else (data.metric if isinstance(data, TaskPairs) else "logit_diff")
+    fn = get_metric(chosen)
     clean_total = corrupted_total = correct = 0.0
     for batch in pairs.batches(batch_size):
         mask = batch.attention_mask.to(model.device)
         with torch.no_grad():
             clean = model(batch.clean.to(model.device), mask)
             corrupted = model(batch.corrupted.to(model.device), mask)
-        clean_total += float(fn(clean, batch, clean).sum())
+        clean_values = fn(clean, batch, clean)
+        clean_total += float(clean_values.sum())
         corrupted_total += float(fn(corrupted, batch, clean).sum())
-        last = last_logits(clean, batch)
-        rows = torch.arange(len(batch))
-        correct += float((last[rows, batch.answer] > last[rows, batch.distractor]).sum())
+        correct += float((clean_values > 0).sum())
     n = len(pairs)
     return Baseline(clean_total / n, corrupted_total / n, correct / n, n)

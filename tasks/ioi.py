@@ -12,11 +12,10 @@ prompts differ in token length are dropped (and counted).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Literal
 
-from circuits.data import PromptPairs
 from circuits.models.hooked import HookedModel
+from tasks.common import Example, TaskPairs, generate, single_tokens
 
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "Anna", "James", "Sarah", "David", "Laura", "Michael", "Emma",
@@ -39,6 +38,8 @@ PLACES = [
 OBJECTS = ["drink", "book", "ball", "letter", "bone", "gift", "key", "ring", "basket", "snack", "necklace"]
 
 # {A} is the first-mentioned name, {B} the second, {S2} the repeated subject; the answer is the other one.
+# Wang et al.'s "Friends {A} and {B} found a {OBJECT} at the {PLACE}. {S2} gave it to" is left out: SmolLM2
+# solves it in only about 60% of cases (logit difference about 1, against 4-6 for every template below).
 TEMPLATES = [
     "When {A} and {B} went to the {PLACE}, {S2} gave a {OBJECT} to",
     "Then, {A} and {B} went to the {PLACE}. {S2} gave a {OBJECT} to",
@@ -46,30 +47,10 @@ TEMPLATES = [
     "While {A} and {B} were working at the {PLACE}, {S2} gave a {OBJECT} to",
     "Then, {A} and {B} had a long argument. Afterwards {S2} said to",
     "When {A} and {B} got a {OBJECT} at the {PLACE}, {S2} decided to give it to",
-    "Friends {A} and {B} found a {OBJECT} at the {PLACE}. {S2} gave it to",
     "The {PLACE} {A} and {B} went to had a {OBJECT}. {S2} gave it to",
 ]
 
 Corruption = Literal["abc", "s2_io_flip"]
-
-
-@dataclass
-class IOIPairs:
-    """Generated pairs and how many requested examples could not be made with equal token lengths."""
-
-    pairs: PromptPairs
-    requested: int
-    dropped: int
-
-
-def single_token_names(model: HookedModel) -> list[str]:
-    """Names whose ' Name' form is one token for this model's tokenizer."""
-    keep = []
-    for name in NAMES:
-        ids = model.tokenizer(" " + name, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1:
-            keep.append(name)
-    return keep
 
 
 def ioi_pairs(
@@ -80,42 +61,25 @@ def ioi_pairs(
     order: Literal["ABBA", "BABA", "mixed"] = "mixed",
     seed: int = 0,
     templates: list[str] | None = None,
-) -> IOIPairs:
+) -> TaskPairs:
     """`n` IOI prompt pairs for `model`'s tokenizer (answer = IO, distractor = S, metric logit diff)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
     if corruption not in ("abc", "s2_io_flip"):
         raise ValueError(f"unknown corruption {corruption!r}; choose 'abc' or 's2_io_flip'")
-    names = single_token_names(model)
+    if order not in ("ABBA", "BABA", "mixed"):
+        raise ValueError(f"unknown order {order!r}; choose 'ABBA', 'BABA' or 'mixed'")
+    names = single_tokens(model, NAMES)
     if len(names) < 3:
         raise ValueError(f"only {len(names)} IOI names are single tokens for {model.spec.name}; need 3")
-    rng = random.Random(seed)
-    templates = templates or TEMPLATES
-    clean: list[str] = []
-    corrupted: list[str] = []
-    answers: list[str] = []
-    distractors: list[str] = []
-    dropped, attempts = 0, 0
-    while len(clean) < n:
-        attempts += 1
-        if attempts > 20 * n:
-            raise ValueError(
-                f"could only make {len(clean)} of {n} equal-length IOI pairs for {model.spec.name}"
-            )
+    chosen_templates = templates or TEMPLATES
+
+    def propose(rng: random.Random) -> Example:
         io, s, c = rng.sample(names, 3)
-        template = rng.choice(templates)
+        template = rng.choice(chosen_templates)
         abba = order == "ABBA" or (order == "mixed" and rng.random() < 0.5)
         first, second = (io, s) if abba else (s, io)
         fill = {"PLACE": rng.choice(PLACES), "OBJECT": rng.choice(OBJECTS), "A": first, "B": second}
-        clean_text = template.format(S2=s, **fill)
-        corrupted_text = template.format(S2=c if corruption == "abc" else io, **fill)
-        a, b = model.to_ids([clean_text, corrupted_text])
-        if len(a) != len(b):
-            dropped += 1
-            continue
-        clean.append(clean_text)
-        corrupted.append(corrupted_text)
-        answers.append(" " + io)
-        distractors.append(" " + s)
-    pairs = PromptPairs.from_strings(model, clean, corrupted, answers, distractors)
-    return IOIPairs(pairs, n, dropped)
+        clean = template.format(S2=s, **fill)
+        corrupted = template.format(S2=c if corruption == "abc" else io, **fill)
+        return Example(clean, corrupted, " " + io, " " + s)
+
+    return generate(model, "ioi", n, propose, "logit_diff", seed)

@@ -1,0 +1,90 @@
+"""What every generated task shares: the result type and the loop that keeps only usable examples.
+
+A task proposes examples (clean text, corrupted text, answer, distractor) from a seeded RNG; an example is
+kept only if answer and distractor are single tokens and the clean and corrupted prompts have the same
+token length under the model's tokenizer. The rest are dropped and counted, so users see what a tokenizer
+cost them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from circuits.data import PromptPairs
+from circuits.metrics import Metric
+from circuits.models.hooked import HookedModel
+
+
+@dataclass
+class Example:
+    clean: str
+    corrupted: str
+    answer: str  # text of the correct next token, e.g. " Mary"
+    distractor: str  # text of the contrasting token
+
+
+@dataclass
+class TaskPairs:
+    """Prompt pairs made for one model, the metric the task is scored with, and what could not be made."""
+
+    task: str
+    pairs: PromptPairs
+    metric: str | Metric  # a name in circuits.metrics.METRICS, or a task-specific metric
+    requested: int
+    dropped: int  # proposed examples rejected (multi-token answers, unequal lengths)
+
+    def __str__(self) -> str:
+        return f"{self.task}: {len(self.pairs)} pairs ({self.dropped} proposals dropped)"
+
+
+def is_single_token(model: HookedModel, text: str) -> bool:
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def single_tokens(model: HookedModel, words: list[str], prefix: str = " ") -> list[str]:
+    """The words whose `prefix + word` is one token for the model's tokenizer."""
+    return [w for w in words if is_single_token(model, prefix + w)]
+
+
+def generate(
+    model: HookedModel,
+    task: str,
+    n: int,
+    propose: Callable[[random.Random], Example],
+    metric: str | Metric,
+    seed: int = 0,
+    max_attempts_per_example: int = 50,
+) -> TaskPairs:
+    """Keep `n` proposals that tokenize to equal-length pairs with single-token answers."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = random.Random(seed)
+    kept: list[Example] = []
+    dropped = 0
+    while len(kept) < n:
+        if dropped > max_attempts_per_example * n:
+            raise ValueError(
+                f"{task}: could only make {len(kept)} of {n} usable pairs for {model.spec.name} "
+                f"({dropped} proposals had multi-token answers or unequal clean/corrupted lengths)"
+            )
+        example = propose(rng)
+        clean, corrupted = model.to_ids([example.clean, example.corrupted])
+        usable = (
+            len(clean) == len(corrupted)
+            and is_single_token(model, example.answer)
+            and is_single_token(model, example.distractor)
+        )
+        if usable:
+            kept.append(example)
+        else:
+            dropped += 1
+    pairs = PromptPairs.from_strings(
+        model,
+        [e.clean for e in kept],
+        [e.corrupted for e in kept],
+        [e.answer for e in kept],
+        [e.distractor for e in kept],
+    )
+    return TaskPairs(task, pairs, metric, n, dropped)
