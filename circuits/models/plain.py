@@ -1,0 +1,57 @@
+"""The model without the bridge: a plain Hugging Face module sharing the bridge's parameter tensors.
+
+TransformerLens' bridge components do not fill Hugging Face key/value caches, and neuron attribution wants
+them (one-position passes over a cached prefix). This rebuilds the original architecture from its config,
+skips weight initialisation, and assigns the bridge model's own tensors (no copy), so the two always agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from circuits.models.hooked import HookedModel
+
+_WRAPPER = "._original_component"
+_DOWN_PROJECTION = re.compile(r"\.(\d+)\.mlp\.(down_proj|c_proj|fc2|dense_4h_to_h)$")
+
+
+def plain_model(model: HookedModel) -> PreTrainedModel:
+    """The un-bridged Hugging Face model (built once per HookedModel, parameters shared)."""
+    cached = getattr(model, "_plain_model", None)
+    if cached is not None:
+        return cached
+    bridged = model.bridge.original_model
+    with no_init_weights():
+        plain = type(bridged)(bridged.config)
+    state = {k.replace(_WRAPPER, ""): v for k, v in bridged.state_dict(keep_vars=True).items()}
+    wanted = plain.state_dict()
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise RuntimeError(f"{model.spec.name}: cannot rebuild the plain model, missing {missing[:5]}")
+    plain.load_state_dict({k: state[k] for k in wanted}, assign=True)
+    plain.eval().requires_grad_(False)
+    model._plain_model = plain  # type: ignore[attr-defined]
+    return plain
+
+
+def down_projections(plain: nn.Module) -> list[nn.Module]:
+    """Each layer's MLP output projection, in layer order; its input is the layer's neuron activations."""
+    found: dict[int, nn.Module] = {}
+    for name, module in plain.named_modules():
+        match = _DOWN_PROJECTION.search(name)
+        if match:
+            found[int(match.group(1))] = module
+    if not found:
+        raise RuntimeError(f"no MLP output projections found in {type(plain).__name__}")
+    return [found[i] for i in sorted(found)]
+
+
+def check_same_logits(model: HookedModel, ids: torch.Tensor) -> float:
+    """Max |logit difference| between the bridge and the plain model on `ids` (a sanity check)."""
+    with torch.no_grad():
+        return float((model(ids) - plain_model(model)(ids).logits).abs().max())

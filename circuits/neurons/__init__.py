@@ -1,0 +1,21 @@
+"""MLP neurons: integrated-gradients attribution (Knowledge Neurons, IRCAN) and reweighting."""
+
+from circuits.neurons.ig import NeuronAttribution, last_activations, neuron_ig
+from circuits.neurons.ircan import (
+    ContextNeurons,
+    context_neurons,
+    random_neurons_like,
+    reweight,
+    select_neurons,
+)
+
+__all__ = [
+    "ContextNeurons",
+    "NeuronAttribution",
+    "context_neurons",
+    "last_activations",
+    "neuron_ig",
+    "random_neurons_like",
+    "reweight",
+    "select_neurons",
+]

@@ -1,0 +1,126 @@
+"""Context-versus-memory data sets used by IRCAN: MemoTrap and COSE_KRE.
+
+Each example has a prompt with its context and without it, answer options as continuations, the option
+the context supports and the option memory would give. `context_accuracy` scores every option by the sum
+of its tokens' log-probabilities after the prompt with context and reports accuracy (the context-supported
+option wins) and stubbornness (the memorised option wins).
+
+- MemoTrap: the context is the instruction ('Write a quote that ends in the word "kings": '); without it
+  only the quote's start remains. Options are the two endings; the instruction-following one is correct.
+- COSE_KRE: a CommonsenseQA question with a `negative_context` that argues for another option; options are
+  the letters A-E after a listing of the choices; the context-supported option is `candidate`, the
+  memorised one `answer`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from circuits.models.hooked import HookedModel
+
+LETTERS = "ABCDEFGH"
+
+
+@dataclass
+class ContextExample:
+    with_context: str
+    without_context: str
+    options: list[str]  # continuations, leading space included
+    context_answer: int  # index of the option the context supports
+    memory_answer: int | None  # index of the option memory supports
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def memotrap(path: str | Path) -> list[ContextExample]:
+    """MemoTrap rows (`prompt`, `classes` as a Python list string, `answer_index`)."""
+    examples = []
+    for i, row in enumerate(_read_json_rows(Path(path))):
+        prompt, answer = row["prompt"], int(row["answer_index"])
+        if ": " not in prompt:
+            raise ValueError(f"{path}: row {i + 1}: no instruction ending in ': ' in {prompt!r}")
+        options = list(ast.literal_eval(row["classes"]))
+        quote = prompt.split(": ", 1)[1]
+        examples.append(
+            ContextExample(prompt, quote, options, answer, 1 - answer if len(options) == 2 else None)
+        )
+    return examples
+
+
+def cose_kre(path: str | Path) -> list[ContextExample]:
+    """COSE_KRE rows (`question`, `choices`, `answer` and `candidate` letters, `negative_context`)."""
+    examples = []
+    for row in _read_json_rows(Path(path)):
+        listing = "\n".join(f"{LETTERS[j]}. {choice}" for j, choice in enumerate(row["choices"]))
+        question = f"Question: {row['question']}\n{listing}\nAnswer:"
+        options = [f" {LETTERS[j]}" for j in range(len(row["choices"]))]
+        examples.append(
+            ContextExample(
+                f"Context: {row['negative_context']}\n{question}",
+                question,
+                options,
+                LETTERS.index(row["candidate"]),
+                LETTERS.index(row["answer"]),
+            )
+        )
+    return examples
+
+
+def option_logprobs(model: HookedModel, prompt: str, options: list[str]) -> Tensor:
+    """[n_options] sum of log-probabilities of each option's tokens after `prompt`."""
+    prompt_ids = model.to_ids([prompt])[0]
+    option_ids = [model.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    rows = [prompt_ids + o for o in option_ids]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+    with torch.no_grad():
+        logp = model(ids, mask).float().log_softmax(-1)
+    totals = []
+    for i, o in enumerate(option_ids):
+        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(o))
+        totals.append(logp[i, positions, torch.tensor(o)].sum())
+    return torch.stack(totals).cpu()
+
+
+@dataclass
+class ContextScores:
+    accuracy: float  # context-supported option chosen
+    stubbornness: float  # memorised option chosen
+    n: int
+
+    def __str__(self) -> str:
+        return f"accuracy {self.accuracy:.1%}, stubbornness {self.stubbornness:.1%} (n={self.n})"
+
+
+def context_accuracy(model: HookedModel, examples: list[ContextExample]) -> ContextScores:
+    """Accuracy and stubbornness rate of the model on prompts with their context."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    right = stubborn = 0
+    for e in examples:
+        choice = int(option_logprobs(model, e.with_context, e.options).argmax())
+        right += choice == e.context_answer
+        stubborn += choice == e.memory_answer
+    n = len(examples)
+    return ContextScores(right / n, stubborn / n, n)
+
+
+def first_token(model: HookedModel, example: ContextExample) -> int:
+    """Id of the first token of the context-supported option (IRCAN's attribution target)."""
+    return int(
+        model.tokenizer(example.options[example.context_answer], add_special_tokens=False)["input_ids"][0]
+    )
