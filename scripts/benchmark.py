@@ -7,6 +7,10 @@ forward/backward; clean-corrupted: 2 forward/backward). A ratio of 1.0 means no 
 
     python scripts/benchmark.py                  # SmolLM2 IOI (32 pairs, batch 8) + GPT-2-small-shaped model
     python scripts/benchmark.py --models smollm2 --methods eap eap-ig-inputs
+    python scripts/benchmark.py --sections selection neurons   # pruning speed; neuron IG cached vs full
+
+Also times selection + pruning on Llama-3-8B-sized graphs and neuron IG (cached one-position path against
+the full-sequence path) on SmolLM2 with MemoTrap prompts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import platform
 import resource
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -24,9 +29,13 @@ from circuits import Graph, load_model
 from circuits.attribution import attribute
 from circuits.data import PromptPairs
 from circuits.metrics import logit_diff
-from circuits.models.hooked import HookedModel
+from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.neurons import last_activations, neuron_ig
 from circuits.testing import tiny_tokenizer
 from tasks import ioi_pairs
+from tasks.context import first_token, memotrap
+
+IRCAN_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ircan" / "data"
 
 PASSES = {  # (forwards, forward+backwards) per batch
     "eap": lambda m: (1, 1),
@@ -119,6 +128,48 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[str], a
     return rows
 
 
+def selection_rows() -> None:
+    """Selecting and pruning on Llama-3-8B-sized graphs built from a config (no weights)."""
+    print("\n| graph | edges | top_n + prune (n = 1%) | threshold + prune | greedy (n = 0.1%) |")
+    print("|---|---|---|---|---|")
+    for label, kv in [("Llama-3-8B (GQA: k/v per kv head)", 8), ("Llama-3-8B, k/v per query head", 32)]:
+        spec = ModelSpec(n_layers=32, n_heads=32, n_kv_heads=kv, d_model=4096, d_head=128, d_mlp=14336)
+        graph = Graph(spec)
+        graph.scores = (
+            torch.randn(graph.valid.shape, generator=torch.Generator().manual_seed(0)) * graph.valid
+        )
+        n = graph.n_edges // 100
+        t_top = best_of(lambda g=graph, n=n: g.top_n(n), 3)
+        t_threshold = best_of(lambda g=graph: g.threshold(2.5), 3)
+        t_greedy = best_of(lambda g=graph: g.greedy(g.n_edges // 1000), 1)
+        print(f"| {label} | {graph.n_edges:,} | {t_top:.3f} s | {t_threshold:.3f} s | {t_greedy:.3f} s |")
+
+
+def neuron_rows(n_prompts: int, steps: int) -> None:
+    """Neuron IG on SmolLM2 / MemoTrap: the cached one-position path against the full-sequence path."""
+    model = load_model("smollm2-135m")
+    examples = memotrap(IRCAN_DATA / "MemoTrap/memo-trap_classification_dev.jsonl")[:n_prompts]
+    prompts = [e.with_context for e in examples]
+    targets = [first_token(model, e) for e in examples]
+    baseline = last_activations(model, [e.without_context for e in examples])
+    times = {}
+    for implementation in ("cached", "full"):
+        start = time.perf_counter()
+        neuron_ig(
+            model, prompts, targets, baseline=baseline, steps=steps, implementation=implementation, quiet=True
+        )
+        times[implementation] = (time.perf_counter() - start) / n_prompts
+    lengths = [len(ids) for ids in model.to_ids(prompts)]
+    print(
+        f"\nneuron IG, SmolLM2, {n_prompts} MemoTrap prompts ({min(lengths)}-{max(lengths)} tokens), "
+        f"m = {steps}"
+    )
+    print("| implementation | seconds per prompt |\n|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.2f} |")
+    print(f"speed-up: {times['full'] / times['cached']:.1f}x; peak RSS {peak_rss_mb():.0f} MB")
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -128,6 +179,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sections", nargs="+", default=["edges", "selection", "neurons"])
+    parser.add_argument("--neuron-prompts", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
@@ -135,7 +188,13 @@ def main() -> None:
         f"{platform.processor() or platform.machine()},"
         f" {torch.get_num_threads()} threads; n={args.n}, batch {args.batch_size}, IG steps {args.steps}"
     )
-    print("| model | method | wall time | ratio to pass-count limit | peak RSS (process) |")
+    if "selection" in args.sections:
+        selection_rows()
+    if "neurons" in args.sections:
+        neuron_rows(args.neuron_prompts, 20)
+    if "edges" not in args.sections:
+        return
+    print("\n| model | method | wall time | ratio to pass-count limit | peak RSS (process) |")
     print("|---|---|---|---|---|")
     for name in args.models:
         if name == "smollm2":

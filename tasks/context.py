@@ -19,10 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
 from circuits.models.hooked import HookedModel
+from tasks.scoring import continuation_logprobs
 
 LETTERS = "ABCDEFGH"
 
@@ -79,23 +77,6 @@ def cose_kre(path: str | Path) -> list[ContextExample]:
     return examples
 
 
-def option_logprobs(model: HookedModel, prompt: str, options: list[str]) -> Tensor:
-    """[n_options] sum of log-probabilities of each option's tokens after `prompt`."""
-    prompt_ids = model.to_ids([prompt])[0]
-    option_ids = [model.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-    rows = [prompt_ids + o for o in option_ids]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
-    with torch.no_grad():
-        logp = model(ids, mask).float().log_softmax(-1)
-    totals = []
-    for i, o in enumerate(option_ids):
-        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(o))
-        totals.append(logp[i, positions, torch.tensor(o)].sum())
-    return torch.stack(totals).cpu()
-
-
 @dataclass
 class ContextScores:
     accuracy: float  # context-supported option chosen
@@ -112,7 +93,7 @@ def context_accuracy(model: HookedModel, examples: list[ContextExample]) -> Cont
         raise ValueError("no examples to evaluate")
     right = stubborn = 0
     for e in examples:
-        choice = int(option_logprobs(model, e.with_context, e.options).argmax())
+        choice = int(continuation_logprobs(model, e.with_context, e.options).argmax())
         right += choice == e.context_answer
         stubborn += choice == e.memory_answer
     n = len(examples)

@@ -84,6 +84,7 @@ class HookedModel:
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
+    token_embed_hook = "embed.hook_out"  # token embeddings only (GPT-2 adds positions after it)
     final_norm_in_hook = "ln_final.hook_in"
 
     @staticmethod

@@ -1,0 +1,165 @@
+"""Integrated gradients over input tokens (GrAInS' attribution; "layer integrated gradients" on embeddings).
+
+For a prompt with token embeddings e (BOS, when present, is left as it is) and a baseline b (zero by
+default), the embeddings are moved along b + alpha (e - b) and
+    score_t = sum_d (e - b)_{t,d} * sum_k w_k df/de_{t,d}(alpha_k),
+so that sum_t score_t ~ f(e) - f(b) (completeness, returned). The function f is either
+- the log-probability of a continuation: sum over its tokens of log p(token | everything before it), with
+  the continuation appended to the prompt (its embeddings are not interpolated), or
+- the logit of a target token at the prompt's last position (the classifier form).
+Steps run in the batch dimension, `max_rows` at a time. `contrastive_token_ig` is the IG of log p(preferred)
+minus the IG of log p(dispreferred).
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from circuits.models.hooked import HookedModel
+from circuits.quadrature import quadrature as quadrature_rule
+
+
+@dataclass
+class TokenAttribution:
+    tokens: list[str]  # the prompt's tokens, as text
+    scores: Tensor  # [n_prompt_tokens] (0 for BOS)
+    delta: float  # f(input) - f(baseline)
+
+    @property
+    def total(self) -> float:
+        return float(self.scores.sum())
+
+    @property
+    def completeness_error(self) -> float:
+        """|sum of scores - (f(input) - f(baseline))| / |f(input) - f(baseline)|."""
+        return abs(self.total - self.delta) / max(abs(self.delta), 1e-12)
+
+    def __sub__(self, other: TokenAttribution) -> TokenAttribution:
+        if self.tokens != other.tokens:
+            raise ValueError("attributions of different prompts cannot be subtracted")
+        return TokenAttribution(self.tokens, self.scores - other.scores, self.delta - other.delta)
+
+    def render(self) -> str:
+        """The prompt with each token coloured by its score (terminal ANSI colours: green +, red -)."""
+        top = float(self.scores.abs().max()) or 1.0
+        out = []
+        for token, score in zip(self.tokens, self.scores.tolist()):
+            level = int(min(abs(score) / top, 1.0) * 5)
+            colour = (22 + 6 * level * 6) if score >= 0 else (52 + 36 * level)  # xterm-256 greens / reds
+            out.append(f"\033[48;5;{min(colour, 231)}m{token}\033[0m" if level else token)
+        return "".join(out)
+
+    def to_html(self) -> str:
+        """The prompt as HTML spans shaded by score (green helps f, red hurts it), scores in tooltips."""
+        top = float(self.scores.abs().max()) or 1.0
+        spans = []
+        for token, score in zip(self.tokens, self.scores.tolist()):
+            alpha = min(abs(score) / top, 1.0)
+            rgb = "0,160,60" if score >= 0 else "200,30,30"
+            spans.append(
+                f'<span title="{score:.4g}" style="background: rgba({rgb},{alpha:.2f})">'
+                f"{html.escape(token)}</span>"
+            )
+        return f'<p style="font-family: monospace; white-space: pre-wrap">{"".join(spans)}</p>'
+
+
+def token_embeddings(model: HookedModel, ids: list[int]) -> Tensor:
+    """[len(ids), d_model] the model's token embeddings of `ids` (e.g. to build a baseline)."""
+    captured: dict[str, Tensor] = {}
+
+    def grab(x: Tensor) -> None:
+        captured["e"] = x.detach()
+
+    with torch.no_grad(), model.hooks([(model.token_embed_hook, grab)]):
+        model(torch.tensor([ids], device=model.device))
+    return captured["e"][0]
+
+
+def token_ig(
+    model: HookedModel,
+    prompt: str,
+    continuation: str | None = None,
+    *,
+    target: str | int | None = None,
+    baseline: Tensor | None = None,
+    steps: int = 64,
+    quadrature: str = "gauss-legendre",
+    max_rows: int = 32,
+    compat: str | None = None,
+) -> TokenAttribution:
+    """Token attributions of `prompt` for log p(continuation | prompt), or for the logit of `target`.
+
+    Args:
+        baseline: [n_prompt_tokens, d_model] embeddings to start from (default zeros; with RMSNorm models
+            near-zero embeddings make the path steep close to the baseline, so IG needs more steps there, or
+            a baseline such as a common token's embedding at every position).
+        compat: "grains-code" scores each continuation token with the logits at its own position (the
+            released GrAInS code's off-by-one) instead of the position before it.
+    """
+    if (continuation is None) == (target is None):
+        raise ValueError("give exactly one of continuation (log-prob form) or target (logit form)")
+    if compat not in (None, "grains-code"):
+        raise ValueError(f"unknown compat {compat!r}; the only one is 'grains-code'")
+    prompt_ids = model.to_ids([prompt])[0]
+    n_prompt = len(prompt_ids)
+    if continuation is not None:
+        cont_ids = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not cont_ids:
+            raise ValueError(f"the continuation {continuation!r} has no tokens")
+        target_id = None
+    else:
+        cont_ids = []
+        target_id = target if isinstance(target, int) else model.single_token_id(str(target))
+    ids = prompt_ids + list(cont_ids)
+    start = 1 if model.prepend_bos else 0  # BOS keeps its embedding
+    e = token_embeddings(model, ids)  # [P + C, d]
+    base = torch.zeros_like(e[:n_prompt]) if baseline is None else baseline.to(e)
+    if base.shape != e[:n_prompt].shape:
+        raise ValueError(f"baseline must have shape {tuple(e[:n_prompt].shape)}, got {tuple(base.shape)}")
+    base = base.clone()
+    base[:start] = e[:start]
+    diff = e[:n_prompt] - base
+
+    def f(logits: Tensor) -> Tensor:  # [rows, P + C, vocab] -> [rows]
+        if target_id is not None:
+            return logits[:, n_prompt - 1, target_id].float()
+        logp = logits.float().log_softmax(-1)
+        offset = 0 if compat == "grains-code" else 1
+        positions = torch.arange(n_prompt, len(ids)) - offset
+        return logp[:, positions, torch.tensor(cont_ids)].sum(-1)
+
+    alphas, weights = quadrature_rule(quadrature, steps)
+    alphas = torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=alphas.dtype)]).float()  # endpoints: delta
+    weights = torch.cat([weights, torch.zeros(2, dtype=weights.dtype)]).float()
+    grad_sum = torch.zeros_like(diff)
+    values = []
+    for chunk in range(0, len(alphas), max_rows):
+        a = alphas[chunk : chunk + max_rows].to(e.device)
+        w = weights[chunk : chunk + max_rows].to(e.device)
+        rows = len(a)
+        leaf = (base[None] + a[:, None, None] * diff[None]).requires_grad_(True)
+
+        def replace(x: Tensor, leaf: Tensor = leaf) -> Tensor:
+            return torch.cat([leaf.to(x.dtype), x[:, n_prompt:]], dim=1)
+
+        batch = torch.tensor([ids], device=model.device).expand(rows, -1)
+        with model.hooks([(model.token_embed_hook, replace)]), torch.enable_grad():
+            out = f(model(batch))
+            (grad,) = torch.autograd.grad(out.sum(), leaf)
+        grad_sum += (w[:, None, None] * grad.float()).sum(0)
+        values.append(out.detach())
+    endpoints = torch.cat(values)[-2:]
+    scores = (diff.float() * grad_sum).sum(-1).cpu()
+    tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
+    return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
+
+
+def contrastive_token_ig(
+    model: HookedModel, prompt: str, preferred: str, dispreferred: str, **options
+) -> TokenAttribution:
+    """IG of log p(preferred | prompt) minus IG of log p(dispreferred | prompt), per prompt token."""
+    return token_ig(model, prompt, preferred, **options) - token_ig(model, prompt, dispreferred, **options)

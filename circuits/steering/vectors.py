@@ -1,0 +1,159 @@
+"""GrAInS steering vectors and the norm-preserving steering hook (DESIGN.md section 6).
+
+For each (prompt, preferred, dispreferred) pair: contrastive token IG picks the k most positive and the k
+most negative prompt tokens (never BOS); replacing each set by the pad (or eos) token and recording the
+residual stream at the last prompt token after every layer gives differences h(original) - h(ablated).
+Per layer the direction is the first principal component of those differences over pairs, its sign aligned
+with their mean (or the mean itself). mode "both" uses v_pos - v_neg, mode "pos" v_pos alone.
+
+Steering adds strength x v at the chosen layers' outputs at every position and rescales each token back to
+its original norm: h' = (h + s v) ||h|| / ||h + s v||.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from circuits.models.hooked import HookedModel
+from circuits.steering.token_ig import contrastive_token_ig
+
+
+@dataclass
+class SteeringVectors:
+    vectors: dict[int, Tensor]  # layer -> [d_model] unit direction
+    layers: list[int]
+    top_tokens: list[tuple[list[str], list[str]]]  # per pair: (most positive, most negative) tokens
+
+
+def pc1_aligned(diffs: Tensor) -> Tensor:
+    """First principal component of the rows of `diffs` [n, d], with the sign of their mean; unit length."""
+    mean = diffs.mean(0)
+    centred = diffs - mean
+    _, _, vt = torch.linalg.svd(centred.double(), full_matrices=False)
+    pc = vt[0].to(diffs.dtype)
+    if float(pc @ mean) < 0:
+        pc = -pc
+    return pc / pc.norm()
+
+
+def _last_residuals(model: HookedModel, ids: list[int], layers: list[int]) -> Tensor:
+    """[len(layers), d_model] residual stream after each layer at the last position."""
+    captured: dict[int, Tensor] = {}
+
+    def grab(layer: int):
+        def hook(x: Tensor) -> None:
+            captured[layer] = x[0, -1].detach().float()
+
+        return hook
+
+    with torch.no_grad(), model.hooks([(model.resid_post_hook(layer), grab(layer)) for layer in layers]):
+        model(torch.tensor([ids], device=model.device))
+    return torch.stack([captured[layer] for layer in layers])
+
+
+def _check_layers(model: HookedModel, layers: Sequence[int]) -> list[int]:
+    chosen = sorted(set(layers))
+    if not chosen or any(not 0 <= layer < model.spec.n_layers for layer in chosen):
+        raise ValueError(
+            f"layers must be a non-empty subset of 0..{model.spec.n_layers - 1}, got {list(layers)}"
+        )
+    return chosen
+
+
+def steering_vectors(
+    model: HookedModel,
+    pairs: Sequence[tuple[str, str, str]],
+    layers: Sequence[int],
+    *,
+    k: int = 5,
+    mode: Literal["both", "pos"] = "both",
+    method: Literal["pca", "mean"] = "pca",
+    quiet: bool = False,
+    **ig_options,
+) -> SteeringVectors:
+    """Directions per layer from (prompt, preferred, dispreferred) pairs (see the module docstring)."""
+    if not pairs:
+        raise ValueError("no pairs to fit steering vectors on")
+    if mode not in ("both", "pos") or method not in ("pca", "mean"):
+        raise ValueError(f"mode must be 'both' or 'pos' and method 'pca' or 'mean', got {mode!r}, {method!r}")
+    chosen = _check_layers(model, layers)
+    filler = model.tokenizer.pad_token_id
+    filler = model.tokenizer.eos_token_id if filler is None else filler
+    start = 1 if model.prepend_bos else 0
+    pos_diffs: list[Tensor] = []
+    neg_diffs: list[Tensor] = []
+    top_tokens: list[tuple[list[str], list[str]]] = []
+    for prompt, preferred, dispreferred in tqdm(pairs, desc="steering vectors", disable=quiet):
+        attribution = contrastive_token_ig(model, prompt, preferred, dispreferred, **ig_options)
+        ids = model.to_ids([prompt])[0]
+        scores = attribution.scores[start:]
+        n = min(k, len(scores))
+        positive = (scores.topk(n).indices + start).tolist()
+        negative = ((-scores).topk(n).indices + start).tolist()
+        original = _last_residuals(model, ids, chosen)
+        for picked, out in ((positive, pos_diffs), (negative, neg_diffs)):
+            ablated = [filler if i in picked else t for i, t in enumerate(ids)]
+            out.append(original - _last_residuals(model, ablated, chosen))
+        top_tokens.append(
+            ([attribution.tokens[i] for i in positive], [attribution.tokens[i] for i in negative])
+        )
+    pos, neg = torch.stack(pos_diffs), torch.stack(neg_diffs)  # [n_pairs, n_layers, d]
+    direction = pc1_aligned if method == "pca" else (lambda d: d.mean(0) / d.mean(0).norm())
+    vectors = {}
+    for j, layer in enumerate(chosen):
+        v = direction(pos[:, j]) - (direction(neg[:, j]) if mode == "both" else 0)
+        vectors[layer] = v / v.norm()
+    return SteeringVectors(vectors, chosen, top_tokens)
+
+
+@contextmanager
+def steer(
+    model: HookedModel,
+    vectors: SteeringVectors | dict[int, Tensor],
+    strength: float,
+    layers: Sequence[int] | None = None,
+    *,
+    compat: str | None = None,
+) -> Iterator[None]:
+    """Within the block, add `strength` x v at each chosen layer's output, every position, keeping each
+    token's norm. compat="grains-code" normalises over the sequence axis instead (the released code)."""
+    table = vectors.vectors if isinstance(vectors, SteeringVectors) else vectors
+    chosen = _check_layers(model, layers if layers is not None else list(table))
+    missing = [layer for layer in chosen if layer not in table]
+    if missing:
+        raise ValueError(f"no steering vector for layers {missing}; have {sorted(table)}")
+    if compat not in (None, "grains-code"):
+        raise ValueError(f"unknown compat {compat!r}; the only one is 'grains-code'")
+    dim = 1 if compat == "grains-code" else -1
+
+    def hook_for(v: Tensor):
+        def hook(h: Tensor) -> Tensor:
+            steered = h + strength * v.to(h)
+            return steered * h.norm(dim=dim, keepdim=True) / steered.norm(dim=dim, keepdim=True)
+
+        return hook
+
+    with model.hooks([(model.resid_post_hook(layer), hook_for(table[layer])) for layer in chosen]):
+        yield
+
+
+def generate(model: HookedModel, prompt: str, max_new_tokens: int = 30) -> str:
+    """Greedy continuation of `prompt` (hooks active at the call site apply, e.g. inside `steer`)."""
+    ids = model.to_ids([prompt])[0]
+    eos = model.tokenizer.eos_token_id
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids + new], device=model.device))
+            token = int(logits[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+    return str(model.tokenizer.decode(new))
