@@ -1,0 +1,197 @@
+"""`circuits` command line: discover, evaluate and draw circuits; list tasks and a model's baselines.
+
+circuits discover --task ioi --model smollm2-135m --out outputs/ioi
+circuits evaluate outputs/ioi/circuit.json --task ioi --curve
+circuits draw outputs/ioi/circuit.json --out circuit.png --edges 200
+circuits tasks --model smollm2-135m --baseline ioi
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from circuits.attribution.methods import METHODS
+from circuits.quadrature import QUADRATURES
+
+EXAMPLES = __doc__.split("\n\n", 1)[1]
+
+
+def _model(name: str, tiny: bool):
+    from circuits.models import load_model
+
+    if tiny:  # offline toy models, for trying the commands and for CI
+        from circuits.testing import tiny_gpt2, tiny_llama
+
+        return {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[name]()
+    return load_model(name)
+
+
+def _task(model, name: str, n: int, seed: int, data: Path | None):
+    from tasks import TASKS, load_pairs
+
+    if data is not None:
+        return load_pairs(model, data)
+    return TASKS[name](model, n, seed=seed)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="'smollm2-135m' (embedded), a hub name or folder, or 'tiny-llama' / 'tiny-gpt2' (random toys)",
+    )
+
+
+def _add_task_args(parser: argparse.ArgumentParser) -> None:
+    from tasks import TASKS
+
+    parser.add_argument("--task", default="ioi", choices=sorted(TASKS), help="generated task (default ioi)")
+    parser.add_argument(
+        "--data", type=Path, help="prompt-pair file instead of a generated task (CSV / JSONL)"
+    )
+    parser.add_argument("--n", type=int, default=32, help="prompt pairs to generate (default 32)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="circuits",
+        description="Find, evaluate and draw circuits in transformer language models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    d = commands.add_parser(
+        "discover", help="score edges for a task, select and evaluate a circuit, write files"
+    )
+    _add_model_args(d)
+    _add_task_args(d)
+    d.add_argument("--method", default="eap-ig-inputs", choices=sorted(METHODS))
+    d.add_argument("--steps", type=int, default=5, help="IG steps (default 5)")
+    d.add_argument("--quadrature", default="left", choices=QUADRATURES)
+    d.add_argument("--edges", type=int, default=300, help="edges in the selected circuit (default 300)")
+    d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
+    d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
+
+    e = commands.add_parser("evaluate", help="faithfulness of a circuit file on a task (and its curve)")
+    e.add_argument("circuit", type=Path, help="circuit file (.json EAP-IG / MIB format, or .pt)")
+    _add_model_args(e)
+    _add_task_args(e)
+    e.add_argument("--ablation", default="patching", choices=["patching", "mean", "zero"])
+    e.add_argument("--curve", action="store_true", help="also the MIB curves and CPR / CMD of its scores")
+
+    r = commands.add_parser("draw", help="draw a circuit file as SVG / PNG")
+    r.add_argument("circuit", type=Path)
+    r.add_argument("--out", type=Path, required=True, help="output .svg, .png or .pdf")
+    r.add_argument("--edges", type=int, help="redraw with the top N edges by |score| (pruned)")
+
+    t = commands.add_parser("tasks", help="list the tasks, or show a model's baseline on them")
+    _add_model_args(t)
+    t.add_argument("--baseline", nargs="*", metavar="TASK", help="tasks to run the baseline on (none: all)")
+    t.add_argument("--n", type=int, default=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"circuits {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from circuits.pipeline import discover
+
+    model = _model(args.model, args.model.startswith("tiny-"))
+    task = _task(model, args.task, args.n, args.seed, args.data)
+    found = discover(
+        model,
+        task,
+        method=args.method,
+        steps=args.steps,
+        quadrature=args.quadrature,
+        batch_size=args.batch_size,
+        edges=args.edges,
+        curves=not args.no_curve,
+        out=args.out,
+    )
+    print(f"{task}; baseline: {found.baseline}")
+    if found.attribution.completeness is not None:
+        print(found.attribution.completeness)
+    print(f"circuit: {found.circuit.n_in_graph} edges, faithfulness {found.evaluation.faithfulness:.3f}")
+    if found.curves is not None:
+        print(f"CPR {found.curves.cpr:.3f}, CMD {found.curves.cmd:.3f}")
+    print("wrote " + ", ".join(str(f) for f in found.files))
+    return 0
+
+
+def _load_circuit(path: Path):
+    from circuits.graph import Graph
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such circuit file")
+    return Graph.from_pt(path) if path.suffix == ".pt" else Graph.from_json(path)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from circuits.evaluation import evaluate
+    from circuits.faithfulness import mib_scores
+
+    circuit = _load_circuit(args.circuit)
+    model = _model(args.model, args.model.startswith("tiny-"))
+    circuit.check_fits(model.spec)
+    task = _task(model, args.task, args.n, args.seed, args.data)
+    result = evaluate(model, circuit, task.pairs, task.metric, args.ablation, batch_size=args.batch_size)
+    print(
+        f"{circuit.n_in_graph} edges: M(circuit) {result.circuit:.4f}, M(full) {result.full:.4f}, "
+        f"M(empty) {result.empty:.4f}, faithfulness {result.faithfulness:.4f}"
+    )
+    if args.curve:
+        scores = mib_scores(
+            model, circuit, task.pairs, task.metric, ablation=args.ablation, batch_size=args.batch_size
+        )
+        for curve in (scores.signed, scores.absolute):
+            points = ", ".join(f"{p.percent:g}%: {p.faithfulness:.3f}" for p in curve.points)
+            print(f"{'signed' if not curve.absolute else 'absolute'}: {points}")
+        print(f"CPR {scores.cpr:.4f}, CMD {scores.cmd:.4f}")
+    return 0
+
+
+def _draw(args: argparse.Namespace) -> int:
+    from circuits.drawing import draw_circuit
+
+    circuit = _load_circuit(args.circuit)
+    if args.edges is not None:
+        circuit = circuit.top_n(min(args.edges, circuit.n_edges))
+    print(f"wrote {draw_circuit(circuit, args.out)} ({circuit.n_in_graph} edges)")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from tasks import TASKS, baseline
+
+    if args.baseline is None:
+        for name, make in TASKS.items():
+            print(f"{name:14s} {(make.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    unknown = [t for t in args.baseline if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
+    model = _model(args.model, args.model.startswith("tiny-"))
+    for name in args.baseline or list(TASKS):
+        task = TASKS[name](model, args.n)
+        print(f"{name:14s} {baseline(model, task)}  ({len(task.pairs)} kept, {task.dropped} dropped)")
+    return 0
+
+
+COMMANDS = {"discover": _discover, "evaluate": _evaluate, "draw": _draw, "tasks": _tasks}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Circuit discovery end to end, shared by the CLI and `scripts/reproduce_ioi.py`.
+
+score edges -> select a circuit -> evaluate its faithfulness -> faithfulness curves over the MIB budgets
+(CPR, CMD) -> files: scores.pt, circuit.json, circuit.svg, faithfulness.png, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from circuits.attribution import Attribution, attribute
+from circuits.drawing import draw_circuit, plot_curves
+from circuits.evaluation import Evaluation, evaluate
+from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, mib_scores
+from circuits.graph import Graph
+from circuits.models.hooked import HookedModel
+from tasks.baseline import Baseline, baseline
+from tasks.common import TaskPairs
+
+# Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
+WANG_2022_HEADS = {
+    "name mover": ["9.6", "9.9", "10.0"],
+    "S-inhibition": ["7.3", "7.9", "8.6", "8.10"],
+    "induction": ["5.5", "5.8", "5.9", "6.9"],
+    "duplicate token": ["0.1", "0.10", "3.0"],
+    "previous token": ["2.2", "4.11"],
+    "negative name mover": ["10.7", "11.10"],
+    "backup name mover": ["9.0", "9.7", "10.1", "10.2", "10.6", "10.10", "11.2", "11.9"],
+}
+
+
+def head_name(source: str) -> str:
+    """`a9.h6` -> `9.6`."""
+    layer, head = source[1:].split(".h")
+    return f"{layer}.{head}"
+
+
+def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[tuple[str, float]]:
+    """The k heads with the most negative node score (ablating them lowers the metric most)."""
+    scores = attribution.node_scores
+    if scores is None:
+        raise ValueError("top heads need node scores (gradient methods, or level='node')")
+    heads = [i for i, name in enumerate(graph.sources) if name.startswith("a")]
+    order = sorted(heads, key=lambda i: float(scores[i]))[:k]
+    return [(head_name(graph.sources[i]), float(scores[i])) for i in order]
+
+
+def head_class_overlap(heads: list[str]) -> dict[str, list[str]]:
+    """For each Wang et al. head class, which of `heads` (layer.head names) belong to it."""
+    return {name: [h for h in members if h in heads] for name, members in WANG_2022_HEADS.items()}
+
+
+@dataclass
+class Discovery:
+    task: TaskPairs
+    graph: Graph
+    baseline: Baseline
+    attribution: Attribution
+    circuit: Graph
+    evaluation: Evaluation
+    curves: MIBScores | None
+    heads: list[tuple[str, float]]
+    files: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def discover(
+    model: HookedModel,
+    task: TaskPairs,
+    *,
+    method: str = "eap-ig-inputs",
+    steps: int = 5,
+    quadrature: str = "left",
+    batch_size: int = 8,
+    edges: int = 300,
+    curves: bool = True,
+    percentages: tuple[float, ...] = MIB_PERCENTAGES,
+    out: str | Path | None = None,
+    quiet: bool = False,
+) -> Discovery:
+    """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files."""
+    seconds: dict[str, float] = {}
+    graph = Graph.from_model(model)
+    start = time.perf_counter()
+    base = baseline(model, task)
+    attribution = attribute(
+        model,
+        graph,
+        task.pairs,
+        task.metric,
+        method,
+        ig_steps=steps,
+        quadrature=quadrature,
+        batch_size=batch_size,
+        quiet=quiet,
+    )
+    seconds["attribution"] = time.perf_counter() - start
+    circuit = graph.top_n(min(edges, graph.n_edges))
+    evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=batch_size)
+    start = time.perf_counter()
+    scores = (
+        mib_scores(
+            model, graph, task.pairs, task.metric, percentages=percentages, batch_size=batch_size, quiet=quiet
+        )
+        if curves
+        else None
+    )
+    seconds["curves"] = time.perf_counter() - start
+    heads = top_heads(graph, attribution, 12) if attribution.node_scores is not None else []
+    found = Discovery(task, graph, base, attribution, circuit, evaluation, scores, heads, seconds=seconds)
+    if out is not None:
+        found.files = write(found, Path(out), model, method, steps)
+    return found
+
+
+def write(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
+    """scores.pt, circuit.json, circuit.svg, faithfulness.png (with curves), summary.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    graph, circuit = found.graph, found.circuit
+    torch.save(
+        {
+            "edge_scores": found.attribution.edge_scores,
+            "node_scores": found.attribution.node_scores,
+            "sources": graph.sources,
+            "destinations": graph.destinations,
+        },
+        out / "scores.pt",
+    )
+    circuit.to_json(out / "circuit.json")
+    files = [out / "scores.pt", out / "circuit.json"]
+    if circuit.n_in_graph:
+        files.append(
+            draw_circuit(circuit, out / "circuit.svg", title=f"{found.task.task} circuit, {model.spec.name}")
+        )
+    summary: dict = {
+        "model": model.spec.name,
+        "task": found.task.task,
+        "method": method,
+        "ig_steps": steps,
+        "n_pairs": len(found.task.pairs),
+        "baseline": vars(found.baseline),
+        "completeness": None
+        if found.attribution.completeness is None
+        else vars(found.attribution.completeness),
+        "top_heads": found.heads,
+        "head_classes_wang_2022": head_class_overlap([h for h, _ in found.heads]),
+        "circuit_edges": circuit.n_in_graph,
+        "faithfulness": found.evaluation.faithfulness,
+        "metric_circuit": found.evaluation.circuit,
+        "metric_full": found.evaluation.full,
+        "metric_empty": found.evaluation.empty,
+        "seconds": found.seconds,
+    }
+    if found.curves is not None:
+        files.append(
+            plot_curves(
+                [found.curves.signed, found.curves.absolute],
+                out / "faithfulness.png",
+                title=f"{found.task.task}, {model.spec.name}",
+            )
+        )
+        summary["CPR"] = found.curves.cpr
+        summary["CMD"] = found.curves.cmd
+        summary["curves"] = {
+            "signed": found.curves.signed.to_dict(),
+            "absolute": found.curves.absolute.to_dict(),
+        }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.append(out / "summary.json")
+    return files

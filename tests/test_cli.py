@@ -1,0 +1,55 @@
+"""The command line: help texts, a tiny discover run end to end, evaluate and draw on its circuit, errors."""
+
+import json
+
+import pytest
+
+from circuits.cli import main
+
+
+@pytest.mark.parametrize("command", [[], ["discover"], ["evaluate"], ["draw"], ["tasks"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: circuits" in capsys.readouterr().out
+
+
+def test_discover_evaluate_draw_on_a_tiny_model(tmp_path, capsys):
+    out = tmp_path / "ioi"
+    assert (
+        main(
+            [
+                "discover",
+                "--model",
+                "tiny-llama",
+                "--n",
+                "4",
+                "--batch-size",
+                "2",
+                "--edges",
+                "40",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    for name in ("scores.pt", "circuit.json", "circuit.svg", "faithfulness.png", "summary.json"):
+        assert (out / name).exists(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["circuit_edges"] <= 40 and "CPR" in summary and "CMD" in summary
+    assert main(["evaluate", str(out / "circuit.json"), "--model", "tiny-llama", "--n", "4"]) == 0
+    assert "faithfulness" in capsys.readouterr().out
+    assert main(["draw", str(out / "circuit.json"), "--out", str(tmp_path / "c.png"), "--edges", "10"]) == 0
+    assert (tmp_path / "c.png").exists()
+
+
+def test_bad_arguments_say_what_is_accepted(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["discover", "--task", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["draw", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.svg")]) == 2
+    assert "no such circuit file" in capsys.readouterr().err
+    assert main(["tasks", "--model", "tiny-llama", "--baseline", "nope"]) == 2
+    assert "unknown tasks" in capsys.readouterr().err
