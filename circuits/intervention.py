@@ -9,6 +9,13 @@ or zero. Sources are computed before the destinations that read them, so one for
 The ablation set is a mask `[rows, n_sources, n_destinations]` (one per batch row, so that many single-edge
 patches run side by side) or `[n_sources, n_destinations]` shared by all rows. A head's q/k/v input is
 rebuilt per head: q_h = W_Q[h] norm(resid + D_h) + b_h, written into the projection's output.
+
+Two ways to sum the differences, picked by the mask's form:
+- per-row masks (exact patching) touch few sources: only those are recorded and summed;
+- a shared mask (circuit evaluation) may touch every source: all differences a_u(ablated) - a_u(current)
+  are kept source-major with their running total T, and each destination block sums over whichever side
+  is smaller: the ablated sources directly, or T minus the kept (circuit) sources. Small and large
+  circuits both cost a few gathers per block instead of a pass over every source.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from circuits.attribution.recorder import valid_prefixes
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn, linear_weight
 
@@ -35,64 +43,44 @@ def forward_with_ablation(
         ablated: [r, P, n_sources, d_model] source outputs to patch in, with r dividing rows (row i of the
             batch uses ablated row i mod r; e.g. r = b examples repeated for several masks).
         ablation_mask: bool [rows, n_sources, n_destinations] or [n_sources, n_destinations].
-    Only the sources with an ablated edge are recorded and patched, so a mask touching few sources
-    (exact patching of single edges) costs little more than a plain forward.
     """
     rows, n_pos = input_ids.shape
     if rows % ablated.shape[0]:
         raise ValueError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
     mask = ablation_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
-    if mask.dim() == 2:
-        mask = mask.unsqueeze(0)
-    sources = mask.any(2).any(0).nonzero()[:, 0]  # sources with at least one ablated edge
-    if sources.numel() == 0:
+    if not bool(mask.any()):
         with torch.no_grad():
             return model(input_ids, attention_mask)
-    slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
-    slot[sources.cpu()] = torch.arange(sources.numel())
-    weights = mask[:, sources].float()  # [rows or 1, k, n_dst]
-    patch = ablated[:, :n_pos, sources].repeat(rows // ablated.shape[0], 1, 1, 1)  # [rows, P, k, d]
-    current = torch.zeros_like(patch)
+    patch = (
+        ablated[:, :n_pos].repeat(rows // ablated.shape[0], 1, 1, 1)
+        if mask.dim() == 3
+        else ablated[:, :n_pos]
+    )
+    sums: _Corrections = _PerRow(graph, mask, patch) if mask.dim() == 3 else _Shared(graph, mask, patch, rows)
+    spec = graph.spec
     resid: dict[int, Tensor] = {}
 
-    def correction(dst: int | slice) -> Tensor | None:
-        """[rows, P, d] (int) or [rows, P, n, d] (slice) summed ablation differences, or None."""
-        w = weights[:, :, dst]
-        used = w.reshape(w.shape[0], w.shape[1], -1).any(-1).any(0).nonzero()[:, 0]
-        if used.numel() == 0:
-            return None
-        diff = patch[:, :, used] - current[:, :, used]
-        w = w[:, used]
-        pattern = "bpsd,bs->bpd" if isinstance(dst, int) else "bpsd,bsn->bpnd"
-        return torch.einsum(pattern, diff, w.expand(rows, *w.shape[1:]))
-
-    def record(index: int | slice, transform=None) -> HookFn | None:
-        """Hook writing the recorded sources among `index` into `current`, or None if none is recorded."""
+    def record(index: int | slice, layer: int | None = None) -> HookFn | None:
         ids = torch.arange(graph.n_sources)[index].reshape(-1)
-        keep = (slot[ids] >= 0).nonzero()[:, 0]
+        keep = sums.wanted(ids)
         if keep.numel() == 0:
             return None
-        targets = slot[ids[keep]].to(current.device)
+        w_o = None if layer is None else model.W_O(layer)[keep]
 
         def hook(x: Tensor) -> None:
-            value = transform(x, keep) if transform else x.unsqueeze(2)
-            current[:, :, targets] = value.to(current.dtype)
+            if w_o is None:
+                value = x.unsqueeze(2)
+            else:
+                z = x.reshape(*x.shape[:2], spec.n_heads, spec.d_head)[:, :, keep]
+                value = torch.einsum("bpnh,nhd->bpnd", z, w_o.to(z.dtype))
+            sums.record(ids[keep], value)
 
         return hook
 
-    def head_results(layer: int):
-        w_o = model.W_O(layer)
-
-        def results(z: Tensor, heads: Tensor) -> Tensor:
-            z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)[:, :, heads]
-            return torch.einsum("bpnh,nhd->bpnd", z, w_o[heads].to(z.dtype))
-
-        return results
-
     def add_to_input(dst: int) -> HookFn:
         def hook(x: Tensor) -> Tensor | None:
-            d = correction(dst)
-            return None if d is None else x + d.to(x.dtype)
+            d = sums.correction(slice(dst, dst + 1))
+            return None if d is None else x + d[:, :, 0].to(x.dtype)
 
         return hook
 
@@ -108,7 +96,7 @@ def forward_with_ablation(
         dst = graph.qkv_destinations(layer, letter)
 
         def hook(x: Tensor) -> Tensor | None:
-            d = correction(dst)
+            d = sums.correction(dst)
             if d is None:
                 return None
             inputs = resid[layer].unsqueeze(2) + d.to(x.dtype)  # [rows, P, n, d_model]
@@ -121,10 +109,9 @@ def forward_with_ablation(
 
         return hook
 
-    spec = graph.spec
     recorders = [(model.input_hook, record(0))]
     for layer in range(spec.n_layers):
-        recorders.append((model.head_z_hook(layer), record(graph.head_sources(layer), head_results(layer))))
+        recorders.append((model.head_z_hook(layer), record(graph.head_sources(layer), layer)))
         recorders.append((model.mlp_out_hook(layer), record(graph.mlp_source(layer))))
     hooks: list[tuple[str, HookFn]] = [(name, fn) for name, fn in recorders if fn is not None]
     for layer in range(spec.n_layers):
@@ -135,3 +122,91 @@ def forward_with_ablation(
     hooks.append((model.final_norm_in_hook, add_to_input(graph.logits_destination)))
     with torch.no_grad(), model.hooks(hooks):
         return model(input_ids, attention_mask)
+
+
+class _Corrections:
+    """Collects source outputs during the forward pass and returns, per destination block, the summed
+    ablation differences [rows, P, n_block, d] (None when nothing into the block is ablated)."""
+
+    def wanted(self, ids: Tensor) -> Tensor:
+        """Positions in `ids` (source indices) whose outputs must be recorded."""
+        raise NotImplementedError
+
+    def record(self, ids: Tensor, value: Tensor) -> None:
+        """value: [rows, P, len(ids), d] outputs of sources `ids` in this pass."""
+        raise NotImplementedError
+
+    def correction(self, cols: slice) -> Tensor | None:
+        raise NotImplementedError
+
+
+class _PerRow(_Corrections):
+    """Per-row masks: only the sources with an ablated edge in some row are recorded."""
+
+    def __init__(self, graph: Graph, mask: Tensor, patch: Tensor) -> None:
+        self.sources = mask.any(2).any(0).nonzero()[:, 0]
+        self.slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
+        self.slot[self.sources.cpu()] = torch.arange(self.sources.numel())
+        self.weights = mask[:, self.sources].float()  # [rows, k, n_dst]
+        self.patch = patch[:, :, self.sources]  # [rows, P, k, d]
+        self.current = torch.zeros_like(self.patch)
+
+    def wanted(self, ids: Tensor) -> Tensor:
+        return (self.slot[ids] >= 0).nonzero()[:, 0]
+
+    def record(self, ids: Tensor, value: Tensor) -> None:
+        self.current[:, :, self.slot[ids].to(self.current.device)] = value.to(self.current.dtype)
+
+    def correction(self, cols: slice) -> Tensor | None:
+        w = self.weights[:, :, cols]  # [rows, k, n]
+        used = w.amax(-1).amax(0).nonzero()[:, 0]
+        if used.numel() == 0:
+            return None
+        diff = self.patch[:, :, used] - self.current[:, :, used]
+        return torch.einsum("bpsd,bsn->bpnd", diff, w[:, used])
+
+
+class _Shared(_Corrections):
+    """One mask for all rows: every difference kept source-major, with their running total."""
+
+    def __init__(self, graph: Graph, mask: Tensor, patch: Tensor, rows: int) -> None:
+        self.ablate = mask
+        self.kept = graph.valid.to(mask.device) & ~mask
+        self.prefix = valid_prefixes(graph)
+        self.patch = patch  # [1 or rows, P, n_sources, d]
+        n_pos, d = patch.shape[1], patch.shape[3]
+        self.diff = torch.empty(graph.n_sources, rows, n_pos, d, device=patch.device)
+        self.total = torch.zeros(rows, n_pos, d, device=patch.device)
+        self.recorded = 0  # sources arrive in order: [0, recorded) are in `diff`
+
+    def wanted(self, ids: Tensor) -> Tensor:
+        return torch.arange(ids.numel())
+
+    def record(self, ids: Tensor, value: Tensor) -> None:
+        diff = self.patch[:, :, ids.to(self.patch.device)] - value.to(self.patch.dtype)  # [rows, P, n, d]
+        self.diff[ids] = diff.permute(2, 0, 1, 3)
+        self.total += diff.sum(2)
+        self.recorded = int(ids.max()) + 1
+
+    def _weighted(self, sources: Tensor, weights: Tensor) -> Tensor:
+        """sum_u weights[u, n] diff_u over `sources` -> [rows, P, n, d]."""
+        rows, n_pos, d = self.total.shape
+        if sources.numel() == 0:
+            return self.total.new_zeros(rows, n_pos, weights.shape[1], d)
+        diff = self.diff[sources].reshape(sources.numel(), -1)  # [m, rows * P * d]
+        out = weights[sources].float().T @ diff  # [n, rows * P * d]
+        return out.reshape(-1, rows, n_pos, d).permute(1, 2, 0, 3)
+
+    def correction(self, cols: slice) -> Tensor | None:
+        n = self.prefix[cols.start]
+        if self.recorded < n:
+            raise AssertionError(f"destinations {cols} read sources not yet computed")
+        ablate, kept = self.ablate[:n, cols], self.kept[:n, cols]
+        ablated_sources = ablate.amax(1).nonzero()[:, 0]
+        if ablated_sources.numel() == 0:
+            return None
+        kept_sources = kept.amax(1).nonzero()[:, 0]
+        if ablated_sources.numel() <= kept_sources.numel() + 1:
+            return self._weighted(ablated_sources, ablate)
+        total = self.total if self.recorded == n else self.total - self.diff[n : self.recorded].sum(0)
+        return total.unsqueeze(2) - self._weighted(kept_sources, kept)

@@ -6,7 +6,9 @@ edges, pruned), evaluated with every other edge patched from the corrupted run. 
 selection (the largest set of best nodes within each edge budget). A random-circuit baseline runs at the
 same budgets. Writes curves.png, curves.json and a drawing of the EAP-IG circuit at `--draw-edges` edges.
 
-    python scripts/faithfulness_curves.py --n 64 --out outputs/faithfulness     # about 15 minutes on 2 cores
+    python scripts/faithfulness_curves.py --n 64 --out outputs/faithfulness     # about 20 minutes on 2 cores
+
+Scores are kept in the output folder (scores-<method>-<level>-n<N>.pt) and reused by later runs.
 """
 
 from __future__ import annotations
@@ -47,10 +49,16 @@ def main() -> None:
         ("exact patching (nodes)", "exact", "node", "nodes"),
     ]
     for label, method, level, selection in runs:
-        graph = Graph.from_model(model)
-        start = time.perf_counter()
-        attribute(model, graph, pairs, method=method, level=level, ig_steps=args.steps, **common)
-        seconds[label] = time.perf_counter() - start
+        cached = args.out / f"scores-{method}-{level}-n{args.n}.pt"  # exact node scores take a while
+        if cached.exists():
+            graph = Graph.from_pt(cached)
+            print(f"{label}: scores read from {cached}")
+        else:
+            graph = Graph.from_model(model)
+            start = time.perf_counter()
+            attribute(model, graph, pairs, method=method, level=level, ig_steps=args.steps, **common)
+            seconds[label] = time.perf_counter() - start
+            graph.to_pt(cached)
         scored[label] = (graph, selection)
 
     report: dict = {"model": args.model, "n": args.n, "scoring_seconds": seconds, "methods": {}}

@@ -1,24 +1,73 @@
-"""IOI circuit discovery, end to end: load a model, make IOI pairs, score edges, select, evaluate, save.
+"""IOI circuit discovery end to end: GPT-2 small where the hub is reachable, else the embedded SmolLM2.
 
+EAP-IG-inputs on IOI, a pruned circuit of --edges edges, its faithfulness, faithfulness curves over the MIB
+budgets (CPR, CMD), and a head-level summary; for GPT-2 small also the overlap of the top heads with the
+head classes of Wang et al. (2022). Writes scores.pt, circuit.json, circuit.svg, faithfulness.png and
+summary.json to --out.
+
+    python scripts/reproduce_ioi.py                          # gpt2 if the hub answers, else smollm2-135m
     python scripts/reproduce_ioi.py --model smollm2-135m --out outputs/ioi
-
-Writes scores.pt, circuit.json, summary.json into --out and prints the graph summary, the model's IOI
-baseline, the IG completeness, the top heads and the circuit's faithfulness.
+    python scripts/reproduce_ioi.py --model random-gpt2-small --no-curve   # offline GPT-2-shaped check
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import socket
 import time
-from pathlib import Path
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from circuits import Graph, load_model
-from circuits.attribution import attribute
-from circuits.evaluation import evaluate
-from tasks import baseline, ioi_pairs
+from circuits import load_model
+from circuits.models.hooked import HookedModel
+from circuits.pipeline import WANG_2022_HEADS, Discovery, discover, head_class_overlap
+from circuits.testing import tiny_tokenizer
+from tasks import ioi_pairs
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def build_model(name: str) -> HookedModel:
+    if name == "auto":
+        name = "gpt2" if hub_reachable() else "smollm2-135m"
+    if name == "random-gpt2-small":  # GPT-2 small's architecture with random weights, offline
+        torch.manual_seed(0)
+        return load_model(GPT2LMHeadModel(GPT2Config()).eval(), tiny_tokenizer())
+    return load_model(name)
+
+
+def report(found: Discovery, model: HookedModel) -> None:
+    print(f"\nIOI: {found.task}; baseline: {found.baseline}")
+    for clean, corrupted in found.task.pairs.texts[:2]:
+        print(f"  clean: {clean!r}\n  corrupted: {corrupted!r}")
+    if found.attribution.completeness is not None:
+        print(found.attribution.completeness)
+    print("\nTop heads (most negative score: ablating the head lowers the logit difference most):")
+    for name, score in found.heads:
+        print(f"  head {name:>6}  (layer {name.split('.')[0]:>2})  score {score:+.4f}")
+    spec = model.spec
+    if (spec.n_layers, spec.n_heads, spec.d_model) == (12, 12, 768):
+        overlap = head_class_overlap([h for h, _ in found.heads])
+        print("\nOverlap of the top heads with Wang et al. (2022) head classes:")
+        for name, members in WANG_2022_HEADS.items():
+            print(f"  {name:<20} {len(overlap[name])}/{len(members)}  {', '.join(overlap[name]) or '-'}")
+    e = found.evaluation
+    print(
+        f"\nCircuit of {found.circuit.n_in_graph} edges (after pruning): M(circuit) {e.circuit:.3f}, "
+        f"M(full) {e.full:.3f}, M(empty) {e.empty:.3f}, faithfulness {e.faithfulness:.3f}"
+    )
+    if found.curves is not None:
+        print(f"Faithfulness curves (MIB budgets): CPR {found.curves.cpr:.3f}, CMD {found.curves.cmd:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,91 +75,34 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model", default="smollm2-135m", help="embedded 'smollm2-135m' or a hub name / folder"
+        "--model", default="auto", help="auto, gpt2, smollm2-135m, random-gpt2-small, or a hub name"
     )
     parser.add_argument("--out", default="outputs/ioi", help="output folder")
     parser.add_argument("--n", type=int, default=32, help="IOI prompt pairs")
     parser.add_argument("--method", default="eap-ig-inputs")
     parser.add_argument("--steps", type=int, default=5, help="IG steps")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--edges", type=int, default=300, help="edges kept in the circuit")
+    parser.add_argument("--edges", type=int, default=300, help="edges kept in the circuit (before pruning)")
+    parser.add_argument("--no-curve", action="store_true", help="skip the MIB faithfulness curves")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    start = time.time()
-    model = load_model(args.model)
-    print(f"Loaded {model} in {time.time() - start:.1f} s")
-    graph = Graph.from_model(model)
-    print(graph.summary())
-
-    data = ioi_pairs(model, args.n, seed=args.seed)
-    pairs = data.pairs
-    print(
-        f"\nIOI: {len(pairs)} pairs ({data.dropped} proposals dropped: multi-token answers, unequal lengths)"
+    start = time.perf_counter()
+    model = build_model(args.model)
+    print(f"Loaded {model} in {time.perf_counter() - start:.1f} s")
+    task = ioi_pairs(model, args.n, seed=args.seed)
+    found = discover(
+        model,
+        task,
+        method=args.method,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        edges=args.edges,
+        curves=not args.no_curve,
+        out=args.out,
     )
-    for clean, corrupted in pairs.texts[:3]:
-        print(f"  clean: {clean!r}\n  corrupted: {corrupted!r}")
-    base = baseline(model, pairs)
-    print(f"Baseline: {base}")
-
-    t0 = time.time()
-    result = attribute(
-        model, graph, pairs, "logit_diff", args.method, ig_steps=args.steps, batch_size=args.batch_size
-    )
-    print(f"\n{args.method}: {time.time() - t0:.1f} s for {len(pairs)} pairs")
-    if result.completeness is not None:
-        print(result.completeness)
-
-    heads = [i for i, name in enumerate(graph.sources) if name.startswith("a")]
-    node_scores = result.node_scores if result.node_scores is not None else torch.zeros(graph.n_sources)
-    order = sorted(heads, key=lambda i: float(node_scores[i]))
-    print("\nTop heads (most negative score = ablating the head hurts the logit difference most):")
-    for i in order[:12]:
-        print(
-            f"  {graph.sources[i]:<10} layer {graph.sources[i][1:].split('.')[0]:>2}  "
-            f"score {float(node_scores[i]):+.4f}"
-        )
-
-    circuit = graph.top_n(min(args.edges, graph.n_edges))
-    evaluation = evaluate(model, circuit, pairs, batch_size=args.batch_size)
-    print(
-        f"\nCircuit of {args.edges} edges: M(circuit) {evaluation.circuit:.3f}, "
-        f"M(full) {evaluation.full:.3f}, "
-        f"M(empty) {evaluation.empty:.3f}, faithfulness {evaluation.faithfulness:.3f}"
-    )
-
-    torch.save(
-        {
-            "edge_scores": result.edge_scores,
-            "node_scores": result.node_scores,
-            "sources": graph.sources,
-            "destinations": graph.destinations,
-        },
-        out / "scores.pt",
-    )
-    circuit.to_json(out / "circuit.json")
-    summary = {
-        "model": args.model,
-        "method": args.method,
-        "ig_steps": args.steps,
-        "n_pairs": len(pairs),
-        "baseline": vars(base),
-        "completeness": None if result.completeness is None else vars(result.completeness),
-        "top_heads": [[graph.sources[i], float(node_scores[i])] for i in order[:12]],
-        "circuit_edges": args.edges,
-        "faithfulness": evaluation.faithfulness,
-        "metric_circuit": evaluation.circuit,
-        "metric_full": evaluation.full,
-        "metric_empty": evaluation.empty,
-        "seconds": time.time() - start,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(
-        f"\nWrote {', '.join(p.name for p in sorted(out.iterdir()))} to {out}/ "
-        f"({time.time() - start:.0f} s total)"
-    )
+    report(found, model)
+    print(f"\nWrote {', '.join(str(f) for f in found.files)} ({time.perf_counter() - start:.0f} s total)")
 
 
 if __name__ == "__main__":

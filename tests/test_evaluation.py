@@ -115,3 +115,18 @@ def test_drawings(llama, tmp_path):
     empty.in_graph.zero_()
     with pytest.raises(ValueError, match="no edges"):
         draw_circuit(empty, tmp_path / "empty.svg")
+
+
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
+def test_shared_mask_path_equals_per_row_path(tiny, density):
+    from circuits.intervention import forward_with_ablation
+
+    pairs = make_pairs(tiny)
+    graph = Graph.from_model(tiny)
+    gen = torch.Generator().manual_seed(1)
+    mask = (torch.rand(graph.valid.shape, generator=gen) < density) & graph.valid
+    acts = torch.randn(len(pairs), pairs.n_positions, graph.n_sources, tiny.spec.d_model, generator=gen)
+    shared = forward_with_ablation(tiny, graph, pairs.clean, pairs.attention_mask, acts, mask)
+    rows = mask.expand(len(pairs), -1, -1)
+    per_row = forward_with_ablation(tiny, graph, pairs.clean, pairs.attention_mask, acts, rows)
+    torch.testing.assert_close(shared, per_row, atol=1e-4, rtol=1e-4)
