@@ -19,7 +19,6 @@ import argparse
 import platform
 import resource
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -34,8 +33,7 @@ from circuits.neurons import last_activations, neuron_ig
 from circuits.testing import tiny_tokenizer
 from tasks import ioi_pairs
 from tasks.context import first_token, memotrap
-
-IRCAN_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ircan" / "data"
+from tasks.paths import shared_data
 
 PASSES = {  # (forwards, forward+backwards) per batch
     "eap": lambda m: (1, 1),
@@ -148,7 +146,9 @@ def selection_rows() -> None:
 def neuron_rows(n_prompts: int, steps: int) -> None:
     """Neuron IG on SmolLM2 / MemoTrap: the cached one-position path against the full-sequence path."""
     model = load_model("smollm2-135m")
-    examples = memotrap(IRCAN_DATA / "MemoTrap/memo-trap_classification_dev.jsonl")[:n_prompts]
+    examples = memotrap(shared_data("ircan", "data", "MemoTrap", "memo-trap_classification_dev.jsonl"))[
+        :n_prompts
+    ]
     prompts = [e.with_context for e in examples]
     targets = [first_token(model, e) for e in examples]
     baseline = last_activations(model, [e.without_context for e in examples])

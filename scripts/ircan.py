@@ -16,8 +16,8 @@ from pathlib import Path
 from circuits import load_model
 from circuits.neurons import context_neurons, random_neurons_like, reweight
 from tasks.context import context_accuracy, cose_kre, first_token, memotrap
+from tasks.paths import shared_data
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ircan" / "data"
 SPLITS = {
     "memotrap": (
         memotrap,
@@ -34,7 +34,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dataset", choices=sorted(SPLITS), default="memotrap")
-    parser.add_argument("--data", type=Path, default=DATA, help="folder holding MemoTrap/ and KRE/")
+    parser.add_argument("--data", type=Path, help="folder holding MemoTrap/ and KRE/ (default: shared data)")
     parser.add_argument("--fit", type=int, default=100, help="dev examples to attribute")
     parser.add_argument("--dev-eval", type=int, default=200, help="dev examples to choose (h, beta) on")
     parser.add_argument("--steps", type=int, default=20)
@@ -44,7 +44,8 @@ def main() -> None:
     args = parser.parse_args()
 
     load, dev_file, test_file = SPLITS[args.dataset]
-    dev, test = load(args.data / dev_file), load(args.data / test_file)
+    data = args.data or shared_data("ircan", "data")
+    dev, test = load(data / dev_file), load(data / test_file)
     model = load_model(args.model)
     fit = dev[: args.fit]
 

@@ -19,9 +19,9 @@ import torch
 from circuits import load_model
 from circuits.models.hooked import HookedModel
 from circuits.steering import generate, steer, steering_vectors
+from tasks.paths import shared_data
 from tasks.truthfulqa import load_truthfulqa, multiple_choice, split_questions
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"
 NEUTRAL = (
     "The library opens at nine in the morning and closes at six in the evening. Visitors can borrow up to "
     "five books at a time, and the reading room on the second floor is quiet and bright."
@@ -41,7 +41,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", type=Path, help="TruthfulQA.csv (default: shared data)")
     parser.add_argument("--fit", type=int, default=50)
     parser.add_argument("--dev", type=int, default=60)
     parser.add_argument("--test", type=int, default=0, help="test questions to score (0: all the rest)")
@@ -54,7 +54,12 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model)
-    fit, dev, test = split_questions(load_truthfulqa(args.data), args.fit, args.dev, args.seed)
+    fit, dev, test = split_questions(
+        load_truthfulqa(args.data or shared_data("truthfulqa", "TruthfulQA.csv")),
+        args.fit,
+        args.dev,
+        args.seed,
+    )
     test = test[: args.test] if args.test else test
     pairs = [(q.prompt, " " + q.best, " " + q.incorrect[0]) for q in fit]
     start = time.perf_counter()

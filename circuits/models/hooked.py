@@ -121,6 +121,11 @@ class HookedModel:
         return f"blocks.{layer}.hook_resid_post"
 
     @staticmethod
+    def attn_pattern_hook(layer: int) -> str:
+        """Attention probabilities, [batch, n_heads, query pos, key pos]."""
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    @staticmethod
     def attn_out_hook(layer: int) -> str:
         return f"blocks.{layer}.hook_attn_out"
 
