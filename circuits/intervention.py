@@ -51,12 +51,10 @@ def forward_with_ablation(
     if not bool(mask.any()):
         with torch.no_grad():
             return model(input_ids, attention_mask)
-    patch = (
-        ablated[:, :n_pos].repeat(rows // ablated.shape[0], 1, 1, 1)
-        if mask.dim() == 3
-        else ablated[:, :n_pos]
+    patch = ablated[:, :n_pos]
+    sums: _Corrections = (
+        _PerRow(graph, mask, patch, rows) if mask.dim() == 3 else _Shared(graph, mask, patch, rows)
     )
-    sums: _Corrections = _PerRow(graph, mask, patch) if mask.dim() == 3 else _Shared(graph, mask, patch, rows)
     spec = graph.spec
     resid: dict[int, Tensor] = {}
 
@@ -143,12 +141,12 @@ class _Corrections:
 class _PerRow(_Corrections):
     """Per-row masks: only the sources with an ablated edge in some row are recorded."""
 
-    def __init__(self, graph: Graph, mask: Tensor, patch: Tensor) -> None:
-        self.sources = mask.any(2).any(0).nonzero()[:, 0]
+    def __init__(self, graph: Graph, mask: Tensor, patch: Tensor, rows: int) -> None:
+        self.sources = mask.amax(2).amax(0).nonzero()[:, 0]
         self.slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
         self.slot[self.sources.cpu()] = torch.arange(self.sources.numel())
         self.weights = mask[:, self.sources].float()  # [rows, k, n_dst]
-        self.patch = patch[:, :, self.sources]  # [rows, P, k, d]
+        self.patch = patch[:, :, self.sources].repeat(rows // patch.shape[0], 1, 1, 1)  # [rows, P, k, d]
         self.current = torch.zeros_like(self.patch)
 
     def wanted(self, ids: Tensor) -> Tensor:
