@@ -109,8 +109,12 @@ def plot_curves(
     for curve in curves:
         x = [p.fraction * 100 for p in curve.points]
         y = [p.faithfulness for p in curve.points]
-        area = f"CPR {curve.area_under:.3f}" if not curve.absolute else f"CMD {curve.area_from_one:.3f}"
-        ax.plot(x, y, marker="o", markersize=3, label=f"{curve.label} ({area})")
+        kind = (
+            f"|score|, CMD {curve.area_from_one:.3f}"
+            if curve.absolute
+            else f"signed, CPR {curve.area_under:.3f}"
+        )
+        ax.plot(x, y, marker="o", markersize=3, label=f"{curve.label} ({kind})")
     ax.axhline(1.0, color="#888888", linewidth=0.8, linestyle="--")
     ax.set_xscale("log")
     ax.set_xlabel("edges kept (% of the graph, after pruning)")

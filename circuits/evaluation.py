@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from circuits.attribution import source_means
 from circuits.attribution.recorder import source_buffer, source_hooks

@@ -122,6 +122,79 @@ def forward_with_ablation(
         return model(input_ids, attention_mask)
 
 
+def forward_with_node_ablation(
+    model: HookedModel,
+    graph: Graph,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ablated: Tensor,
+    nodes: Tensor,
+) -> Tensor:
+    """Logits [rows, P, d_vocab] with source node `nodes[i]` ablated in row i (every edge out of it).
+
+    Ablating all of a node's outgoing edges changes every downstream input by the same amount, so the node's
+    output is replaced where it enters the residual stream: one plain forward with three kinds of hooks.
+
+    Args:
+        ablated: [r, P, n_sources, d_model] with r dividing rows (row i uses ablated row i mod r).
+        nodes: [rows] source index per row (0 = input, heads, MLPs).
+    """
+    rows, n_pos = input_ids.shape
+    if rows % ablated.shape[0] or nodes.shape != (rows,):
+        raise ValueError(f"need nodes [rows={rows}] and ablated rows dividing {rows}")
+    spec = graph.spec
+    row_of = torch.arange(rows)
+    example = row_of % ablated.shape[0]
+    patch = ablated[example, :n_pos, nodes.cpu()]  # [rows, P, d]: each row's node, ablated
+    head_delta: dict[int, Tensor] = {}
+
+    def replace_rows(selected: Tensor) -> HookFn:
+        def hook(x: Tensor) -> Tensor | None:
+            if selected.numel() == 0:
+                return None
+            x = x.clone()
+            x[selected] = patch[selected].to(x.dtype)
+            return x
+
+        return hook
+
+    def head_results(layer: int, selected: Tensor, heads: Tensor) -> HookFn:
+        w_o = model.W_O(layer)
+
+        def hook(z: Tensor) -> None:
+            if selected.numel():
+                z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)[selected, :, heads]  # [m, P, d_head]
+                current = torch.einsum("mph,mhd->mpd", z, w_o[heads].to(z.dtype))
+                head_delta[layer] = patch[selected].to(z.dtype) - current
+
+        return hook
+
+    def add_head_delta(layer: int, selected: Tensor) -> HookFn:
+        def hook(x: Tensor) -> Tensor | None:
+            if layer not in head_delta:
+                return None
+            x = x.clone()
+            x[selected] = x[selected] + head_delta.pop(layer)
+            return x
+
+        return hook
+
+    hooks: list[tuple[str, HookFn]] = [(model.input_hook, replace_rows(row_of[nodes == 0]))]
+    for layer in range(spec.n_layers):
+        sl = graph.head_sources(layer)
+        in_layer = (nodes >= sl.start) & (nodes < sl.stop)
+        selected = row_of[in_layer]
+        if selected.numel():
+            heads = nodes[in_layer] - sl.start
+            hooks.append((model.head_z_hook(layer), head_results(layer, selected, heads)))
+            hooks.append((model.attn_out_hook(layer), add_head_delta(layer, selected)))
+        mlp_rows = row_of[nodes == graph.mlp_source(layer)]
+        if mlp_rows.numel():
+            hooks.append((model.mlp_out_hook(layer), replace_rows(mlp_rows)))
+    with torch.no_grad(), model.hooks(hooks):
+        return model(input_ids, attention_mask)
+
+
 class _Corrections:
     """Collects source outputs during the forward pass and returns, per destination block, the summed
     ablation differences [rows, P, n_block, d] (None when nothing into the block is ablated)."""

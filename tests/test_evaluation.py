@@ -130,3 +130,25 @@ def test_shared_mask_path_equals_per_row_path(tiny, density):
     rows = mask.expand(len(pairs), -1, -1)
     per_row = forward_with_ablation(tiny, graph, pairs.clean, pairs.attention_mask, acts, rows)
     torch.testing.assert_close(shared, per_row, atol=1e-4, rtol=1e-4)
+
+
+def test_node_ablation_equals_ablating_every_outgoing_edge(tiny):
+    from circuits.intervention import forward_with_ablation, forward_with_node_ablation
+
+    pairs = make_pairs(tiny)
+    graph = Graph.from_model(tiny)
+    b = len(pairs)
+    nodes = torch.tensor(
+        [0, graph.head_sources(0).start + 1, graph.mlp_source(0), graph.head_sources(1).start]
+    )
+    acts = torch.randn(
+        b, pairs.n_positions, graph.n_sources, tiny.spec.d_model, generator=torch.Generator().manual_seed(2)
+    )
+    rows = nodes.repeat_interleave(b)
+    ids, mask = pairs.clean.repeat(len(nodes), 1), pairs.attention_mask.repeat(len(nodes), 1)
+    fast = forward_with_node_ablation(tiny, graph, ids, mask, acts, rows)
+    edge_masks = torch.zeros(len(rows), graph.n_sources, graph.n_destinations, dtype=torch.bool)
+    edge_masks[torch.arange(len(rows)), rows] = graph.valid[rows]
+    torch.testing.assert_close(
+        fast, forward_with_ablation(tiny, graph, ids, mask, acts, edge_masks), atol=1e-4, rtol=1e-4
+    )

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from circuits.attribution.methods import ABLATION_FREE, METHODS, BatchResult, Job
 from circuits.attribution.recorder import source_hooks

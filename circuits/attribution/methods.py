@@ -25,7 +25,7 @@ from torch import Tensor
 from circuits.attribution.recorder import ScoreRecorder, source_buffer, source_groups, source_hooks
 from circuits.data import PromptPairs
 from circuits.graph import Graph
-from circuits.intervention import forward_with_ablation
+from circuits.intervention import forward_with_ablation, forward_with_node_ablation
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.quadrature import quadrature
@@ -287,19 +287,17 @@ def exact(job: Job) -> BatchResult:
     for start in range(0, units.shape[0], per_chunk):
         chunk = units[start : start + per_chunk]
         e = chunk.shape[0]
-        mask = torch.zeros(e, graph.n_sources, graph.n_destinations, dtype=torch.bool)
+        ids = clean_ids.repeat(e, 1)
+        mask = job.pairs.attention_mask.to(model.device).repeat(e, 1)
         if job.level == "edge":
-            mask[torch.arange(e), chunk[:, 0], chunk[:, 1]] = True
+            edges_mask = torch.zeros(e, graph.n_sources, graph.n_destinations, dtype=torch.bool)
+            edges_mask[torch.arange(e), chunk[:, 0], chunk[:, 1]] = True
+            logits = forward_with_ablation(
+                model, graph, ids, mask, ablated, edges_mask.repeat_interleave(b, 0)
+            )
         else:
-            mask[torch.arange(e), chunk[:, 0]] = graph.valid[chunk[:, 0]]
-        logits = forward_with_ablation(
-            model,
-            graph,
-            clean_ids.repeat(e, 1),
-            job.pairs.attention_mask.to(model.device).repeat(e, 1),
-            ablated,
-            mask.repeat_interleave(b, dim=0),
-        )
+            node_rows = chunk[:, 0].repeat_interleave(b)
+            logits = forward_with_node_ablation(model, graph, ids, mask, ablated, node_rows)
         values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)
         totals[start : start + e] = (values - base).sum(1).cpu()
     edges, nodes = None, None

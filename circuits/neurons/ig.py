@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformers import DynamicCache
 
 from circuits.models.hooked import HookedModel

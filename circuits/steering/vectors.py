@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from circuits.models.hooked import HookedModel
 from circuits.steering.token_ig import contrastive_token_ig
