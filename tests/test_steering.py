@@ -98,3 +98,10 @@ def test_bad_inputs(llama):
         steer(llama, {0: torch.ones(64)}, 1.0, layers=[1]),
     ):
         pass
+
+
+def test_zero_baseline_on_smollm2_is_finite(smollm2):
+    """All-zero embeddings give non-finite gradients in SmolLM2; the endpoint used for the delta must not
+    leak into the scores."""
+    result = token_ig(smollm2, "Q: Is the sky blue?\nA:", " Yes", steps=4)
+    assert torch.isfinite(result.scores).all() and abs(result.delta) > 0

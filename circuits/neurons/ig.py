@@ -177,6 +177,7 @@ def neuron_ig(
     alphas = torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=alphas.dtype)]).float()
     weights = torch.cat([weights, torch.zeros(2, dtype=weights.dtype)]).float()
     run = _cached_rows if implementation == "cached" else _full_rows
+    used = weights != 0
     if implementation not in ("cached", "full"):
         raise ValueError(f"implementation must be 'cached' or 'full', got {implementation!r}")
 
@@ -190,7 +191,7 @@ def neuron_ig(
         grads, probs = run(model, ids[i], target_ids[i], chosen, a_base, a_in, alphas, max_rows)
         for j, layer in enumerate(chosen):
             delta = a_in[layer] - a_base[layer]
-            scores[i, layer] = delta * (weights[:, None] * grads[j]).sum(0)
+            scores[i, layer] = delta * (weights[used, None] * grads[j][used]).sum(0)  # endpoints: no weight
             ig_total[i, layer] = scores[i, layer].sum()
             prob_delta[i, layer] = probs[j, -1] - probs[j, -2]
     return NeuronAttribution(scores, ig_total, prob_delta, chosen)

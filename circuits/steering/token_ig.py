@@ -133,26 +133,31 @@ def token_ig(
         return logp[:, positions, torch.tensor(cont_ids)].sum(-1)
 
     alphas, weights = quadrature_rule(quadrature, steps)
-    alphas = torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=alphas.dtype)]).float()  # endpoints: delta
-    weights = torch.cat([weights, torch.zeros(2, dtype=weights.dtype)]).float()
-    grad_sum = torch.zeros_like(diff)
-    values = []
-    for chunk in range(0, len(alphas), max_rows):
-        a = alphas[chunk : chunk + max_rows].to(e.device)
-        w = weights[chunk : chunk + max_rows].to(e.device)
-        rows = len(a)
-        leaf = (base[None] + a[:, None, None] * diff[None]).requires_grad_(True)
+    batch = torch.tensor([ids], device=model.device)
 
-        def replace(x: Tensor, leaf: Tensor = leaf) -> Tensor:
+    def run(points: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
+        """f at base + alpha (e - base) for each alpha in `points`, and the gradients if asked."""
+        leaf = (base[None] + points[:, None, None].to(e) * diff[None]).requires_grad_(grad)
+
+        def replace(x: Tensor) -> Tensor:
             return torch.cat([leaf.to(x.dtype), x[:, n_prompt:]], dim=1)
 
-        batch = torch.tensor([ids], device=model.device).expand(rows, -1)
-        with model.hooks([(model.token_embed_hook, replace)]), torch.enable_grad():
-            out = f(model(batch))
-            (grad,) = torch.autograd.grad(out.sum(), leaf)
-        grad_sum += (w[:, None, None] * grad.float()).sum(0)
-        values.append(out.detach())
-    endpoints = torch.cat(values)[-2:]
+        with model.hooks([(model.token_embed_hook, replace)]), torch.set_grad_enabled(grad):
+            out = f(model(batch.expand(len(points), -1)))
+            if not grad:
+                return out.detach(), None
+            (g,) = torch.autograd.grad(out.sum(), leaf)
+        return out.detach(), g.float()
+
+    grad_sum = torch.zeros_like(diff, dtype=torch.float32)
+    for chunk in range(0, len(alphas), max_rows):
+        _, grad = run(alphas[chunk : chunk + max_rows].float(), grad=True)
+        assert grad is not None
+        w = weights[chunk : chunk + max_rows].float().to(grad.device)
+        grad_sum += (w[:, None, None] * grad).sum(0)
+    if not bool(torch.isfinite(grad_sum).all()):
+        raise FloatingPointError("non-finite gradients along the IG path; try another baseline")
+    endpoints, _ = run(torch.tensor([0.0, 1.0]), grad=False)
     scores = (diff.float() * grad_sum).sum(-1).cpu()
     tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
     return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
