@@ -36,6 +36,18 @@ def perplexity(model: HookedModel, text: str) -> float:
     return math.exp(float(nll))
 
 
+def residual_norm(model: HookedModel, text: str, layer: int) -> float:
+    """Mean norm of the residual stream after `layer` over the tokens of `text`."""
+    captured: dict[str, torch.Tensor] = {}
+    ids = torch.tensor(model.to_ids([text]), device=model.device)
+    with (
+        torch.no_grad(),
+        model.hooks([(model.resid_post_hook(layer), lambda x: captured.setdefault("h", x))]),
+    ):
+        model(ids)
+    return float(captured["h"][0].norm(dim=-1).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -46,7 +58,13 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=60)
     parser.add_argument("--test", type=int, default=0, help="test questions to score (0: all the rest)")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 14, 20, 26])
-    parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
+    parser.add_argument(
+        "--strengths",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.25, 0.5, 1.0],
+        help="strengths as fractions of the layer's mean residual norm (the vectors have unit length)",
+    )
     parser.add_argument("--k", type=int, default=5, help="top tokens per sign")
     parser.add_argument("--steps", type=int, default=20, help="IG steps")
     parser.add_argument("--seed", type=int, default=0)
@@ -72,10 +90,13 @@ def main() -> None:
     print(f"dev unsteered: {unsteered_dev}")
     grid = {}
     for layer in args.layers:
-        for strength in args.strengths:
+        scale = residual_norm(model, NEUTRAL, layer)
+        for strength in (ratio * scale for ratio in args.strengths):
             with steer(model, vectors, strength, layers=[layer]):
                 grid[(layer, strength)] = multiple_choice(model, dev)
-            print(f"dev layer {layer:2d} strength {strength:4.1f}: {grid[(layer, strength)]}")
+            print(
+                f"dev layer {layer:2d} strength {strength:6.1f} ({strength / scale:.2f} x norm): {grid[(layer, strength)]}"
+            )
     layer, strength = max(grid, key=lambda key: (grid[key].mc2, grid[key].mc1))
 
     plain = multiple_choice(model, test)
