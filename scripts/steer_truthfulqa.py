@@ -94,8 +94,9 @@ def main() -> None:
         for strength in (ratio * scale for ratio in args.strengths):
             with steer(model, vectors, strength, layers=[layer]):
                 grid[(layer, strength)] = multiple_choice(model, dev)
+            ratio = strength / scale
             print(
-                f"dev layer {layer:2d} strength {strength:6.1f} ({strength / scale:.2f} x norm): {grid[(layer, strength)]}"
+                f"dev layer {layer:2d} strength {strength:6.1f} ({ratio:.2f} x norm): {grid[(layer, strength)]}"
             )
     layer, strength = max(grid, key=lambda key: (grid[key].mc2, grid[key].mc1))
 
