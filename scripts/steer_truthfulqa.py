@@ -94,10 +94,8 @@ def main() -> None:
         for strength in (ratio * scale for ratio in args.strengths):
             with steer(model, vectors, strength, layers=[layer]):
                 grid[(layer, strength)] = multiple_choice(model, dev)
-            ratio = strength / scale
-            print(
-                f"dev layer {layer:2d} strength {strength:6.1f} ({ratio:.2f} x norm): {grid[(layer, strength)]}"
-            )
+            result = grid[(layer, strength)]
+            print(f"dev layer {layer:2d} strength {strength:6.1f} ({strength / scale:.2f} x norm): {result}")
     layer, strength = max(grid, key=lambda key: (grid[key].mc2, grid[key].mc1))
 
     plain = multiple_choice(model, test)
