@@ -103,10 +103,15 @@ def evaluate_many(
     bar = tqdm(total=len(pairs), desc=f"evaluating {len(circuits)} circuit(s)", unit="pair", disable=quiet)
     for batch in pairs.batches(batch_size):
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
-        ablated = _ablated_outputs(model, graph, batch, means)
+        ablated, corrupted_logits = _ablated_outputs(model, graph, batch, means)
         with torch.no_grad():
             clean_logits = model(ids, mask)
-        nothing = forward_with_ablation(model, graph, ids, mask, ablated, graph.valid)
+        # with patching, ablating every edge is the corrupted run itself (tested), so reuse its logits
+        nothing = (
+            corrupted_logits
+            if corrupted_logits is not None
+            else forward_with_ablation(model, graph, ids, mask, ablated, graph.valid)
+        )
         full += float(fn(clean_logits, batch, clean_logits).sum())
         empty += float(fn(nothing, batch, clean_logits).sum())
         for i, edges in enumerate(ablate):
@@ -127,11 +132,14 @@ def _ablation_mask(circuit: Graph, complement: bool) -> Tensor:
     return keep if complement else circuit.valid & ~keep
 
 
-def _ablated_outputs(model: HookedModel, graph: Graph, batch: PromptPairs, means: Tensor | None) -> Tensor:
-    """[b, P, n_sources, d] corrupted source outputs (patching), or the [1, P, ...] means / zeros."""
+def _ablated_outputs(
+    model: HookedModel, graph: Graph, batch: PromptPairs, means: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """[b, P, n_sources, d] corrupted source outputs and the corrupted logits (patching), or the
+    [1, P, ...] means / zeros and None."""
     if means is not None:
-        return means[:, : batch.n_positions]
+        return means[:, : batch.n_positions], None
     acts = source_buffer(graph, len(batch), batch.n_positions, model.device)
     with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
-        model(batch.corrupted.to(model.device), batch.attention_mask.to(model.device))
-    return acts
+        logits = model(batch.corrupted.to(model.device), batch.attention_mask.to(model.device))
+    return acts, logits
