@@ -154,6 +154,10 @@ def neuron_rows(n_prompts: int, steps: int) -> None:
     baseline = last_activations(model, [e.without_context for e in examples])
     times = {}
     for implementation in ("cached", "full"):
+        # warm-up: builds the plain models the paths share the bridge's weights with (once per model)
+        neuron_ig(
+            model, prompts[:1], targets[:1], steps=1, layers=[0], implementation=implementation, quiet=True
+        )
         start = time.perf_counter()
         neuron_ig(
             model, prompts, targets, baseline=baseline, steps=steps, implementation=implementation, quiet=True
@@ -180,7 +184,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sections", nargs="+", default=["edges", "selection", "neurons"])
-    parser.add_argument("--neuron-prompts", type=int, default=2)
+    parser.add_argument("--neuron-prompts", type=int, default=4)
     args = parser.parse_args()
     torch.manual_seed(0)
     print(

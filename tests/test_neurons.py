@@ -107,3 +107,41 @@ def test_context_neurons_runs_and_bad_inputs(llama):
         neuron_ig(llama, PROMPTS, TARGETS, baseline=torch.zeros(3), quiet=True)
     with pytest.raises(ValueError, match=r"neurons must be \[k, 2\]"), reweight(llama, torch.zeros(3), 2.0):
         pass
+
+
+def test_target_probability_gradient():
+    from circuits.neurons.ig import TargetProbability
+
+    logits = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, dtype=torch.float64)
+    targets = torch.tensor([2, 0, 6])
+    p = TargetProbability.apply(logits * 1.0, targets)  # a non-leaf copy: the backward reuses its storage
+    (ours,) = torch.autograd.grad(p, logits, weights)
+    expected = logits.softmax(-1).gather(1, targets[:, None])[:, 0]
+    (reference,) = torch.autograd.grad(expected, logits, weights)
+    torch.testing.assert_close(p, expected)
+    torch.testing.assert_close(ours, reference)
+
+
+def test_cached_path_refuses_a_block_it_cannot_reproduce():
+    """A block whose MLP output is transformed before the residual sum (as with a post-MLP norm) breaks the
+    one-position route's assumption; the check must say so instead of returning wrong scores."""
+    from circuits.models.plain import plain_model
+    from circuits.neurons.last_position import PREFIX_ROWS
+    from circuits.testing import tiny_llama
+
+    model = tiny_llama()  # its own copy: the hooks below must not leak into other tests
+    top = model.spec.n_layers - 1
+    neuron_ig(model, PROMPTS[:1], TARGETS[:1], steps=2, quiet=True)  # fine as built
+    handles = [
+        plain_model(model, attention).model.layers[top].mlp.register_forward_hook(lambda m, a, out: out.abs())
+        for attention in (None, PREFIX_ROWS)
+    ]
+    try:
+        with pytest.raises(RuntimeError, match="MLP output added to the residual False"):
+            neuron_ig(model, PROMPTS[:1], TARGETS[:1], steps=2, quiet=True)
+        full = neuron_ig(model, PROMPTS[:1], TARGETS[:1], steps=2, implementation="full", quiet=True)
+        assert full.scores.abs().sum() > 0
+    finally:
+        for h in handles:
+            h.remove()

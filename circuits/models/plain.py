@@ -7,6 +7,7 @@ skips weight initialisation, and assigns the bridge model's own tensors (no copy
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -20,14 +21,20 @@ _WRAPPER = "._original_component"
 _DOWN_PROJECTION = re.compile(r"\.(\d+)\.mlp\.(down_proj|c_proj|fc2|dense_4h_to_h)$")
 
 
-def plain_model(model: HookedModel) -> PreTrainedModel:
-    """The un-bridged Hugging Face model (built once per HookedModel, parameters shared)."""
-    cached = getattr(model, "_plain_model", None)
-    if cached is not None:
-        return cached
+def plain_model(model: HookedModel, attention: str | None = None) -> PreTrainedModel:
+    """The un-bridged Hugging Face model (built once per HookedModel and attention, parameters shared).
+
+    `attention` names a registered Hugging Face attention implementation (default: the bridge model's).
+    """
+    built: dict[str | None, PreTrainedModel] = model.__dict__.setdefault("_plain_models", {})
+    if attention in built:
+        return built[attention]
     bridged = model.bridge.original_model
+    config = copy.deepcopy(bridged.config)
+    if attention is not None:
+        config._attn_implementation = attention
     with no_init_weights():
-        plain = type(bridged)(bridged.config)
+        plain = type(bridged)(config)
     state = {k.replace(_WRAPPER, ""): v for k, v in bridged.state_dict(keep_vars=True).items()}
     wanted = plain.state_dict()
     missing = [k for k in wanted if k not in state]
@@ -35,7 +42,7 @@ def plain_model(model: HookedModel) -> PreTrainedModel:
         raise RuntimeError(f"{model.spec.name}: cannot rebuild the plain model, missing {missing[:5]}")
     plain.load_state_dict({k: state[k] for k in wanted}, assign=True)
     plain.eval().requires_grad_(False)
-    model._plain_model = plain  # type: ignore[attr-defined]
+    built[attention] = plain
     return plain
 
 

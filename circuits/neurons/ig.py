@@ -8,23 +8,24 @@ so that sum_i score_i ~ P(a_in) - P(a_base) (completeness, reported per layer).
 
 Only the last position changes, and causal attention keeps every earlier position as it is, so the
 `cached` implementation runs the prefix once, keeps its keys and values, and then evaluates all (layer,
-step) points as one-position rows of one batch. The `full` implementation runs the whole prompt for every
-point; it is kept as the straightforward reference (and for the speed comparison).
+step) points as one-position rows, each entering the stack at its own layer (`last_position.py`). The
+`full` implementation runs the whole prompt through the whole model for every point; it is kept as the
+straightforward reference (and for the speed comparison).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from circuits.models.hooked import HookedModel
 from circuits.models.plain import down_projections, plain_model
+from circuits.neurons.last_position import LastPositions, Replace, run_prompt
 from circuits.quadrature import quadrature as quadrature_rule
 
 Baseline = Literal["zero"] | Tensor
@@ -89,44 +90,9 @@ def _prompt_ids(model: HookedModel, prompts: Sequence[str] | Sequence[Sequence[i
     return ids
 
 
-class _Replace:
-    """Pre-hooks on the down projections: rows [start, stop) of layer l get `values` at the last position."""
-
-    def __init__(self, projections: list[nn.Module]) -> None:
-        self.projections = projections
-        self.patches: dict[int, tuple[int, int, Tensor]] = {}
-        self.recorded: dict[int, Tensor] = {}
-
-    def hook(self, layer: int):
-        def pre(_module: nn.Module, args: tuple) -> tuple | None:
-            (x,) = args
-            self.recorded[layer] = x[:, -1].detach()
-            if layer not in self.patches:
-                return None
-            start, stop, values = self.patches[layer]
-            last = torch.cat([x[:start, -1], values.to(x.dtype), x[stop:, -1]])
-            return (torch.cat([x[:, :-1], last[:, None]], dim=1),)
-
-        return pre
-
-    def __enter__(self) -> _Replace:
-        self.handles = [p.register_forward_pre_hook(self.hook(i)) for i, p in enumerate(self.projections)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def last_activations(model: HookedModel, prompts: Sequence[str] | Sequence[Sequence[int]]) -> Tensor:
     """[n_prompts, n_layers, d_mlp] neuron activations at each prompt's last position."""
-    plain = plain_model(model)
-    out = []
-    with _Replace(down_projections(plain)) as replace, torch.no_grad():
-        for ids in _prompt_ids(model, prompts):
-            plain(torch.tensor([ids], device=model.device))
-            out.append(torch.stack([replace.recorded[layer][0] for layer in range(model.spec.n_layers)]))
-    return torch.stack(out).float()
+    return torch.stack([run_prompt(model, ids).activations.cpu() for ids in _prompt_ids(model, prompts)])
 
 
 def neuron_ig(
@@ -140,7 +106,8 @@ def neuron_ig(
     quadrature: str = "left",
     compat: str | None = None,
     implementation: Implementation = "cached",
-    max_rows: int = 256,
+    prompts_per_pass: int = 4,
+    max_rows: int | None = None,
     quiet: bool = False,
 ) -> NeuronAttribution:
     """IG scores of every MLP neuron at each prompt's last position for its target token's probability.
@@ -153,7 +120,10 @@ def neuron_ig(
         quadrature: `left` (k/m, k = 0..m-1), `midpoint`, `trapezoid`, `gauss-legendre`.
         compat: "ircan-code" reproduces the released IRCAN code's weighting (see `_grid`).
         implementation: "cached" (one-position rows over a cached prefix) or "full" (reference).
-        max_rows: rows per batched pass.
+        prompts_per_pass: prompts whose rows share the passes (`cached`; `full` takes one at a time).
+        max_rows: rows per pass, rounded to whole layers (the `steps` (+ 1) points of each prompt); default:
+            1024 one-position rows (`cached`), one layer of one prompt, i.e. `steps` (+ 1) copies of the
+            prompt, as in the released procedure (`full`).
     """
     ids = _prompt_ids(model, prompts)
     target_ids = _target_ids(model, targets)
@@ -173,97 +143,107 @@ def neuron_ig(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     alphas, weights = _grid(steps, quadrature, compat)
-    # two extra points per layer with weight 0, for the completeness check: alpha = 0 and alpha = 1
-    alphas = torch.cat([alphas, torch.tensor([0.0, 1.0], dtype=alphas.dtype)]).float()
-    weights = torch.cat([weights, torch.zeros(2, dtype=weights.dtype)]).float()
-    run = _cached_rows if implementation == "cached" else _full_rows
-    used = weights != 0
+    if not bool((alphas == 0).any()):  # alpha = 0 gives P(a_base) for the completeness check
+        alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
+    zero = int((alphas == 0).nonzero()[0])
+    alphas, weights = alphas.float(), weights.float()
     if implementation not in ("cached", "full"):
         raise ValueError(f"implementation must be 'cached' or 'full', got {implementation!r}")
+    if prompts_per_pass < 1 or (max_rows is not None and max_rows < 1):
+        raise ValueError(f"prompts_per_pass and max_rows must be >= 1, got {prompts_per_pass}, {max_rows}")
+    prepare, per_pass = (_cached, prompts_per_pass) if implementation == "cached" else (_full, 1)
+    rows = max_rows or (1024 if implementation == "cached" else len(alphas))
 
     n = len(ids)
     scores = torch.zeros(n, spec.n_layers, spec.d_mlp)
-    ig_total = torch.zeros(n, spec.n_layers)
     prob_delta = torch.zeros(n, spec.n_layers)
-    for i in tqdm(range(n), desc="neuron IG", unit="prompt", disable=quiet):
-        a_in = last_activations(model, [ids[i]])[0]  # [L, d_mlp]
-        a_base = torch.zeros_like(a_in) if isinstance(baseline, str) else baseline[i].float()
-        grads, probs = run(model, ids[i], target_ids[i], chosen, a_base, a_in, alphas, max_rows)
-        for j, layer in enumerate(chosen):
-            delta = a_in[layer] - a_base[layer]
-            scores[i, layer] = delta * (weights[used, None] * grads[j][used]).sum(0)  # endpoints: no weight
-            ig_total[i, layer] = scores[i, layer].sum()
-            prob_delta[i, layer] = probs[j, -1] - probs[j, -2]
-    return NeuronAttribution(scores, ig_total, prob_delta, chosen)
+    with tqdm(total=n, desc="neuron IG", unit="prompt", disable=quiet) as bar:
+        for start in range(0, n, per_pass):
+            batch = list(range(start, min(start + per_pass, n)))
+            a_in, logits, forward = prepare(model, [ids[i] for i in batch])  # [P, L, d], [P, vocab]
+            a_base = torch.zeros_like(a_in) if isinstance(baseline, str) else baseline[batch].float()
+            delta = (a_in - a_base)[:, chosen]  # [P, J, d]
+            values = a_base[:, chosen, None] + alphas[:, None] * delta[:, :, None]  # [P, J, K, d]
+            targets_here = torch.tensor([target_ids[i] for i in batch])
+            layers_per_pass = max(1, rows // (len(batch) * len(alphas)))
+            grads, probs = _run_rows(forward, chosen, values, targets_here, layers_per_pass)
+            scores[batch[0] : batch[-1] + 1, chosen] = delta * (weights[:, None] * grads).sum(2)
+            p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [P, 1]
+            prob_delta[batch[0] : batch[-1] + 1, chosen] = p_in - probs[:, :, zero]
+            bar.update(len(batch))
+    return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
 
 
-def _points(layers: list[int], alphas: Tensor, a_base: Tensor, a_in: Tensor) -> tuple[list[int], Tensor]:
-    """Row layer indices and interpolated activations [rows, d_mlp], layer-major (row = j * K + k)."""
-    row_layers = [layer for layer in layers for _ in range(len(alphas))]
-    base, delta = a_base[layers], (a_in - a_base)[layers]  # [J, d]
-    values = base[:, None] + alphas[None, :, None] * delta[:, None]  # [J, K, d]
-    return row_layers, values.reshape(-1, a_in.shape[-1])
+RowForward = Callable[[list[int], Tensor], Tensor]
 
 
 def _run_rows(
-    model: HookedModel,
-    forward,
-    row_layers: list[int],
-    values: Tensor,
-    target: int,
-    max_rows: int,
+    forward: RowForward, layers: list[int], values: Tensor, targets: Tensor, layers_per_pass: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients dP/da [rows, d_mlp] and probabilities P [rows] for the points, `max_rows` at a time."""
-    projections = down_projections(plain_model(model))
+    """Gradients dP/da [P, J, K, d_mlp] and probabilities P [P, J, K] at the points `values` [P, J, K, d_mlp].
+
+    `forward(layers, leaf)` returns the last position's logits [P, G, K, d_vocab] with layer `layers[g]`'s
+    neurons set to leaf[:, g]; it is called `layers_per_pass` layers at a time.
+    """
     grads, probs = [], []
-    for start in range(0, len(row_layers), max_rows):
-        chunk = row_layers[start : start + max_rows]
-        leaf = values[start : start + len(chunk)].clone().to(model.device).requires_grad_(True)
-        with _Replace(projections) as replace:
-            for layer in sorted(set(chunk)):
-                first = chunk.index(layer)
-                last = len(chunk) - chunk[::-1].index(layer)
-                replace.patches[layer] = (first, last, leaf[first:last])
-            with torch.enable_grad():
-                logits = forward(len(chunk))  # [rows, vocab] at the last position
-                p = logits.float().softmax(-1)[:, target]
-                (g,) = torch.autograd.grad(p.sum(), leaf)
+    for start in range(0, len(layers), layers_per_pass):
+        here = layers[start : start + layers_per_pass]
+        leaf = values[:, start : start + len(here)].clone().requires_grad_(True)
+        with torch.enable_grad():
+            logits = forward(here, leaf).float()
+            row_targets = targets.to(logits.device).repeat_interleave(logits.shape[1] * logits.shape[2])
+            p = TargetProbability.apply(logits.flatten(0, 2), row_targets)
+            (g,) = torch.autograd.grad(p.sum(), leaf)
         grads.append(g.float().cpu())
-        probs.append(p.detach().float().cpu())
-    return torch.cat(grads), torch.cat(probs)
+        probs.append(p.detach().float().cpu().reshape(leaf.shape[:3]))
+    return torch.cat(grads, 1), torch.cat(probs, 1)
 
 
-def _cached_rows(model, ids, target, layers, a_base, a_in, alphas, max_rows) -> tuple[Tensor, Tensor]:
+class TargetProbability(torch.autograd.Function):
+    """softmax(logits)[r, targets[r]] for logits [rows, d_vocab], light on memory traffic.
+
+    The log-normaliser is taken in row blocks (small temporaries), and the backward forms
+    p_t (onehot_t - softmax) in the logits' own storage: the logits must not be used after the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:
+        log_norm = torch.cat([block.logsumexp(-1) for block in logits.split(32)])
+        p = (logits.gather(1, targets[:, None])[:, 0] - log_norm).exp()
+        ctx.save_for_backward(logits, log_norm, p, targets)
+        return p
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        logits, log_norm, p, targets = ctx.saved_tensors
+        scale = grad * p
+        out = logits.sub_(log_norm[:, None]).exp_().mul_(-scale[:, None])
+        return out.scatter_add_(1, targets[:, None], scale[:, None]), None
+
+
+def _cached(model: HookedModel, prompts: list[list[int]]) -> tuple[Tensor, Tensor, RowForward]:
+    """One-position rows over the cached prefixes, each starting at its own layer."""
+    last = LastPositions.of(model, prompts)
+    last.check()
+    forward: RowForward = lambda layers, leaf: last.run_rows(layers, leaf.to(model.device))  # noqa: E731
+    return last.activations.cpu(), last.logits.cpu(), forward
+
+
+def _full(model: HookedModel, prompts: list[list[int]]) -> tuple[Tensor, Tensor, RowForward]:
+    """The reference: every row runs the whole prompt through the whole model (one prompt)."""
+    (ids,) = prompts
     plain = plain_model(model)
-    with torch.no_grad():
-        prefix = plain(torch.tensor([ids[:-1]], device=model.device), use_cache=True).past_key_values
-    keys_values = [(prefix.layers[i].keys, prefix.layers[i].values) for i in range(len(prefix.layers))]
-    last = torch.tensor([[ids[-1]]], device=model.device)
-
-    def forward(rows: int) -> Tensor:
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(keys_values):
-            cache.update(k.expand(rows, *k.shape[1:]), v.expand(rows, *v.shape[1:]), i)
-        return plain(last.expand(rows, 1), past_key_values=cache, use_cache=True).logits[:, -1]
-
-    return _reshape(
-        *_run_rows(model, forward, *_points(layers, alphas, a_base, a_in), target, max_rows), layers
-    )
-
-
-def _full_rows(model, ids, target, layers, a_base, a_in, alphas, max_rows) -> tuple[Tensor, Tensor]:
-    plain = plain_model(model)
+    projections = down_projections(plain)
     full = torch.tensor([ids], device=model.device)
 
-    def forward(rows: int) -> Tensor:
-        return plain(full.expand(rows, -1)).logits[:, -1]
+    def forward(layers: list[int], leaf: Tensor) -> Tensor:  # leaf [1, G, K, d]
+        points = leaf.shape[2]
+        with Replace(projections) as replace:
+            for g, layer in enumerate(layers):
+                index = torch.arange(g * points, (g + 1) * points, device=model.device)
+                replace.patches[layer] = (index, leaf[0, g].to(model.device))
+            logits = plain(full.expand(len(layers) * points, -1)).logits[:, -1]
+        return logits.reshape(1, len(layers), points, -1)
 
-    return _reshape(
-        *_run_rows(model, forward, *_points(layers, alphas, a_base, a_in), target, max_rows), layers
-    )
-
-
-def _reshape(grads: Tensor, probs: Tensor, layers: list[int]) -> tuple[Tensor, Tensor]:
-    """-> grads [J, K, d_mlp], probs [J, K]."""
-    j = len(layers)
-    return grads.reshape(j, -1, grads.shape[-1]), probs.reshape(j, -1)
+    run = run_prompt(model, ids)
+    return run.activations[None].cpu(), run.logits[None].cpu(), forward

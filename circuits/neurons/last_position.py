@@ -1,0 +1,315 @@
+"""One-position passes over a cached prefix, each row entering the layer stack at its own layer.
+
+Neuron IG moves one layer's neuron activations at the prompt's last position and leaves every earlier
+position as it is (causal attention). So the prefix is run once and its keys and values kept; the last
+position is run with it (`LastPositions.of`), recording each decoder block's input there, and the exact
+arguments the model passes to each block for that position are recorded too; then a row that moves layer
+l's neurons starts at block l with that recorded input (its down projection fed the moved activations) and
+runs blocks l+1.. over the cached prefix. Blocks below l are never run for it, forward or backward: on
+average half the layers. Several prompts share each pass (rows kept prompt-major), so the weights are read
+and the per-operation costs paid once for all of them.
+
+The blocks are called as the model itself calls them (recorded arguments), with one change: their attention
+is `prefix_attention`, which takes the row's own key and value plus its prompt's cached prefix (one matrix
+product per prompt and key/value head, no per-row copies of the prefix, no gradient computed for it). The
+output head is the bridge adapter's final norm and unembedding. `check` compares the whole route with the
+model's own logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, Cache
+
+from circuits.models.hooked import HookedModel
+from circuits.models.plain import down_projections, plain_model
+
+
+class Replace:
+    """Pre-hooks on the down projections: at layer l, rows `index` get `values` at the last position.
+
+    Also records each projection's input at the last position (the layer's neuron activations).
+    """
+
+    def __init__(self, projections: list[nn.Module]) -> None:
+        self.projections = projections
+        self.patches: dict[int, tuple[Tensor, Tensor]] = {}
+        self.recorded: dict[int, Tensor] = {}
+
+    def hook(self, layer: int) -> Callable[[nn.Module, tuple], tuple | None]:
+        def pre(_module: nn.Module, args: tuple) -> tuple | None:
+            (x,) = args
+            self.recorded[layer] = x[:, -1].detach()
+            if layer not in self.patches:
+                return None
+            index, values = self.patches[layer]
+            last = x[:, -1].index_copy(0, index, values.to(x.dtype))
+            return (torch.cat([x[:, :-1], last[:, None]], dim=1),)
+
+        return pre
+
+    def __enter__(self) -> Replace:
+        self.handles = [p.register_forward_pre_hook(self.hook(i)) for i, p in enumerate(self.projections)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class LastPositions:
+    """Prompts' last positions, each run once over its cached prefix (no gradients)."""
+
+    model: HookedModel
+    prefix_keys: list[Tensor]  # per layer [prompts, kv_heads, n_prefix, d_head], zero-padded at the end
+    prefix_values: list[Tensor]  # per layer, same shape
+    prefix_valid: Tensor  # [prompts, n_prefix] bool, False on the padding
+    calls: list[tuple[tuple, dict[str, Any]]]  # per block, the arguments after the hidden states
+    block_outputs: list[Tensor]  # per block, its output [prompts, 1, d_model]
+    top_input: Tensor  # [prompts, 1, d_model] the last block's input (for `check`)
+    activations: Tensor  # [prompts, n_layers, d_mlp] neuron activations
+    logits: Tensor  # [prompts, d_vocab]
+
+    @classmethod
+    def of(cls, model: HookedModel, prompts: list[list[int]]) -> LastPositions:
+        runs = [run_prompt(model, ids) for ids in prompts]
+        n_layers = len(runs[0].block_outputs)
+        n_prefix = max(len(ids) - 1 for ids in prompts)
+        valid = torch.zeros(len(prompts), n_prefix, dtype=torch.bool, device=model.device)
+        for p, ids in enumerate(prompts):
+            valid[p, : len(ids) - 1] = True
+
+        def padded(tensors: list[Tensor]) -> Tensor:  # [1, kv_heads, n, d_head] each -> [prompts, ...]
+            return torch.cat([nn.functional.pad(t, (0, 0, 0, n_prefix - t.shape[2])) for t in tensors])
+
+        return cls(
+            model,
+            [padded([r.keys[j] for r in runs]) for j in range(n_layers)],
+            [padded([r.values[j] for r in runs]) for j in range(n_layers)],
+            valid,
+            _block_calls(model, prompts),
+            [torch.cat([r.block_outputs[j] for r in runs]) for j in range(n_layers)],
+            torch.cat([r.top_input for r in runs]),
+            torch.stack([r.activations for r in runs]),
+            torch.stack([r.logits for r in runs]),
+        )
+
+    def run_rows(self, layers: list[int], leaf: Tensor) -> Tensor:
+        """Logits [prompts, groups, points, d_vocab] with layer `layers[g]`'s neurons set to leaf[:, g].
+
+        leaf: [prompts, groups, points, d_mlp], `layers` increasing. The rows of group g join after block
+        layers[g]: its recorded output plus the change the moved neurons make through the down projection
+        (the block adds the projection's output to the residual stream; `check` tests this). Gradients reach
+        the leaf through the blocks above only.
+        """
+        n_prompts, _, points, _ = leaf.shape
+        d_model = self.block_outputs[0].shape[-1]
+        projections = down_projections(plain_model(self.model, PREFIX_ROWS))
+        hidden = self.block_outputs[0].new_zeros(n_prompts, 0, d_model)  # prompt-major rows
+        for j in range(layers[0], len(self.calls)):
+            if hidden.shape[1]:
+                hidden = self._block(j, hidden)
+            if j in layers:
+                down = projections[j]
+                moved = leaf[:, layers.index(j)].contiguous().to(hidden.dtype)  # [prompts, points, d_mlp]
+                clean = self.activations[:, j, None].contiguous()
+                joining = self.block_outputs[j] + (down(moved) - down(clean))
+                hidden = torch.cat([hidden, joining], dim=1)
+        return self.head(hidden).unflatten(1, (len(layers), points))
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """[..., d_model] last block outputs -> [..., d_vocab] logits (final norm, unembedding)."""
+        return _submodule(self.model, "unembed")(_submodule(self.model, "ln_final")(hidden))
+
+    def check(self) -> None:
+        """Rows through the top block reproduce the model: its clean output and the logits (with
+        `prefix_attention`), and the residual change when its neurons are moved (here halved)."""
+        top = len(self.calls) - 1
+        n_prompts = self.top_input.shape[0]
+        projections = down_projections(plain_model(self.model, PREFIX_ROWS))
+        clean = self.activations[:, top].contiguous()
+        halved = clean / 2
+        with torch.no_grad():
+            with Replace(projections) as replace:
+                replace.patches[top] = (torch.arange(n_prompts, device=halved.device) * 2 + 1, halved)
+                out = self._block(top, self.top_input.expand(-1, 2, -1))  # rows: clean, halved
+            down = projections[top]
+            expected = self.block_outputs[top][:, 0] + down(halved) - down(clean)
+            logits = self.head(out[:, 0]).float()
+        scale = float(self.block_outputs[top].abs().max())
+        same_block = torch.allclose(out[:, 0], self.block_outputs[top][:, 0], rtol=1e-4, atol=1e-4 * scale)
+        additive = torch.allclose(out[:, 1], expected, rtol=1e-4, atol=1e-4 * scale)
+        same_logits = torch.allclose(
+            logits, self.logits, rtol=1e-4, atol=1e-4 * float(self.logits.abs().max())
+        )
+        if not (same_block and additive and same_logits):
+            raise RuntimeError(
+                f"{self.model.spec.name}: one-position rows do not reproduce the model for this architecture "
+                f"(block {same_block}, MLP output added to the residual {additive}, logits {same_logits}); "
+                "use implementation='full'"
+            )
+
+    def _block(self, j: int, hidden: Tensor) -> Tensor:
+        """Block j on rows [prompts, rows per prompt, d_model] at the last position -> same shape."""
+        n_prompts, per_prompt, d_model = hidden.shape
+        args, kwargs = _per_row(self.calls[j], n_prompts, per_prompt)
+        block = _submodule(self.model, "blocks", PREFIX_ROWS)[j]
+        prefix = (self.prefix_keys[j], self.prefix_values[j], self.prefix_valid)
+        out = block(hidden.reshape(-1, 1, d_model), *args, **kwargs, prefix=prefix)
+        return (out[0] if isinstance(out, tuple) else out).reshape(n_prompts, per_prompt, d_model)
+
+
+def prefix_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    prefix: tuple[Tensor, Tensor, Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention of one-position rows over their prompt's cached prefix plus their own key and value.
+
+    query [rows, heads, 1, d_head]; key, value [rows, kv_heads, 1, d_head] (the row's own position), rows
+    prompt-major; prefix: keys and values [prompts, kv_heads, n_prefix, d_head] and which prefix positions
+    are real [prompts, n_prefix]. Returns [rows, 1, heads, d_head] as Hugging Face attention functions do.
+    The last position sees its whole prefix, so `attention_mask` has nothing to add.
+    """
+    if prefix is None:
+        raise RuntimeError(f"{type(module).__name__} does not pass its keyword arguments to its attention")
+    prefix_keys, prefix_values, valid = prefix
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+    window = kwargs.get("sliding_window")
+    if window is not None and prefix_keys.shape[2] + 1 > window:
+        unsupported.append("sliding_window shorter than the prompt")
+    if unsupported or query.shape[2] != 1:
+        raise RuntimeError(f"prefix_attention does not handle {unsupported or 'several query positions'}")
+    rows, heads, _, d_head = query.shape
+    n_prompts, kv_heads = prefix_keys.shape[:2]
+    shape = (n_prompts, rows // n_prompts, kv_heads, heads // kv_heads, d_head)
+    q = query.reshape(shape) * scaling
+    own = (q * key.reshape(*shape[:3], 1, d_head)).sum(-1, keepdim=True)  # [p, n, kv, group, 1]
+    scores = torch.einsum("pnkgd,pktd->pnkgt", q, prefix_keys)
+    scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
+    weights = torch.cat([scores, own], -1).softmax(-1)
+    out = torch.einsum("pnkgt,pktd->pnkgd", weights[..., :-1], prefix_values)
+    out = out + weights[..., -1:] * value.reshape(*shape[:3], 1, d_head)
+    return out.reshape(rows, 1, heads, d_head), None
+
+
+PREFIX_ROWS = "circuits_prefix_rows"
+AttentionInterface.register(PREFIX_ROWS, prefix_attention)
+
+
+@dataclass
+class PromptRun:
+    """What one no-gradient pass over a prompt leaves: the prefix's cache and the last position's states."""
+
+    keys: list[Tensor]  # per layer [1, kv_heads, n_prefix, d_head]
+    values: list[Tensor]
+    block_outputs: list[Tensor]  # per block [1, 1, d_model] at the last position
+    top_input: Tensor  # [1, 1, d_model]
+    activations: Tensor  # [n_layers, d_mlp] float32
+    logits: Tensor  # [d_vocab] float32
+
+
+def run_prompt(model: HookedModel, ids: list[int]) -> PromptRun:
+    """One pass over the prompt: the prefix's keys and values, the blocks' outputs at the last position."""
+    plain = plain_model(model)
+    blocks = _submodule(model, "blocks")
+    outputs: list[Tensor] = []
+    inputs: list[Tensor] = []
+
+    def record_input(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        inputs.append((args[0] if args else kwargs["hidden_states"])[:, -1:].detach())
+
+    def record_output(_module: nn.Module, _args: tuple, out: Any) -> None:
+        outputs.append((out[0] if isinstance(out, tuple) else out)[:, -1:].detach())
+
+    with torch.no_grad():
+        handles = [b.register_forward_hook(record_output) for b in blocks]
+        handles.append(blocks[-1].register_forward_pre_hook(record_input, with_kwargs=True))
+        try:
+            with Replace(down_projections(plain)) as replace:
+                out = plain(torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+    cache = out.past_key_values.layers
+    return PromptRun(
+        [layer.keys[:, :, :-1] for layer in cache],
+        [layer.values[:, :, :-1] for layer in cache],
+        outputs,
+        inputs[0],
+        torch.stack([replace.recorded[j][0] for j in range(len(blocks))]).float(),
+        out.logits[0, -1].float(),
+    )
+
+
+class _Recorded(Exception):
+    """Raised by the last stub block: every block's arguments are known, the pass can stop."""
+
+
+def _block_calls(model: HookedModel, prompts: list[list[int]]) -> list[tuple[tuple, dict[str, Any]]]:
+    """The arguments (after the hidden states) the model gives each block at the prompts' last positions.
+
+    Found by one pass of the base model over the last tokens (batch of prompts, their positions given)
+    whose blocks, replaced by stubs, only record what they are given: no block computation. Cache arguments
+    are dropped (`prefix_attention` brings the prefix).
+    """
+    blocks = _submodule(model, "blocks")
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+
+    def stub(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        args = tuple(None if isinstance(a, Cache) else a for a in args[1:])
+        calls.append((args, {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}))
+        if len(calls) == len(blocks):
+            raise _Recorded
+        return hidden
+
+    ids = torch.tensor([[p[-1]] for p in prompts], device=model.device)
+    positions = torch.tensor([[len(p) - 1] for p in prompts], device=model.device)
+    for block in blocks:
+        block.forward = stub
+    try:
+        with torch.no_grad():
+            plain_model(model).base_model(ids, position_ids=positions, use_cache=False)
+    except _Recorded:
+        return calls
+    finally:
+        for block in blocks:
+            del block.forward
+    raise RuntimeError(f"{model.spec.name}: the model did not call all {len(blocks)} blocks")
+
+
+def _per_row(call: tuple[tuple, dict[str, Any]], n_prompts: int, per_prompt: int) -> tuple[tuple, dict]:
+    """A recorded block call made for `per_prompt` prompt-major rows of each prompt.
+
+    Tensors recorded with one entry per prompt along their first axis (position embeddings, position ids)
+    are repeated per row; the rest is passed as recorded.
+    """
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return type(value)(expand(v) for v in value)
+        if isinstance(value, Tensor) and n_prompts > 1 and value.dim() > 0 and value.shape[0] == n_prompts:
+            return value.repeat_interleave(per_prompt, dim=0)
+        return value
+
+    args, kwargs = call
+    return expand(args), {k: expand(v) for k, v in kwargs.items()}
+
+
+def _submodule(model: HookedModel, component: str, attention: str | None = None) -> Any:
+    """The plain model's module for a bridge component ("blocks", "ln_final", "unembed")."""
+    name = model.bridge.adapter.component_mapping[component].name
+    return plain_model(model, attention).get_submodule(name)
