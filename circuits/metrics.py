@@ -1,12 +1,16 @@
 """Task metrics: a scalar per example from logits at the last real position of each prompt.
 
 A metric is a callable `metric(logits, pairs, clean_logits) -> [batch]` with logits [batch, pos, d_vocab];
-`clean_logits` (same shape) is given for metrics that compare with the clean run (KL).
+`clean_logits` (same shape) is given for metrics that compare with the clean run (KL). A metric that reads
+logits only through `last_logits` may say so with `last_position = True` (the `last_position` decorator):
+the attribution engine then unembeds only each prompt's last real position and passes logits
+[batch, 1, d_vocab], skipping the unembedding of every other position.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -18,8 +22,24 @@ class Metric(Protocol):
     def __call__(self, logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor: ...
 
 
+F = TypeVar("F", bound=Callable)
+
+
+def last_position(metric: F) -> F:
+    """Mark `metric` as reading logits only through `last_logits`."""
+    metric.last_position = True  # type: ignore[attr-defined]
+    return metric
+
+
+def reads_last_position(metric: Metric) -> bool:
+    return bool(getattr(metric, "last_position", False))
+
+
 def last_logits(logits: Tensor, pairs: PromptPairs) -> Tensor:
-    """[batch, d_vocab] logits at each prompt's last real token."""
+    """[batch, d_vocab] logits at each prompt's last real token; logits [batch, pos, d_vocab], or
+    [batch, 1, d_vocab] already taken there."""
+    if logits.shape[1] == 1:
+        return logits[:, 0]
     rows = torch.arange(logits.shape[0], device=logits.device)
     return logits[rows, (pairs.lengths.to(logits.device) - 1)]
 
@@ -28,18 +48,21 @@ def _pick(last: Tensor, ids: Tensor) -> Tensor:
     return last.gather(1, ids.to(last.device)[:, None])[:, 0]
 
 
+@last_position
 def logit_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
     """logit(answer) - logit(distractor) at the last real position, [batch]."""
     last = last_logits(logits, pairs).float()
     return _pick(last, pairs.answer) - _pick(last, pairs.distractor)
 
 
+@last_position
 def prob_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
     """p(answer) - p(distractor) at the last real position, [batch]."""
     probs = last_logits(logits, pairs).float().softmax(-1)
     return _pick(probs, pairs.answer) - _pick(probs, pairs.distractor)
 
 
+@last_position
 def kl_divergence(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
     """KL(clean || this run) of the next-token distribution at the last real position, [batch]."""
     if clean_logits is None:
@@ -49,6 +72,7 @@ def kl_divergence(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | Non
     return (logq.exp() * (logq - logp)).sum(-1)
 
 
+@last_position
 def answer_logprob(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
     """log p(answer) at the last real position, [batch]."""
     return _pick(last_logits(logits, pairs).float().log_softmax(-1), pairs.answer)

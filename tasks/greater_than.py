@@ -30,6 +30,8 @@ CENTURIES = ["15", "16", "17", "18"]
 class GreaterThanMetric:
     """p(number tokens >= answer) - p(number tokens <= distractor) at the last position, [batch]."""
 
+    last_position = True  # reads logits through `last_logits` only
+
     def __init__(self, number_ids: list[int]) -> None:
         self.number_ids = torch.tensor(number_ids)  # ordered: value i has id number_ids[i]
         self.__name__ = "greater_than_prob_diff"

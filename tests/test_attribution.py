@@ -219,3 +219,54 @@ def test_hand_built_circuit_is_ranked_first():
         for name in known:
             rest[graph.edge_index(name)] = 0
         assert rest.abs().max() < 1e-6, method  # zero up to float32 rounding of the metric
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "clean-corrupted", "eap-ig-activations"])
+def test_edge_level_node_scores_equal_node_level(tiny, method):
+    """At edge level node scores are edge sums over destinations; at node level they come from the
+    gradients at the sources' outputs: every read of the residual stream being a destination, they agree."""
+    pairs = make_pairs(tiny)
+    kwargs = {"method": method, "ig_steps": 3, "quiet": True}
+    by_edges = attribute(tiny, Graph.from_model(tiny), pairs, level="edge", **kwargs).node_scores
+    direct = attribute(tiny, Graph.from_model(tiny), pairs, level="node", **kwargs).node_scores
+    torch.testing.assert_close(by_edges, direct, rtol=1e-4, atol=1e-5 * float(direct.abs().max()))
+
+
+@pytest.mark.parametrize("subtract", [False, True])
+def test_source_recording_layouts_agree(tiny, subtract):
+    """Head results computed straight into source-major storage equal the generic per-head write."""
+    from circuits.attribution.recorder import source_buffer, source_hooks
+
+    pairs = make_pairs(tiny)
+    graph = Graph.from_model(tiny)
+    b, p = pairs.clean.shape
+    fast = source_buffer(graph, b, p, tiny.device)
+    generic = torch.zeros(b, p, graph.n_sources, graph.spec.d_model)
+    start = torch.randn(b, p, graph.n_sources, graph.spec.d_model)
+    fast.copy_(start)
+    generic.copy_(start)
+    for out in (fast, generic):
+        with torch.no_grad(), tiny.hooks(source_hooks(tiny, graph, out, subtract=subtract)):
+            tiny(pairs.clean, pairs.attention_mask)
+    assert not torch.equal(fast, start)
+    torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "exact"])
+@pytest.mark.parametrize("metric", ["logit_diff", "kl"])
+def test_last_position_shortcut_matches_full_logits(tiny, method, metric):
+    """A metric marked `last_position` gets logits unembedded at the last real positions only; the same
+    metric seen as an unmarked callable gets every position: the scores agree."""
+    from circuits.metrics import METRICS
+
+    pairs = make_pairs(tiny)
+    kwargs = {"method": method, "ig_steps": 3, "quiet": True}
+
+    def unmarked(logits, pairs, clean_logits=None):
+        assert logits.shape[1] == pairs.n_positions
+        return METRICS[metric](logits, pairs, clean_logits)
+
+    short = attribute(tiny, Graph.from_model(tiny), pairs, metric=metric, **kwargs)
+    full = attribute(tiny, Graph.from_model(tiny), pairs, metric=unmarked, **kwargs)
+    torch.testing.assert_close(short.edge_scores, full.edge_scores, rtol=1e-4, atol=1e-6)
+    assert short.metric_clean == pytest.approx(full.metric_clean, rel=1e-5, abs=1e-7)

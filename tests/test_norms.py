@@ -5,28 +5,52 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from circuits.models.norms import _autograd_projected_vjp, projected_norm_vjp
+from circuits.models.norms import ProjectedNorm
 
 
-@pytest.mark.parametrize("norm", [LlamaRMSNorm(16, eps=1e-5), nn.LayerNorm(16)])
-def test_closed_form_matches_autograd(norm: nn.Module) -> None:
+class TanhNorm(nn.Module):
+    """A norm with no closed form here: the autograd path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) / x.norm(dim=-1, keepdim=True)
+
+
+def _problem(steps: int, b: int = 2) -> tuple[torch.Tensor, ...]:
     torch.manual_seed(0)
-    norm = norm.double()
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(16))
-    steps, b = 3, 2
     x = torch.randn(steps * b, 4, 16, dtype=torch.float64) * 3 + 1
     grads = torch.randn(steps * b, 4, 5, 8, dtype=torch.float64)
     w = torch.randn(5, 8, 16, dtype=torch.float64)
-    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    weights = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)[:steps]
+    return x, grads, w, weights
+
+
+def _by_hand(norm: nn.Module, x, grads, w, weights) -> torch.Tensor:
+    """One autograd pull-back per step and head."""
+    steps = weights.shape[0]
+    b = x.shape[0] // steps
     expected = torch.zeros(b, 4, 5, 16, dtype=torch.float64)
-    by_hand = expected  # one autograd pull-back per step and head
     for k in range(steps):
         rows = slice(k * b, (k + 1) * b)
         for n in range(5):
             xk = x[rows].clone().requires_grad_(True)
             (grad,) = torch.autograd.grad(norm(xk), xk, grads[rows, :, n] @ w[n])
-            by_hand[:, :, n] += weights[k] * grad
+            expected[:, :, n] += weights[k] * grad
+    return expected
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("norm", [LlamaRMSNorm(16, eps=1e-5), nn.LayerNorm(16), TanhNorm()])
+def test_pull_back_matches_autograd(norm: nn.Module, steps: int) -> None:
+    norm = norm.double()
+    if hasattr(norm, "weight"):
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(16))
+    x, grads, w, weights = _problem(steps)
+    expected = _by_hand(norm, x, grads, w, weights)
+    projected = ProjectedNorm(norm, w)
+    assert (projected.folded is None) == isinstance(norm, TanhNorm)
     tol = {"rtol": 1e-5, "atol": 1e-5}  # LlamaRMSNorm computes in float32 whatever its input
-    torch.testing.assert_close(projected_norm_vjp(norm, x, grads, w, weights), by_hand, **tol)
-    torch.testing.assert_close(_autograd_projected_vjp(norm, x, grads, w, weights), by_hand, **tol)
+    torch.testing.assert_close(projected.vjp(x, grads, weights), expected, **tol)
+    out = torch.empty(5, x.shape[0] // steps * 4 * 16, dtype=torch.float64)  # written in place, head-major
+    torch.testing.assert_close(projected.vjp(x, grads, weights, out=out), expected, **tol)
+    torch.testing.assert_close(out.view(5, -1, 4, 16).permute(1, 2, 0, 3), expected, **tol)

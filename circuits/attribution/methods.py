@@ -26,7 +26,7 @@ from circuits.attribution.recorder import ScoreRecorder, source_buffer, source_g
 from circuits.data import PromptPairs
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation, forward_with_node_ablation
-from circuits.metrics import Metric
+from circuits.metrics import Metric, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.quadrature import quadrature
 
@@ -88,6 +88,15 @@ def _acts(job: Job, rows: int, role: str) -> Tensor:
     return cached
 
 
+def _node_totals(edges: Tensor | None, nodes: Tensor) -> Tensor:
+    """[n_sources] node scores summed over the batch.
+
+    At edge level they are the edge scores summed over destinations: every read of the residual stream
+    is a destination, so a source's output gradient is the sum of its destinations' input gradients.
+    """
+    return edges.sum(1) if edges is not None else nodes.sum(0)
+
+
 def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
     """Zeroed edge sums [n_sources, n_destinations] (edge level only), per-example node scores [b, n_src]."""
     device, graph = job.model.device, job.graph
@@ -101,10 +110,24 @@ def _difference(job: Job, ablated: Tensor, clean: Tensor) -> Tensor:
 
 
 def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> Tensor:
+    """Logits of rows `ids` (whole batches of the job's prompts): [rows, P, d_vocab], or [rows, 1, d_vocab]
+    at the last real positions when the metric reads nothing else."""
     mask = job.pairs.attention_mask.to(ids.device)
     mask = mask.repeat(ids.shape[0] // mask.shape[0], 1)
+    if reads_last_position(job.metric):
+        hooks = [*hooks, (job.model.unembed_in_hook, _at_last_positions(job.pairs.lengths))]
     with torch.set_grad_enabled(grad), job.model.hooks(hooks):
         return job.model(ids, mask)
+
+
+def _at_last_positions(lengths: Tensor) -> HookFn:
+    """Unembedding-input hook keeping each row's last real position (rows: repeats of the batch)."""
+
+    def keep(x: Tensor) -> Tensor:
+        last = lengths.to(x.device).repeat(x.shape[0] // lengths.shape[0]) - 1
+        return x[torch.arange(x.shape[0], device=x.device), last][:, None]
+
+    return keep
 
 
 def _grad_leaf(x: Tensor) -> Tensor:
@@ -173,7 +196,9 @@ def eap(job: Job) -> BatchResult:
     b = len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
-    recorder = ScoreRecorder(job.model, job.graph, torch.ones(1), edges, nodes, delta)
+    recorder = ScoreRecorder(
+        job.model, job.graph, torch.ones(1), edges, nodes, delta, workspace=job.workspace
+    )
     hooks = [
         (job.model.input_hook, _grad_leaf),
         *source_hooks(job.model, job.graph, delta, subtract=True),
@@ -184,7 +209,7 @@ def eap(job: Job) -> BatchResult:
     values = _check_metric(_metric(job, logits, clean_logits), b)
     recorder.backward(values.sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    return BatchResult(edges, nodes.sum(0), values.detach(), metric_corrupted, None)
+    return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
 
 
 @register("clean-corrupted")
@@ -193,14 +218,16 @@ def clean_corrupted(job: Job) -> BatchResult:
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
     acts = _acts(job, 2 * b, "clean")
     edges, nodes = _accumulators(job)
-    recorder = ScoreRecorder(job.model, job.graph, torch.full((2,), 0.5), edges, nodes)
+    recorder = ScoreRecorder(
+        job.model, job.graph, torch.full((2,), 0.5), edges, nodes, workspace=job.workspace
+    )
     hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
     values = _check_metric(_metric(job, logits, clean_logits, repeat=2), 2 * b)
     recorder.delta = _difference(job, acts[b:], acts[:b])
     recorder.backward(values.sum())
-    return BatchResult(edges, nodes.sum(0), values[:b].detach(), values[b:].detach(), None)
+    return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
 
 
 @register("eap-ig-inputs")
@@ -221,14 +248,14 @@ def eap_ig_inputs(job: Job) -> BatchResult:
             mixed = e_corr.repeat(m, 1, 1) + a * (e_clean - e_corr).repeat(m, 1, 1)
             return mixed.to(x.dtype).requires_grad_(True)
 
-        recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta)
+        recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta, workspace=job.workspace)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
         logits = _run(job, ids, [(model.input_hook, interpolate), *recorder.hooks()], grad=True)
         recorder.backward(_check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum())
     ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
     return BatchResult(
         edges,
-        nodes.sum(0),
+        _node_totals(edges, nodes),
         _metric(job, clean_logits, clean_logits),
         _metric(job, corrupted_logits, clean_logits),
         ig_total,
@@ -249,13 +276,17 @@ def eap_ig_activations(job: Job) -> BatchResult:
             def interpolate(x: Tensor, a: Tensor = a, m: int = m, c=clean_out, dlt=delta_out) -> Tensor:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
 
-            recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta, sources=members)
+            recorder = ScoreRecorder(
+                model, graph, weights, edges, nodes, delta, sources=members, workspace=job.workspace
+            )
             logits = _run(
                 job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True
             )
             recorder.backward(_check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    return BatchResult(edges, nodes.sum(0), _metric(job, clean_logits, clean_logits), metric_corrupted, None)
+    return BatchResult(
+        edges, _node_totals(edges, nodes), _metric(job, clean_logits, clean_logits), metric_corrupted, None
+    )
 
 
 def _group_output(

@@ -48,7 +48,11 @@ def source_hooks(
     model: HookedModel, graph: Graph, out: Tensor, subtract: bool = False
 ) -> list[tuple[str, HookFn]]:
     """Hooks writing every source's output into `out` [B, P, n_sources, d_model] (no grad), or, with
-    `subtract`, subtracting it from what `out` holds (turning ablated outputs into ablated - current)."""
+    `subtract`, subtracting it from what `out` holds (turning ablated outputs into ablated - current).
+
+    A layer's head results z_h W_O[h] are computed straight into `out` when it is source-major storage
+    (`source_buffer`) covering all positions: one matmul per layer, the subtraction fused into it.
+    """
 
     def write(index: int | slice, transform: Callable[[Tensor], Tensor] | None = None) -> HookFn:
         def fn(x: Tensor) -> None:
@@ -61,11 +65,30 @@ def source_hooks(
 
         return fn
 
+    def write_heads(layer: int) -> HookFn:
+        heads = graph.head_sources(layer)
+        w_o = model.W_O(layer)
+        generic = write(heads, _head_results(model, layer))
+
+        def fn(z: Tensor) -> None:
+            storage = out.permute(2, 0, 1, 3)[heads]  # [n_heads, B, P, d] for source-major storage
+            if not storage.is_contiguous() or z.shape[:2] != out.shape[:2] or z.dtype != out.dtype:
+                generic(z)
+                return
+            with torch.no_grad():
+                n, rows = w_o.shape[0], z.shape[0] * z.shape[1]
+                z_heads = z.reshape(rows, n, -1).transpose(0, 1)  # [n_heads, B * P, d_head]
+                target = storage.view(n, rows, -1)
+                if subtract:
+                    target.baddbmm_(z_heads, w_o.to(z.dtype), alpha=-1.0)
+                else:
+                    torch.bmm(z_heads, w_o.to(z.dtype), out=target)
+
+        return fn
+
     hooks = [(model.input_hook, write(0))]
     for layer in range(graph.spec.n_layers):
-        hooks.append(
-            (model.head_z_hook(layer), write(graph.head_sources(layer), _head_results(model, layer)))
-        )
+        hooks.append((model.head_z_hook(layer), write_heads(layer)))
         hooks.append((model.mlp_out_hook(layer), write(graph.mlp_source(layer))))
     return hooks
 
@@ -92,7 +115,8 @@ def valid_prefixes(graph: Graph) -> list[int]:
 
 class ScoreRecorder:
     """Backward hooks adding, for the sources in `sources`, edge scores sum_{b,p} delta_u . g_v into
-    `edges` [n_sources, n_destinations] and per-example node scores delta_u . g_u into `nodes` [b, n_sources].
+    `edges` [n_sources, n_destinations] and per-example node scores delta_u . g_u into `nodes` [b, n_sources]
+    (with `edges`, only the input's: the other node scores are then the edge sums over destinations).
 
     Args:
         weights: [steps] quadrature weights; the forward batch holds steps x b rows, step-major.
@@ -101,6 +125,7 @@ class ScoreRecorder:
         edges: accumulator, or None for node scores only.
         sources: the contiguous range of sources to score (all by default).
         flush_columns: destinations whose gradients are queued before one score matmul.
+        workspace: where the queue's storage is kept for the next recorder of the same shape.
     """
 
     def __init__(
@@ -113,6 +138,7 @@ class ScoreRecorder:
         delta: Tensor | None = None,
         sources: slice = slice(None),
         flush_columns: int = 64,
+        workspace: dict[str, Tensor] | None = None,
     ) -> None:
         self.model, self.graph, self.weights = model, graph, weights
         self.edges, self.nodes, self.delta = edges, nodes, delta
@@ -122,7 +148,8 @@ class ScoreRecorder:
         self._resid: dict[int, Tensor] = {}
         self._qkv: dict[int, dict[str, Tensor]] = {}
         self._prefix = valid_prefixes(graph)
-        self._pending: list[tuple[int, Tensor]] = []  # (first destination, gradients [n, b * P * d])
+        self._workspace = {} if workspace is None else workspace
+        self._pending: list[tuple[int, int]] = []  # (first destination, count) of the queued blocks
         self._n_pending = 0
 
     # ---------------------------------------------------------------------------------- scoring
@@ -136,15 +163,28 @@ class ScoreRecorder:
         w = self.weights.to(g.device, torch.float32).reshape(steps, *([1] * (g.dim() - 1)))
         return (w * g).sum(0)
 
-    def _score_edges(self, cols: slice | int, g: Tensor) -> None:
-        """Queue the folded gradient g: [b, P, d] (destination `cols`) or [b, P, n, d] (block `cols`)."""
-        if g.dim() == 3:
-            g = g.unsqueeze(2)
-        first = cols if isinstance(cols, int) else cols.start
-        self._pending.append((first, g.permute(2, 0, 1, 3).reshape(g.shape[2], -1)))
-        self._n_pending += g.shape[2]
+    def _queue(self, first: int, n: int, width: int, device: torch.device) -> Tensor:
+        """Rows [n, width] of the queue's storage for destinations first.., to be written by the caller."""
+        capacity = self.flush_columns + self.graph.spec.n_heads + 2 * self.graph.spec.n_kv_heads
+        if self._n_pending + n > capacity:
+            self.flush()
+        storage = self._workspace.get("queue")
+        if storage is None or storage.shape != (capacity, width) or storage.device != device:
+            storage = torch.empty(capacity, width, device=device)
+            self._workspace["queue"] = storage
+        rows = storage[self._n_pending : self._n_pending + n]
+        self._pending.append((first, n))
+        self._n_pending += n
+        return rows
+
+    def _queued(self) -> None:
         if self._n_pending >= self.flush_columns:
             self.flush()
+
+    def _score_edges(self, cols: int, g: Tensor) -> None:
+        """Queue the folded gradient g [b, P, d] of destination `cols`."""
+        self._queue(cols, 1, g.numel(), g.device).view_as(g).copy_(g)
+        self._queued()
 
     def flush(self) -> None:
         """Score the queued destinations in one matmul delta[rows] @ G^T, invalid pairs dropped.
@@ -156,8 +196,8 @@ class ScoreRecorder:
             return
         assert self.edges is not None and self.delta is not None, "delta must be set before the backward pass"
         firsts = [first for first, _ in self._pending]
-        cols = torch.cat([torch.arange(f, f + g.shape[0]) for f, g in self._pending])
-        grads = torch.cat([g for _, g in self._pending])  # [N, b * P * d]
+        cols = torch.cat([torch.arange(first, first + n) for first, n in self._pending])
+        grads = self._workspace["queue"][: self._n_pending]  # [N, b * P * d]
         self._pending, self._n_pending = [], 0
         rows = slice(self.start, min(max(self._prefix[f] for f in firsts), self.stop))
         if rows.stop <= rows.start:
@@ -227,8 +267,11 @@ class ScoreRecorder:
         if set(stashed) != {"q", "k", "v"}:
             return  # no gradient flowed into this layer's attention inputs
         per_head = [stashed[letter] for letter in ("q", "k", "v")]
-        g = self.model.attn_input_grads(layer, self._resid.pop(layer), per_head, self.weights)
-        self._score_edges(cols, g.float())
+        resid = self._resid.pop(layer)
+        width = resid.shape[0] // self.weights.shape[0] * resid.shape[1] * resid.shape[2]
+        out = self._queue(cols.start, cols.stop - cols.start, width, resid.device)
+        self.model.attn_input_grads(layer, resid, per_head, self.weights, out=out)  # written into the queue
+        self._queued()
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         model, graph = self.model, self.graph
@@ -241,8 +284,9 @@ class ScoreRecorder:
                 hooks.append((model.mlp_norm_in_hook(layer), self._edge_hook(graph.mlp_destination(layer))))
             hooks.append((model.final_norm_in_hook, self._edge_hook(graph.logits_destination)))
         groups = source_groups(graph)
-        hooks.append((model.input_hook, self._node_hook(groups[0])))
-        for layer in range(graph.spec.n_layers):
-            hooks.append((model.attn_out_hook(layer), self._node_hook(groups[1 + 2 * layer])))
-            hooks.append((model.mlp_out_hook(layer), self._node_hook(groups[2 + 2 * layer])))
+        hooks.append((model.input_hook, self._node_hook(groups[0])))  # per example: IG completeness
+        if self.edges is None:  # at edge level, node scores are edge scores summed over destinations
+            for layer in range(graph.spec.n_layers):
+                hooks.append((model.attn_out_hook(layer), self._node_hook(groups[1 + 2 * layer])))
+                hooks.append((model.mlp_out_hook(layer), self._node_hook(groups[2 + 2 * layer])))
         return hooks

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
-from circuits.models.norms import projected_norm_vjp
+from circuits.models.norms import ProjectedNorm
 
 QKV = Literal["q", "k", "v"]
 HookFn = Callable[[Tensor], Tensor | None]
@@ -81,11 +81,13 @@ class HookedModel:
         self.spec = spec
         self.prepend_bos = prepend_bos
         self._hook_points: dict[str, nn.Module] = dict(self.bridge.hook_dict)
+        self._projected_norms: dict[int, tuple[tuple, ProjectedNorm]] = {}
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
     token_embed_hook = "embed.hook_out"  # token embeddings only (GPT-2 adds positions after it)
     final_norm_in_hook = "ln_final.hook_in"
+    unembed_in_hook = "unembed.hook_in"
 
     @staticmethod
     def head_z_hook(layer: int) -> str:
@@ -161,7 +163,12 @@ class HookedModel:
         return bias if isinstance(bias, Tensor) else None
 
     def attn_input_grads(
-        self, layer: int, resid: Tensor, grad_proj: Sequence[Tensor], weights: Tensor | None = None
+        self,
+        layer: int,
+        resid: Tensor,
+        grad_proj: Sequence[Tensor],
+        weights: Tensor | None = None,
+        out: Tensor | None = None,
     ) -> Tensor:
         """Gradient at each head's own q, k and v input from the gradients at the projection outputs.
 
@@ -172,14 +179,27 @@ class HookedModel:
             resid: [K * b, P, d_model] input of the attention norm (K integration steps, step-major).
             grad_proj: gradients at the q, k and v projection outputs, each [K * b, P, n * d_head].
             weights: [K] step weights to sum the steps with (default: one step, weight 1).
+            out: optional contiguous storage for n_heads + 2 n_kv_heads rows of b * P * d_model values.
         Returns:
-            [b, P, n_heads + 2 n_kv_heads, d_model]: the q heads, then the k heads, then the v heads.
+            [b, P, n_heads + 2 n_kv_heads, d_model]: the q heads, then the k heads, then the v heads (a
+            view of head-major storage).
         """
         spec = self.spec
         grads = torch.cat([g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj], dim=2)
-        w = torch.cat([self.W_qkv(layer, letter) for letter in ("q", "k", "v")])
         weights = torch.ones(1, device=resid.device) if weights is None else weights
-        return projected_norm_vjp(self.attn_norm(layer), resid, grads, w, weights)
+        return self._projected_norm(layer).vjp(resid, grads, weights, out)
+
+    def _projected_norm(self, layer: int) -> ProjectedNorm:
+        """The layer's attention norm with its q/k/v weights folded in, rebuilt when a weight changes."""
+        norm = self.attn_norm(layer)
+        w = [self.W_qkv(layer, letter) for letter in ("q", "k", "v")]
+        tensors = [*w, getattr(norm, "weight", None)]
+        key = tuple((t.data_ptr(), t._version) for t in tensors if isinstance(t, Tensor))
+        cached = self._projected_norms.get(layer)
+        if cached is None or cached[0] != key:
+            cached = (key, ProjectedNorm(norm, torch.cat(w)))
+            self._projected_norms[layer] = cached
+        return cached[1]
 
     # ------------------------------------------------------------------------------------ running
     def hook_point(self, name: str) -> nn.Module:

@@ -5,7 +5,8 @@ J(x)^T W_h^T g_h, with g_h the gradient at the head's projection output. With in
 the batch, only the weighted sum over steps sum_k w_k J(x_k)^T W_h^T g_{k,h} is needed. For LayerNorm and
 RMSNorm the closed form J^T u = r (u - mean(u) - x_hat mean(u x_hat)) (no mean(u) term for RMSNorm) lets
 that sum be taken on the d_head-sized gradients: the d_model-sized per-head result is formed once, after
-folding, instead of once per step. Other norm classes fall back to autograd (same result, more work).
+folding, by one matmul per head and one in-place update. Other norm classes fall back to autograd (same
+result, more work).
 """
 
 from __future__ import annotations
@@ -17,44 +18,68 @@ from torch import Tensor, nn
 RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm"}
 
 
-def projected_norm_vjp(norm: nn.Module, x: Tensor, grads: Tensor, w: Tensor, weights: Tensor) -> Tensor:
-    """sum_k weights[k] J(x_k)^T (W_n^T grads_k[..., n, :]) for each head n.
+class ProjectedNorm:
+    """A norm followed by per-head projections w [n, e, d] (e = d_head): the pull-back for all heads.
 
-    Args:
-        x: [K * b, P, d] the norm's inputs, step-major (row k * b + i).
-        grads: [K * b, P, n, e] gradients at the heads' projection outputs (e = d_head).
-        w: [n, e, d] per-head projection weights.
-        weights: [K] step weights.
-    Returns:
-        [b, P, n, d] gradients at each head's input (float32, or float64 for float64 gradients).
+    For LayerNorm and RMSNorm the norm's gain is folded into the projections once, here (and, for
+    LayerNorm, the mean(u) term: it is linear in the gradients, so centring gamma W over d removes it, and
+    it leaves g . W (gamma x_hat) unchanged since x_hat sums to zero). Other norms go through autograd.
     """
-    centre = isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
-    if not centre and type(norm).__name__ not in RMS_NORMS:
-        return _autograd_projected_vjp(norm, x, grads, w, weights)
-    gamma: Tensor = norm.weight  # type: ignore[assignment]
-    eps = float(norm.eps if centre else norm.variance_epsilon)  # type: ignore[arg-type]
-    dtype = torch.promote_types(grads.dtype, torch.float32)
-    k = weights.shape[0]
-    x = x.to(dtype).reshape(k, -1, *x.shape[1:])  # [K, b, P, d]
-    g = grads.to(dtype).reshape(k, -1, *grads.shape[1:])  # [K, b, P, n, e]
-    w, gamma = w.to(dtype), gamma.to(dtype)
-    d = x.shape[-1]
 
-    centred = x - x.mean(-1, keepdim=True) if centre else x
-    r = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)  # [K, b, P, 1]
-    x_hat = centred * r
-    wr = weights.to(x.device, dtype).reshape(k, 1, 1, 1) * r  # step weight x norm scale
+    def __init__(self, norm: nn.Module, w: Tensor) -> None:
+        self.norm, self.w = norm, w
+        self.centre = isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
+        self.folded: Tensor | None = None
+        if self.centre or type(norm).__name__ in RMS_NORMS:
+            gamma: Tensor = norm.weight  # type: ignore[assignment]
+            self.eps = float(norm.eps if self.centre else norm.variance_epsilon)  # type: ignore[arg-type]
+            dtype = torch.promote_types(w.dtype, torch.float32)
+            folded = w.detach().to(dtype) * gamma.detach().to(dtype)  # [n, e, d]
+            self.folded = folded - folded.mean(-1, keepdim=True) if self.centre else folded
 
-    # r u term, with u = gamma * (W^T g): fold over steps on the small gradients first
-    out = torch.einsum("bpne,ned->bpnd", (wr.unsqueeze(-1) * g).sum(0), w) * gamma
-    # r x_hat mean(u x_hat) term: mean(u x_hat) = g . W (gamma x_hat) / d
-    projected = torch.einsum("kbpd,ned->kbpne", x_hat * gamma, w)
-    c2 = (g * projected).sum(-1) / d  # [K, b, P, n]
-    out = out - torch.einsum("kbpn,kbpd->bpnd", wr * c2, x_hat)
-    if centre:  # r mean(u) term: mean(u) = g . (W gamma) / d
-        c1 = torch.einsum("kbpne,ne->kbpn", g, torch.einsum("ned,d->ne", w, gamma) / d)
-        out = out - (wr * c1).sum(0).unsqueeze(-1)
-    return out
+    def vjp(self, x: Tensor, grads: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
+        """sum_k weights[k] J(x_k)^T (W_n^T grads_k[..., n, :]) for each head n.
+
+        Args:
+            x: [K * b, P, d] the norm's inputs, step-major (row k * b + i).
+            grads: [K * b, P, n, e] gradients at the heads' projection outputs.
+            weights: [K] step weights.
+            out: optional contiguous [n, b * P, d] storage for the result (its dtype is used throughout).
+        Returns:
+            [b, P, n, d] gradients at each head's input (float32, or float64 for float64 gradients), a
+            view of head-major storage [n, b, P, d] (what the edge scorer multiplies with, without a copy).
+        """
+        if self.folded is None:
+            result = _autograd_projected_vjp(self.norm, x, grads, self.w, weights)  # [b, P, n, d]
+            if out is None:
+                return result
+            head_major = out.view(result.shape[2], *result.shape[:2], -1)
+            return head_major.copy_(result.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
+        dtype = out.dtype if out is not None else torch.promote_types(grads.dtype, torch.float32)
+        k = weights.shape[0]
+        x = x.to(dtype).reshape(k, -1, *x.shape[1:])  # [K, b, P, d]
+        g = grads.to(dtype).reshape(k, -1, *grads.shape[1:])  # [K, b, P, n, e]
+        _, b, p, n, e = g.shape
+        d = x.shape[-1]
+        w = self.folded.to(dtype)
+        centred = x - x.mean(-1, keepdim=True) if self.centre else x
+        r = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)  # [K, b, P, 1]
+        x_hat = (centred * r).reshape(k, b * p, d)
+        wr = weights.to(x.device, dtype).reshape(k, 1, 1, 1) * r  # step weight x norm scale
+
+        # r u term, folded over steps on the small gradients first: one matmul per head
+        folded = (wr.unsqueeze(-1) * g).sum(0).reshape(b * p, n, e)
+        out = torch.bmm(folded.transpose(0, 1), w, out=None if out is None else out.view(n, b * p, d))
+        # r x_hat mean(u x_hat) term, mean(u x_hat) = g . W (gamma x_hat) / d, subtracted in place. With one
+        # step, r g . W (gamma x_hat) is what the matmul above gave, dotted with x_hat: no second matmul.
+        if k == 1:
+            coef = torch.einsum("nqd,qd->nq", out, x_hat[0]) / d
+            out.addcmul_(coef.unsqueeze(-1), x_hat[0].unsqueeze(0), value=-1.0)
+        else:
+            projected = torch.einsum("kqd,ned->kqne", x_hat, w)
+            c2 = (g.reshape(k, b * p, n, e) * projected).sum(-1) / d  # [K, b * P, n]
+            out.sub_(torch.einsum("kqn,kqd->nqd", wr.reshape(k, b * p, 1) * c2, x_hat))
+        return out.view(n, b, p, d).permute(1, 2, 0, 3)
 
 
 def _autograd_projected_vjp(norm: nn.Module, x: Tensor, grads: Tensor, w: Tensor, weights: Tensor) -> Tensor:
