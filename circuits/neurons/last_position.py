@@ -1,19 +1,19 @@
-"""One-position passes over a cached prefix, each row entering the layer stack at its own layer.
+"""One-position passes over a cached prefix, each row joining the layer stack after its own layer.
 
 Neuron IG moves one layer's neuron activations at the prompt's last position and leaves every earlier
-position as it is (causal attention). So the prefix is run once and its keys and values kept; the last
-position is run with it (`LastPositions.of`), recording each decoder block's input there, and the exact
-arguments the model passes to each block for that position are recorded too; then a row that moves layer
-l's neurons starts at block l with that recorded input (its down projection fed the moved activations) and
-runs blocks l+1.. over the cached prefix. Blocks below l are never run for it, forward or backward: on
-average half the layers. Several prompts share each pass (rows kept prompt-major), so the weights are read
-and the per-operation costs paid once for all of them.
+position as it is (causal attention). So each prompt is run once (`run_prompt`), keeping the prefix's keys
+and values and each decoder block's output at the last position, and the exact arguments the model passes
+to each block for that position are recorded by a pass whose blocks only record (`_block_calls`). A row that
+moves layer l's neurons then joins after block l: the block's recorded output plus what the moved neurons
+add through the down projection. It runs only blocks l+1.., forward and backward: on average half the
+layers. Several prompts share each pass (rows kept prompt-major), so the weights are read and the
+per-operation costs paid once for all of them.
 
 The blocks are called as the model itself calls them (recorded arguments), with one change: their attention
 is `prefix_attention`, which takes the row's own key and value plus its prompt's cached prefix (one matrix
 product per prompt and key/value head, no per-row copies of the prefix, no gradient computed for it). The
-output head is the bridge adapter's final norm and unembedding. `check` compares the whole route with the
-model's own logits.
+output head is the bridge adapter's final norm and unembedding. `LastPositions.check` tests the route on
+the top block against the model itself: block output, the additivity of the down projection, logits.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class LastPositions:
             if j in layers:
                 down = projections[j]
                 moved = leaf[:, layers.index(j)].contiguous().to(hidden.dtype)  # [prompts, points, d_mlp]
-                clean = self.activations[:, j, None].contiguous()
+                clean = self.activations[:, j, None].to(hidden.dtype).contiguous()
                 joining = self.block_outputs[j] + (down(moved) - down(clean))
                 hidden = torch.cat([hidden, joining], dim=1)
         return self.head(hidden).unflatten(1, (len(layers), points))
@@ -133,7 +133,7 @@ class LastPositions:
         top = len(self.calls) - 1
         n_prompts = self.top_input.shape[0]
         projections = down_projections(plain_model(self.model, PREFIX_ROWS))
-        clean = self.activations[:, top].contiguous()
+        clean = self.activations[:, top].to(self.top_input.dtype).contiguous()
         halved = clean / 2
         with torch.no_grad():
             with Replace(projections) as replace:
@@ -142,12 +142,11 @@ class LastPositions:
             down = projections[top]
             expected = self.block_outputs[top][:, 0] + down(halved) - down(clean)
             logits = self.head(out[:, 0]).float()
+        tol = max(1e-4, 4 * torch.finfo(out.dtype).eps)  # the model's own precision, at least 1e-4
         scale = float(self.block_outputs[top].abs().max())
-        same_block = torch.allclose(out[:, 0], self.block_outputs[top][:, 0], rtol=1e-4, atol=1e-4 * scale)
-        additive = torch.allclose(out[:, 1], expected, rtol=1e-4, atol=1e-4 * scale)
-        same_logits = torch.allclose(
-            logits, self.logits, rtol=1e-4, atol=1e-4 * float(self.logits.abs().max())
-        )
+        same_block = torch.allclose(out[:, 0], self.block_outputs[top][:, 0], rtol=tol, atol=tol * scale)
+        additive = torch.allclose(out[:, 1], expected, rtol=tol, atol=tol * scale)
+        same_logits = torch.allclose(logits, self.logits, rtol=tol, atol=tol * float(self.logits.abs().max()))
         if not (same_block and additive and same_logits):
             raise RuntimeError(
                 f"{self.model.spec.name}: one-position rows do not reproduce the model for this architecture "
