@@ -145,3 +145,10 @@ def test_cached_path_refuses_a_block_it_cannot_reproduce():
     finally:
         for h in handles:
             h.remove()
+
+
+def test_prompts_padded_together_equal_prompts_alone(tiny):
+    """`run_prompts` pads on the right; causal attention keeps each prompt's states as when run alone."""
+    together = last_activations(tiny, PROMPTS)
+    alone = torch.cat([last_activations(tiny, [p]) for p in PROMPTS])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)

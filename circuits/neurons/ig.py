@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from circuits.models.hooked import HookedModel
 from circuits.models.plain import down_projections, plain_model
-from circuits.neurons.last_position import LastPositions, Replace, run_prompt
+from circuits.neurons.last_position import LastPositions, Replace, run_prompts
 from circuits.quadrature import quadrature as quadrature_rule
 
 Baseline = Literal["zero"] | Tensor
@@ -92,7 +92,9 @@ def _prompt_ids(model: HookedModel, prompts: Sequence[str] | Sequence[Sequence[i
 
 def last_activations(model: HookedModel, prompts: Sequence[str] | Sequence[Sequence[int]]) -> Tensor:
     """[n_prompts, n_layers, d_mlp] neuron activations at each prompt's last position."""
-    return torch.stack([run_prompt(model, ids).activations.cpu() for ids in _prompt_ids(model, prompts)])
+    ids = _prompt_ids(model, prompts)
+    chunks = [ids[start : start + 8] for start in range(0, len(ids), 8)]
+    return torch.cat([run_prompts(model, chunk).activations.cpu() for chunk in chunks])
 
 
 def neuron_ig(
@@ -245,5 +247,5 @@ def _full(model: HookedModel, prompts: list[list[int]]) -> tuple[Tensor, Tensor,
             logits = plain(full.expand(len(layers) * points, -1)).logits[:, -1]
         return logits.reshape(1, len(layers), points, -1)
 
-    run = run_prompt(model, ids)
-    return run.activations[None].cpu(), run.logits[None].cpu(), forward
+    run = run_prompts(model, [ids])
+    return run.activations.cpu(), run.logits.cpu(), forward

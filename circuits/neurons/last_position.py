@@ -1,7 +1,7 @@
 """One-position passes over a cached prefix, each row joining the layer stack after its own layer.
 
 Neuron IG moves one layer's neuron activations at the prompt's last position and leaves every earlier
-position as it is (causal attention). So each prompt is run once (`run_prompt`), keeping the prefix's keys
+position as it is (causal attention). So the prompts are run once (`run_prompts`), keeping the prefix's keys
 and values and each decoder block's output at the last position, and the exact arguments the model passes
 to each block for that position are recorded by a pass whose blocks only record (`_block_calls`). A row that
 moves layer l's neurons then joins after block l: the block's recorded output plus what the moved neurons
@@ -33,18 +33,20 @@ from circuits.models.plain import down_projections, plain_model
 class Replace:
     """Pre-hooks on the down projections: at layer l, rows `index` get `values` at the last position.
 
-    Also records each projection's input at the last position (the layer's neuron activations).
+    Also records each projection's input at the last position, or at `recorded_at` (the layer's neuron
+    activations).
     """
 
-    def __init__(self, projections: list[nn.Module]) -> None:
+    def __init__(self, projections: list[nn.Module], recorded_at: Tensor | None = None) -> None:
         self.projections = projections
         self.patches: dict[int, tuple[Tensor, Tensor]] = {}
         self.recorded: dict[int, Tensor] = {}
+        self.recorded_at = recorded_at  # [rows] positions to record (default: the last one)
 
     def hook(self, layer: int) -> Callable[[nn.Module, tuple], tuple | None]:
         def pre(_module: nn.Module, args: tuple) -> tuple | None:
             (x,) = args
-            self.recorded[layer] = x[:, -1].detach()
+            self.recorded[layer] = _at(x, self.recorded_at).detach()
             if layer not in self.patches:
                 return None
             index, values = self.patches[layer]
@@ -78,26 +80,17 @@ class LastPositions:
 
     @classmethod
     def of(cls, model: HookedModel, prompts: list[list[int]]) -> LastPositions:
-        runs = [run_prompt(model, ids) for ids in prompts]
-        n_layers = len(runs[0].block_outputs)
-        n_prefix = max(len(ids) - 1 for ids in prompts)
-        valid = torch.zeros(len(prompts), n_prefix, dtype=torch.bool, device=model.device)
-        for p, ids in enumerate(prompts):
-            valid[p, : len(ids) - 1] = True
-
-        def padded(tensors: list[Tensor]) -> Tensor:  # [1, kv_heads, n, d_head] each -> [prompts, ...]
-            return torch.cat([nn.functional.pad(t, (0, 0, 0, n_prefix - t.shape[2])) for t in tensors])
-
+        run = run_prompts(model, prompts)
         return cls(
             model,
-            [padded([r.keys[j] for r in runs]) for j in range(n_layers)],
-            [padded([r.values[j] for r in runs]) for j in range(n_layers)],
-            valid,
+            run.keys,
+            run.values,
+            run.prefix_valid,
             _block_calls(model, prompts),
-            [torch.cat([r.block_outputs[j] for r in runs]) for j in range(n_layers)],
-            torch.cat([r.top_input for r in runs]),
-            torch.stack([r.activations for r in runs]),
-            torch.stack([r.logits for r in runs]),
+            run.block_outputs,
+            run.top_input,
+            run.activations,
+            run.logits,
         )
 
     def run_rows(self, layers: list[int], leaf: Tensor) -> Tensor:
@@ -210,47 +203,67 @@ AttentionInterface.register(PREFIX_ROWS, prefix_attention)
 
 @dataclass
 class PromptRun:
-    """What one no-gradient pass over a prompt leaves: the prefix's cache and the last position's states."""
+    """What one no-gradient pass over (right-padded) prompts leaves: the prefixes' caches and the states
+    at each prompt's last position."""
 
-    keys: list[Tensor]  # per layer [1, kv_heads, n_prefix, d_head]
+    keys: list[Tensor]  # per layer [prompts, kv_heads, n_prefix, d_head]; past a prompt's prefix: padding
     values: list[Tensor]
-    block_outputs: list[Tensor]  # per block [1, 1, d_model] at the last position
-    top_input: Tensor  # [1, 1, d_model]
-    activations: Tensor  # [n_layers, d_mlp] float32
-    logits: Tensor  # [d_vocab] float32
+    prefix_valid: Tensor  # [prompts, n_prefix] bool, True on each prompt's own prefix
+    block_outputs: list[Tensor]  # per block [prompts, 1, d_model]
+    top_input: Tensor  # [prompts, 1, d_model] the last block's input
+    activations: Tensor  # [prompts, n_layers, d_mlp] float32
+    logits: Tensor  # [prompts, d_vocab] float32
 
 
-def run_prompt(model: HookedModel, ids: list[int]) -> PromptRun:
-    """One pass over the prompt: the prefix's keys and values, the blocks' outputs at the last position."""
+def run_prompts(model: HookedModel, prompts: list[list[int]]) -> PromptRun:
+    """One pass over the prompts, padded on the right (causal attention: the padding never reaches them)."""
     plain = plain_model(model)
     blocks = _submodule(model, "blocks")
+    device = model.device
+    lengths = torch.tensor([len(ids) for ids in prompts], device=device)
+    last = lengths - 1
+    ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for p, prompt in enumerate(prompts):
+        ids[p, : len(prompt)] = torch.tensor(prompt, device=device)
+    mask = (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
     outputs: list[Tensor] = []
     inputs: list[Tensor] = []
 
     def record_input(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        inputs.append((args[0] if args else kwargs["hidden_states"])[:, -1:].detach())
+        inputs.append(_at(args[0] if args else kwargs["hidden_states"], last)[:, None].detach())
 
     def record_output(_module: nn.Module, _args: tuple, out: Any) -> None:
-        outputs.append((out[0] if isinstance(out, tuple) else out)[:, -1:].detach())
+        outputs.append(_at(out[0] if isinstance(out, tuple) else out, last)[:, None].detach())
 
+    kept = torch.unique(last)  # unembed only the positions some prompt ends at
     with torch.no_grad():
         handles = [b.register_forward_hook(record_output) for b in blocks]
         handles.append(blocks[-1].register_forward_pre_hook(record_input, with_kwargs=True))
         try:
-            with Replace(down_projections(plain)) as replace:
-                out = plain(torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+            with Replace(down_projections(plain), recorded_at=last) as replace:
+                out = plain(ids, attention_mask=mask, use_cache=True, logits_to_keep=kept)
         finally:
             for h in handles:
                 h.remove()
     cache = out.past_key_values.layers
+    n_prefix = ids.shape[1] - 1
+    logits = out.logits[torch.arange(len(prompts), device=device), torch.searchsorted(kept, last)]
     return PromptRun(
-        [layer.keys[:, :, :-1] for layer in cache],
-        [layer.values[:, :, :-1] for layer in cache],
+        [layer.keys[:, :, :n_prefix] for layer in cache],
+        [layer.values[:, :, :n_prefix] for layer in cache],
+        torch.arange(n_prefix, device=device) < last[:, None],
         outputs,
         inputs[0],
-        torch.stack([replace.recorded[j][0] for j in range(len(blocks))]).float(),
-        out.logits[0, -1].float(),
+        torch.stack([replace.recorded[j] for j in range(len(blocks))], dim=1).float(),
+        logits.float(),
     )
+
+
+def _at(x: Tensor, positions: Tensor | None) -> Tensor:
+    """x [rows, pos, ...] at each row's position ([rows, ...]); the last position when None."""
+    if positions is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), positions]
 
 
 class _Recorded(Exception):
