@@ -228,7 +228,7 @@ def _cached(model: HookedModel, prompts: list[list[int]]) -> tuple[Tensor, Tenso
     last = LastPositions.of(model, prompts)
     last.check()
     forward: RowForward = lambda layers, leaf: last.run_rows(layers, leaf.to(model.device))  # noqa: E731
-    return last.activations.cpu(), last.logits.cpu(), forward
+    return last.run.activations.cpu(), last.run.logits.cpu(), forward
 
 
 def _full(model: HookedModel, prompts: list[list[int]]) -> tuple[Tensor, Tensor, RowForward]:

@@ -66,32 +66,15 @@ class Replace:
 
 @dataclass
 class LastPositions:
-    """Prompts' last positions, each run once over its cached prefix (no gradients)."""
+    """Prompts' last positions, run once over their cached prefixes, and the blocks' recorded calls."""
 
     model: HookedModel
-    prefix_keys: list[Tensor]  # per layer [prompts, kv_heads, n_prefix, d_head], zero-padded at the end
-    prefix_values: list[Tensor]  # per layer, same shape
-    prefix_valid: Tensor  # [prompts, n_prefix] bool, False on the padding
+    run: PromptRun
     calls: list[tuple[tuple, dict[str, Any]]]  # per block, the arguments after the hidden states
-    block_outputs: list[Tensor]  # per block, its output [prompts, 1, d_model]
-    top_input: Tensor  # [prompts, 1, d_model] the last block's input (for `check`)
-    activations: Tensor  # [prompts, n_layers, d_mlp] neuron activations
-    logits: Tensor  # [prompts, d_vocab]
 
     @classmethod
     def of(cls, model: HookedModel, prompts: list[list[int]]) -> LastPositions:
-        run = run_prompts(model, prompts)
-        return cls(
-            model,
-            run.keys,
-            run.values,
-            run.prefix_valid,
-            _block_calls(model, prompts),
-            run.block_outputs,
-            run.top_input,
-            run.activations,
-            run.logits,
-        )
+        return cls(model, run_prompts(model, prompts), _block_calls(model, prompts))
 
     def run_rows(self, layers: list[int], leaf: Tensor) -> Tensor:
         """Logits [prompts, groups, points, d_vocab] with layer `layers[g]`'s neurons set to leaf[:, g].
@@ -102,17 +85,17 @@ class LastPositions:
         the leaf through the blocks above only.
         """
         n_prompts, _, points, _ = leaf.shape
-        d_model = self.block_outputs[0].shape[-1]
+        d_model = self.run.block_outputs[0].shape[-1]
         projections = down_projections(plain_model(self.model, PREFIX_ROWS))
-        hidden = self.block_outputs[0].new_zeros(n_prompts, 0, d_model)  # prompt-major rows
+        hidden = self.run.block_outputs[0].new_zeros(n_prompts, 0, d_model)  # prompt-major rows
         for j in range(layers[0], len(self.calls)):
             if hidden.shape[1]:
                 hidden = self._block(j, hidden)
             if j in layers:
                 down = projections[j]
                 moved = leaf[:, layers.index(j)].contiguous().to(hidden.dtype)  # [prompts, points, d_mlp]
-                clean = self.activations[:, j, None].to(hidden.dtype).contiguous()
-                joining = self.block_outputs[j] + (down(moved) - down(clean))
+                clean = self.run.activations[:, j, None].to(hidden.dtype).contiguous()
+                joining = self.run.block_outputs[j] + (down(moved) - down(clean))
                 hidden = torch.cat([hidden, joining], dim=1)
         return self.head(hidden).unflatten(1, (len(layers), points))
 
@@ -124,22 +107,24 @@ class LastPositions:
         """Rows through the top block reproduce the model: its clean output and the logits (with
         `prefix_attention`), and the residual change when its neurons are moved (here halved)."""
         top = len(self.calls) - 1
-        n_prompts = self.top_input.shape[0]
+        n_prompts = self.run.top_input.shape[0]
         projections = down_projections(plain_model(self.model, PREFIX_ROWS))
-        clean = self.activations[:, top].to(self.top_input.dtype).contiguous()
+        clean = self.run.activations[:, top].to(self.run.top_input.dtype).contiguous()
         halved = clean / 2
         with torch.no_grad():
             with Replace(projections) as replace:
                 replace.patches[top] = (torch.arange(n_prompts, device=halved.device) * 2 + 1, halved)
-                out = self._block(top, self.top_input.expand(-1, 2, -1))  # rows: clean, halved
+                out = self._block(top, self.run.top_input.expand(-1, 2, -1))  # rows: clean, halved
             down = projections[top]
-            expected = self.block_outputs[top][:, 0] + down(halved) - down(clean)
+            expected = self.run.block_outputs[top][:, 0] + down(halved) - down(clean)
             logits = self.head(out[:, 0]).float()
         tol = max(1e-4, 4 * torch.finfo(out.dtype).eps)  # the model's own precision, at least 1e-4
-        scale = float(self.block_outputs[top].abs().max())
-        same_block = torch.allclose(out[:, 0], self.block_outputs[top][:, 0], rtol=tol, atol=tol * scale)
+        scale = float(self.run.block_outputs[top].abs().max())
+        same_block = torch.allclose(out[:, 0], self.run.block_outputs[top][:, 0], rtol=tol, atol=tol * scale)
         additive = torch.allclose(out[:, 1], expected, rtol=tol, atol=tol * scale)
-        same_logits = torch.allclose(logits, self.logits, rtol=tol, atol=tol * float(self.logits.abs().max()))
+        same_logits = torch.allclose(
+            logits, self.run.logits, rtol=tol, atol=tol * float(self.run.logits.abs().max())
+        )
         if not (same_block and additive and same_logits):
             raise RuntimeError(
                 f"{self.model.spec.name}: one-position rows do not reproduce the model for this architecture "
@@ -152,7 +137,7 @@ class LastPositions:
         n_prompts, per_prompt, d_model = hidden.shape
         args, kwargs = _per_row(self.calls[j], n_prompts, per_prompt)
         block = _submodule(self.model, "blocks", PREFIX_ROWS)[j]
-        prefix = (self.prefix_keys[j], self.prefix_values[j], self.prefix_valid)
+        prefix = (self.run.keys[j], self.run.values[j], self.run.prefix_valid)
         out = block(hidden.reshape(-1, 1, d_model), *args, **kwargs, prefix=prefix)
         return (out[0] if isinstance(out, tuple) else out).reshape(n_prompts, per_prompt, d_model)
 
