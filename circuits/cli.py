@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from circuits.attribution.methods import METHODS
+from circuits.errors import InputError
 from circuits.quadrature import QUADRATURES
 
 EXAMPLES = __doc__.split("\n\n", 1)[1]
@@ -183,7 +184,7 @@ def _tasks(args: argparse.Namespace) -> int:
         return 0
     unknown = [t for t in args.baseline if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
+        raise InputError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
     model = _model(args.model, args.model.startswith("tiny-"))
     for name in args.baseline or list(TASKS):
         task = TASKS[name](model, args.n)

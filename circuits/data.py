@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from circuits.errors import CircuitsWarning, InputError
 from circuits.models.hooked import HookedModel
 
 
@@ -31,18 +33,49 @@ class PromptPairs:
     texts: list[tuple[str, str]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("clean", "corrupted", "lengths", "answer", "distractor"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                raise InputError(f"PromptPairs.{name} must be a tensor, got {type(value).__name__}")
+            if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+                raise InputError(
+                    f"PromptPairs.{name} must hold integer token ids / lengths, got dtype {value.dtype}"
+                )
+        if self.clean.dim() != 2:
+            raise InputError(f"clean must be [N, P] token ids, got shape {tuple(self.clean.shape)}")
         n = self.clean.shape[0]
         if n == 0:
-            raise ValueError("PromptPairs is empty: give at least one prompt pair")
+            raise InputError("PromptPairs is empty: give at least one prompt pair")
         if self.clean.shape != self.corrupted.shape:
-            raise ValueError(
+            raise InputError(
                 f"clean {tuple(self.clean.shape)} and corrupted {tuple(self.corrupted.shape)} differ"
             )
         for name in ("lengths", "answer", "distractor"):
             if getattr(self, name).shape != (n,):
-                raise ValueError(f"{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
+                raise InputError(f"{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
         if int(self.lengths.min()) < 1 or int(self.lengths.max()) > self.clean.shape[1]:
-            raise ValueError("lengths must lie in [1, number of positions]")
+            raise InputError(f"lengths must lie in [1, {self.clean.shape[1]}] (the number of positions)")
+
+    def check_fits(self, model: HookedModel) -> None:
+        """Raise `InputError` unless every token id is in the model's vocabulary and every prompt fits
+        its context window."""
+        vocab = model.d_vocab
+        for name in ("clean", "corrupted", "answer", "distractor"):
+            ids = getattr(self, name)
+            bad = ((ids < 0) | (ids >= vocab)).nonzero()
+            if bad.numel():
+                where = f"pair {int(bad[0, 0])}"
+                raise InputError(
+                    f"pairs.{name} of {where} is token id {int(ids[tuple(bad[0])])}, outside the vocabulary "
+                    f"[0, {vocab}) of {model.spec.name}"
+                )
+        longest = int(self.lengths.max())
+        if model.n_ctx is not None and longest > model.n_ctx:
+            pair = int(self.lengths.argmax())
+            raise InputError(
+                f"pair {pair} is {longest} tokens long, more than the {model.n_ctx} positions "
+                f"{model.spec.name} can attend over; shorten the prompts"
+            )
 
     def __len__(self) -> int:
         return self.clean.shape[0]
@@ -71,8 +104,7 @@ class PromptPairs:
 
     def batches(self, batch_size: int) -> Iterator[PromptPairs]:
         """Consecutive batches of at most `batch_size` pairs, each trimmed to its longest pair."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_count(batch_size, "batch_size")
         for start in range(0, len(self), batch_size):
             yield self[start : start + batch_size]
 
@@ -114,16 +146,16 @@ class PromptPairs:
         """
         sizes = {len(clean), len(corrupted), len(answers), len(distractors)}
         if len(sizes) != 1:
-            raise ValueError(
+            raise InputError(
                 f"need as many clean ({len(clean)}), corrupted ({len(corrupted)}), answers "
                 f"({len(answers)}) and distractors ({len(distractors)})"
             )
         if not clean:
-            raise ValueError("no prompt pairs given")
+            raise InputError("no prompt pairs given")
         clean_ids, corrupted_ids = model.to_ids(clean), model.to_ids(corrupted)
         for i, (a, b) in enumerate(zip(clean_ids, corrupted_ids)):
             if len(a) != len(b):
-                raise ValueError(
+                raise InputError(
                     f"pair {i}: clean prompt is {len(a)} tokens, corrupted is {len(b)}; positions must "
                     f"match.\n  clean: {clean[i]!r}\n  corrupted: {corrupted[i]!r}"
                 )
@@ -133,7 +165,7 @@ class PromptPairs:
                 answer_ids.append(model.single_token_id(answer))
                 distractor_ids.append(model.single_token_id(distractor))
             except ValueError as err:
-                raise ValueError(f"pair {i}: {err}") from None
+                raise InputError(f"pair {i}: {err}") from None
         return cls.from_ids(
             model, clean_ids, corrupted_ids, answer_ids, distractor_ids, list(zip(clean, corrupted))
         )
@@ -149,22 +181,35 @@ class PromptPairs:
         texts: list[tuple[str, str]] | None = None,
     ) -> PromptPairs:
         """Pairs from token ids (BOS included if the model wants it); pads with the tokenizer's pad id."""
+        sizes = {len(clean), len(corrupted), len(answers), len(distractors)}
+        if len(sizes) != 1:
+            raise InputError(
+                f"need as many clean ({len(clean)}), corrupted ({len(corrupted)}), answers "
+                f"({len(answers)}) and distractors ({len(distractors)})"
+            )
         for i, (a, b) in enumerate(zip(clean, corrupted)):
             if len(a) != len(b):
-                raise ValueError(
+                raise InputError(
                     f"pair {i}: clean has {len(a)} tokens, corrupted {len(b)}; positions must match"
                 )
+            if len(a) == 0:
+                raise InputError(f"pair {i}: the prompt has no tokens")
         vocab = model.d_vocab
         for name, rows in (("clean prompt", clean), ("corrupted prompt", corrupted)):
             for i, row in enumerate(rows):
-                if any(not 0 <= int(t) < vocab for t in row):
-                    raise ValueError(f"{name} {i} has token ids outside the vocabulary [0, {vocab})")
+                for t in row:
+                    _check_token(t, vocab, f"{name} {i}")
         for name, ids in (("answer", answers), ("distractor", distractors)):
             for i, t in enumerate(ids):
-                if not 0 <= int(t) < vocab:
-                    raise ValueError(
-                        f"{name} of pair {i} is token id {t}, outside the vocabulary [0, {vocab})"
-                    )
+                _check_token(t, vocab, f"{name} of pair {i}")
+        same = [i for i, (a, d) in enumerate(zip(answers, distractors)) if int(a) == int(d)]
+        if same:
+            warnings.warn(
+                f"{len(same)} pair(s) have the same answer and distractor token (first: pair {same[0]}); "
+                "their logit difference is 0 whatever the model does",
+                CircuitsWarning,
+                stacklevel=2,
+            )
         pad = model.tokenizer.pad_token_id
         pad = model.tokenizer.eos_token_id if pad is None else pad
         pad = 0 if pad is None else int(pad)
@@ -177,6 +222,23 @@ class PromptPairs:
             pad,
             texts or [],
         )
+
+
+def check_count(value: object, name: str) -> int:
+    """A whole number >= 1 (batch sizes, rows per pass), else `InputError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _check_token(t: object, vocab: int, where: str) -> None:
+    """An integer token id (Python or numpy / torch integer scalar) inside [0, vocab)."""
+    if isinstance(t, Tensor):
+        t = t.item() if t.numel() == 1 and not t.dtype.is_floating_point else repr(t)
+    if isinstance(t, bool) or not hasattr(t, "__index__"):
+        raise InputError(f"{where}: token id {t!r} is not an integer")
+    if not 0 <= t.__index__() < vocab:  # type: ignore[union-attr]
+        raise InputError(f"{where}: token id {t} is outside the vocabulary [0, {vocab})")
 
 
 def _pad(rows: list[list[int]], pad: int) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from circuits.errors import InputError
 from circuits.faithfulness import FaithfulnessCurve
 from circuits.graph import Graph
 from circuits.selection import destination_owners
@@ -49,7 +50,7 @@ def draw_circuit(circuit: Graph, path: str | Path, *, title: str | None = None) 
     path = Path(path)
     edges = circuit.in_graph & circuit.valid
     if not bool(edges.any()):
-        raise ValueError("the circuit has no edges to draw")
+        raise InputError("the circuit has no edges to draw")
     positions = _rows(circuit)
     owners = destination_owners(circuit)
     rows, cols = edges.nonzero(as_tuple=True)

@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from circuits.attribution import source_means
+from circuits.attribution import ABLATIONS, source_means
 from circuits.attribution.recorder import source_buffer, source_hooks
-from circuits.data import PromptPairs
+from circuits.data import PromptPairs, check_count
+from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
-from circuits.metrics import Metric, get_metric
-from circuits.models.hooked import HookedModel
+from circuits.metrics import Metric, check_values, get_metric
+from circuits.models.hooked import HookedModel, uses_model
 
 Ablation = Literal["patching", "mean", "zero"]
 
@@ -35,9 +36,17 @@ class Evaluation:
 
     @property
     def faithfulness(self) -> float:
+        """(M(circuit) - M(empty)) / (M(full) - M(empty)); `NumericalError` when the denominator is 0."""
+        if self.full == self.empty:
+            raise NumericalError(
+                f"faithfulness is undefined: the full model and the empty circuit score the same "
+                f"(M = {self.full:.6g}), so nothing separates the clean and the ablated runs. Check that the "
+                "corrupted prompts change the metric (baseline) and that the metric reads the logits"
+            )
         return (self.circuit - self.empty) / (self.full - self.empty)
 
 
+@uses_model
 def evaluate(
     model: HookedModel,
     circuit: Graph,
@@ -69,6 +78,7 @@ def evaluate(
     )[0]
 
 
+@uses_model
 def evaluate_many(
     model: HookedModel,
     circuits: Sequence[Graph],
@@ -83,25 +93,34 @@ def evaluate_many(
 ) -> list[Evaluation]:
     """`evaluate` for several circuits of one model, sharing the clean, ablated and empty passes."""
     if not circuits:
-        raise ValueError("no circuits to evaluate")
-    if len(pairs) == 0:
-        raise ValueError("no prompt pairs to evaluate on")
-    if ablation not in ("patching", "mean", "zero"):
-        raise ValueError(f"unknown ablation {ablation!r}; choose patching, mean or zero")
-    graph = circuits[0]
+        raise InputError("no circuits to evaluate")
+    if ablation not in ABLATIONS:
+        raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    check_count(batch_size, "batch_size")
     for circuit in circuits:
+        if not isinstance(circuit, Graph):
+            raise InputError(f"circuits must be Graphs, got {type(circuit).__name__}")
         circuit.check_fits(model.spec)
+    pairs.check_fits(model)
+    if reference is not None:
+        reference.check_fits(model)
+    graph = circuits[0]
     fn = get_metric(metric)
     ablate = [_ablation_mask(c, complement) for c in circuits]
     means = (
         None
         if ablation == "patching"
-        else source_means(model, graph, reference or pairs, ablation, batch_size)
+        else source_means(model, graph, reference or pairs, ablation, batch_size, pairs.n_positions)
     )
     values: list[list[Tensor]] = [[] for _ in circuits]
     full = empty = 0.0
     bar = tqdm(total=len(pairs), desc=f"evaluating {len(circuits)} circuit(s)", unit="pair", disable=quiet)
-    for batch in pairs.batches(batch_size):
+    for index, batch in enumerate(pairs.batches(batch_size)):
+        where = f"batch {index} (pairs {index * batch_size}-{index * batch_size + len(batch) - 1})"
+
+        def measure(logits: Tensor, clean: Tensor, batch: PromptPairs = batch, where: str = where) -> Tensor:
+            return check_values(fn(logits, batch, clean), len(batch), where)
+
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
         ablated, corrupted_logits = _ablated_outputs(model, graph, batch, means)
         with torch.no_grad():
@@ -112,11 +131,11 @@ def evaluate_many(
             if corrupted_logits is not None
             else forward_with_ablation(model, graph, ids, mask, ablated, graph.valid)
         )
-        full += float(fn(clean_logits, batch, clean_logits).sum())
-        empty += float(fn(nothing, batch, clean_logits).sum())
+        full += float(measure(clean_logits, clean_logits).sum())
+        empty += float(measure(nothing, clean_logits).sum())
         for i, edges in enumerate(ablate):
             patched = forward_with_ablation(model, graph, ids, mask, ablated, edges)
-            values[i].append(fn(patched, batch, clean_logits).cpu())
+            values[i].append(measure(patched, clean_logits).cpu())
         bar.update(len(batch))
     bar.close()
     n = len(pairs)

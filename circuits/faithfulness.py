@@ -16,10 +16,11 @@ from typing import Literal
 import torch
 
 from circuits.data import PromptPairs
+from circuits.errors import InputError
 from circuits.evaluation import Ablation, evaluate_many
 from circuits.graph import Graph
 from circuits.metrics import Metric
-from circuits.models.hooked import HookedModel
+from circuits.models.hooked import HookedModel, uses_model
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 Selection = Literal["top_n", "greedy", "nodes", "random"]
@@ -85,9 +86,10 @@ def select(graph: Graph, n: int, selection: Selection, absolute: bool, seed: int
             else:
                 high = k - 1
         return graph.top_nodes(low, absolute)
-    raise ValueError(f"unknown selection {selection!r}; choose top_n, greedy, nodes or random")
+    raise InputError(f"unknown selection {selection!r}; choose top_n, greedy, nodes or random")
 
 
+@uses_model
 def faithfulness_curve(
     model: HookedModel,
     graph: Graph,
@@ -106,9 +108,9 @@ def faithfulness_curve(
 ) -> FaithfulnessCurve:
     """Faithfulness of circuits of `graph`'s best edges at each budget in `percentages` (% of all edges)."""
     if not percentages or sorted(percentages) != list(percentages):
-        raise ValueError("percentages must be a non-empty ascending sequence")
+        raise InputError("percentages must be a non-empty ascending sequence")
     if any(not 0 < p <= 100 for p in percentages):
-        raise ValueError(f"percentages must lie in (0, 100], got {list(percentages)}")
+        raise InputError(f"percentages must lie in (0, 100], got {list(percentages)}")
     circuits = [select(graph, round(p / 100 * graph.n_edges), selection, absolute, seed) for p in percentages]
     results = evaluate_many(
         model, circuits, pairs, metric, ablation, reference=reference, batch_size=batch_size, quiet=quiet

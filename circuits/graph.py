@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,11 @@ import torch
 from torch import Tensor
 
 from circuits import selection
+from circuits.errors import FileFormatError, GraphMismatchError, InputError
 from circuits.models.hooked import HookedModel, ModelSpec
 
 _DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
 _LETTERS = ("q", "k", "v")
-
-
-class GraphMismatchError(ValueError):
-    """A graph, circuit file or score tensor does not fit the model it is used with."""
 
 
 class Graph:
@@ -171,14 +168,26 @@ class Graph:
         return match.group(1) if match else dst
 
     def check_fits(self, spec: ModelSpec) -> None:
-        """Raise `GraphMismatchError` unless this graph was built for a model with `spec`'s shape."""
-        mine = (self.spec.n_layers, self.spec.n_heads, self.spec.n_kv_heads, self.spec.parallel_attn_mlp)
-        theirs = (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.parallel_attn_mlp)
-        if mine != theirs:
+        """Raise `GraphMismatchError` unless this graph was built for a model with `spec`'s shape.
+
+        Sizes the graph does not know (0: a circuit file whose cfg lacks them, as EAP-IG's and MIB's carry
+        only the layer and head counts) are taken from `spec`.
+        """
+        shape = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp")
+        sizes = ("d_model", "d_head", "d_mlp")
+        mine, theirs = asdict(self.spec), asdict(spec)
+        wrong = [f for f in shape if mine[f] != theirs[f]] + [
+            f for f in sizes if mine[f] and mine[f] != theirs[f]
+        ]
+        if wrong:
+            got = ", ".join(f"{f} {mine[f]}" for f in wrong)
+            want = ", ".join(f"{f} {theirs[f]}" for f in wrong)
             raise GraphMismatchError(
-                f"graph built for (layers, heads, kv heads, parallel) = {mine} does not fit model "
-                f"'{spec.name}' with {theirs}"
+                f"graph built for a model with {got} does not fit model '{spec.name}' with {want}"
             )
+        unknown = {f: theirs[f] for f in sizes if not mine[f]}
+        if unknown:
+            self.spec = replace(self.spec, **unknown)
 
     # ------------------------------------------------------------------------------- summaries
     def count_by_kind(self) -> dict[str, int]:
@@ -263,31 +272,52 @@ class Graph:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Graph:
-        """Read a circuit file written by `to_json`, EAP-IG's `Graph.to_json` or MIB."""
-        data = json.loads(Path(path).read_text())
+        """Read a circuit file written by `to_json`, EAP-IG's `Graph.to_json` or MIB.
+
+        Every field is checked: a problem raises `FileFormatError` naming the file and the JSON path of
+        the field (`edges["a0.h1->m0"].in_graph`), an edge the cfg's graph lacks `GraphMismatchError`.
+        """
+        data = _read_json(Path(path))
+        where = str(path)
+        if not isinstance(data, dict):
+            raise FileFormatError(f"{where}: a circuit file is a JSON object, got {type(data).__name__}")
         missing = {"cfg", "nodes", "edges"} - set(data)
         if missing:
-            raise GraphMismatchError(f"{path}: not a circuit file, missing keys {sorted(missing)}")
-        graph = cls(_spec_from_cfg(data["cfg"], str(path)))
+            raise FileFormatError(f"{where}: not a circuit file, missing keys {sorted(missing)}")
+        for key in ("cfg", "nodes", "edges"):
+            _expect(isinstance(data[key], dict), where, key, "an object", data[key])
+        graph = cls(_spec_from_cfg(data["cfg"], where))
         node_scores = torch.full((graph.n_sources,), float("nan"))
         for name, info in data["nodes"].items():
+            field = f"nodes[{name!r}]"
+            _expect(isinstance(info, dict), where, field, "an object", info)
             if name == "logits":
                 continue
             if name not in graph.src_index:
-                raise GraphMismatchError(
-                    f"{path}: node '{name}' does not exist in the graph its cfg describes"
-                )
+                raise GraphMismatchError(f"{where}: {field}: no such node in the graph its cfg describes")
             i = graph.src_index[name]
-            graph.nodes_in_graph[i] = bool(info.get("in_graph", True))
-            if "score" in info and info["score"] is not None:
-                node_scores[i] = float(info["score"])
+            graph.nodes_in_graph[i] = _bool(info.get("in_graph", True), where, f"{field}.in_graph")
+            score = _score(info.get("score"), where, f"{field}.score")
+            if score is not None:
+                node_scores[i] = score
+            neurons = info.get("neurons")
+            if neurons is not None and not (isinstance(neurons, list) and all(n is True for n in neurons)):
+                raise FileFormatError(
+                    f"{where}: {field}.neurons: a neuron-level circuit (some neurons left out) cannot be "
+                    "read as a graph of whole nodes; this toolkit's circuits are edge / node level"
+                )
         if not node_scores.isnan().all():
             graph.node_scores = node_scores
         graph.in_graph.zero_()
         for name, info in data["edges"].items():
-            r, c = graph.edge_index(name)
-            graph.scores[r, c] = float(info.get("score") or 0.0)
-            graph.in_graph[r, c] = bool(info.get("in_graph", False))
+            field = f"edges[{name!r}]"
+            _expect(isinstance(info, dict), where, field, "an object", info)
+            try:
+                r, c = graph.edge_index(name)
+            except GraphMismatchError as err:
+                raise GraphMismatchError(f"{where}: {field}: {err}") from None
+            graph.scores[r, c] = _score(info.get("score"), where, f"{field}.score") or 0.0
+            graph.in_graph[r, c] = _bool(info.get("in_graph", False), where, f"{field}.in_graph")
         return graph
 
     def to_pt(self, path: str | Path) -> None:
@@ -305,33 +335,105 @@ class Graph:
 
     @classmethod
     def from_pt(cls, path: str | Path) -> Graph:
-        data = torch.load(path, weights_only=True)
-        graph = cls(_spec_from_cfg(data["cfg"], str(path)))
-        if data["scores"].shape != graph.valid.shape:
-            raise GraphMismatchError(
-                f"{path}: score tensor {tuple(data['scores'].shape)} does not fit the graph's "
-                f"{tuple(graph.valid.shape)}"
-            )
+        """Read a tensor file written by `to_pt`; `FileFormatError` names the file if it is not one."""
+        where = str(path)
+        try:
+            data = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise FileFormatError(f"{where}: no such circuit file") from None
+        except IsADirectoryError:
+            raise FileFormatError(f"{where}: is a folder, not a circuit file") from None
+        except Exception as err:  # torch raises RuntimeError, pickle / zip errors, EOFError alike
+            raise FileFormatError(
+                f"{where}: not a readable circuit .pt file ({type(err).__name__}: {err})"
+            ) from None
+        keys = ("cfg", "scores", "in_graph", "nodes_in_graph")
+        if not isinstance(data, dict) or any(k not in data for k in keys):
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise FileFormatError(f"{where}: a circuit .pt file holds {list(keys)}; found {found}")
+        _expect(isinstance(data["cfg"], dict), where, "cfg", "a dict", data["cfg"])
+        graph = cls(_spec_from_cfg(data["cfg"], where))
+        shapes = {
+            "scores": graph.valid.shape,
+            "in_graph": graph.valid.shape,
+            "nodes_in_graph": (graph.n_sources,),
+        }
+        if data.get("node_scores") is not None:
+            shapes["node_scores"] = (graph.n_sources,)
+        for key, shape in shapes.items():
+            value = data[key]
+            if not isinstance(value, Tensor) or value.shape != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise GraphMismatchError(
+                    f"{where}: {key} is {got}, the graph its cfg describes needs {tuple(shape)}"
+                )
         graph.scores = data["scores"].float()
         graph.in_graph = data["in_graph"].bool()
         graph.nodes_in_graph = data["nodes_in_graph"].bool()
-        graph.node_scores = data.get("node_scores")
+        graph.node_scores = None if data.get("node_scores") is None else data["node_scores"].float()
         return graph
 
 
-def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
-    """ModelSpec from a circuit file's cfg (ours, or EAP-IG's HookedTransformerConfig subset)."""
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        raise FileFormatError(f"{path}: no such circuit file")
+    if path.is_dir():
+        raise FileFormatError(f"{path}: is a folder, not a circuit file")
     try:
-        n_heads = int(cfg["n_heads"])
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{path}: not a text file (a circuit JSON file is UTF-8)") from None
+    except json.JSONDecodeError as err:
+        raise FileFormatError(
+            f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); is the file "
+            "complete?"
+        ) from None
+
+
+def _expect(ok: bool, where: str, field: str, wanted: str, got: Any) -> None:
+    if not ok:
+        raise FileFormatError(f"{where}: {field} must be {wanted}, got {json.dumps(got)[:60]}")
+
+
+def _bool(value: Any, where: str, field: str) -> bool:
+    _expect(isinstance(value, bool), where, field, "true or false", value)
+    return bool(value)
+
+
+def _score(value: Any, where: str, field: str) -> float | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _expect(ok, where, field, "a number or null", value)
+    return float(value)
+
+
+def _count(cfg: dict[str, Any], key: str, where: str, default: int | None = None, low: int = 1) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        raise FileFormatError(f"{where}: cfg lacks {key!r}")
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+    _expect(ok, where, f"cfg.{key}", f"a whole number >= {low}", value)
+    return int(value)
+
+
+def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
+    """ModelSpec from a circuit file's cfg (ours, or EAP-IG's HookedTransformerConfig subset); sizes it
+    lacks are 0 (unknown) and filled in from the model by `Graph.check_fits`."""
+    n_heads = _count(cfg, "n_heads", where)
+    kv_key = "n_key_value_heads" if cfg.get("n_key_value_heads") is not None else "n_kv_heads"
+    parallel = cfg.get("parallel_attn_mlp", False)
+    _expect(isinstance(parallel, bool), where, "cfg.parallel_attn_mlp", "true or false", parallel)
+    try:
         return ModelSpec(
-            n_layers=int(cfg["n_layers"]),
+            n_layers=_count(cfg, "n_layers", where),
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("n_key_value_heads") or cfg.get("n_kv_heads") or n_heads),
-            d_model=int(cfg.get("d_model", 0)),
-            d_head=int(cfg.get("d_head", 0)),
-            d_mlp=int(cfg.get("d_mlp", 0)),
-            parallel_attn_mlp=bool(cfg.get("parallel_attn_mlp", False)),
+            n_kv_heads=_count(cfg, kv_key, where, n_heads),
+            d_model=_count(cfg, "d_model", where, 0, low=0),
+            d_head=_count(cfg, "d_head", where, 0, low=0),
+            d_mlp=_count(cfg, "d_mlp", where, 0, low=0),
+            parallel_attn_mlp=parallel,
             name=str(cfg.get("name", "")),
         )
-    except KeyError as err:
-        raise GraphMismatchError(f"{where}: cfg lacks {err}") from None
+    except InputError as err:
+        raise FileFormatError(f"{where}: cfg: {err}") from None

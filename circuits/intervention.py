@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from circuits.attribution.recorder import valid_prefixes
+from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn, linear_weight
 
@@ -46,7 +47,7 @@ def forward_with_ablation(
     """
     rows, n_pos = input_ids.shape
     if rows % ablated.shape[0]:
-        raise ValueError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
+        raise InputError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
     mask = ablation_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
     if not bool(mask.any()):
         with torch.no_grad():
@@ -141,7 +142,7 @@ def forward_with_node_ablation(
     """
     rows, n_pos = input_ids.shape
     if rows % ablated.shape[0] or nodes.shape != (rows,):
-        raise ValueError(f"need nodes [rows={rows}] and ablated rows dividing {rows}")
+        raise InputError(f"need nodes [rows={rows}] and ablated rows dividing {rows}")
     spec = graph.spec
     row_of = torch.arange(rows)
     example = row_of % ablated.shape[0]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from circuits.data import PromptPairs
+from circuits.errors import InputError, NumericalError
 
 
 class Metric(Protocol):
@@ -66,7 +67,7 @@ def prob_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = 
 def kl_divergence(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
     """KL(clean || this run) of the next-token distribution at the last real position, [batch]."""
     if clean_logits is None:
-        raise ValueError("kl_divergence needs the clean logits")
+        raise InputError("kl_divergence needs the clean logits")
     logp = last_logits(logits, pairs).float().log_softmax(-1)
     logq = last_logits(clean_logits, pairs).float().log_softmax(-1)
     return (logq.exp() * (logq - logp)).sum(-1)
@@ -86,12 +87,38 @@ METRICS: dict[str, Metric] = {
 }
 
 
+def check_values(values: object, rows: int, where: str) -> Tensor:
+    """A metric's output: a finite float tensor of shape [rows], else an error naming `where` (the batch
+    and its pairs) with what was received."""
+    if not isinstance(values, Tensor):
+        raise InputError(f"the metric must return a tensor of shape ({rows},); got a {type(values).__name__}")
+    if values.shape != (rows,):
+        raise InputError(
+            f"the metric must return one value per example, shape ({rows},); got {tuple(values.shape)} "
+            f"for {where}"
+        )
+    if not values.dtype.is_floating_point:
+        raise InputError(f"the metric must return floats; got dtype {values.dtype} for {where}")
+    finite = torch.isfinite(values.detach())
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0, 0])
+        raise NumericalError(
+            f"the metric returned {float(values[bad])} for row {bad} of {where}; scores would be NaN. "
+            "Check the metric (log of 0, division by 0) and the model's precision"
+        )
+    return values
+
+
 def get_metric(metric: str | Metric) -> Metric:
     if callable(metric):
         return metric
+    if not isinstance(metric, str):
+        raise InputError(
+            f"metric must be a name {sorted(METRICS)} or a callable, got {type(metric).__name__}"
+        )
     try:
         return METRICS[metric]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a callable"
         ) from None

@@ -15,6 +15,7 @@ import torch
 
 from circuits.attribution import Attribution, attribute
 from circuits.drawing import draw_circuit, plot_curves
+from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
 from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, mib_scores
 from circuits.graph import Graph
@@ -44,7 +45,7 @@ def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[tuple[str,
     """The k heads with the most negative node score (ablating them lowers the metric most)."""
     scores = attribution.node_scores
     if scores is None:
-        raise ValueError("top heads need node scores (gradient methods, or level='node')")
+        raise InputError("top heads need node scores (gradient methods, or level='node')")
     heads = [i for i, name in enumerate(graph.sources) if name.startswith("a")]
     order = sorted(heads, key=lambda i: float(scores[i]))[:k]
     return [(head_name(graph.sources[i]), float(scores[i])) for i in order]

@@ -12,17 +12,40 @@ that reaches the logits. Every function returns a new graph; the caller's is nev
 from __future__ import annotations
 
 import heapq
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from circuits.errors import CircuitsWarning, InputError, NumericalError
 
 if TYPE_CHECKING:
     from circuits.graph import Graph
 
 
 def _ranking(graph: Graph, scores: Tensor, absolute: bool) -> Tensor:
+    """The ranking of `scores` (edge [n_src, n_dst] or node [n_src]); NaN scores are refused, all-zero
+    (never scored) ones warned about."""
+    real = scores[graph.valid] if scores.shape == graph.valid.shape else scores
+    if bool(real.isnan().any()):
+        raise NumericalError(
+            f"{int(real.isnan().sum())} scores are NaN, so no ranking of them means anything; rescore "
+            "with a finite metric"
+        )
+    if not bool(real.any()):
+        warnings.warn(
+            "every score is 0: this graph looks never scored (run circuits.attribute on it first), so the "
+            "selection is arbitrary",
+            CircuitsWarning,
+            stacklevel=3,
+        )
     return scores.abs() if absolute else -scores
+
+
+def _check_size(n: object, name: str, most: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= most:
+        raise InputError(f"{name} must be a whole number in [0, {most}], got {n!r}")
 
 
 def _with_edges(graph: Graph, chosen: Tensor, prune: bool) -> Graph:
@@ -37,8 +60,7 @@ def _with_edges(graph: Graph, chosen: Tensor, prune: bool) -> Graph:
 
 def top_n(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> Graph:
     """The `n` best-ranked valid edges (fewer after pruning)."""
-    if not 0 <= n <= graph.n_edges:
-        raise ValueError(f"n must lie in [0, {graph.n_edges}], got {n}")
+    _check_size(n, "n", graph.n_edges)
     rank = _ranking(graph, graph.scores, absolute).masked_fill(~graph.valid, float("-inf")).flatten()
     chosen = torch.zeros(rank.numel(), dtype=torch.bool)
     chosen[rank.topk(n, sorted=False).indices] = True
@@ -56,8 +78,7 @@ def greedy(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> G
     Every edge added is connected to the logits by construction; the source of each new edge joins the
     circuit and its own inputs become candidates.
     """
-    if not 0 <= n <= graph.n_edges:
-        raise ValueError(f"n must lie in [0, {graph.n_edges}], got {n}")
+    _check_size(n, "n", graph.n_edges)
     rank = _ranking(graph, graph.scores, absolute)
     valid = graph.valid
     inputs_of = destinations_of_sources(graph)
@@ -88,10 +109,9 @@ def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -
     """The circuit of the `k` best-ranked nodes by `graph.node_scores` (input and logits always in):
     every valid edge between kept nodes."""
     if graph.node_scores is None:
-        raise ValueError("node-level selection needs node scores: run attribute(..., level='node') first")
+        raise InputError("node-level selection needs node scores: run attribute(..., level='node') first")
     n_nodes = graph.n_sources - 1
-    if not 0 <= k <= n_nodes:
-        raise ValueError(f"k must lie in [0, {n_nodes}], got {k}")
+    _check_size(k, "k", n_nodes)
     rank = _ranking(graph, graph.node_scores.nan_to_num(0.0), absolute)
     rank[0] = float("inf")  # the input is always kept
     kept = torch.zeros(graph.n_sources, dtype=torch.bool)

@@ -4,7 +4,7 @@ from tasks.agreement import agreement_pairs
 from tasks.baseline import Baseline, baseline
 from tasks.capitals import capital_pairs
 from tasks.common import Example, TaskPairs
-from tasks.files import DataFileError, load_pairs
+from tasks.files import load_pairs
 from tasks.greater_than import GreaterThanMetric, greater_than_pairs
 from tasks.induction import induction_pairs
 from tasks.ioi import ioi_pairs
@@ -20,7 +20,6 @@ TASKS = {
 __all__ = [
     "TASKS",
     "Baseline",
-    "DataFileError",
     "Example",
     "GreaterThanMetric",
     "TaskPairs",

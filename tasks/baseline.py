@@ -8,7 +8,7 @@ import torch
 
 from circuits.data import PromptPairs
 from circuits.metrics import Metric, get_metric
-from circuits.models.hooked import HookedModel
+from circuits.models.hooked import HookedModel, uses_model
 from tasks.common import TaskPairs
 
 
@@ -26,6 +26,7 @@ class Baseline:
         )
 
 
+@uses_model
 def baseline(
     model: HookedModel,
     data: TaskPairs | PromptPairs,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from tasks.common import Example, TaskPairs, generate, single_tokens
 
@@ -26,7 +27,7 @@ def capital_pairs(model: HookedModel, n: int, *, seed: int = 0) -> TaskPairs:
     capitals = set(single_tokens(model, list(CAPITALS.values())))
     countries = [c for c, capital in CAPITALS.items() if capital in capitals]
     if len(countries) < 2:
-        raise ValueError(f"fewer than two capitals are single tokens for {model.spec.name}")
+        raise InputError(f"fewer than two capitals are single tokens for {model.spec.name}")
 
     def propose(rng: random.Random) -> Example:
         country, other = rng.sample(countries, 2)

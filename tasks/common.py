@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from circuits.data import PromptPairs
+from circuits.errors import InputError
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel
 
@@ -59,13 +60,13 @@ def generate(
 ) -> TaskPairs:
     """Keep `n` proposals that tokenize to equal-length pairs with single-token answers."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise InputError(f"n must be >= 1, got {n}")
     rng = random.Random(seed)
     kept: list[Example] = []
     dropped = 0
     while len(kept) < n:
         if dropped > max_attempts_per_example * n:
-            raise ValueError(
+            raise InputError(
                 f"{task}: could only make {len(kept)} of {n} usable pairs for {model.spec.name} "
                 f"({dropped} proposals had multi-token answers or unequal clean/corrupted lengths)"
             )

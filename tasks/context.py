@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from tasks.scoring import continuation_logprobs
 
@@ -49,7 +50,7 @@ def memotrap(path: str | Path) -> list[ContextExample]:
     for i, row in enumerate(_read_json_rows(Path(path))):
         prompt, answer = row["prompt"], int(row["answer_index"])
         if ": " not in prompt:
-            raise ValueError(f"{path}: row {i + 1}: no instruction ending in ': ' in {prompt!r}")
+            raise InputError(f"{path}: row {i + 1}: no instruction ending in ': ' in {prompt!r}")
         options = list(ast.literal_eval(row["classes"]))
         quote = prompt.split(": ", 1)[1]
         examples.append(
@@ -90,7 +91,7 @@ class ContextScores:
 def context_accuracy(model: HookedModel, examples: list[ContextExample]) -> ContextScores:
     """Accuracy and stubbornness rate of the model on prompts with their context."""
     if not examples:
-        raise ValueError("no examples to evaluate")
+        raise InputError("no examples to evaluate")
     right = stubborn = 0
     for e in examples:
         choice = int(continuation_logprobs(model, e.with_context, e.options).argmax())

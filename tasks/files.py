@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from circuits.data import PromptPairs
+from circuits.errors import FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from tasks.common import TaskPairs
 
 Format = Literal["auto", "ours", "eap-ig", "mib-ioi"]
-
-
-class DataFileError(ValueError):
-    """A prompt-pair file that cannot be used, with the row and the reason."""
+FORMATS: tuple[str, ...] = ("auto", "ours", "eap-ig", "mib-ioi")
 
 
 def load_pairs(
@@ -36,43 +34,71 @@ def load_pairs(
     metric: str = "logit_diff",
     counterfactual: str = "s2_io_flip_counterfactual",
 ) -> TaskPairs:
-    """Read prompt pairs for `model` from a CSV / JSON / JSONL file (see the module docstring for formats)."""
+    """Read prompt pairs for `model` from a CSV / JSON / JSONL file (see the module docstring for formats).
+
+    Raises `FileFormatError` naming the file, the row and the column of the first problem.
+    """
+    if format not in FORMATS:
+        raise InputError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    if not path.exists():
-        raise DataFileError(f"{path}: no such file")
     rows = _read_rows(path)
     if not rows:
-        raise DataFileError(f"{path}: no rows")
+        raise FileFormatError(f"{path}: no rows")
     kind = _detect(path, rows[0]) if format == "auto" else format
     if kind == "ours":
         pairs = _from_text_rows(model, path, rows, ("clean", "corrupted", "answer", "distractor"))
     elif kind == "mib-ioi":
         pairs = _from_mib_rows(model, path, rows, counterfactual)
-    elif kind == "eap-ig":
-        pairs = _from_eap_ig_rows(model, path, rows)
     else:
-        raise ValueError(f"unknown format {format!r}; choose auto, ours, eap-ig or mib-ioi")
+        pairs = _from_eap_ig_rows(model, path, rows)
     return TaskPairs(path.stem, pairs, metric, len(rows), 0)
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark (as Excel writes it)."""
+    if not path.exists():
+        raise FileFormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FileFormatError(f"{path}: is a folder; give the data file itself (.csv, .json or .jsonl)")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise FileFormatError(
+            f"{path}: line {line}: byte {err.object[err.start]:#04x} is not UTF-8; save the file as UTF-8"
+        ) from None
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".csv", ".json", ".jsonl", ".ndjson"):
+        raise FileFormatError(f"{path}: unknown file type {path.suffix!r}; use .csv, .json or .jsonl")
+    text = _read_text(path)
     if path.suffix == ".csv":
-        return list(csv.DictReader(text.splitlines()))
+        try:
+            return list(csv.DictReader(text.splitlines()))
+        except csv.Error as err:
+            raise FileFormatError(f"{path}: not a readable CSV file ({err})") from None
     if path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise FileFormatError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(data, list):
-            raise DataFileError(f"{path}: expected a JSON list of rows")
-        return data
-    if path.suffix in (".jsonl", ".ndjson"):
+            raise FileFormatError(f"{path}: expected a JSON list of rows, got a {type(data).__name__}")
+        rows = data
+    else:
         rows = []
         for i, line in enumerate(l for l in text.splitlines() if l.strip()):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataFileError(f"{path}: row {i + 1}: not valid JSON ({err.msg})") from None
-        return rows
-    raise DataFileError(f"{path}: unknown file type {path.suffix!r}; use .csv, .json or .jsonl")
+                raise FileFormatError(f"{path}: row {i + 1}: not valid JSON ({err.msg})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise FileFormatError(
+                f"{path}: row {i + 1}: expected an object with named fields, got a {type(row).__name__}"
+            )
+    return rows
 
 
 def _detect(path: Path, first: dict[str, Any]) -> str:
@@ -82,7 +108,7 @@ def _detect(path: Path, first: dict[str, Any]) -> str:
         return "eap-ig"
     if "answer" in first:
         return "ours"
-    raise DataFileError(
+    raise FileFormatError(
         f"{path}: cannot tell the format from the columns {sorted(first)}; expected clean, corrupted, "
         "answer, distractor (ours), correct_idx / incorrect_idx or label (EAP-IG), or prompt and metadata "
         "(MIB IOI)"
@@ -92,14 +118,14 @@ def _detect(path: Path, first: dict[str, Any]) -> str:
 def _require(path: Path, i: int, row: dict[str, Any], columns: tuple[str, ...]) -> list[Any]:
     missing = [c for c in columns if row.get(c) in (None, "")]
     if missing:
-        raise DataFileError(f"{path}: row {i + 1}: missing {', '.join(missing)}")
+        raise FileFormatError(f"{path}: row {i + 1}: missing {', '.join(missing)}")
     return [row[c] for c in columns]
 
 
 def _check_lengths(model: HookedModel, path: Path, i: int, clean: str, corrupted: str) -> None:
     a, b = model.to_ids([clean, corrupted])
     if len(a) != len(b):
-        raise DataFileError(
+        raise FileFormatError(
             f"{path}: row {i + 1}: clean prompt is {len(a)} tokens, corrupted is {len(b)} "
             f"for {model.spec.name}"
         )
@@ -109,7 +135,7 @@ def _token(model: HookedModel, path: Path, i: int, text: str) -> int:
     try:
         return model.single_token_id(text)
     except ValueError as err:
-        raise DataFileError(f"{path}: row {i + 1}: {err}") from None
+        raise FileFormatError(f"{path}: row {i + 1}: {err}") from None
 
 
 def _from_text_rows(
@@ -135,7 +161,7 @@ def _from_mib_rows(
     for i, row in enumerate(rows):
         prompt, metadata, cf = _require(path, i, row, ("prompt", "metadata", counterfactual))
         if not isinstance(metadata, dict) or not isinstance(cf, dict) or "prompt" not in cf:
-            raise DataFileError(
+            raise FileFormatError(
                 f"{path}: row {i + 1}: metadata and {counterfactual} must be objects with fields"
             )
         io, subject = _require(path, i, metadata, ("indirect_object", "subject"))
@@ -152,19 +178,23 @@ def _from_eap_ig_rows(model: HookedModel, path: Path, rows: list[dict[str, Any]]
         if "label" in row and "correct_idx" not in row:
             (label,) = _require(path, i, row, ("label",))
             try:
-                ids = ast.literal_eval(str(label))
-                correct, incorrect = int(ids[0]), int(ids[1])
-            except (ValueError, SyntaxError, TypeError, IndexError):
-                raise DataFileError(
-                    f"{path}: row {i + 1}: label {label!r} is not a list [correct, incorrect]"
+                ids = ast.literal_eval(label) if isinstance(label, str) else label
+                correct, incorrect = ids[0], ids[1]
+            except (ValueError, SyntaxError, TypeError, IndexError, KeyError):
+                raise FileFormatError(
+                    f"{path}: row {i + 1}, column label: {label!r} is not a list [correct, incorrect]"
                 ) from None
+            correct, incorrect = _int(path, i, "label", correct), _int(path, i, "label", incorrect)
         else:
+            values = _require(path, i, row, ("correct_idx", "incorrect_idx"))
             correct, incorrect = (
-                _int(path, i, v) for v in _require(path, i, row, ("correct_idx", "incorrect_idx"))
+                _int(path, i, col, v) for col, v in zip(("correct_idx", "incorrect_idx"), values)
             )
         for name, t in (("correct", correct), ("incorrect", incorrect)):
             if not 0 <= t < model.d_vocab:
-                raise DataFileError(f"{path}: row {i + 1}: {name} token id {t} is outside the vocabulary")
+                raise FileFormatError(
+                    f"{path}: row {i + 1}: {name} token id {t} is outside the vocabulary [0, {model.d_vocab})"
+                )
         _check_lengths(model, path, i, c, k)
         clean.append(c)
         corrupted.append(k)
@@ -175,8 +205,18 @@ def _from_eap_ig_rows(model: HookedModel, path: Path, rows: list[dict[str, Any]]
     )
 
 
-def _int(path: Path, i: int, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise DataFileError(f"{path}: row {i + 1}: {value!r} is not a token id") from None
+def _int(path: Path, i: int, column: str, value: Any) -> int:
+    """A token id: an integer, or text / a float holding one exactly ("12", 12.0); never 3.7."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise FileFormatError(
+            f"{path}: row {i + 1}, column {column}: {value!r} is not a token id (an integer)"
+        )
+    return number

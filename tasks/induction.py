@@ -12,6 +12,7 @@ import random
 import re
 
 from circuits.data import PromptPairs
+from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from tasks.common import TaskPairs
 
@@ -34,10 +35,10 @@ def word_tokens(model: HookedModel, limit: int = 2000) -> list[int]:
 def induction_pairs(model: HookedModel, n: int, *, length: int = 10, seed: int = 0) -> TaskPairs:
     """`n` pairs: [BOS] x_1..x_L x_1..x_k -> x_{k+1}, with k drawn from 2..L-1."""
     if length < 3:
-        raise ValueError(f"length must be >= 3, got {length}")
+        raise InputError(f"length must be >= 3, got {length}")
     pool = word_tokens(model)
     if len(pool) < 3 * length:
-        raise ValueError(f"{model.spec.name}: only {len(pool)} word tokens; need {3 * length}")
+        raise InputError(f"{model.spec.name}: only {len(pool)} word tokens; need {3 * length}")
     rng = random.Random(seed)
     bos = [model.tokenizer.bos_token_id] if model.prepend_bos else []
     clean, corrupted, answers, distractors = [], [], [], []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from typing import Literal
 
+from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from tasks.common import Example, TaskPairs, generate, single_tokens
 
@@ -64,12 +65,12 @@ def ioi_pairs(
 ) -> TaskPairs:
     """`n` IOI prompt pairs for `model`'s tokenizer (answer = IO, distractor = S, metric logit diff)."""
     if corruption not in ("abc", "s2_io_flip"):
-        raise ValueError(f"unknown corruption {corruption!r}; choose 'abc' or 's2_io_flip'")
+        raise InputError(f"unknown corruption {corruption!r}; choose 'abc' or 's2_io_flip'")
     if order not in ("ABBA", "BABA", "mixed"):
-        raise ValueError(f"unknown order {order!r}; choose 'ABBA', 'BABA' or 'mixed'")
+        raise InputError(f"unknown order {order!r}; choose 'ABBA', 'BABA' or 'mixed'")
     names = single_tokens(model, NAMES)
     if len(names) < 3:
-        raise ValueError(f"only {len(names)} IOI names are single tokens for {model.spec.name}; need 3")
+        raise InputError(f"only {len(names)} IOI names are single tokens for {model.spec.name}; need 3")
     chosen_templates = templates or TEMPLATES
 
     def propose(rng: random.Random) -> Example:

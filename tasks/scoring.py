@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from circuits.models.hooked import HookedModel
+from circuits.errors import InputError
+from circuits.models.hooked import HookedModel, uses_model
 
 
+@uses_model
 def continuation_logprobs(model: HookedModel, prompt: str, continuations: list[str]) -> Tensor:
     """[n_continuations] sum of log-probabilities of each continuation's tokens after `prompt` (one batch)."""
     prompt_ids = model.to_ids([prompt])[0]
     option_ids = [model.tokenizer(o, add_special_tokens=False)["input_ids"] for o in continuations]
     empty = [i for i, o in enumerate(option_ids) if not o]
     if empty:
-        raise ValueError(f"continuation {empty[0]} ({continuations[empty[0]]!r}) has no tokens")
+        raise InputError(f"continuation {empty[0]} ({continuations[empty[0]]!r}) has no tokens")
     rows = [prompt_ids + o for o in option_ids]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=model.device)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from tasks.scoring import continuation_logprobs
 
@@ -44,9 +45,9 @@ def load_truthfulqa(path: str | Path) -> list[Question]:
                 best = row["Best Answer"].strip()
                 question = row["Question"].strip()
             except (KeyError, AttributeError):
-                raise ValueError(f"{path}: row {i + 1}: missing TruthfulQA columns") from None
+                raise InputError(f"{path}: row {i + 1}: missing TruthfulQA columns") from None
             if not wrong or not best:
-                raise ValueError(
+                raise InputError(
                     f"{path}: row {i + 1}: needs a best answer and at least one incorrect answer"
                 )
             questions.append(Question(question, best, right or [best], wrong))
@@ -58,7 +59,7 @@ def split_questions(
 ) -> tuple[list[Question], list[Question], list[Question]]:
     """A seeded shuffle cut into fit, dev and the rest (test); the three never share a question."""
     if fit + dev >= len(questions):
-        raise ValueError(f"fit + dev = {fit + dev} leaves no test questions out of {len(questions)}")
+        raise InputError(f"fit + dev = {fit + dev} leaves no test questions out of {len(questions)}")
     order = list(range(len(questions)))
     random.Random(seed).shuffle(order)
     picked = [questions[i] for i in order]
@@ -78,7 +79,7 @@ class MCScores:
 def multiple_choice(model: HookedModel, questions: list[Question]) -> MCScores:
     """MC1-style accuracy and MC2-style mass on correct answers (see the module docstring)."""
     if not questions:
-        raise ValueError("no questions to score")
+        raise InputError("no questions to score")
     mc1 = mc2 = 0.0
     for q in questions:
         answers = [q.best, *q.correct, *q.incorrect]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from circuits import Graph
-from circuits.graph import GraphMismatchError
+from circuits.errors import FileFormatError, GraphMismatchError
 from circuits.models import ModelSpec
 
 GPT2_SMALL = ModelSpec(
@@ -107,7 +107,7 @@ def test_reads_eap_ig_format(tmp_path):
 
 def test_bad_circuit_files(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"nodes": {}}))
-    with pytest.raises(GraphMismatchError, match="missing keys"):
+    with pytest.raises(FileFormatError, match="missing keys"):
         Graph.from_json(tmp_path / "x.json")
 
 

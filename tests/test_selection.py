@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from circuits import Graph
+from circuits.errors import InputError
 from circuits.models.hooked import ModelSpec
 from circuits.selection import destination_owners
 
@@ -141,7 +142,9 @@ def test_top_nodes_keeps_edges_between_chosen_nodes():
 
 def test_bad_sizes():
     graph = scored_graph()
-    with pytest.raises(ValueError, match="n must lie"):
+    with pytest.raises(InputError, match=r"n must be a whole number in \[0, 82\], got 83"):
         graph.top_n(graph.n_edges + 1)
-    with pytest.raises(ValueError, match="n must lie"):
+    with pytest.raises(InputError, match="got 2.5"):
+        graph.top_n(2.5)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="n must be a whole number"):
         graph.greedy(-1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from circuits.data import PromptPairs
-from tasks import TASKS, DataFileError, GreaterThanMetric, baseline, ioi_pairs, load_pairs
+from circuits.errors import FileFormatError
+from tasks import TASKS, GreaterThanMetric, baseline, ioi_pairs, load_pairs
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -114,7 +115,7 @@ MIB_NO_IO = {
             "row 2: clean prompt is",
         ),
         ("multi.csv", csv_text(OURS, (*HELLO, " Tomato", " Anna")), "row 1: ' Tomato' is"),
-        ("label.csv", csv_text(("clean", "corrupted", "label"), (*HELLO, "oops")), "row 1: label 'oops'"),
+        ("label.csv", csv_text(("clean", "corrupted", "label"), (*HELLO, "oops")), "row 1, column label: 'oops'"),
         ("ids.csv", csv_text(EAP, (*HELLO, 99999999, 1)), "outside the vocabulary"),
         ("columns.csv", csv_text(("text", "target"), ("hello", "world")), "cannot tell the format"),
         ("empty.csv", csv_text(OURS), "no rows"),
@@ -124,5 +125,5 @@ MIB_NO_IO = {
     ],
 )
 def test_loader_errors_name_the_row(llama, tmp_path, name, text, message):
-    with pytest.raises(DataFileError, match=message):
+    with pytest.raises(FileFormatError, match=message):
         load_pairs(llama, write(tmp_path / name, text))

@@ -11,11 +11,12 @@ from tqdm import tqdm
 
 from circuits.attribution.methods import ABLATION_FREE, METHODS, BatchResult, Job
 from circuits.attribution.recorder import source_hooks
-from circuits.data import PromptPairs
+from circuits.data import PromptPairs, check_count
+from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
-from circuits.models.hooked import HookedModel
-from circuits.quadrature import QUADRATURES
+from circuits.models.hooked import HookedModel, uses_model
+from circuits.quadrature import check_rule, check_steps
 
 Ablation = Literal["patching", "mean", "zero"]
 ABLATIONS = ("patching", "mean", "zero")
@@ -54,6 +55,7 @@ class Attribution:
     completeness: Completeness | None
 
 
+@uses_model
 def attribute(
     model: HookedModel,
     graph: Graph,
@@ -83,34 +85,40 @@ def attribute(
         max_rows: rows per forward pass when IG steps / patched copies are stacked in the batch.
     Sign: as EAP-IG, scores estimate M(edge ablated) - M(clean) (negative = the edge helps the metric).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    if quadrature not in QUADRATURES:
-        raise ValueError(f"unknown quadrature {quadrature!r}; choose one of {QUADRATURES}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise InputError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    check_rule(quadrature)
     if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {ABLATIONS}")
+        raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     if method in ABLATION_FREE and ablation != "patching":
-        raise ValueError(
+        raise InputError(
             f"{method} interpolates between clean and corrupted prompts; it needs ablation='patching'"
         )
     if level not in ("edge", "node"):
-        raise ValueError(f"level must be 'edge' or 'node', got {level!r}")
-    if ig_steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+        raise InputError(f"level must be 'edge' or 'node', got {level!r}")
+    check_steps(ig_steps)
+    check_count(batch_size, "batch_size")
+    check_count(max_rows, "max_rows")
     graph.check_fits(model.spec)
     metric_fn = get_metric(metric)
-    _check_ids(model, pairs)
+    pairs.check_fits(model)
+    if reference is not None:
+        reference.check_fits(model)
     ablated = (
         None
         if ablation == "patching"
-        else source_means(model, graph, reference or pairs, ablation, batch_size)
+        else source_means(model, graph, reference or pairs, ablation, batch_size, pairs.n_positions)
     )
 
     totals: dict[str, Tensor | float] = {}
     bar = tqdm(total=len(pairs), desc=f"{method} ({level})", unit="pair", disable=quiet)
     workspace: dict[str, Tensor] = {}
-    for batch in pairs.batches(batch_size):
-        job = Job(model, graph, metric_fn, batch, ablated, level, ig_steps, quadrature, max_rows, workspace)
+    for i, batch in enumerate(pairs.batches(batch_size)):
+        first = i * batch_size
+        where = f"batch {i} (pairs {first}-{first + len(batch) - 1})"
+        job = Job(
+            model, graph, metric_fn, batch, ablated, level, ig_steps, quadrature, max_rows, workspace, where
+        )
         _accumulate(totals, METHODS[method](job))
         bar.update(len(batch))
     bar.close()
@@ -133,6 +141,12 @@ def attribute(
         float(totals["metric_corrupted"]) / n if "metric_corrupted" in totals else None,
         completeness,
     )
+    for name, scores in (("edge", result.edge_scores), ("node", result.node_scores)):
+        if scores is not None and not bool(scores.isfinite().all()):
+            raise NumericalError(
+                f"{int((~scores.isfinite()).sum())} {name} scores are NaN or infinite (the metric was "
+                f"finite: the model's activations or gradients overflowed in {model.dtype}); try float32"
+            )
     if result.edge_scores is not None:
         graph.scores = result.edge_scores.clone()
     if result.node_scores is not None:
@@ -158,24 +172,30 @@ def _accumulate(totals: dict[str, Tensor | float], r: BatchResult) -> None:
         add("abs_error", float((r.ig_total.to(delta.device) - delta).abs().sum()))
 
 
-def _check_ids(model: HookedModel, pairs: PromptPairs) -> None:
-    vocab = model.d_vocab
-    for name in ("clean", "corrupted", "answer", "distractor"):
-        ids = getattr(pairs, name)
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"pairs.{name} has token ids outside the model's vocabulary [0, {vocab})")
-
-
+@uses_model
 def source_means(
-    model: HookedModel, graph: Graph, reference: PromptPairs, ablation: str, batch_size: int = 8
+    model: HookedModel,
+    graph: Graph,
+    reference: PromptPairs,
+    ablation: str,
+    batch_size: int = 8,
+    n_positions: int | None = None,
 ) -> Tensor:
-    """Ablation values [1, P, n_sources, d]: zeros, or each source's mean output over `reference`'s clean
-    prompts, per position when all reference prompts have the same length (else over all real tokens)."""
-    n_pos, d = reference.n_positions, graph.spec.d_model
+    """Ablation values [1, P, n_sources, d] for prompts of up to P = `n_positions` tokens (default: the
+    reference's): zeros, or each source's mean output over `reference`'s clean prompts, per position when
+    all reference prompts have the same length (else over all real tokens)."""
+    d = graph.spec.d_model
+    n_pos = reference.n_positions if n_positions is None else n_positions
+    per_position = bool((reference.lengths == reference.lengths[0]).all())
+    if ablation == "mean" and per_position and reference.n_positions < n_pos:
+        raise InputError(
+            f"mean ablation per position needs reference prompts at least as long as the prompts scored: "
+            f"the reference prompts are {reference.n_positions} tokens, the prompts {n_pos}. Pass reference "
+            "prompts of the same length (or of mixed lengths, for one mean over all positions)"
+        )
     if ablation == "zero":
         return torch.zeros(1, n_pos, graph.n_sources, d, device=model.device)
-    per_position = bool((reference.lengths == reference.lengths[0]).all())
-    total = torch.zeros(n_pos if per_position else 1, graph.n_sources, d, device=model.device)
+    total = torch.zeros(reference.n_positions if per_position else 1, graph.n_sources, d, device=model.device)
     for batch in reference.batches(batch_size):
         acts = torch.zeros(len(batch), batch.n_positions, graph.n_sources, d, device=model.device)
         ids = batch.clean.to(model.device)
@@ -187,6 +207,6 @@ def source_means(
         else:
             total += (acts * real).sum((0, 1))
     if per_position:
-        return (total / len(reference)).unsqueeze(0)
+        return (total[:n_pos] / len(reference)).unsqueeze(0)
     mean = total / reference.lengths.sum()
     return mean.unsqueeze(0).expand(1, n_pos, -1, -1)

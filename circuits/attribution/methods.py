@@ -24,9 +24,10 @@ from torch import Tensor
 
 from circuits.attribution.recorder import ScoreRecorder, source_buffer, source_groups, source_hooks
 from circuits.data import PromptPairs
+from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation, forward_with_node_ablation
-from circuits.metrics import Metric, reads_last_position
+from circuits.metrics import Metric, check_values, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.quadrature import quadrature
 
@@ -45,6 +46,7 @@ class Job:
     quadrature: str
     max_rows: int
     workspace: dict[str, Tensor] = field(default_factory=dict)  # buffers reused from batch to batch
+    where: str = "the batch"  # which batch and pairs, for error messages
 
 
 @dataclass
@@ -66,7 +68,7 @@ ABLATION_FREE = {"eap-ig-inputs", "clean-corrupted"}  # methods that need corrup
 def register(name: str) -> Callable[[Method], Method]:
     def add(fn: Method) -> Method:
         if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
+            raise InputError(f"method {name!r} registered twice")
         METHODS[name] = fn
         return fn
 
@@ -179,13 +181,15 @@ def _metric(job: Job, logits: Tensor, clean_logits: Tensor | None, repeat: int =
     pairs = job.pairs if repeat == 1 else job.pairs.repeat(repeat)
     if clean_logits is not None and repeat > 1:
         clean_logits = clean_logits.repeat(repeat, 1, 1)
-    return job.metric(logits, pairs, clean_logits)
+    return check_values(job.metric(logits, pairs, clean_logits), len(pairs), job.where)
 
 
-def _check_metric(values: Tensor, rows: int) -> Tensor:
-    if values.shape != (rows,):
-        raise ValueError(
-            f"the metric must return one value per example, shape ({rows},); got {tuple(values.shape)}"
+def _differentiable(job: Job, values: Tensor) -> Tensor:
+    """The metric's output, which a backward pass needs to depend on the logits."""
+    if not values.requires_grad:
+        raise InputError(
+            f"the metric's output does not depend on the logits (no gradient) for {job.where}: a constant "
+            "metric has no attributions; compute it from the logits it is given"
         )
     return values
 
@@ -193,7 +197,6 @@ def _check_metric(values: Tensor, rows: int) -> Tensor:
 # ------------------------------------------------------------------------------------------ methods
 @register("eap")
 def eap(job: Job) -> BatchResult:
-    b = len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
     recorder = ScoreRecorder(
@@ -206,7 +209,7 @@ def eap(job: Job) -> BatchResult:
     ]
     logits = _run(job, job.pairs.clean.to(job.model.device), hooks, grad=True)
     clean_logits = logits.detach()
-    values = _check_metric(_metric(job, logits, clean_logits), b)
+    values = _differentiable(job, _metric(job, logits, clean_logits))
     recorder.backward(values.sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
@@ -224,7 +227,7 @@ def clean_corrupted(job: Job) -> BatchResult:
     hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
-    values = _check_metric(_metric(job, logits, clean_logits, repeat=2), 2 * b)
+    values = _differentiable(job, _metric(job, logits, clean_logits, repeat=2))
     recorder.delta = _difference(job, acts[b:], acts[:b])
     recorder.backward(values.sum())
     return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
@@ -251,7 +254,7 @@ def eap_ig_inputs(job: Job) -> BatchResult:
         recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta, workspace=job.workspace)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
         logits = _run(job, ids, [(model.input_hook, interpolate), *recorder.hooks()], grad=True)
-        recorder.backward(_check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum())
+        recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
     return BatchResult(
         edges,
@@ -282,7 +285,7 @@ def eap_ig_activations(job: Job) -> BatchResult:
             logits = _run(
                 job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True
             )
-            recorder.backward(_check_metric(_metric(job, logits, clean_logits, repeat=m), m * b).sum())
+            recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(
         edges, _node_totals(edges, nodes), _metric(job, clean_logits, clean_logits), metric_corrupted, None

@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from circuits.errors import UnsupportedModelError
 from circuits.models.hooked import HookedModel
 
 
-class AdditivityError(RuntimeError):
+class AdditivityError(UnsupportedModelError):
     """The model's activations are not the sums the edge graph assumes."""
 
 

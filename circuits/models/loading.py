@@ -8,6 +8,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from circuits.errors import InputError
 from circuits.models.checks import check_additivity
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
@@ -56,7 +57,7 @@ def _resolve(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if isinstance(name_or_model, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError("load_model(model_object) needs its tokenizer: load_model(model, tokenizer)")
+            raise InputError("load_model(model_object) needs its tokenizer: load_model(model, tokenizer)")
         return name_or_model, tokenizer
     if not isinstance(name_or_model, str):
         raise TypeError(

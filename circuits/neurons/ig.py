@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from circuits.models.hooked import HookedModel
+from circuits.errors import InputError
+from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.plain import down_projections, plain_model
 from circuits.neurons.last_position import LastPositions, Replace, run_prompts
+from circuits.quadrature import check_steps
 from circuits.quadrature import quadrature as quadrature_rule
 
 Baseline = Literal["zero"] | Tensor
@@ -60,7 +62,7 @@ def _grid(steps: int, quadrature: str, compat: str | None) -> tuple[Tensor, Tens
         # multiplies the gradient at alpha_k = k/m (k = 0..m-1) by alpha_k.
         alphas = torch.arange(steps, dtype=torch.float64) / steps
         return alphas, alphas / steps
-    raise ValueError(f"unknown compat {compat!r}; the only one is 'ircan-code'")
+    raise InputError(f"unknown compat {compat!r}; the only one is 'ircan-code'")
 
 
 def _target_ids(model: HookedModel, targets: Sequence[str | int]) -> list[int]:
@@ -68,28 +70,29 @@ def _target_ids(model: HookedModel, targets: Sequence[str | int]) -> list[int]:
     for i, t in enumerate(targets):
         if isinstance(t, int):
             if not 0 <= t < model.d_vocab:
-                raise ValueError(f"target {i}: token id {t} is outside the vocabulary")
+                raise InputError(f"target {i}: token id {t} is outside the vocabulary")
             ids.append(t)
         else:
             try:
                 ids.append(model.single_token_id(t))
             except ValueError as err:
-                raise ValueError(f"target {i}: {err}") from None
+                raise InputError(f"target {i}: {err}") from None
     return ids
 
 
 def _prompt_ids(model: HookedModel, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
     if not prompts:
-        raise ValueError("no prompts given")
+        raise InputError("no prompts given")
     if isinstance(prompts[0], str):
         ids = model.to_ids([str(p) for p in prompts])
     else:
         ids = [[int(t) for t in p] for p in prompts]
     if any(len(p) < 2 for p in ids):
-        raise ValueError("every prompt needs at least two tokens (a prefix and the last position)")
+        raise InputError("every prompt needs at least two tokens (a prefix and the last position)")
     return ids
 
 
+@uses_model
 def last_activations(model: HookedModel, prompts: Sequence[str] | Sequence[Sequence[int]]) -> Tensor:
     """[n_prompts, n_layers, d_mlp] neuron activations at each prompt's last position."""
     ids = _prompt_ids(model, prompts)
@@ -97,6 +100,7 @@ def last_activations(model: HookedModel, prompts: Sequence[str] | Sequence[Seque
     return torch.cat([run_prompts(model, chunk).activations.cpu() for chunk in chunks])
 
 
+@uses_model
 def neuron_ig(
     model: HookedModel,
     prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -130,29 +134,28 @@ def neuron_ig(
     ids = _prompt_ids(model, prompts)
     target_ids = _target_ids(model, targets)
     if len(target_ids) != len(ids):
-        raise ValueError(f"got {len(ids)} prompts but {len(target_ids)} targets")
+        raise InputError(f"got {len(ids)} prompts but {len(target_ids)} targets")
     spec = model.spec
     chosen = list(range(spec.n_layers)) if layers is None else sorted(set(layers))
     if any(not 0 <= layer < spec.n_layers for layer in chosen):
-        raise ValueError(f"layers must lie in [0, {spec.n_layers})")
+        raise InputError(f"layers must lie in [0, {spec.n_layers})")
     if isinstance(baseline, Tensor) and baseline.shape != (len(ids), spec.n_layers, spec.d_mlp):
-        raise ValueError(
+        raise InputError(
             f"baseline must have shape ({len(ids)}, {spec.n_layers}, {spec.d_mlp}), "
             f"got {tuple(baseline.shape)}"
         )
     if isinstance(baseline, str) and baseline != "zero":
-        raise ValueError(f"baseline must be 'zero' or a tensor of activations, got {baseline!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise InputError(f"baseline must be 'zero' or a tensor of activations, got {baseline!r}")
+    check_steps(steps, "steps")
     alphas, weights = _grid(steps, quadrature, compat)
     if not bool((alphas == 0).any()):  # alpha = 0 gives P(a_base) for the completeness check
         alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
     zero = int((alphas == 0).nonzero()[0])
     alphas, weights = alphas.float(), weights.float()
     if implementation not in ("cached", "full"):
-        raise ValueError(f"implementation must be 'cached' or 'full', got {implementation!r}")
+        raise InputError(f"implementation must be 'cached' or 'full', got {implementation!r}")
     if prompts_per_pass < 1 or (max_rows is not None and max_rows < 1):
-        raise ValueError(f"prompts_per_pass and max_rows must be >= 1, got {prompts_per_pass}, {max_rows}")
+        raise InputError(f"prompts_per_pass and max_rows must be >= 1, got {prompts_per_pass}, {max_rows}")
     prepare, per_pass = (_cached, prompts_per_pass) if implementation == "cached" else (_full, 1)
     rows = max_rows or (1024 if implementation == "cached" else len(alphas))
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from circuits.models.hooked import HookedModel
+from circuits.errors import InputError
+from circuits.models.hooked import HookedModel, uses_model
 from circuits.neurons.ig import NeuronAttribution, last_activations, neuron_ig
 
 
@@ -32,7 +33,7 @@ class ContextNeurons:
     def top(self, h: int) -> Tensor:
         """[h, 2] the h most frequent neurons."""
         if not 1 <= h <= len(self.neurons):
-            raise ValueError(f"h must lie in [1, {len(self.neurons)}], got {h}")
+            raise InputError(f"h must lie in [1, {len(self.neurons)}], got {h}")
         return self.neurons[:h]
 
 
@@ -60,6 +61,7 @@ def select_neurons(scores: Tensor, threshold: float = 0.1, per_example: int = 20
     return neurons, counts[index]
 
 
+@uses_model
 def context_neurons(
     model: HookedModel,
     with_context: Sequence[str],
@@ -74,9 +76,9 @@ def context_neurons(
 ) -> ContextNeurons:
     """IRCAN's context-aware neurons of a fit set (prompts with and without their context, targets)."""
     if not with_context:
-        raise ValueError("the fit set is empty")
+        raise InputError("the fit set is empty")
     if len(with_context) != len(without_context):
-        raise ValueError(f"{len(with_context)} prompts with context but {len(without_context)} without")
+        raise InputError(f"{len(with_context)} prompts with context but {len(without_context)} without")
     baseline = last_activations(model, without_context)
     result = neuron_ig(
         model, with_context, targets, baseline=baseline, steps=steps, quiet=quiet, **ig_options
@@ -101,14 +103,14 @@ def reweight(model: HookedModel, neurons: Tensor, beta: float) -> Iterator[None]
     """Within the block, the activations of `neurons` ([k, 2] (layer, index)) are multiplied by `beta` at
     every position (beta = 0 erases them); the model is untouched on exit."""
     if neurons.dim() != 2 or neurons.shape[1] != 2:
-        raise ValueError(f"neurons must be [k, 2] (layer, index), got {tuple(neurons.shape)}")
+        raise InputError(f"neurons must be [k, 2] (layer, index), got {tuple(neurons.shape)}")
     spec = model.spec
     if len(neurons) and (
         int(neurons[:, 0].max()) >= spec.n_layers
         or int(neurons[:, 1].max()) >= spec.d_mlp
         or int(neurons.min()) < 0
     ):
-        raise ValueError(f"neurons must index layers < {spec.n_layers} and neurons < {spec.d_mlp}")
+        raise InputError(f"neurons must index layers < {spec.n_layers} and neurons < {spec.d_mlp}")
     hooks = []
     for layer in neurons[:, 0].unique().tolist():
         index = neurons[neurons[:, 0] == layer, 1]

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from circuits.models.hooked import HookedModel
+from circuits.errors import InputError
+from circuits.models.hooked import HookedModel, uses_model
+from circuits.quadrature import check_steps
 from circuits.quadrature import quadrature as quadrature_rule
 
 
@@ -40,7 +42,7 @@ class TokenAttribution:
 
     def __sub__(self, other: TokenAttribution) -> TokenAttribution:
         if self.tokens != other.tokens:
-            raise ValueError("attributions of different prompts cannot be subtracted")
+            raise InputError("attributions of different prompts cannot be subtracted")
         return TokenAttribution(self.tokens, self.scores - other.scores, self.delta - other.delta)
 
     def render(self) -> str:
@@ -79,6 +81,7 @@ def token_embeddings(model: HookedModel, ids: list[int]) -> Tensor:
     return captured["e"][0]
 
 
+@uses_model
 def token_ig(
     model: HookedModel,
     prompt: str,
@@ -101,15 +104,16 @@ def token_ig(
             released GrAInS code's off-by-one) instead of the position before it.
     """
     if (continuation is None) == (target is None):
-        raise ValueError("give exactly one of continuation (log-prob form) or target (logit form)")
+        raise InputError("give exactly one of continuation (log-prob form) or target (logit form)")
     if compat not in (None, "grains-code"):
-        raise ValueError(f"unknown compat {compat!r}; the only one is 'grains-code'")
+        raise InputError(f"unknown compat {compat!r}; the only one is 'grains-code'")
+    check_steps(steps, "steps")
     prompt_ids = model.to_ids([prompt])[0]
     n_prompt = len(prompt_ids)
     if continuation is not None:
         cont_ids = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not cont_ids:
-            raise ValueError(f"the continuation {continuation!r} has no tokens")
+            raise InputError(f"the continuation {continuation!r} has no tokens")
         target_id = None
     else:
         cont_ids = []
@@ -119,7 +123,7 @@ def token_ig(
     e = token_embeddings(model, ids)  # [P + C, d]
     base = torch.zeros_like(e[:n_prompt]) if baseline is None else baseline.to(e)
     if base.shape != e[:n_prompt].shape:
-        raise ValueError(f"baseline must have shape {tuple(e[:n_prompt].shape)}, got {tuple(base.shape)}")
+        raise InputError(f"baseline must have shape {tuple(e[:n_prompt].shape)}, got {tuple(base.shape)}")
     base = base.clone()
     base[:start] = e[:start]
     diff = e[:n_prompt] - base
@@ -163,6 +167,7 @@ def token_ig(
     return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
 
 
+@uses_model
 def contrastive_token_ig(
     model: HookedModel, prompt: str, preferred: str, dispreferred: str, **options
 ) -> TokenAttribution:

@@ -12,6 +12,7 @@ its original norm: h' = (h + s v) ||h|| / ||h + s v||.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from circuits.models.hooked import HookedModel
+from circuits.errors import InputError, NumericalError
+from circuits.models.hooked import HookedModel, uses_model
 from circuits.steering.token_ig import contrastive_token_ig
 
 
@@ -61,12 +63,13 @@ def _last_residuals(model: HookedModel, ids: list[int], layers: list[int]) -> Te
 def _check_layers(model: HookedModel, layers: Sequence[int]) -> list[int]:
     chosen = sorted(set(layers))
     if not chosen or any(not 0 <= layer < model.spec.n_layers for layer in chosen):
-        raise ValueError(
+        raise InputError(
             f"layers must be a non-empty subset of 0..{model.spec.n_layers - 1}, got {list(layers)}"
         )
     return chosen
 
 
+@uses_model
 def steering_vectors(
     model: HookedModel,
     pairs: Sequence[tuple[str, str, str]],
@@ -80,10 +83,17 @@ def steering_vectors(
 ) -> SteeringVectors:
     """Directions per layer from (prompt, preferred, dispreferred) pairs (see the module docstring)."""
     if not pairs:
-        raise ValueError("no pairs to fit steering vectors on")
+        raise InputError("no pairs to fit steering vectors on")
     if mode not in ("both", "pos") or method not in ("pca", "mean"):
-        raise ValueError(f"mode must be 'both' or 'pos' and method 'pca' or 'mean', got {mode!r}, {method!r}")
+        raise InputError(f"mode must be 'both' or 'pos' and method 'pca' or 'mean', got {mode!r}, {method!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"k (tokens per side) must be a whole number >= 1, got {k!r}")
     chosen = _check_layers(model, layers)
+    if method == "pca" and len(pairs) < 2:
+        raise InputError(
+            f"a first principal component needs at least 2 pairs, got {len(pairs)}; give more pairs or "
+            "use method='mean'"
+        )
     filler = model.tokenizer.pad_token_id
     filler = model.tokenizer.eos_token_id if filler is None else filler
     start = 1 if model.prepend_bos else 0
@@ -128,9 +138,21 @@ def steer(
     chosen = _check_layers(model, layers if layers is not None else list(table))
     missing = [layer for layer in chosen if layer not in table]
     if missing:
-        raise ValueError(f"no steering vector for layers {missing}; have {sorted(table)}")
+        raise InputError(f"no steering vector for layers {missing}; have {sorted(table)}")
     if compat not in (None, "grains-code"):
-        raise ValueError(f"unknown compat {compat!r}; the only one is 'grains-code'")
+        raise InputError(f"unknown compat {compat!r}; the only one is 'grains-code'")
+    d = model.spec.d_model
+    for layer in chosen:
+        v = table[layer]
+        if not isinstance(v, Tensor) or v.shape != (d,):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(
+                f"the steering vector of layer {layer} must have shape ({d},) (d_model), got {got}"
+            )
+        if not bool(v.isfinite().all()):
+            raise NumericalError(f"the steering vector of layer {layer} has NaN or infinite entries")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise InputError(f"strength must be a finite number, got {strength!r}")
     dim = 1 if compat == "grains-code" else -1
 
     def hook_for(v: Tensor):
@@ -144,6 +166,7 @@ def steer(
         yield
 
 
+@uses_model
 def generate(model: HookedModel, prompt: str, max_new_tokens: int = 30) -> str:
     """Greedy continuation of `prompt` (hooks active at the call site apply, e.g. inside `steer`)."""
     ids = model.to_ids([prompt])[0]
