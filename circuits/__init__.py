@@ -2,16 +2,34 @@
 
 from circuits.attribution import Attribution, attribute
 from circuits.data import PromptPairs
+from circuits.errors import (
+    CircuitsError,
+    CircuitsWarning,
+    FileFormatError,
+    GraphMismatchError,
+    InputError,
+    ModelLoadError,
+    NumericalError,
+    UnsupportedModelError,
+)
 from circuits.evaluation import Evaluation, evaluate
 from circuits.graph import Graph
 from circuits.models import HookedModel, load_model
 
 __all__ = [
     "Attribution",
+    "CircuitsError",
+    "CircuitsWarning",
     "Evaluation",
+    "FileFormatError",
     "Graph",
+    "GraphMismatchError",
     "HookedModel",
+    "InputError",
+    "ModelLoadError",
+    "NumericalError",
     "PromptPairs",
+    "UnsupportedModelError",
     "attribute",
     "evaluate",
     "load_model",

@@ -13,18 +13,26 @@ import sys
 from pathlib import Path
 
 from circuits.attribution.methods import METHODS
-from circuits.errors import InputError
+from circuits.errors import CircuitsError, InputError
+from circuits.outputs import check_writable
 from circuits.quadrature import QUADRATURES
 
 EXAMPLES = __doc__.split("\n\n", 1)[1]
 
 
-def _model(name: str, tiny: bool):
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")  # offline random toys, for trying the commands and for CI
+OS_ERROR_EXIT = 8  # an operating-system error outside the library's own (disk full, permissions)
+INTERRUPTED_EXIT = 130  # Ctrl-C, as shells report SIGINT
+
+
+def _model(name: str):
     from circuits.models import load_model
 
-    if tiny:  # offline toy models, for trying the commands and for CI
+    if name.startswith("tiny-"):
         from circuits.testing import tiny_gpt2, tiny_llama
 
+        if name not in TINY_MODELS:
+            raise InputError(f"--model {name}: no such toy model; the toys are {', '.join(TINY_MODELS)}")
         return {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[name]()
     return load_model(name)
 
@@ -98,19 +106,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; every library error, OS error and Ctrl-C ends in one line on stderr and an exit code:
+    `CircuitsError.exit_code` per error class (`circuits.errors`), 8 for other OS errors, 130 for Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"circuits {args.command}"
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"circuits {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted; no output folder was changed", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except CircuitsError as err:
+        print(f"{prefix}: error ({type(err).__name__}): {_one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:
+        print(f"{prefix}: error ({type(err).__name__}): {_one_line(err)}", file=sys.stderr)
+        return OS_ERROR_EXIT
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _discover(args: argparse.Namespace) -> int:
     from circuits.pipeline import discover
 
-    model = _model(args.model, args.model.startswith("tiny-"))
+    check_writable(args.out)
+    model = _model(args.model)
     task = _task(model, args.task, args.n, args.seed, args.data)
     found = discover(
         model,
@@ -136,8 +158,6 @@ def _discover(args: argparse.Namespace) -> int:
 def _load_circuit(path: Path):
     from circuits.graph import Graph
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such circuit file")
     return Graph.from_pt(path) if path.suffix == ".pt" else Graph.from_json(path)
 
 
@@ -146,7 +166,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from circuits.faithfulness import mib_scores
 
     circuit = _load_circuit(args.circuit)
-    model = _model(args.model, args.model.startswith("tiny-"))
+    model = _model(args.model)
     circuit.check_fits(model.spec)
     task = _task(model, args.task, args.n, args.seed, args.data)
     result = evaluate(model, circuit, task.pairs, task.metric, args.ablation, batch_size=args.batch_size)
@@ -185,7 +205,7 @@ def _tasks(args: argparse.Namespace) -> int:
     unknown = [t for t in args.baseline if t not in TASKS]
     if unknown:
         raise InputError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
-    model = _model(args.model, args.model.startswith("tiny-"))
+    model = _model(args.model)
     for name in args.baseline or list(TASKS):
         task = TASKS[name](model, args.n)
         print(f"{name:14s} {baseline(model, task)}  ({len(task.pairs)} kept, {task.dropped} dropped)")

@@ -20,6 +20,7 @@ from circuits.evaluation import Evaluation, evaluate
 from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, mib_scores
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
+from circuits.outputs import check_writable, replacing_folder
 from tasks.baseline import Baseline, baseline
 from tasks.common import TaskPairs
 
@@ -84,7 +85,10 @@ def discover(
     out: str | Path | None = None,
     quiet: bool = False,
 ) -> Discovery:
-    """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files."""
+    """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files
+    (`out` is checked for writability before any work, and replaced whole at the end: see `outputs`)."""
+    if out is not None:
+        check_writable(Path(out))
     seconds: dict[str, float] = {}
     graph = Graph.from_model(model)
     start = time.perf_counter()
@@ -119,9 +123,18 @@ def discover(
     return found
 
 
+OUTPUT_FILES = ("scores.pt", "circuit.json", "circuit.svg", "faithfulness.png", "summary.json")
+
+
 def write(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
-    """scores.pt, circuit.json, circuit.svg, faithfulness.png (with curves), summary.json."""
-    out.mkdir(parents=True, exist_ok=True)
+    """scores.pt, circuit.json, circuit.svg, faithfulness.png (with curves), summary.json, written into a
+    staging folder that replaces `out` once all are written."""
+    with replacing_folder(out, OUTPUT_FILES) as staging:
+        files = _write_files(found, staging, model, method, steps)
+    return [out / f.name for f in files]
+
+
+def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
     graph, circuit = found.graph, found.circuit
     torch.save(
         {

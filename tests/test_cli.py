@@ -49,7 +49,7 @@ def test_bad_arguments_say_what_is_accepted(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["discover", "--task", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
-    assert main(["draw", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.svg")]) == 2
+    assert main(["draw", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x.svg")]) == 3
     assert "no such circuit file" in capsys.readouterr().err
     assert main(["tasks", "--model", "tiny-llama", "--baseline", "nope"]) == 2
     assert "unknown tasks" in capsys.readouterr().err

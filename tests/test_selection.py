@@ -144,7 +144,7 @@ def test_bad_sizes():
     graph = scored_graph()
     with pytest.raises(InputError, match=r"n must be a whole number in \[0, 82\], got 83"):
         graph.top_n(graph.n_edges + 1)
-    with pytest.raises(InputError, match="got 2.5"):
+    with pytest.raises(InputError, match=r"got 2\.5"):
         graph.top_n(2.5)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="n must be a whole number"):
         graph.greedy(-1)

@@ -115,7 +115,11 @@ MIB_NO_IO = {
             "row 2: clean prompt is",
         ),
         ("multi.csv", csv_text(OURS, (*HELLO, " Tomato", " Anna")), "row 1: ' Tomato' is"),
-        ("label.csv", csv_text(("clean", "corrupted", "label"), (*HELLO, "oops")), "row 1, column label: 'oops'"),
+        (
+            "label.csv",
+            csv_text(("clean", "corrupted", "label"), (*HELLO, "oops")),
+            "row 1, column label: 'oops'",
+        ),
         ("ids.csv", csv_text(EAP, (*HELLO, 99999999, 1)), "outside the vocabulary"),
         ("columns.csv", csv_text(("text", "target"), ("hello", "world")), "cannot tell the format"),
         ("empty.csv", csv_text(OURS), "no rows"),

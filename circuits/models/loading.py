@@ -8,7 +8,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from circuits.errors import InputError
+from circuits.errors import InputError, ModelLoadError
 from circuits.models.checks import check_additivity
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
@@ -58,9 +58,9 @@ def _resolve(
     if isinstance(name_or_model, PreTrainedModel):
         if tokenizer is None:
             raise InputError("load_model(model_object) needs its tokenizer: load_model(model, tokenizer)")
-        return name_or_model, tokenizer
+        return private_copy(name_or_model), tokenizer
     if not isinstance(name_or_model, str):
-        raise TypeError(
+        raise InputError(
             f"load_model takes a model name or a transformers PreTrainedModel, got {type(name_or_model)}"
         )
     if name_or_model.lower() == EMBEDDED_NAME:
@@ -70,12 +70,25 @@ def _resolve(
         model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_model)
     except OSError as err:
-        raise OSError(
+        raise ModelLoadError(
             f"Could not load '{name_or_model}' from the Hugging Face hub or a local folder ({err}). "
             f"Offline, use the embedded model load_model('{EMBEDDED_NAME}'), a local folder, or a model "
             "object with its tokenizer."
         ) from err
     return model, tokenizer
+
+
+def private_copy(hf_model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of the caller's model for the bridge to take apart: its own modules, config and `Parameter`
+    objects, over the caller's weight storage (no weights are copied). Booting the bridge swaps the
+    model's layers for wrappers and `load_model` changes mode, dtype and `requires_grad`; on the copy none
+    of that reaches the caller's object, which can be loaded again."""
+    memo: dict[int, object] = {}
+    for param in hf_model.parameters():
+        memo[id(param)] = torch.nn.Parameter(param.detach(), requires_grad=param.requires_grad)
+    for buffer in hf_model.buffers():
+        memo[id(buffer)] = buffer
+    return copy.deepcopy(hf_model, memo)
 
 
 def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
@@ -86,6 +99,8 @@ def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     bridge_tokenizer = copy.copy(tokenizer)
     bridge_tokenizer.init_kwargs = {**tokenizer.init_kwargs, "add_bos_token": True}
     bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
+    if not getattr(hf_model.config, "architectures", None):  # a model built from a config has none
+        hf_model.config.architectures = [type(hf_model).__name__]
     return TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=bridge_tokenizer, dtype=dtype
     )

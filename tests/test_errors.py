@@ -1,0 +1,375 @@
+"""Bad input ends in a typed error naming what was received and what is accepted, never in an internal
+traceback or a plausible wrong number; nothing of the caller's is changed. One test per failure class."""
+
+import json
+
+import pytest
+import torch
+
+from circuits import Graph, attribute, evaluate, load_model
+from circuits.cli import main
+from circuits.data import PromptPairs
+from circuits.errors import (
+    CircuitsError,
+    CircuitsWarning,
+    FileFormatError,
+    GraphMismatchError,
+    InputError,
+    ModelLoadError,
+    NumericalError,
+    UnsupportedModelError,
+)
+from circuits.faithfulness import mib_scores
+from circuits.metrics import logit_diff
+from circuits.models.hooked import ModelSpec
+from circuits.outputs import replacing_folder
+from circuits.steering import steer, steering_vectors
+from circuits.testing import tiny_llama_hf, tiny_tokenizer
+from tasks import load_pairs
+
+from .pairs import make_pairs
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+
+
+def test_hierarchy_kinds_are_the_builtin_kinds_callers_catch():
+    assert issubclass(InputError, ValueError) and issubclass(FileFormatError, InputError)
+    assert issubclass(GraphMismatchError, InputError) and issubclass(ModelLoadError, OSError)
+    assert issubclass(NumericalError, ArithmeticError) and issubclass(UnsupportedModelError, CircuitsError)
+    import circuits
+
+    assert circuits.CircuitsError is CircuitsError and circuits.InputError is InputError
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def test_metric_of_the_wrong_shape_is_refused(llama):
+    pairs = make_pairs(llama)
+
+    def two_columns(logits, pairs, clean_logits=None):
+        return torch.stack([logit_diff(logits, pairs), logit_diff(logits, pairs)], 1)
+
+    circuit = Graph.from_model(llama)
+    with pytest.raises(InputError, match=r"shape \(3,\); got \(3, 2\) for batch 0 \(pairs 0-2\)"):
+        evaluate(llama, circuit, pairs, two_columns)
+    with pytest.raises(InputError, match=r"shape \(3,\); got \(\)"):
+        attribute(llama, circuit, pairs, lambda lg, p, c=None: logit_diff(lg, p).sum(), "eap", quiet=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_metric_names_the_batch(llama, bad):
+    pairs = make_pairs(llama)
+
+    def broken(logits, pairs, clean_logits=None):
+        values = logit_diff(logits, pairs)
+        return values + torch.tensor([0.0, bad, 0.0], device=values.device)[: len(values)]
+
+    with pytest.raises(NumericalError, match=r"row 1 of batch 0 \(pairs 0-1\)"):
+        attribute(llama, Graph.from_model(llama), pairs, broken, "eap", batch_size=2, quiet=True)
+
+
+def test_constant_metric_has_no_gradient_and_says_so(llama):
+    pairs = make_pairs(llama)
+    with pytest.raises(InputError, match="does not depend on the logits"):
+        attribute(llama, Graph.from_model(llama), pairs, lambda lg, p, c=None: torch.ones(len(p)), "eap")
+
+
+def test_nan_scores_are_not_ranked():
+    graph = Graph.from_model(ModelSpec(1, 2, 2, 8, 4, 16))
+    graph.scores[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match="1 scores are NaN"):
+        graph.top_n(3)
+
+
+def test_unscored_graph_warns_once_selected():
+    graph = Graph.from_model(ModelSpec(1, 2, 2, 8, 4, 16))
+    with pytest.warns(CircuitsWarning, match="never scored"):
+        graph.top_n(3)
+
+
+# ------------------------------------------------------------------------------ options and sizes
+@pytest.mark.parametrize(
+    ("steps", "quadrature", "message"),
+    [
+        (10**7, "left", "above the limit of 1024 steps.*MAX_STEPS"),
+        (10**6, "gauss-legendre", "above the limit"),
+        (2.5, "left", r"whole number of steps, got 2\.5"),
+        (True, "left", "whole number of steps"),
+        (0, "left", ">= 1"),
+    ],
+)
+def test_ig_steps_are_bounded_and_whole(llama, steps, quadrature, message):
+    with pytest.raises(InputError, match=message):
+        attribute(llama, Graph.from_model(llama), make_pairs(llama), ig_steps=steps, quadrature=quadrature)
+
+
+def test_the_steps_limit_can_be_raised_on_purpose(monkeypatch):
+    from circuits import quadrature
+
+    monkeypatch.setattr(quadrature, "MAX_STEPS", 2048)
+    assert quadrature.check_steps(2000) == 2000
+
+
+def test_graph_of_another_width_is_refused(llama):
+    spec = llama.spec
+    other = ModelSpec(spec.n_layers, spec.n_heads, spec.n_kv_heads, 2 * spec.d_model, spec.d_head, spec.d_mlp)
+    with pytest.raises(GraphMismatchError, match=r"d_model 128 does not fit .* d_model 64"):
+        evaluate(llama, Graph.from_model(other), make_pairs(llama))
+
+
+def test_mib_style_file_without_sizes_takes_them_from_the_model(llama, tmp_path):
+    graph = Graph.from_model(llama)
+    graph.scores = torch.randn(graph.valid.shape)
+    circuit = graph.top_n(20)
+    circuit.to_json(tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    data["cfg"] = {k: data["cfg"][k] for k in ("n_layers", "n_heads", "parallel_attn_mlp")}
+    data["cfg"]["n_key_value_heads"] = llama.spec.n_kv_heads
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    loaded = Graph.from_json(tmp_path / "c.json")
+    assert loaded.spec.d_model == 0
+    pairs = make_pairs(llama)
+    assert evaluate(llama, loaded, pairs).circuit == pytest.approx(evaluate(llama, circuit, pairs).circuit)
+    assert loaded.spec.d_model == llama.spec.d_model
+
+
+def test_mean_ablation_reference_lengths(llama):
+    pairs = make_pairs(llama)  # prompts of different lengths, up to 14 tokens
+    short = PromptPairs.from_strings(
+        llama, ["Then Tom said"] * 2, ["Then Anna said"] * 2, [" Tom"] * 2, [" Anna"] * 2
+    )
+    with pytest.raises(InputError, match="at least as long as the prompts scored"):
+        evaluate(llama, Graph.from_model(llama), pairs, ablation="mean", reference=short)
+    mixed = make_pairs(llama)  # mixed lengths: one mean over all positions, any prompt length
+    evaluate(llama, Graph.from_model(llama), short, ablation="mean", reference=mixed)
+
+
+def test_prompts_longer_than_the_context_are_refused(llama):
+    n = llama.n_ctx + 2
+    ids = torch.full((1, n), 5)
+    pairs = PromptPairs(ids, ids.clone(), torch.tensor([n]), torch.tensor([3]), torch.tensor([4]))
+    with pytest.raises(InputError, match=f"pair 0 is {n} tokens long, more than the {llama.n_ctx} positions"):
+        attribute(llama, Graph.from_model(llama), pairs, method="eap")
+
+
+def test_token_ids_must_be_integers(llama):
+    ids = torch.tensor([[1.0, 2.0]])
+    with pytest.raises(InputError, match=r"integer token ids.*float32"):
+        PromptPairs(ids, ids, torch.tensor([2]), torch.tensor([3]), torch.tensor([4]))
+    with pytest.raises(InputError, match=r"answer of pair 0: token id 3\.7 is not an integer"):
+        PromptPairs.from_ids(llama, [[1, 2]], [[1, 2]], [3.7], [4])  # type: ignore[list-item]
+
+
+def test_answer_equal_to_distractor_warns(llama):
+    with pytest.warns(CircuitsWarning, match="same answer and distractor"):
+        PromptPairs.from_ids(llama, [[1, 2]], [[1, 3]], [5], [5])
+
+
+def test_faithfulness_with_nothing_to_separate_is_a_numerical_error(llama):
+    clean = [PROMPT, PROMPT]
+    pairs = PromptPairs.from_strings(llama, clean, clean, [" Mary"] * 2, [" John"] * 2)
+    graph = Graph.from_model(llama)
+    graph.scores = torch.randn(graph.valid.shape)
+    with pytest.raises(NumericalError, match="full model and the empty circuit score the same"):
+        _ = evaluate(llama, graph.top_n(10), pairs).faithfulness
+    with pytest.raises(NumericalError, match="score the same"):
+        mib_scores(llama, graph, pairs, percentages=(10.0, 100.0), quiet=True)
+
+
+# ------------------------------------------------------------------------------ caller's objects
+def test_train_mode_and_trainable_parameters_are_left_as_the_caller_had_them(llama):
+    pairs, graph = make_pairs(llama), Graph.from_model(llama)
+    reference = attribute(llama, graph, pairs, method="eap", quiet=True).edge_scores
+    llama.bridge.train()
+    params = list(llama.bridge.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        scores = [attribute(llama, graph, pairs, method="eap", quiet=True).edge_scores for _ in range(2)]
+        assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], reference)  # no dropout
+        assert all(p.grad is None for p in params)  # nothing accumulated on the caller's parameters
+        assert llama.bridge.training and all(p.requires_grad for p in params)  # restored
+    finally:
+        llama.bridge.eval()
+        for p in params:
+            p.requires_grad_(False)
+
+
+def test_loading_a_model_object_leaves_it_untouched_and_can_repeat():
+    hf = tiny_llama_hf(seed=2)
+    hf.train()
+    layer_types = [type(m) for m in hf.modules()]
+    first = load_model(hf, tiny_tokenizer())
+    second = load_model(hf, tiny_tokenizer(), check=False)
+    assert [type(m) for m in hf.modules()] == layer_types and hf.training
+    assert all(p.requires_grad for p in hf.parameters())
+    ids = torch.tensor([[1, 5, 9, 4]])
+    with torch.no_grad():
+        assert torch.allclose(first(ids), second(ids)) and torch.allclose(
+            first(ids), hf.eval()(ids).logits, atol=1e-5
+        )
+
+
+def test_model_built_from_a_config_loads():
+    hf = tiny_llama_hf(seed=4)
+    hf.config.architectures = None
+    load_model(hf, tiny_tokenizer())
+
+
+def test_unknown_model_name_is_a_load_error():
+    with pytest.raises(ModelLoadError, match="embedded model"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+# ------------------------------------------------------------------------------------- steering
+def test_steering_inputs(llama):
+    with pytest.raises(InputError, match="at least 2 pairs"):
+        steering_vectors(llama, [(PROMPT, " Mary", " John")], [0])
+    with pytest.raises(InputError, match=r"k .* >= 1, got 0"):
+        steering_vectors(llama, [(PROMPT, " Mary", " John")] * 2, [0], k=0)
+    with (
+        pytest.raises(InputError, match=r"must have shape \(64,\) \(d_model\), got \(1,\)"),
+        steer(llama, {0: torch.ones(1)}, 1.0),
+    ):
+        pass
+
+
+# ---------------------------------------------------------------------------------------- files
+def bad_circuit(tmp_path, llama, edit):
+    graph = Graph.from_model(llama)
+    graph.to_json(tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    data = edit(data)
+    (tmp_path / "c.json").write_text(data if isinstance(data, str) else json.dumps(data))
+    return tmp_path / "c.json"
+
+
+def first_edge(data):
+    return next(iter(data["edges"]))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: {**d, "edges": {**d["edges"], first_edge(d): {"in_graph": "false"}}},
+            r"\.in_graph must be true",
+        ),
+        (
+            lambda d: {**d, "edges": {**d["edges"], first_edge(d): {"score": "abc"}}},
+            r"\.score must be a number",
+        ),
+        (lambda d: {**d, "edges": 5}, "edges must be an object, got 5"),
+        (lambda d: {**d, "cfg": {**d["cfg"], "n_layers": "two"}}, r"cfg\.n_layers must be a whole number"),
+        (lambda d: 7, "a circuit file is a JSON object, got int"),
+        (lambda d: json.dumps(d)[:100], "line 1, column .*not valid JSON.*complete"),
+        (
+            lambda d: {**d, "nodes": {"m0": {"in_graph": True, "neurons": [True, False]}}},
+            "neuron-level circuit",
+        ),
+    ],
+)
+def test_malformed_circuit_json_names_file_and_field(tmp_path, llama, edit, message):
+    path = bad_circuit(tmp_path, llama, edit)
+    with pytest.raises(FileFormatError, match=message) as info:
+        Graph.from_json(path)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_pt_names_the_file(tmp_path, llama):
+    Graph.from_model(llama).to_pt(tmp_path / "c.pt")
+    data = (tmp_path / "c.pt").read_bytes()
+    (tmp_path / "c.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FileFormatError, match=r"c\.pt: not a readable circuit \.pt file"):
+        Graph.from_pt(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("rows.jsonl", '["a", "b"]\n', "row 1: expected an object with named fields, got a list"),
+        (
+            "latin.csv",
+            "clean,corrupted,answer,distractor\nCaf\xe9,x,y,z\n".encode("latin-1"),
+            "line 2: byte 0xe9 is not UTF-8",
+        ),
+        (
+            "label.csv",
+            "clean,corrupted,correct_idx,incorrect_idx\n"
+            "Then Tom said hello to,Then Anna said hello to,3.7,4\n",
+            r"column correct_idx: '3\.7' is not a token id",
+        ),
+        ("folder.csv", None, "is a folder"),
+    ],
+)
+def test_bad_data_files_name_row_and_column(llama, tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with pytest.raises(FileFormatError, match=message):
+        load_pairs(llama, path)
+
+
+def test_csv_with_a_byte_order_mark_loads(llama, tmp_path):
+    text = "clean,corrupted,answer,distractor\nThen Tom said hello to,Then Anna said hello to, Tom, Anna\n"
+    (tmp_path / "excel.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert len(load_pairs(llama, tmp_path / "excel.csv").pairs) == 1
+
+
+# ------------------------------------------------------------------------------ CLI and outputs
+def test_cli_errors_are_one_line_with_distinct_exit_codes(tmp_path, capsys, monkeypatch):
+    def last_err():
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err, err
+        return err
+
+    assert main(["tasks", "--model", "tiny-nope", "--baseline", "ioi"]) == 2
+    assert "the toys are tiny-llama, tiny-gpt2" in last_err()
+    assert main(["tasks", "--model", "no-such-org/no-such-model", "--baseline", "ioi"]) == 5
+    assert "ModelLoadError" in last_err()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["discover", "--model", "tiny-llama", "--out", str(blocker / "out")]) == 2
+    assert "cannot write" in last_err()
+    (tmp_path / "c.pt").write_bytes(b"not a tensor file")
+    assert main(["draw", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.svg")]) == 3
+    assert "c.pt: not a readable" in last_err()
+
+    from circuits import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def refused(args):
+        raise UnsupportedModelError("post-attention norm on the summed heads")
+
+    monkeypatch.setitem(cli.COMMANDS, "tasks", interrupted)
+    assert main(["tasks"]) == 130
+    assert last_err() == "circuits tasks: interrupted; no output folder was changed"
+    monkeypatch.setitem(cli.COMMANDS, "tasks", refused)
+    assert main(["tasks"]) == 6
+    assert "post-attention norm" in last_err()
+
+
+def test_an_interrupted_run_leaves_the_previous_folder_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "circuit.json").write_text("old")
+    (out / "faithfulness.png").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        replacing_folder(out, ["circuit.json", "faithfulness.png"]) as staging,
+    ):
+        (staging / "circuit.json").write_text("new")
+        raise KeyboardInterrupt
+    assert (out / "circuit.json").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+    with replacing_folder(out, ["circuit.json", "faithfulness.png"]) as staging:
+        (staging / "circuit.json").write_text("new")
+    assert (out / "circuit.json").read_text() == "new"
+    assert not (out / "faithfulness.png").exists()  # the earlier run's file is not left beside the new one
+    assert (out / "notes.txt").read_text() == "mine"  # the user's own file is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
