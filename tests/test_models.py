@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from circuits import load_model
+from circuits.errors import ModelLoadError, UnsupportedModelError
 from circuits.models import AdditivityError, EmbeddedModelMissing, check_additivity, embedded
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 
@@ -23,8 +24,11 @@ def test_broken_additivity_is_refused_with_the_hook_named():
     hf = tiny_llama_hf(seed=1)
     # Scale the attention output behind the per-head decomposition's back.
     hf.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: 1.5 * o)
-    with pytest.raises(AdditivityError, match=r"blocks\.1\.hook_attn_out"):
+    with pytest.raises(UnsupportedModelError, match="logits differ"):  # the rebuilt model has no hook
         load_model(hf, tiny_tokenizer())
+    model = load_model(hf, tiny_tokenizer(), check=False)
+    with pytest.raises(AdditivityError, match=r"blocks\.1\.hook_attn_out"):
+        check_additivity(model)
 
 
 def test_model_object_needs_tokenizer():
@@ -33,7 +37,7 @@ def test_model_object_needs_tokenizer():
 
 
 def test_unknown_name_offline_is_a_clear_error():
-    with pytest.raises(OSError, match="embedded model"):
+    with pytest.raises(ModelLoadError, match="embedded model"):
         load_model("no-such-org/no-such-model-xyz")
 
 
@@ -71,3 +75,26 @@ def test_smollm2_loads_checks_and_does_ioi(smollm2):
         logits = smollm2(ids)[0, -1]
     diff = logits[smollm2.single_token_id(" Mary")] - logits[smollm2.single_token_id(" John")]
     assert diff > 2.0
+
+
+def _tiny_falcon(**kwargs):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(
+        vocab_size=len(tiny_tokenizer()), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, **kwargs
+    )
+    torch.manual_seed(0)
+    return FalconForCausalLM(cfg).eval()
+
+
+def test_a_bridge_that_does_not_compute_the_model_is_refused():
+    """Falcon with alibi (falcon-rw style): the bridge's logits are not the model's."""
+    hf = _tiny_falcon(alibi=True, new_decoder_architecture=False, parallel_attn=False, multi_query=False)
+    with pytest.raises(UnsupportedModelError, match="bridge's logits differ from the Hugging Face model's"):
+        load_model(hf, tiny_tokenizer())
+
+
+def test_missing_hook_points_are_a_typed_refusal():
+    hf = _tiny_falcon(alibi=False, new_decoder_architecture=False, parallel_attn=True, multi_query=True)
+    with pytest.raises(UnsupportedModelError, match=r"no hook point 'blocks\.0\.ln2\.hook_in'"):
+        load_model(hf, tiny_tokenizer())

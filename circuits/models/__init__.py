@@ -1,6 +1,6 @@
 """Loading Hugging Face causal LMs as hooked models."""
 
-from circuits.models.checks import AdditivityError, check_additivity
+from circuits.models.checks import AdditivityError, check_additivity, check_bridge
 from circuits.models.embedded import EMBEDDED_NAME, EmbeddedModelMissing
 from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.models.loading import load_model
@@ -12,5 +12,6 @@ __all__ = [
     "HookedModel",
     "ModelSpec",
     "check_additivity",
+    "check_bridge",
     "load_model",
 ]

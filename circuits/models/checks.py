@@ -7,7 +7,8 @@ On one batch it verifies, layer by layer:
 4. resid_post == resid_pre + attn_out + mlp_out, and the next layer / final norm read resid_post;
 5. q, k and v depend on the residual only through norm + one linear map per head: the per-head input
    gradients recovered through W_Q/W_K/W_V sum to the gradient autograd gives at the norm input.
-A failure raises `AdditivityError` naming the hook and the size of the mismatch.
+A failure raises `AdditivityError` naming the hook and the size of the mismatch. Before it, `check_bridge`
+verifies that the bridge computes the Hugging Face model it wraps (same logits).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from circuits.errors import UnsupportedModelError
 from circuits.models.hooked import HookedModel
+from circuits.models.plain import plain_model
 
 
 class AdditivityError(UnsupportedModelError):
@@ -34,14 +36,35 @@ def _close(name: str, got: Tensor, want: Tensor, rtol: float) -> None:
         )
 
 
+def probe_ids(model: HookedModel) -> Tensor:
+    """A fixed random batch [2, 7] of token ids for the load-time checks."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(len(model.tokenizer), model.d_vocab)
+    return torch.randint(0, vocab, (2, 7), generator=gen)
+
+
+def check_bridge(model: HookedModel, input_ids: Tensor | None = None) -> None:
+    """Raise `UnsupportedModelError` unless the bridge computes the Hugging Face model it wraps: its logits
+    are compared with those of the un-bridged model (same parameters) on a probe batch."""
+    ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
+    with torch.no_grad():
+        ours = model(ids).float()
+        theirs = plain_model(model)(ids).logits.float()
+    err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    rtol = 1e-4 if ours.dtype == model.dtype == torch.float32 else 2e-2
+    if not err <= rtol * max(scale, 1.0):
+        raise UnsupportedModelError(
+            f"{model.spec.name}: the TransformerLens bridge's logits differ from the Hugging Face model's by "
+            f"up to {err:.3g} (largest |logit| {scale:.3g}) on a probe batch, so the bridge adapter for this "
+            "architecture does not compute the model and no score read from it would be right. Report it to "
+            "TransformerLens; load_model(..., check=False) skips the checks at your own risk"
+        )
+
+
 def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> None:
     """Raise `AdditivityError` unless the model decomposes as the graph assumes (see module doc)."""
     spec = model.spec
-    if input_ids is None:
-        gen = torch.Generator().manual_seed(0)
-        vocab = min(len(model.tokenizer), model.d_vocab)
-        input_ids = torch.randint(0, vocab, (2, 7), generator=gen)
-    input_ids = input_ids.to(model.device)
+    input_ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
 

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from circuits.errors import InputError, ModelLoadError
-from circuits.models.checks import check_additivity
+from circuits.models.checks import check_additivity, check_bridge
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
 
@@ -34,7 +34,8 @@ def load_model(
         prepend_bos: put the BOS token in front of every prompt. Default: True for GPT-2-style models
             (as TransformerLens and EAP-IG do), else whatever the tokenizer does on its own.
         device, dtype: where and in which precision the model runs.
-        check: run the additivity check of the graph (DESIGN.md section 2) and refuse models that fail it.
+        check: verify that the bridge computes the wrapped model (same logits) and that the model is the
+            sum of its graph's parts (`circuits.models.checks`); refuse with `UnsupportedModelError` if not.
     """
     hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype)
     hf_model = hf_model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
@@ -48,6 +49,7 @@ def load_model(
         prepend_bos = _default_prepend_bos(hf_model, tokenizer)
     model = HookedModel(bridge, tokenizer, _spec_from_bridge(bridge, model_name), prepend_bos)
     if check:
+        check_bridge(model)
         check_additivity(model)
     return model
 

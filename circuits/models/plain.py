@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from circuits.errors import UnsupportedModelError
 from circuits.models.hooked import HookedModel
 
 _WRAPPER = "._original_component"
@@ -39,7 +40,10 @@ def plain_model(model: HookedModel, attention: str | None = None) -> PreTrainedM
     wanted = plain.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
-        raise RuntimeError(f"{model.spec.name}: cannot rebuild the plain model, missing {missing[:5]}")
+        raise UnsupportedModelError(
+            f"{model.spec.name}: cannot rebuild the Hugging Face model from the bridge's parameters "
+            f"(missing {missing[:5]}), so the bridge cannot be checked against it"
+        )
     plain.load_state_dict({k: state[k] for k in wanted}, assign=True)
     plain.eval().requires_grad_(False)
     built[attention] = plain
@@ -56,9 +60,3 @@ def down_projections(plain: nn.Module) -> list[nn.Module]:
     if not found:
         raise RuntimeError(f"no MLP output projections found in {type(plain).__name__}")
     return [found[i] for i in sorted(found)]
-
-
-def check_same_logits(model: HookedModel, ids: torch.Tensor) -> float:
-    """Max |logit difference| between the bridge and the plain model on `ids` (a sanity check)."""
-    with torch.no_grad():
-        return float((model(ids) - plain_model(model)(ids).logits).abs().max())
