@@ -224,6 +224,17 @@ class PromptPairs:
         )
 
 
+def check_pairs(model: HookedModel, pairs: object, name: str = "pairs") -> PromptPairs:
+    """`pairs` if it is `PromptPairs` that fit `model` (see `PromptPairs.check_fits`), else `InputError`."""
+    if not isinstance(pairs, PromptPairs):
+        raise InputError(
+            f"{name} must be PromptPairs (PromptPairs.from_strings, or a task's .pairs), got "
+            f"{type(pairs).__name__}"
+        )
+    pairs.check_fits(model)
+    return pairs
+
+
 def check_count(value: object, name: str) -> int:
     """A whole number >= 1 (batch sizes, rows per pass), else `InputError`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

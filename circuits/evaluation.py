@@ -1,4 +1,5 @@
-"""Faithfulness of circuits: run the model with every edge outside a circuit ablated (DESIGN.md section 4).
+"""Faithfulness of circuits: run the model with every edge outside a circuit ablated (the protocol of
+EAP-IG, Hanna et al. 2024, arXiv 2403.17806, and MIB, Mueller et al. 2025, arXiv 2504.13151).
 
 f(C) = (M(C) - M(empty)) / (M(full) - M(empty)), a ratio of dataset means. The callers' graphs are never
 modified: the ablation masks are computed from them. Several circuits are evaluated batch by batch, so the
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from circuits.attribution import ABLATIONS, source_means
 from circuits.attribution.recorder import source_buffer, source_hooks
-from circuits.data import PromptPairs, check_count
+from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
@@ -101,9 +102,9 @@ def evaluate_many(
         if not isinstance(circuit, Graph):
             raise InputError(f"circuits must be Graphs, got {type(circuit).__name__}")
         circuit.check_fits(model.spec)
-    pairs.check_fits(model)
+    check_pairs(model, pairs)
     if reference is not None:
-        reference.check_fits(model)
+        check_pairs(model, reference, "reference")
     graph = circuits[0]
     fn = get_metric(metric)
     ablate = [_ablation_mask(c, complement) for c in circuits]

@@ -1,4 +1,5 @@
-"""Faithfulness curves over circuit sizes and the MIB circuit metrics CPR and CMD (DESIGN.md section 4).
+"""Faithfulness curves over circuit sizes and the MIB circuit metrics CPR and CMD (MIB, Mueller et al. 2025,
+arXiv 2504.13151).
 
 For each edge budget (a percentage of the graph's edges) a circuit is selected from the scores, pruned and
 evaluated; x is the fraction of edges left after pruning. With f the normalised faithfulness:

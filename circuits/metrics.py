@@ -103,8 +103,8 @@ def check_values(values: object, rows: int, where: str) -> Tensor:
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
         raise NumericalError(
-            f"the metric returned {float(values[bad].detach())} for row {bad} of {where}; scores would be NaN. "
-            "Check the metric (log of 0, division by 0) and the model's precision"
+            f"the metric returned {float(values[bad].detach())} for row {bad} of {where}; scores would be "
+            "NaN. Check the metric (log of 0, division by 0) and the model's precision"
         )
     return values
 

@@ -373,3 +373,17 @@ def test_an_interrupted_run_leaves_the_previous_folder_as_it_was(tmp_path):
     assert not (out / "faithfulness.png").exists()  # the earlier run's file is not left beside the new one
     assert (out / "notes.txt").read_text() == "mine"  # the user's own file is kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_arguments_of_the_wrong_type_are_named(llama):
+    pairs, graph = make_pairs(llama), Graph.from_model(llama)
+    with pytest.raises(InputError, match=r"pairs must be PromptPairs .* got list"):
+        attribute(llama, graph, [PROMPT], method="eap")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"graph must be a Graph .* got dict"):
+        attribute(llama, {}, pairs, method="eap")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"attribute takes a HookedModel first .* got Graph"):
+        attribute(graph, graph, pairs)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="batch_size must be a whole number >= 1, got 0"):
+        evaluate(llama, graph, pairs, batch_size=0)
+    with pytest.raises(InputError, match="unknown method 'eap-ig'; choose one of"):
+        attribute(llama, graph, pairs, method="eap-ig")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from circuits.attribution.methods import ABLATION_FREE, METHODS, BatchResult, Job
 from circuits.attribution.recorder import source_hooks
-from circuits.data import PromptPairs, check_count
+from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
@@ -99,11 +99,13 @@ def attribute(
     check_steps(ig_steps)
     check_count(batch_size, "batch_size")
     check_count(max_rows, "max_rows")
+    if not isinstance(graph, Graph):
+        raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
     graph.check_fits(model.spec)
     metric_fn = get_metric(metric)
-    pairs.check_fits(model)
+    check_pairs(model, pairs)
     if reference is not None:
-        reference.check_fits(model)
+        check_pairs(model, reference, "reference")
     ablated = (
         None
         if ablation == "patching"

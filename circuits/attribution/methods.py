@@ -1,4 +1,5 @@
-"""The scoring methods, one function each, registered by name (DESIGN.md section 3).
+"""The scoring methods, one function each, registered by name (EAP: Syed et al. 2023, arXiv 2310.10348;
+EAP-IG: Hanna et al. 2024, arXiv 2403.17806).
 
 Every method accumulates, over batches, sums over examples of
     edge u->v:  delta_u . g_v        node u:  delta_u . g_u

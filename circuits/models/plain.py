@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import re
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights

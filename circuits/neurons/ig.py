@@ -1,4 +1,5 @@
-"""Integrated gradients on MLP neurons at the last position (Knowledge Neurons; IRCAN), DESIGN.md section 5.
+"""Integrated gradients on MLP neurons at the last position (Knowledge Neurons, Dai et al. ACL 2022;
+IRCAN, Shi et al. NeurIPS 2024).
 
 For layer l, the layer's neuron activations at the prompt's last position are moved along
 a(alpha) = a_base + alpha (a_in - a_base), everything else computed on the prompt; P(alpha) is the

@@ -1,4 +1,4 @@
-"""IRCAN (Shi et al., NeurIPS 2024): context-aware neurons and their reweighting (DESIGN.md section 5).
+"""IRCAN (Shi et al., NeurIPS 2024): context-aware neurons and their reweighting.
 
 Attribution: neuron IG with the activations of the prompt without its context as the baseline and the
 prompt with the context as the input, for the probability of the first token of the answer the context

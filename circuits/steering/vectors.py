@@ -1,4 +1,5 @@
-"""GrAInS steering vectors and the norm-preserving steering hook (DESIGN.md section 6).
+"""GrAInS steering vectors and the norm-preserving steering hook (GrAInS: Nguyen et al.
+2025, gradient-based attribution for inference-time steering).
 
 For each (prompt, preferred, dispreferred) pair: contrastive token IG picks the k most positive and the k
 most negative prompt tokens (never BOS); replacing each set by the pad (or eos) token and recording the
