@@ -98,3 +98,44 @@ def test_missing_hook_points_are_a_typed_refusal():
     hf = _tiny_falcon(alibi=False, new_decoder_architecture=False, parallel_attn=True, multi_query=True)
     with pytest.raises(UnsupportedModelError, match=r"no hook point 'blocks\.0\.ln2\.hook_in'"):
         load_model(hf, tiny_tokenizer())
+
+
+def _config_models():
+    import transformers as T
+
+    layers = dict(num_hidden_layers=2, num_attention_heads=4)
+    sized = dict(hidden_size=64, intermediate_size=128, **layers)
+    return {
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(num_key_value_heads=2, **sized)),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(num_key_value_heads=2, **sized)),
+        "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, sized),
+        "gptj": (T.GPTJConfig, T.GPTJForCausalLM, dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8)),
+        "phi": (T.PhiConfig, T.PhiForCausalLM, sized),
+        "opt": (
+            T.OPTConfig,
+            T.OPTForCausalLM,
+            dict(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, **layers),
+        ),
+        "granite": (T.GraniteConfig, T.GraniteForCausalLM, dict(num_key_value_heads=2, **sized)),
+        "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM, sized),
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, dict(num_key_value_heads=2, head_dim=16, **sized)),
+        "openai-gpt": (T.OpenAIGPTConfig, T.OpenAIGPTLMHeadModel, dict(n_embd=64, n_layer=2, n_head=4)),
+        "mamba": (T.MambaConfig, T.MambaForCausalLM, dict(hidden_size=64, num_hidden_layers=2)),
+    }
+
+
+SUPPORTED = {"qwen2", "mistral", "gpt_neox"}
+
+
+@pytest.mark.parametrize("name", sorted(_config_models()))
+def test_architectures_load_or_are_refused_with_the_typed_error(name):
+    """Built from configs, offline: each loads (and then passes both load-time checks) or is refused with
+    `UnsupportedModelError` naming the cause, never an internal KeyError / RuntimeError."""
+    config_class, model_class, kwargs = _config_models()[name]
+    torch.manual_seed(0)
+    hf = model_class(config_class(vocab_size=len(tiny_tokenizer()), **kwargs)).eval()
+    if name in SUPPORTED:
+        load_model(hf, tiny_tokenizer())
+    else:
+        with pytest.raises(UnsupportedModelError, match=type(hf).__name__):
+            load_model(hf, tiny_tokenizer())

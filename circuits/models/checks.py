@@ -25,12 +25,12 @@ class AdditivityError(UnsupportedModelError):
     """The model's activations are not the sums the edge graph assumes."""
 
 
-def _close(name: str, got: Tensor, want: Tensor, rtol: float) -> None:
+def _close(model_name: str, name: str, got: Tensor, want: Tensor, rtol: float) -> None:
     scale = want.abs().max().item() + 1e-6
     err = (got - want).abs().max().item()
     if not err <= rtol * scale:
         raise AdditivityError(
-            f"additivity check failed at {name}: max |difference| {err:.3g} vs max |value| {scale:.3g}. "
+            f"{model_name}: additivity check failed at {name}: max |difference| {err:.3g} vs max |value| {scale:.3g}. "
             "This architecture (or its TransformerLens bridge adapter) does not expose activations that sum "
             "as the edge graph assumes, so edge scores would be wrong for it."
         )
@@ -101,26 +101,34 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         logits = model(input_ids)
         logits.float().pow(2).mean().backward()
 
+    unreached = [name for name in names if name not in acts]
+    if unreached:
+        raise AdditivityError(
+            f"{spec.name}: hook points the graph reads were never reached in a forward pass "
+            f"({', '.join(unreached[:4])}{', ...' if len(unreached) > 4 else ''}): the bridge does not route "
+            "this architecture's computation through them, so its edges cannot be read"
+        )
     rtol = 1e-4 if logits.dtype == torch.float32 else 2e-2
     for layer in range(spec.n_layers):
         pre, post = acts[model.resid_pre_hook(layer)], acts[model.resid_post_hook(layer)]
         attn, mlp = acts[model.attn_out_hook(layer)], acts[model.mlp_out_hook(layer)]
-        _close(model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
+        _close(spec.name, model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
         z = acts[model.head_z_hook(layer)]
         z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)
         heads = torch.einsum("bpnh,nhd->bpd", z, model.W_O(layer))
         b_o = model.b_O(layer)
-        _close(model.attn_out_hook(layer), attn, heads if b_o is None else heads + b_o, rtol)
+        _close(spec.name, model.attn_out_hook(layer), attn, heads if b_o is None else heads + b_o, rtol)
         mlp_in = pre if spec.parallel_attn_mlp else pre + attn
-        _close(model.mlp_norm_in_hook(layer), acts[model.mlp_norm_in_hook(layer)], mlp_in, rtol)
-        _close(model.resid_post_hook(layer), post, pre + attn + mlp, rtol)
+        _close(spec.name, model.mlp_norm_in_hook(layer), acts[model.mlp_norm_in_hook(layer)], mlp_in, rtol)
+        _close(spec.name, model.resid_post_hook(layer), post, pre + attn + mlp, rtol)
         following = model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
-        _close(following, acts[following], post, rtol)
+        _close(spec.name, following, acts[following], post, rtol)
 
         resid = acts[model.attn_norm_in_hook(layer)]
         per_head = [grads[model.qkv_out_hook(layer, letter)] for letter in ("q", "k", "v")]
         total = model.attn_input_grads(layer, resid, per_head).sum(2)
         _close(
+            spec.name,
             f"{model.attn_norm_in_hook(layer)} (gradient through per-head q/k/v)",
             total,  # type: ignore[arg-type]
             grads[model.attn_norm_in_hook(layer)],

@@ -8,7 +8,7 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from circuits.errors import InputError, ModelLoadError
+from circuits.errors import CircuitsError, InputError, ModelLoadError, UnsupportedModelError
 from circuits.models.checks import check_additivity, check_bridge
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
@@ -49,9 +49,24 @@ def load_model(
         prepend_bos = _default_prepend_bos(hf_model, tokenizer)
     model = HookedModel(bridge, tokenizer, _spec_from_bridge(bridge, model_name), prepend_bos)
     if check:
+        _run_checks(model)
+    return model
+
+
+def _run_checks(model: HookedModel) -> None:
+    """`check_bridge` then `check_additivity`; a failure inside them (an architecture whose tensors do not
+    have the shapes the checks expect) is a refusal with its cause, not an internal traceback."""
+    try:
         check_bridge(model)
         check_additivity(model)
-    return model
+    except CircuitsError:
+        raise
+    except Exception as err:
+        raise UnsupportedModelError(
+            f"{model.spec.name}: the load-time checks cannot run on this architecture "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}): its blocks do not have the "
+            "layout the edge graph needs (attention heads and an MLP reading and writing one residual stream)"
+        ) from err
 
 
 def _resolve(
@@ -103,9 +118,21 @@ def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
     if not getattr(hf_model.config, "architectures", None):  # a model built from a config has none
         hf_model.config.architectures = [type(hf_model).__name__]
-    return TransformerBridge.boot_transformers(
-        name, hf_model=hf_model, tokenizer=bridge_tokenizer, dtype=dtype
-    )
+    try:
+        return TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=bridge_tokenizer, dtype=dtype
+        )
+    except Exception as err:  # TransformerLens raises ValueError / KeyError / NotImplementedError alike
+        raise UnsupportedModelError(
+            f"{name}: TransformerLens {_tl_version()} cannot wrap {type(hf_model).__name__} "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+        ) from err
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    return version("transformer-lens")
 
 
 def _default_prepend_bos(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
