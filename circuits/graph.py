@@ -26,6 +26,7 @@ from torch import Tensor
 from circuits import selection
 from circuits.errors import FileFormatError, GraphMismatchError, InputError
 from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.textfiles import read_text
 
 _DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
 _LETTERS = ("q", "k", "v")
@@ -375,14 +376,9 @@ class Graph:
 
 
 def _read_json(path: Path) -> Any:
-    if not path.exists():
-        raise FileFormatError(f"{path}: no such circuit file")
-    if path.is_dir():
-        raise FileFormatError(f"{path}: is a folder, not a circuit file")
+    text = read_text(path, "circuit file")
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError:
-        raise FileFormatError(f"{path}: not a text file (a circuit JSON file is UTF-8)") from None
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise FileFormatError(
             f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); is the file "

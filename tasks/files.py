@@ -20,6 +20,7 @@ from typing import Any, Literal
 from circuits.data import PromptPairs
 from circuits.errors import FileFormatError, InputError
 from circuits.models.hooked import HookedModel
+from circuits.textfiles import read_text
 from tasks.common import TaskPairs
 
 Format = Literal["auto", "ours", "eap-ig", "mib-ioi"]
@@ -54,25 +55,10 @@ def load_pairs(
     return TaskPairs(path.stem, pairs, metric, len(rows), 0)
 
 
-def _read_text(path: Path) -> str:
-    """The file as text: UTF-8, with or without a byte-order mark (as Excel writes it)."""
-    if not path.exists():
-        raise FileFormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise FileFormatError(f"{path}: is a folder; give the data file itself (.csv, .json or .jsonl)")
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise FileFormatError(
-            f"{path}: line {line}: byte {err.object[err.start]:#04x} is not UTF-8; save the file as UTF-8"
-        ) from None
-
-
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix not in (".csv", ".json", ".jsonl", ".ndjson"):
         raise FileFormatError(f"{path}: unknown file type {path.suffix!r}; use .csv, .json or .jsonl")
-    text = _read_text(path)
+    text = read_text(path, "data file (.csv, .json or .jsonl)")
     if path.suffix == ".csv":
         try:
             return list(csv.DictReader(text.splitlines()))

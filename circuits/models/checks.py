@@ -30,7 +30,8 @@ def _close(model_name: str, name: str, got: Tensor, want: Tensor, rtol: float) -
     err = (got - want).abs().max().item()
     if not err <= rtol * scale:
         raise AdditivityError(
-            f"{model_name}: additivity check failed at {name}: max |difference| {err:.3g} vs max |value| {scale:.3g}. "
+            f"{model_name}: additivity check failed at {name}: max |difference| {err:.3g} vs max |value| "
+            f"{scale:.3g}. "
             "This architecture (or its TransformerLens bridge adapter) does not expose activations that sum "
             "as the edge graph assumes, so edge scores would be wrong for it."
         )
