@@ -144,12 +144,7 @@ class PromptPairs:
         Raises ValueError naming the pair whose clean and corrupted prompts differ in token length, or
         whose answer is not one token.
         """
-        sizes = {len(clean), len(corrupted), len(answers), len(distractors)}
-        if len(sizes) != 1:
-            raise InputError(
-                f"need as many clean ({len(clean)}), corrupted ({len(corrupted)}), answers "
-                f"({len(answers)}) and distractors ({len(distractors)})"
-            )
+        _check_counts(clean, corrupted, answers, distractors)
         if not clean:
             raise InputError("no prompt pairs given")
         clean_ids, corrupted_ids = model.to_ids(clean), model.to_ids(corrupted)
@@ -181,12 +176,7 @@ class PromptPairs:
         texts: list[tuple[str, str]] | None = None,
     ) -> PromptPairs:
         """Pairs from token ids (BOS included if the model wants it); pads with the tokenizer's pad id."""
-        sizes = {len(clean), len(corrupted), len(answers), len(distractors)}
-        if len(sizes) != 1:
-            raise InputError(
-                f"need as many clean ({len(clean)}), corrupted ({len(corrupted)}), answers "
-                f"({len(answers)}) and distractors ({len(distractors)})"
-            )
+        _check_counts(clean, corrupted, answers, distractors)
         for i, (a, b) in enumerate(zip(clean, corrupted)):
             if len(a) != len(b):
                 raise InputError(
@@ -233,6 +223,16 @@ def check_pairs(model: HookedModel, pairs: object, name: str = "pairs") -> Promp
         )
     pairs.check_fits(model)
     return pairs
+
+
+def _check_counts(*columns: Sequence[object]) -> None:
+    """As many clean prompts, corrupted prompts, answers and distractors, else `InputError`."""
+    if len({len(c) for c in columns}) != 1:
+        clean, corrupted, answers, distractors = (len(c) for c in columns)
+        raise InputError(
+            f"need as many clean ({clean}), corrupted ({corrupted}), answers ({answers}) and distractors "
+            f"({distractors})"
+        )
 
 
 def check_count(value: object, name: str) -> int:
