@@ -5,36 +5,82 @@ J(x)^T W_h^T g_h, with g_h the gradient at the head's projection output. With in
 the batch, only the weighted sum over steps sum_k w_k J(x_k)^T W_h^T g_{k,h} is needed. For LayerNorm and
 RMSNorm the closed form J^T u = r (u - mean(u) - x_hat mean(u x_hat)) (no mean(u) term for RMSNorm) lets
 that sum be taken on the d_head-sized gradients: the d_model-sized per-head result is formed once, after
-folding, by one matmul per head and one in-place update. Other norm classes fall back to autograd (same
-result, more work).
+folding, by one matmul per head and one in-place update. Which form a norm module has is verified
+numerically, not read from its class; any other norm falls back to autograd (same result, more work).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-# Norms computing weight * x * (mean(x^2) + eps)^-1/2, in float32 at least.
-RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Phi3RMSNorm"}
+_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+
+
+@dataclass(frozen=True)
+class NormForm:
+    """What a norm module computes, found numerically: gain * x_hat + bias, with
+    x_hat = (x - centre * mean(x)) * (mean((x - centre * mean(x))^2) + eps)^-1/2."""
+
+    centre: bool  # LayerNorm (True) or RMSNorm (False)
+    gain: Tensor  # [d]
+    eps: float
+
+
+def norm_form(norm: nn.Module, d: int) -> NormForm | None:
+    """The closed form `norm` computes, or None if none of the candidates reproduces it on a probe.
+
+    Candidates: LayerNorm or RMSNorm, with the module's own eps attribute and a gain of `weight`,
+    `1 + weight` (Gemma, Nemotron) or ones. Each is checked against the module's output on random inputs of
+    scales 1e-3 to 10 (where a wrong eps shows), so the choice rests on what the module computes, never on
+    its class.
+    """
+    eps = next((getattr(norm, a) for a in _EPS_ATTRIBUTES if isinstance(getattr(norm, a, None), float)), None)
+    param = next(norm.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    if eps is None or not dtype.is_floating_point:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-3, 1, 8, dtype=torch.float64)[:, None]
+    x = torch.randn(8, d, generator=gen, dtype=torch.float64) * scales + 0.5 * scales
+    with torch.no_grad():
+        got = norm(x.to(device, dtype)).double()
+    weight = getattr(norm, "weight", None)
+    gains = [torch.ones(d, dtype=torch.float64, device=device)]
+    if isinstance(weight, Tensor) and weight.shape == (d,):
+        gains = [weight.detach().double(), 1 + weight.detach().double(), *gains]
+    rtol = 1e-4 if torch.finfo(dtype).bits >= 32 else 2e-2
+    x = x.to(device)
+    for centre in (True, False):
+        c = x - x.mean(-1, keepdim=True) if centre else x
+        x_hat = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
+        for gain in gains:
+            want = gain * x_hat
+            bias = (got - want).mean(0)  # zero for bias-free norms
+            if ((got - want - bias).abs().amax(-1) <= rtol * got.abs().amax(-1).clamp_min(1e-6)).all():
+                return NormForm(centre, gain.to(dtype), float(eps))
+    return None
 
 
 class ProjectedNorm:
     """A norm followed by per-head projections w [n, e, d] (e = d_head): the pull-back for all heads.
 
-    For LayerNorm and RMSNorm the norm's gain is folded into the projections once, here (and, for
-    LayerNorm, the mean(u) term: it is linear in the gradients, so centring gamma W over d removes it, and
-    it leaves g . W (gamma x_hat) unchanged since x_hat sums to zero). Other norms go through autograd.
+    Where the norm is a LayerNorm or RMSNorm (`norm_form`), its gain is folded into the projections once,
+    here (and, for LayerNorm, the mean(u) term: it is linear in the gradients, so centring gain * W over d
+    removes it, and it leaves g . W (gain x_hat) unchanged since x_hat sums to zero). Other norms go
+    through autograd.
     """
 
     def __init__(self, norm: nn.Module, w: Tensor) -> None:
         self.norm, self.w = norm, w
-        self.centre = isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
+        self.form = norm_form(norm, w.shape[-1])
         self.folded: Tensor | None = None
-        if self.centre or type(norm).__name__ in RMS_NORMS:
-            gamma: Tensor = norm.weight  # type: ignore[assignment]
-            self.eps = float(norm.eps if self.centre else norm.variance_epsilon)  # type: ignore[arg-type]
+        if self.form is not None:
+            self.centre, self.eps = self.form.centre, self.form.eps
             dtype = torch.promote_types(w.dtype, torch.float32)
-            folded = w.detach().to(dtype) * gamma.detach().to(dtype)  # [n, e, d]
+            folded = w.detach().to(dtype) * self.form.gain.to(w.device, dtype)  # [n, e, d]
             self.folded = folded - folded.mean(-1, keepdim=True) if self.centre else folded
 
     def vjp(self, x: Tensor, grads: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
