@@ -83,6 +83,16 @@ def forward_with_ablation(
 
         return hook
 
+    def renorm_mlp_input(layer: int) -> HookFn:
+        """An MLP sharing the attention norm reads norm(resid + D): rebuilt from the saved residual."""
+        dst = graph.mlp_destination(layer)
+
+        def hook(x: Tensor) -> Tensor | None:
+            d = sums.correction(slice(dst, dst + 1))
+            return None if d is None else model.attn_norm(layer)(resid[layer] + d[:, :, 0].to(x.dtype))
+
+        return hook
+
     def save_resid(layer: int) -> HookFn:
         def hook(x: Tensor) -> None:
             resid[layer] = x
@@ -117,7 +127,12 @@ def forward_with_ablation(
         hooks.append((model.attn_norm_in_hook(layer), save_resid(layer)))
         for letter in ("q", "k", "v"):
             hooks.append((model.qkv_out_hook(layer, letter), rebuild_qkv(layer, letter)))  # type: ignore[arg-type]
-        hooks.append((model.mlp_norm_in_hook(layer), add_to_input(graph.mlp_destination(layer))))
+        mlp_hook = (
+            renorm_mlp_input(layer)
+            if model.mlp_shares_attn_norm
+            else add_to_input(graph.mlp_destination(layer))
+        )
+        hooks.append((model.mlp_destination_hook(layer), mlp_hook))
     hooks.append((model.final_norm_in_hook, add_to_input(graph.logits_destination)))
     with torch.no_grad(), model.hooks(hooks):
         return model(input_ids, attention_mask)

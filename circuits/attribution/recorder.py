@@ -242,6 +242,16 @@ class ScoreRecorder:
     def _node_hook(self, group: slice) -> HookFn:
         return self._on_grad(lambda g: self._score_nodes(group, self._fold(g)))
 
+    def _mlp_hook(self, layer: int) -> HookFn:
+        """The MLP destination's gradient: as it is, or pulled back through the attention norm it shares."""
+        cols = self.graph.mlp_destination(layer)
+        if not self.model.mlp_shares_attn_norm:
+            return self._edge_hook(cols)
+        pull_back = self.model.shared_norm_grads
+        return self._on_grad(
+            lambda g: self._score_edges(cols, pull_back(layer, self._resid[layer], g, self.weights))
+        )
+
     def _qkv_hook(self, layer: int, letter: str) -> HookFn:
         """Keep the gradient at a q/k/v projection output; the norm hook pulls all three back at once."""
 
@@ -281,7 +291,7 @@ class ScoreRecorder:
                 hooks.append((model.attn_norm_in_hook(layer), self._attn_norm_hook(layer)))
                 for letter in ("q", "k", "v"):
                     hooks.append((model.qkv_out_hook(layer, letter), self._qkv_hook(layer, letter)))  # type: ignore[arg-type]
-                hooks.append((model.mlp_norm_in_hook(layer), self._edge_hook(graph.mlp_destination(layer))))
+                hooks.append((model.mlp_destination_hook(layer), self._mlp_hook(layer)))
             hooks.append((model.final_norm_in_hook, self._edge_hook(graph.logits_destination)))
         groups = source_groups(graph)
         hooks.append((model.input_hook, self._node_hook(groups[0])))  # per example: IG completeness

@@ -3,10 +3,12 @@
 On one batch it verifies, layer by layer:
 1. the attention norm reads the residual stream (`ln1` input == resid_pre);
 2. attention output == sum over heads of z_h W_O[h] + b_O (per-head additivity);
-3. the MLP norm reads resid_pre + attn_out (sequential blocks) or resid_pre (parallel blocks);
+3. the MLP norm reads resid_pre + attn_out (sequential blocks) or resid_pre (parallel blocks); an MLP
+   sharing the attention norm reads norm(resid_pre);
 4. resid_post == resid_pre + attn_out + mlp_out, and the next layer / final norm read resid_post;
 5. q, k and v depend on the residual only through norm + one linear map per head: the per-head input
-   gradients recovered through W_Q/W_K/W_V sum to the gradient autograd gives at the norm input.
+   gradients recovered through W_Q/W_K/W_V (plus, with a shared norm, the MLP's) sum to the gradient
+   autograd gives at the norm input.
 A failure raises `AdditivityError` naming the hook and the size of the mismatch. Before it, `check_bridge`
 verifies that the bridge computes the Hugging Face model it wraps (same logits).
 """
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from circuits.errors import UnsupportedModelError
-from circuits.models.hooked import HookedModel
+from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
 from circuits.models.plain import plain_model
 
 
@@ -49,7 +51,15 @@ def check_bridge(model: HookedModel, input_ids: Tensor | None = None) -> None:
     are compared with those of the un-bridged model (same parameters) on a probe batch."""
     ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
     with torch.no_grad():
-        ours = model(ids).float()
+        try:
+            ours = model(ids).float()
+        except Exception as failure:
+            raise UnsupportedModelError(
+                f"{model.spec.name}: the TransformerLens bridge fails to run this model "
+                f"({type(failure).__name__}: {' '.join(str(failure).split())[:200]}), a fault of its "
+                "adapter for this architecture (or of its versions' match with transformers); report it to "
+                "TransformerLens"
+            ) from failure
         theirs = plain_model(model)(ids).logits.float()
     err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
     rtol = 1e-4 if ours.dtype == model.dtype == torch.float32 else 2e-2
@@ -90,7 +100,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
             model.mlp_out_hook(layer),
             model.head_z_hook(layer),
             model.attn_norm_in_hook(layer),
-            model.mlp_norm_in_hook(layer),
+            model.mlp_destination_hook(layer),
             *(model.qkv_out_hook(layer, letter) for letter in "qkv"),  # type: ignore[arg-type]
         ]
 
@@ -120,7 +130,10 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         b_o = model.b_O(layer)
         _close(spec.name, model.attn_out_hook(layer), attn, heads if b_o is None else heads + b_o, rtol)
         mlp_in = pre if spec.parallel_attn_mlp else pre + attn
-        _close(spec.name, model.mlp_norm_in_hook(layer), acts[model.mlp_norm_in_hook(layer)], mlp_in, rtol)
+        if model.mlp_shares_attn_norm:
+            mlp_in = model.attn_norm(layer)(mlp_in)
+        mlp_hook = model.mlp_destination_hook(layer)
+        _close(spec.name, mlp_hook, acts[mlp_hook], mlp_in, rtol)
         _close(spec.name, model.resid_post_hook(layer), post, pre + attn + mlp, rtol)
         following = model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
         _close(spec.name, following, acts[following], post, rtol)
@@ -128,10 +141,67 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         resid = acts[model.attn_norm_in_hook(layer)]
         per_head = [grads[model.qkv_out_hook(layer, letter)] for letter in ("q", "k", "v")]
         total = model.attn_input_grads(layer, resid, per_head).sum(2)
+        if model.mlp_shares_attn_norm:
+            one = torch.ones(1, device=resid.device)
+            total = total + model.shared_norm_grads(layer, resid, grads[mlp_hook], one)
         _close(
             spec.name,
-            f"{model.attn_norm_in_hook(layer)} (gradient through per-head q/k/v)",
+            f"{model.attn_norm_in_hook(layer)} (gradient through per-head q/k/v and a sharing MLP)",
             total,  # type: ignore[arg-type]
             grads[model.attn_norm_in_hook(layer)],
             rtol * 10,
         )
+
+
+def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None) -> None:
+    """Raise `AdditivityError` unless each head's output depends on its own q/k/v projection slice only.
+
+    The graph patches head h's q (k, v) input by rewriting head h's slice of the projection output; that is
+    head h's input alone only if nothing after the projection mixes heads. A q/k norm over the full width
+    (OLMoE, OLMo-2) does, and then "patching head h's query" would move every head's. Checked on a probe
+    batch: the Jacobian of the other heads' z with respect to head 0's slice must vanish, layer by layer.
+    """
+    spec = model.spec
+    ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
+    leaves: dict[tuple[int, str], Tensor] = {}
+    z: dict[int, Tensor] = {}
+
+    def as_leaf(key: tuple[int, str]) -> HookFn:
+        def fn(x: Tensor) -> Tensor:
+            leaves[key] = x.detach().requires_grad_(True)  # cut: only this layer's use of it is seen
+            return leaves[key]
+
+        return fn
+
+    def keep_z(layer: int) -> HookFn:
+        return lambda x: z.__setitem__(layer, x.reshape(*x.shape[:2], spec.n_heads, spec.d_head))
+
+    hooks: list[tuple[str, HookFn]] = []
+    for layer in range(spec.n_layers):
+        hooks += [(model.qkv_out_hook(layer, letter), as_leaf((layer, letter))) for letter in QKV_LETTERS]
+        hooks.append((model.head_z_hook(layer), keep_z(layer)))
+    gen = torch.Generator().manual_seed(1)
+    with torch.enable_grad(), model.hooks(hooks):
+        model(ids)
+        for layer in range(spec.n_layers):
+            probe = torch.randn(z[layer].shape, generator=gen).to(z[layer]) * z[layer]
+            for letter in QKV_LETTERS:
+                readers = 1 if letter == "q" else spec.n_heads // spec.n_kv_heads  # heads reading slice 0
+                own, others = probe[:, :, :readers].sum(), probe[:, :, readers:].sum()
+                leak, scale = (
+                    _slice_grad(loss, leaves[layer, letter], spec.d_head) for loss in (others, own)
+                )
+                if leak > 1e-5 * max(scale, 1e-6):
+                    raise AdditivityError(
+                        f"{spec.name}: in layer {layer}, head 0's {letter} projection also moves other "
+                        f"heads' outputs (gradient {leak:.3g} vs {scale:.3g} for its own): something after "
+                        f"the projection mixes heads (a {letter} norm over all heads, as in OLMoE, OLMo-2), "
+                        f"so a head's {letter} input cannot be patched alone and per-head {letter} edges are "
+                        "undefined for this architecture"
+                    )
+
+
+def _slice_grad(loss: Tensor, x: Tensor, width: int) -> float:
+    """max |d loss / d x[..., :width]| (0 where loss does not depend on x)."""
+    (grad,) = torch.autograd.grad(loss, x, retain_graph=True, allow_unused=True)
+    return 0.0 if grad is None else grad[..., :width].abs().max().item()

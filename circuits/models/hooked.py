@@ -11,7 +11,12 @@ nodes and asks this adapter for the hook point that carries each of them:
 | q / k / v projections (pre-RoPE)| `blocks.{l}.attn.{q,k,v}.hook_out`| [batch, pos, n * d_head]       |
 | attention-block input (pre-norm)| `blocks.{l}.ln1.hook_in`          | [batch, pos, d_model]          |
 | MLP input (pre-norm)            | `blocks.{l}.ln2.hook_in`          | [batch, pos, d_model]          |
+| MLP input (normed; shared norm) | `blocks.{l}.mlp.hook_in`          | [batch, pos, d_model]          |
 | logits input (pre final norm)   | `ln_final.hook_in`                | [batch, pos, d_model]          |
+
+Parallel blocks with one shared norm (GPT-J, Phi, Falcon-7B, Cohere, CodeGen, StableLM parallel) have no
+MLP norm: the MLP reads the attention norm's output, so its destination input is the pre-norm residual seen
+through that norm, patched and differentiated at `mlp.hook_in` (`mlp_destination_hook`, `shared_norm_grads`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from circuits.errors import InputError, UnsupportedModelError
 from circuits.models.norms import ProjectedNorm
 
 QKV = Literal["q", "k", "v"]
+QKV_LETTERS: tuple[QKV, ...] = ("q", "k", "v")
 HookFn = Callable[[Tensor], Tensor | None]
 
 
@@ -86,7 +92,12 @@ class HookedModel:
         self.spec = spec
         self.prepend_bos = prepend_bos
         self._hook_points: dict[str, nn.Module] = dict(self.bridge.hook_dict)
-        self._projected_norms: dict[int, tuple[tuple, ProjectedNorm]] = {}
+        self._projected_norms: dict[tuple[int, str], tuple[tuple, ProjectedNorm]] = {}
+        self.mlp_shares_attn_norm = (
+            spec.parallel_attn_mlp and self.mlp_norm_in_hook(0) not in self._hook_points
+        )
+        self._plain_models: dict[str | None, nn.Module] = {}  # filled by circuits.models.plain
+        self._batch_shape: tuple[int, ...] | None = None  # [batch, pos] of the forward pass running
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
@@ -113,6 +124,16 @@ class HookedModel:
     @staticmethod
     def mlp_norm_in_hook(layer: int) -> str:
         return f"blocks.{layer}.ln2.hook_in"
+
+    @staticmethod
+    def mlp_in_hook(layer: int) -> str:
+        """The MLP's own input (after whatever norm it reads through), [batch, pos, d_model]."""
+        return f"blocks.{layer}.mlp.hook_in"
+
+    def mlp_destination_hook(self, layer: int) -> str:
+        """Where the MLP destination's input is patched and its gradient read: the pre-norm input of the
+        MLP's own norm, or, with a shared norm, the MLP input itself (see `mlp_input`)."""
+        return self.mlp_in_hook(layer) if self.mlp_shares_attn_norm else self.mlp_norm_in_hook(layer)
 
     @staticmethod
     def mlp_post_hook(layer: int) -> str:
@@ -220,18 +241,31 @@ class HookedModel:
         spec = self.spec
         grads = torch.cat([g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj], dim=2)
         weights = torch.ones(1, device=resid.device) if weights is None else weights
-        return self._projected_norm(layer).vjp(resid, grads, weights, out)
+        return self._projected_norm(layer, "qkv").vjp(resid, grads, weights, out)
 
-    def _projected_norm(self, layer: int) -> ProjectedNorm:
-        """The layer's attention norm with its q/k/v weights folded in, rebuilt when a weight changes."""
+    def shared_norm_grads(self, layer: int, resid: Tensor, grad: Tensor, weights: Tensor) -> Tensor:
+        """With a shared norm: the gradient at `mlp_in_hook` pulled back to the residual, summed over steps.
+
+        Args:
+            resid: [K * b, P, d_model] input of the attention norm (K integration steps, step-major).
+            grad: [K * b, P, d_model] gradient at the MLP input.
+            weights: [K] step weights.
+        Returns:
+            [b, P, d_model] (float32, or float64 for float64 gradients).
+        """
+        return self._projected_norm(layer, "mlp").vjp(resid, grad.unsqueeze(2), weights)[:, :, 0]
+
+    def _projected_norm(self, layer: int, reader: Literal["qkv", "mlp"]) -> ProjectedNorm:
+        """The layer's attention norm with its readers' weights folded in (the q/k/v heads, or the identity
+        for an MLP sharing the norm), rebuilt when a weight changes."""
         norm = self.attn_norm(layer)
-        w = [self.W_qkv(layer, letter) for letter in ("q", "k", "v")]
-        tensors = [*w, getattr(norm, "weight", None)]
-        key = tuple((t.data_ptr(), t._version) for t in tensors if isinstance(t, Tensor))
-        cached = self._projected_norms.get(layer)
+        weights = [self.W_qkv(layer, letter) for letter in ("q", "k", "v")] if reader == "qkv" else []
+        key = tuple((t.data_ptr(), t._version) for t in [*weights, *norm.parameters()])
+        cached = self._projected_norms.get((layer, reader))
         if cached is None or cached[0] != key:
-            cached = (key, ProjectedNorm(norm, torch.cat(w)))
-            self._projected_norms[layer] = cached
+            eye = torch.eye(self.spec.d_model, device=self.device, dtype=self.dtype)[None]
+            cached = (key, ProjectedNorm(norm, torch.cat(weights) if weights else eye))
+            self._projected_norms[layer, reader] = cached
         return cached[1]
 
     # ------------------------------------------------------------------------------------ running
@@ -251,7 +285,7 @@ class HookedModel:
         try:
             for name, fn in hooks:
                 point = self.hook_point(name)
-                handles.append(point.register_forward_hook(_as_module_hook(fn)))
+                handles.append(point.register_forward_hook(self._as_module_hook(fn)))
             yield
         finally:
             for handle in handles:
@@ -259,7 +293,24 @@ class HookedModel:
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, pos, d_vocab]."""
-        return self.bridge(input_ids, attention_mask=attention_mask)
+        self._batch_shape = tuple(input_ids.shape)
+        try:
+            return self.bridge(input_ids, attention_mask=attention_mask)
+        finally:
+            self._batch_shape = None
+
+    def _as_module_hook(self, fn: HookFn) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
+        """A module forward hook calling fn(activation). Activations that a block flattens to
+        [batch * pos, d] (OPT's MLP) are shown to fn as [batch, pos, d], and its result is flattened back."""
+
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+            shape = self._batch_shape
+            if shape is None or output.dim() != 2 or output.shape[0] != shape[0] * shape[1]:
+                return fn(output)
+            result = fn(output.view(*shape, output.shape[-1]))
+            return None if result is None else result.reshape(output.shape)
+
+        return hook
 
     def to_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, with BOS first when `prepend_bos`."""
@@ -304,10 +355,3 @@ def uses_model(fn: F) -> F:
             return fn(model, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _as_module_hook(fn: HookFn) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
-    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
-        return fn(output)
-
-    return hook

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from circuits.errors import CircuitsError, InputError, ModelLoadError, UnsupportedModelError
-from circuits.models.checks import check_additivity, check_bridge
+from circuits.models.checks import check_additivity, check_bridge, check_heads_independent
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
 
@@ -54,11 +54,13 @@ def load_model(
 
 
 def _run_checks(model: HookedModel) -> None:
-    """`check_bridge` then `check_additivity`; a failure inside them (an architecture whose tensors do not
-    have the shapes the checks expect) is a refusal with its cause, not an internal traceback."""
+    """`check_bridge`, `check_additivity`, then `check_heads_independent`; a failure inside them (an
+    architecture whose tensors do not have the shapes the checks expect) is a refusal with its cause, not an
+    internal traceback."""
     try:
         check_bridge(model)
         check_additivity(model)
+        check_heads_independent(model)
     except CircuitsError:
         raise
     except Exception as err:
@@ -149,6 +151,11 @@ def _default_prepend_bos(hf_model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 def _spec_from_bridge(bridge, name: str) -> ModelSpec:
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    if cfg.n_heads % n_kv:
+        raise UnsupportedModelError(
+            f"{name}: the bridge reports {cfg.n_heads} attention heads sharing {n_kv} key/value heads, "
+            "which is no grouping of heads the graph can express"
+        )
     return ModelSpec(
         n_layers=cfg.n_layers,
         n_heads=cfg.n_heads,

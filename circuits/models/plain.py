@@ -26,9 +26,9 @@ def plain_model(model: HookedModel, attention: str | None = None) -> PreTrainedM
 
     `attention` names a registered Hugging Face attention implementation (default: the bridge model's).
     """
-    built: dict[str | None, PreTrainedModel] = model.__dict__.setdefault("_plain_models", {})
+    built = model._plain_models
     if attention in built:
-        return built[attention]
+        return built[attention]  # type: ignore[return-value]
     bridged = model.bridge.original_model
     config = copy.deepcopy(bridged.config)
     if attention is not None:
