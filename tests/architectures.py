@@ -1,0 +1,166 @@
+"""The support matrix: tiny random models of many Hugging Face architectures and what the toolkit does
+with each (exact, or refused with `UnsupportedModelError` for the reason given). The README's table is
+this list; `test_support_matrix.py` checks both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from circuits.testing import tiny_tokenizer
+
+SEQUENTIAL = "pre-norm blocks"
+PARALLEL_SHARED = "parallel attention and MLP, one shared norm"
+PARALLEL_TWO = "parallel attention and MLP, a norm each"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    options: dict[str, Any] = field(default_factory=dict)
+    how: str = SEQUENTIAL  # for supported architectures: the block layout the graph reads
+    refusal: str = ""  # for refused ones: a fragment of the UnsupportedModelError message
+    why: str = ""  # for refused ones: the reason in words (the README's column)
+    label: str = ""  # the README's name when one model type appears in several styles
+
+    @property
+    def name(self) -> str:
+        return self.label or self.model_type
+
+    def build(self) -> PreTrainedModel:
+        """The tiny random model: 2 layers, 4 heads, d_model 64, weights drawn with std 0.1 (large enough
+        that edge scores stand well above float32 rounding)."""
+        sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        init = dict(initializer_range=0.1, init_std=0.1)
+        config = AutoConfig.for_model(
+            self.model_type, vocab_size=len(tiny_tokenizer()), **sizes, **init, **self.options
+        )
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+GQA = dict(num_key_value_heads=2)
+GQA16 = dict(num_key_value_heads=2, head_dim=16)
+PAD = dict(pad_token_id=0)
+POST_NORM = "post-attention norm on the summed heads: head outputs do not add into the residual stream"
+POST_ONLY = "post-norm only (no norm in front of attention): the bridge exposes no attention-input hook"
+SCALED = "residual multiplier: the bridge's block skips the hooks where attention and MLP enter the residual"
+COUPLED = "q/k norm over all heads: one head's query input cannot be patched alone"
+BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
+NO_ADAPTER = "TransformerLens 4.3 has no adapter for it"
+
+ARCHITECTURES = [
+    Architecture("gpt2"),
+    Architecture("gpt_neo", dict(attention_types=[[["global"], 2]], max_position_embeddings=128)),
+    Architecture("gpt_neox", how=PARALLEL_TWO),
+    Architecture("gpt_neox", dict(use_parallel_residual=False), label="gpt_neox (sequential)"),
+    Architecture("gpt_bigcode"),
+    Architecture("gptj", dict(rotary_dim=8), how=PARALLEL_SHARED),
+    Architecture("llama", GQA),
+    Architecture("mistral", GQA),
+    Architecture("mixtral", dict(num_local_experts=4, **GQA)),
+    Architecture("qwen2", GQA),
+    Architecture(
+        "qwen2_moe", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **GQA)
+    ),
+    Architecture("qwen3", GQA16),
+    Architecture("gemma", GQA16),
+    Architecture("phi", how=PARALLEL_SHARED),
+    Architecture("phi3", dict(**GQA, **PAD)),
+    Architecture("stablelm", dict(num_key_value_heads=4)),
+    Architecture(
+        "stablelm",
+        dict(num_key_value_heads=4, use_parallel_residual=True),
+        PARALLEL_SHARED,
+        label="stablelm (parallel)",
+    ),
+    Architecture("starcoder2", GQA),
+    Architecture("bloom"),
+    Architecture("mpt"),
+    Architecture("olmo"),
+    Architecture("opt", dict(ffn_dim=128, word_embed_proj_dim=64)),
+    Architecture("xglm"),
+    Architecture("cohere", GQA, how=PARALLEL_SHARED),
+    Architecture("cohere2", GQA, how=PARALLEL_SHARED),
+    Architecture(
+        "falcon",
+        dict(alibi=False, new_decoder_architecture=False, parallel_attn=True, multi_query=True),
+        PARALLEL_SHARED,
+        label="falcon (7b style)",
+    ),
+    Architecture("nemotron", GQA16),
+    Architecture("gpt_oss", dict(num_local_experts=4, **GQA16)),
+    Architecture("glm", dict(**GQA16, **PAD)),
+    Architecture("smollm3", dict(**GQA, **PAD)),
+    Architecture("arcee", GQA),
+    Architecture("seed_oss", GQA16),
+    Architecture("apertus", GQA),
+    Architecture("hunyuan_v1_dense", GQA16),
+    Architecture("ernie4_5", GQA16),
+    Architecture("lfm2", GQA),
+    # ------------------------------------------------------------------------------------ refused
+    Architecture(
+        "falcon",
+        dict(alibi=True, new_decoder_architecture=False, parallel_attn=False, multi_query=False),
+        refusal="bridge's logits differ",
+        why="the bridge's logits differ from the model's (alibi is not applied as Falcon does)",
+        label="falcon (rw style, alibi)",
+    ),
+    Architecture("gemma2", GQA16, refusal="additivity check failed at blocks.0.hook_attn_out", why=POST_NORM),
+    Architecture(
+        "gemma3_text", GQA16, refusal="additivity check failed at blocks.0.hook_attn_out", why=POST_NORM
+    ),
+    Architecture(
+        "glm4",
+        dict(**GQA16, **PAD),
+        refusal="additivity check failed at blocks.0.hook_attn_out",
+        why=POST_NORM,
+    ),
+    Architecture("olmo2", refusal="no hook point 'blocks.0.ln1.hook_in'", why=POST_ONLY),
+    Architecture("olmo3", refusal="no hook point 'blocks.0.ln1.hook_in'", why=POST_ONLY),
+    Architecture("exaone4", GQA16, refusal="no hook point 'blocks.0.ln1.hook_in'", why=POST_ONLY),
+    Architecture("olmoe", dict(num_experts=4, num_experts_per_tok=2), refusal="mixes heads", why=COUPLED),
+    Architecture("bitnet", GQA, refusal="mixes heads", why=COUPLED),
+    Architecture(
+        "granite",
+        GQA,
+        refusal="never reached",
+        why=SCALED,
+    ),
+    Architecture(
+        "granitemoe",
+        dict(num_local_experts=4, **GQA),
+        refusal="never reached",
+        why=SCALED,
+    ),
+    Architecture(
+        "falcon_h1",
+        GQA,
+        refusal="additivity check failed at blocks.0.ln2.hook_in",
+        why="hybrid attention / Mamba",
+    ),
+    Architecture("codegen", dict(rotary_dim=8), refusal="bridge fails to run", why=BRIDGE),
+    Architecture(
+        "qwen3_moe",
+        dict(num_experts=4, moe_intermediate_size=32, **GQA16),
+        refusal="bridge fails to run",
+        why=BRIDGE,
+    ),
+    Architecture("deepseek_v2", refusal="bridge fails to run", why=BRIDGE),
+    Architecture("recurrent_gemma", refusal="bridge fails to run", why=BRIDGE),
+    Architecture("helium", GQA16, refusal="cannot wrap", why=NO_ADAPTER),
+    Architecture("persimmon", refusal="cannot wrap", why=NO_ADAPTER),
+    Architecture("biogpt", refusal="cannot wrap", why=NO_ADAPTER),
+    Architecture(
+        "mamba", refusal="no hook point 'blocks.0.hook_attn_out'", why="no attention (a state-space model)"
+    ),
+    Architecture(
+        "jetmoe", GQA, refusal="no hook point 'blocks.0.attn.o.hook_in'", why="mixture-of-attention heads"
+    ),
+    Architecture(
+        "openai-gpt", refusal="no hook point 'ln_final.hook_in'", why="post-norm blocks, no final norm"
+    ),
+]

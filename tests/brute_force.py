@@ -1,0 +1,135 @@
+"""An independent brute-force reference for any hooked architecture: one forward pass per edge.
+
+Written apart from the engine: no closed-form norm pull-backs, no per-head weight reshapes, no batching of
+patches. Source outputs come from calling the model's own modules (a head's result is the output
+projection applied to its z alone, minus the projection of zero); a destination's input is patched by
+recomputing, with the real norm and projection modules, what the destination reads from `resid + delta`:
+- `a{l}.h{h}<q|k|v>`: the projection's output slice of head h, from norm(resid + delta);
+- `m{l}`: the MLP norm's input + delta, or with a norm shared with attention, norm(resid + delta);
+- `logits`: the final norm's input + delta.
+EAP's reference is the same patch made differentiable: dM/d(delta_v) at delta_v = 0, dotted with each
+source's corrupted - clean difference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from circuits.data import PromptPairs
+from circuits.graph import Graph
+from circuits.metrics import logit_diff
+from circuits.models import HookedModel
+
+_HEAD_INPUT = re.compile(r"a(\d+)\.h(\d+)<([qkv])>$")
+
+
+def _module(model: HookedModel, path: str) -> torch.nn.Module:
+    """The Hugging Face module behind a bridge component, e.g. `blocks.0.attn.q`."""
+    module = model.bridge.get_submodule(path)
+    return getattr(module, "original_component", module)
+
+
+def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
+    """Every source's output [b, P, d_model] in a plain forward pass."""
+    spec = model.spec
+    captured: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Callable[[Tensor], None]:
+        return lambda x: captured.__setitem__(name, x.detach().clone())
+
+    hooks = [("blocks.0.hook_resid_pre", keep("input"))]
+    for layer in range(spec.n_layers):
+        hooks += [(f"blocks.{layer}.attn.o.hook_in", keep(f"z{layer}"))]
+        hooks += [(f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}"))]
+    with torch.no_grad(), model.hooks(hooks):
+        model(ids)
+    out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in range(spec.n_layers)}}
+    with torch.no_grad():
+        for layer in range(spec.n_layers):
+            o_proj = _module(model, f"blocks.{layer}.attn.o")
+            z = captured[f"z{layer}"].reshape(*captured[f"z{layer}"].shape[:2], spec.n_heads, spec.d_head)
+            zero = o_proj(torch.zeros_like(z.flatten(2)))
+            for head in range(spec.n_heads):
+                alone = torch.zeros_like(z)
+                alone[:, :, head] = z[:, :, head]
+                out[f"a{layer}.h{head}"] = o_proj(alone.flatten(2)) - zero
+    return out
+
+
+def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[str, Callable]]:
+    """Hooks adding deltas[dst] to each named destination's input (see module doc)."""
+    spec = model.spec
+    resid: dict[int, Tensor] = {}
+    hooks: list[tuple[str, Callable]] = []
+    for layer in range(spec.n_layers):
+        hooks.append((f"blocks.{layer}.ln1.hook_in", lambda x, layer=layer: resid.__setitem__(layer, x)))
+    for dst, delta in deltas.items():
+        head_input = _HEAD_INPUT.match(dst)
+        if head_input:
+            layer, head, letter = int(head_input.group(1)), int(head_input.group(2)), head_input.group(3)
+            norm = _module(model, f"blocks.{layer}.ln1")
+            proj = _module(model, f"blocks.{layer}.attn.{letter}")
+
+            def rebuild(x, layer=layer, head=head, norm=norm, proj=proj, delta=delta):
+                out = x.clone()
+                cols = slice(head * spec.d_head, (head + 1) * spec.d_head)
+                out[..., cols] = proj(norm(resid[layer] + delta))[..., cols]
+                return out
+
+            hooks.append((f"blocks.{layer}.attn.{letter}.hook_out", rebuild))
+        elif dst == "logits":
+            hooks.append(("ln_final.hook_in", lambda x, delta=delta: x + delta))
+        else:
+            layer = int(dst[1:])
+            own_norm = f"blocks.{layer}.ln2.hook_in"
+            if own_norm in model.bridge.hook_dict:
+                hooks.append((own_norm, lambda x, delta=delta: x + delta))
+            else:  # the MLP reads the attention norm's output
+                norm = _module(model, f"blocks.{layer}.ln1")
+                hooks.append(
+                    (
+                        f"blocks.{layer}.mlp.hook_in",
+                        lambda x, layer=layer, norm=norm, delta=delta: norm(resid[layer] + delta),
+                    )
+                )
+    return hooks
+
+
+def metric(model: HookedModel, pairs: PromptPairs, deltas: dict[str, Tensor] | None = None) -> Tensor:
+    """Per-example logit difference [b] on the clean prompts, with the destinations in `deltas` patched."""
+    with model.hooks(_patch_hooks(model, deltas or {})):
+        return logit_diff(model(pairs.clean), pairs)
+
+
+def exact_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
+    """[n_sources, n_destinations]: M(edge patched to its corrupted value) - M(clean), mean over examples."""
+    clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    scores = torch.zeros(graph.valid.shape, dtype=torch.float64)
+    with torch.no_grad():
+        base = metric(model, pairs)
+        for name in graph.edge_names():
+            src, dst = name.split("->")
+            patched = metric(model, pairs, {dst: corrupted[src] - clean[src]})
+            scores[graph.edge_index(name)] = (patched - base).double().mean()
+    return scores
+
+
+def eap_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
+    """[n_sources, n_destinations]: (corrupted - clean source output) . dM/d(destination input)."""
+    clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    shape = (*pairs.clean.shape, model.spec.d_model)
+    leaves = {dst: torch.zeros(shape, dtype=model.dtype, requires_grad=True) for dst in graph.destinations}
+    with torch.enable_grad():
+        metric(model, pairs, leaves).mean().backward()
+    scores = torch.zeros(graph.valid.shape, dtype=torch.float64)
+    for name in graph.edge_names():
+        src, dst = name.split("->")
+        grad = leaves[dst].grad
+        assert grad is not None, f"no gradient reached {dst}"
+        delta = (corrupted[src] - clean[src]).double()
+        scores[graph.edge_index(name)] = (delta * grad.double()).sum()  # the gradient is of the mean
+    return scores
