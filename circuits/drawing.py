@@ -31,14 +31,13 @@ def _rows(circuit: Graph) -> dict[str, tuple[float, float]]:
     centre = spec.n_heads / 2
     positions["input"] = (centre, y)
     for layer in range(spec.n_layers):
-        heads = [
-            h for h, i in enumerate(range(*circuit.head_sources(layer).indices(circuit.n_sources))) if live[i]
-        ]
+        first, stop, _ = circuit.head_sources(layer).indices(circuit.n_sources)
+        heads = [(h, circuit.sources[i]) for h, i in enumerate(range(first, stop)) if live[i]]
         mlp = live[circuit.mlp_source(layer)]
         if heads or mlp:
             y += 1
-        for h in heads:
-            positions[f"a{layer}.h{h}"] = (float(h), y)
+        for h, name in heads:
+            positions[name] = (float(h) if spec.per_head_sources else centre, y)
         if mlp:
             positions[f"m{layer}"] = (spec.n_heads + 0.5, y)
     positions["logits"] = (centre, y + 1)

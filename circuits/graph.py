@@ -1,10 +1,11 @@
 """The computational graph of a transformer: sources, destinations, and dense edge tensors.
 
-Sources (upstream nodes), in topological order: `input`, then per layer `a{l}.h{h}` for each head and
-`m{l}`. Destinations (inputs of downstream nodes), per layer: `a{l}.h{h}<q>` for each query head,
-`a{l}.h{g}<k>` and `a{l}.h{g}<v>` for each key/value head g (grouped-query attention is native), `m{l}`;
-then `logits`. Edge `u->v` exists when u's output is part of v's input. Names follow EAP-IG, so circuit
-files interoperate (GPT-2 small: 32,491 edges).
+Sources (upstream nodes), in topological order: `input`, then per layer `a{l}.h{h}` for each head (or,
+for post-norm blocks, one `a{l}`: the layer's normed attention output) and `m{l}`. Destinations (inputs
+of downstream nodes), per layer: `a{l}.h{h}<q>` for each query head, `a{l}.h{g}<k>` and `a{l}.h{g}<v>`
+for each key/value head g (grouped-query attention is native), `m{l}`; then `logits`. Edge `u->v` exists
+when u's output is part of v's input. Names follow EAP-IG, so circuit files interoperate (GPT-2 small:
+32,491 edges).
 
 Everything per edge lives in `[n_sources, n_destinations]` tensors: `valid` (the edge exists), `scores`
 (float32), `in_graph` (bool). Node-level results live in `[n_sources]` tensors.
@@ -42,8 +43,11 @@ class Graph:
         self.destinations: list[str] = []
         self._dst_order: list[int] = []
         for layer in range(spec.n_layers):
-            self.sources += [f"a{layer}.h{h}" for h in range(spec.n_heads)] + [f"m{layer}"]
-            self._src_order += [2 * layer + 1] * spec.n_heads + [2 * layer + 2]
+            heads = (
+                [f"a{layer}.h{h}" for h in range(spec.n_heads)] if spec.per_head_sources else [f"a{layer}"]
+            )
+            self.sources += [*heads, f"m{layer}"]
+            self._src_order += [2 * layer + 1] * len(heads) + [2 * layer + 2]
             for letter in _LETTERS:
                 n = spec.n_qkv_heads(letter)  # type: ignore[arg-type]
                 self.destinations += [f"a{layer}.h{h}<{letter}>" for h in range(n)]
@@ -120,12 +124,14 @@ class Graph:
         return int(self.valid.sum())
 
     def head_sources(self, layer: int) -> slice:
-        """Source indices of layer `layer`'s attention heads."""
-        start = 1 + layer * (self.spec.n_heads + 1)
-        return slice(start, start + self.spec.n_heads)
+        """Source indices of layer `layer`'s attention: its heads, or its one `a{l}` source."""
+        n = self.spec.n_attn_sources
+        start = 1 + layer * (n + 1)
+        return slice(start, start + n)
 
     def mlp_source(self, layer: int) -> int:
-        return 1 + layer * (self.spec.n_heads + 1) + self.spec.n_heads
+        n = self.spec.n_attn_sources
+        return 1 + layer * (n + 1) + n
 
     def qkv_destinations(self, layer: int, letter: str) -> slice:
         """Destination indices of layer `layer`'s q, k or v inputs (one per query / key-value head)."""
@@ -174,7 +180,7 @@ class Graph:
         Sizes the graph does not know (0: a circuit file whose cfg lacks them, as EAP-IG's and MIB's carry
         only the layer and head counts) are taken from `spec`.
         """
-        shape = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp")
+        shape = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "per_head_sources")
         sizes = ("d_model", "d_head", "d_mlp")
         mine, theirs = asdict(self.spec), asdict(spec)
         wrong = [f for f in shape if mine[f] != theirs[f]] + [
@@ -195,7 +201,8 @@ class Graph:
         """Counts of nodes and edges by kind."""
         counts: Counter[str] = Counter()
         counts["nodes: input"] = 1
-        counts["nodes: attention heads"] = self.spec.n_layers * self.spec.n_heads
+        attention = "attention heads" if self.spec.per_head_sources else "attention layers"
+        counts[f"nodes: {attention}"] = self.spec.n_layers * self.spec.n_attn_sources
         counts["nodes: MLPs"] = self.spec.n_layers
         counts["nodes: logits"] = 1
         per_dst = self.valid.sum(0)
@@ -241,12 +248,19 @@ class Graph:
             match = _DST_RE.match(dst)
             g.add_edge(
                 self.sources[r],
-                self.destination_node(dst),
+                self._reader(c),
                 key=f"{self.sources[r]}->{dst}",
                 score=float(self.scores[r, c]),
                 qkv=match.group(4) if match else None,
             )
         return g
+
+    def _reader(self, dst: int) -> str:
+        """The node reading destination `dst`: its head, its MLP, a post-norm layer's attention, logits."""
+        name = self.destinations[dst]
+        if self.spec.per_head_sources or Graph.qkv_letter(name) is None:
+            return self.destination_node(name)
+        return name.split(".")[0]
 
     # ------------------------------------------------------------------------------------ files
     def _cfg(self) -> dict[str, Any]:
@@ -420,6 +434,8 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
     kv_key = "n_key_value_heads" if cfg.get("n_key_value_heads") is not None else "n_kv_heads"
     parallel = cfg.get("parallel_attn_mlp", False)
     _expect(isinstance(parallel, bool), where, "cfg.parallel_attn_mlp", "true or false", parallel)
+    per_head = cfg.get("per_head_sources", True)
+    _expect(isinstance(per_head, bool), where, "cfg.per_head_sources", "true or false", per_head)
     try:
         return ModelSpec(
             n_layers=_count(cfg, "n_layers", where),
@@ -430,6 +446,7 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
             d_mlp=_count(cfg, "d_mlp", where, 0, low=0),
             parallel_attn_mlp=parallel,
             name=str(cfg.get("name", "")),
+            per_head_sources=per_head,
         )
     except InputError as err:
         raise FileFormatError(f"{where}: cfg: {err}") from None

@@ -120,7 +120,10 @@ def forward_with_ablation(
 
     recorders = [(model.input_hook, record(0))]
     for layer in range(spec.n_layers):
-        recorders.append((model.head_z_hook(layer), record(graph.head_sources(layer), layer)))
+        if spec.per_head_sources:
+            recorders.append((model.head_z_hook(layer), record(graph.head_sources(layer), layer)))
+        else:
+            recorders.append((model.attn_out_hook(layer), record(graph.head_sources(layer))))
         recorders.append((model.mlp_out_hook(layer), record(graph.mlp_source(layer))))
     hooks: list[tuple[str, HookFn]] = [(name, fn) for name, fn in recorders if fn is not None]
     for layer in range(spec.n_layers):
@@ -200,7 +203,9 @@ def forward_with_node_ablation(
         sl = graph.head_sources(layer)
         in_layer = (nodes >= sl.start) & (nodes < sl.stop)
         selected = row_of[in_layer]
-        if selected.numel():
+        if selected.numel() and not spec.per_head_sources:
+            hooks.append((model.attn_out_hook(layer), replace_rows(selected)))
+        elif selected.numel():
             heads = nodes[in_layer] - sl.start
             hooks.append((model.head_z_hook(layer), head_results(layer, selected, heads)))
             hooks.append((model.attn_out_hook(layer), add_head_delta(layer, selected)))

@@ -37,9 +37,8 @@ WANG_2022_HEADS = {
 
 
 def head_name(source: str) -> str:
-    """`a9.h6` -> `9.6`."""
-    layer, head = source[1:].split(".h")
-    return f"{layer}.{head}"
+    """`a9.h6` -> `9.6` (a post-norm model's attention layer `a9` -> `9`)."""
+    return source[1:].replace(".h", ".")
 
 
 def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[tuple[str, float]]:
@@ -47,7 +46,9 @@ def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[tuple[str,
     scores = attribution.node_scores
     if scores is None:
         raise InputError("top heads need node scores (gradient methods, or level='node')")
-    heads = [i for i, name in enumerate(graph.sources) if name.startswith("a")]
+    heads = [
+        i for layer in range(graph.spec.n_layers) for i in range(graph.n_sources)[graph.head_sources(layer)]
+    ]
     order = sorted(heads, key=lambda i: float(scores[i]))[:k]
     return [(head_name(graph.sources[i]), float(scores[i])) for i in order]
 

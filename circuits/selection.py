@@ -124,17 +124,20 @@ def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -
 
 def destination_owners(graph: Graph) -> Tensor:
     """bool [n_destinations, n_sources]: which nodes read each destination (a k/v input feeds every query
-    head of its key-value group; logits feed no source)."""
+    head of its key-value group, or a layer's one attention source; logits feed no source)."""
     owners = torch.zeros(graph.n_destinations, graph.n_sources, dtype=torch.bool)
     spec = graph.spec
     group = torch.arange(spec.n_heads) // (spec.n_heads // spec.n_kv_heads)
     for layer in range(spec.n_layers):
         heads = torch.arange(graph.n_sources)[graph.head_sources(layer)]
         q = graph.qkv_destinations(layer, "q")
-        owners[torch.arange(q.start, q.stop), heads] = True
-        for letter in ("k", "v"):
-            cols = graph.qkv_destinations(layer, letter)
-            owners[cols.start + group, heads] = True
+        if not spec.per_head_sources:  # one attention source reads every q/k/v input of its layer
+            owners[q.start : graph.qkv_destinations(layer, "v").stop, heads] = True
+        else:
+            owners[torch.arange(q.start, q.stop), heads] = True
+            for letter in ("k", "v"):
+                cols = graph.qkv_destinations(layer, letter)
+                owners[cols.start + group, heads] = True
         owners[graph.mlp_destination(layer), graph.mlp_source(layer)] = True
     return owners
 

@@ -15,6 +15,8 @@ from circuits.testing import tiny_tokenizer
 SEQUENTIAL = "pre-norm blocks"
 PARALLEL_SHARED = "parallel attention and MLP, one shared norm"
 PARALLEL_TWO = "parallel attention and MLP, a norm each"
+SANDWICH = "post-norm (sandwich) blocks: one attention source `a{l}` per layer, per-head q/k/v inputs"
+SCALED = "residual multiplier: head and MLP outputs as scaled into the residual"
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,9 @@ class Architecture:
 GQA = dict(num_key_value_heads=2)
 GQA16 = dict(num_key_value_heads=2, head_dim=16)
 PAD = dict(pad_token_id=0)
-POST_NORM = "post-attention norm on the summed heads: head outputs do not add into the residual stream"
-POST_ONLY = "post-norm only (no norm in front of attention): the bridge exposes no attention-input hook"
-SCALED = "residual multiplier: the bridge's block skips the hooks where attention and MLP enter the residual"
+MULTIPLIERS = dict(
+    residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0
+)
 COUPLED = "q/k norm over all heads: one head's query input cannot be patched alone"
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 NO_ADAPTER = "TransformerLens 4.3 has no adapter for it"
@@ -101,6 +103,14 @@ ARCHITECTURES = [
     Architecture("hunyuan_v1_dense", GQA16),
     Architecture("ernie4_5", GQA16),
     Architecture("lfm2", GQA),
+    Architecture("codegen", dict(rotary_dim=8), how=PARALLEL_SHARED),
+    Architecture("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **GQA16)),
+    Architecture("gemma2", GQA16, how=SANDWICH),
+    Architecture("gemma3_text", GQA16, how=SANDWICH),
+    Architecture("glm4", dict(**GQA16, **PAD), how=SANDWICH),
+    Architecture("exaone4", GQA16, how=SANDWICH),
+    Architecture("granite", dict(**GQA, **MULTIPLIERS), how=SCALED),
+    Architecture("granitemoe", dict(num_local_experts=4, **GQA, **MULTIPLIERS), how=SCALED),
     # ------------------------------------------------------------------------------------ refused
     Architecture(
         "falcon",
@@ -109,47 +119,33 @@ ARCHITECTURES = [
         why="the bridge's logits differ from the model's (alibi is not applied as Falcon does)",
         label="falcon (rw style, alibi)",
     ),
-    Architecture("gemma2", GQA16, refusal="additivity check failed at blocks.0.hook_attn_out", why=POST_NORM),
-    Architecture(
-        "gemma3_text", GQA16, refusal="additivity check failed at blocks.0.hook_attn_out", why=POST_NORM
-    ),
-    Architecture(
-        "glm4",
-        dict(**GQA16, **PAD),
-        refusal="additivity check failed at blocks.0.hook_attn_out",
-        why=POST_NORM,
-    ),
-    Architecture("olmo2", refusal="no hook point 'blocks.0.ln1.hook_in'", why=POST_ONLY),
-    Architecture("olmo3", refusal="no hook point 'blocks.0.ln1.hook_in'", why=POST_ONLY),
-    Architecture("exaone4", GQA16, refusal="no hook point 'blocks.0.ln1.hook_in'", why=POST_ONLY),
+    Architecture("olmo2", refusal="mixes heads", why=COUPLED),
+    Architecture("olmo3", refusal="mixes heads", why=COUPLED),
     Architecture("olmoe", dict(num_experts=4, num_experts_per_tok=2), refusal="mixes heads", why=COUPLED),
     Architecture("bitnet", GQA, refusal="mixes heads", why=COUPLED),
-    Architecture(
-        "granite",
-        GQA,
-        refusal="never reached",
-        why=SCALED,
-    ),
-    Architecture(
-        "granitemoe",
-        dict(num_local_experts=4, **GQA),
-        refusal="never reached",
-        why=SCALED,
-    ),
     Architecture(
         "falcon_h1",
         GQA,
         refusal="additivity check failed at blocks.0.ln2.hook_in",
         why="hybrid attention / Mamba",
     ),
-    Architecture("codegen", dict(rotary_dim=8), refusal="bridge fails to run", why=BRIDGE),
     Architecture(
-        "qwen3_moe",
-        dict(num_experts=4, moe_intermediate_size=32, **GQA16),
-        refusal="bridge fails to run",
-        why=BRIDGE,
+        "deepseek_v2",
+        dict(
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            first_k_dense_replace=1,
+        ),
+        refusal="no hook point 'blocks.0.attn.q.hook_out'",
+        why="multi-head latent attention: no per-head q/k/v projections of the residual",
     ),
-    Architecture("deepseek_v2", refusal="bridge fails to run", why=BRIDGE),
     Architecture("recurrent_gemma", refusal="bridge fails to run", why=BRIDGE),
     Architecture("helium", GQA16, refusal="cannot wrap", why=NO_ADAPTER),
     Architecture("persimmon", refusal="cannot wrap", why=NO_ADAPTER),

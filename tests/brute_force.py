@@ -1,11 +1,13 @@
 """An independent brute-force reference for any hooked architecture: one forward pass per edge.
 
 Written apart from the engine: no closed-form norm pull-backs, no per-head weight reshapes, no batching of
-patches. Source outputs come from calling the model's own modules (a head's result is the output
-projection applied to its z alone, minus the projection of zero); a destination's input is patched by
+patches. Source outputs come from the model's own forward passes (a head's result is the attention output
+with only its z kept, minus that with none; a post-norm layer's attention source is its normed attention
+output); a destination's input is patched by
 recomputing, with the real norm and projection modules, what the destination reads from `resid + delta`:
 - `a{l}.h{h}<q|k|v>`: the projection's output slice of head h, from norm(resid + delta);
-- `m{l}`: the MLP norm's input + delta, or with a norm shared with attention, norm(resid + delta);
+- `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
+  shared with attention, norm(resid + delta);
 - `logits`: the final norm's input + delta.
 EAP's reference is the same patch made differentiable: dM/d(delta_v) at delta_v = 0, dotted with each
 source's corrupted - clean difference.
@@ -34,7 +36,12 @@ def _module(model: HookedModel, path: str) -> torch.nn.Module:
 
 
 def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
-    """Every source's output [b, P, d_model] in a plain forward pass."""
+    """Every source's output [b, P, d_model] as it enters the residual stream, in plain forward passes.
+
+    A head's output is read where the layer's attention output enters the residual (`hook_attn_out`) in a
+    pass with every other head's z set to zero, minus the same with all z zero: whatever the block does to
+    the projected heads on the way (a bias, Granite's residual multiplier) is the model's own.
+    """
     spec = model.spec
     captured: dict[str, Tensor] = {}
 
@@ -44,34 +51,56 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
     hooks = [("blocks.0.hook_resid_pre", keep("input"))]
     for layer in range(spec.n_layers):
         hooks += [(f"blocks.{layer}.attn.o.hook_in", keep(f"z{layer}"))]
+        hooks += [(f"blocks.{layer}.hook_attn_out", keep(f"a{layer}"))]
         hooks += [(f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}"))]
     with torch.no_grad(), model.hooks(hooks):
         model(ids)
     out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in range(spec.n_layers)}}
-    with torch.no_grad():
-        for layer in range(spec.n_layers):
-            o_proj = _module(model, f"blocks.{layer}.attn.o")
-            z = captured[f"z{layer}"].reshape(*captured[f"z{layer}"].shape[:2], spec.n_heads, spec.d_head)
-            zero = o_proj(torch.zeros_like(z.flatten(2)))
-            for head in range(spec.n_heads):
-                alone = torch.zeros_like(z)
-                alone[:, :, head] = z[:, :, head]
-                out[f"a{layer}.h{head}"] = o_proj(alone.flatten(2)) - zero
+    if not spec.per_head_sources:  # post-norm blocks: the normed attention output of each layer
+        return out | {f"a{i}": captured[f"a{i}"] for i in range(spec.n_layers)}
+
+    def attn_out_with(layer: int, z: Tensor) -> Tensor:
+        seen: dict[str, Tensor] = {}
+        swap = [
+            (f"blocks.{layer}.attn.o.hook_in", lambda _x: z.flatten(2)),
+            (f"blocks.{layer}.hook_attn_out", lambda x: seen.__setitem__("out", x.detach().clone())),
+        ]
+        with torch.no_grad(), model.hooks(swap):
+            model(ids)
+        return seen["out"]
+
+    for layer in range(spec.n_layers):
+        z = captured[f"z{layer}"].reshape(*captured[f"z{layer}"].shape[:2], spec.n_heads, spec.d_head)
+        zero = attn_out_with(layer, torch.zeros_like(z))
+        for head in range(spec.n_heads):
+            alone = torch.zeros_like(z)
+            alone[:, :, head] = z[:, :, head]
+            out[f"a{layer}.h{head}"] = attn_out_with(layer, alone) - zero
     return out
 
 
 def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[str, Callable]]:
     """Hooks adding deltas[dst] to each named destination's input (see module doc)."""
     spec = model.spec
+    has = model.bridge.hook_dict.__contains__
     resid: dict[int, Tensor] = {}
     hooks: list[tuple[str, Callable]] = []
     for layer in range(spec.n_layers):
-        hooks.append((f"blocks.{layer}.ln1.hook_in", lambda x, layer=layer: resid.__setitem__(layer, x)))
+        reads = (
+            f"blocks.{layer}.ln1.hook_in"
+            if has(f"blocks.{layer}.ln1.hook_in")
+            else f"blocks.{layer}.attn.hook_in"
+        )
+        hooks.append((reads, lambda x, layer=layer: resid.__setitem__(layer, x)))
+
+    def attn_norm(layer: int) -> Callable[[Tensor], Tensor]:
+        return _module(model, f"blocks.{layer}.ln1") if has(f"blocks.{layer}.ln1.hook_in") else (lambda x: x)
+
     for dst, delta in deltas.items():
         head_input = _HEAD_INPUT.match(dst)
         if head_input:
             layer, head, letter = int(head_input.group(1)), int(head_input.group(2)), head_input.group(3)
-            norm = _module(model, f"blocks.{layer}.ln1")
+            norm = attn_norm(layer)
             proj = _module(model, f"blocks.{layer}.attn.{letter}")
 
             def rebuild(x, layer=layer, head=head, norm=norm, proj=proj, delta=delta):
@@ -86,10 +115,12 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
         else:
             layer = int(dst[1:])
             own_norm = f"blocks.{layer}.ln2.hook_in"
-            if own_norm in model.bridge.hook_dict:
+            if has(own_norm):
                 hooks.append((own_norm, lambda x, delta=delta: x + delta))
+            elif not (spec.parallel_attn_mlp and has(f"blocks.{layer}.ln1.hook_in")):  # no norm in front
+                hooks.append((f"blocks.{layer}.mlp.hook_in", lambda x, delta=delta: x + delta))
             else:  # the MLP reads the attention norm's output
-                norm = _module(model, f"blocks.{layer}.ln1")
+                norm = attn_norm(layer)
                 hooks.append(
                     (
                         f"blocks.{layer}.mlp.hook_in",

@@ -34,3 +34,25 @@ def smollm2():
     from circuits import load_model
 
     return load_model("smollm2-135m")
+
+
+LAYOUTS = {
+    "gemma2": "post-norm",
+    "phi": "shared norm",
+    "granite": "residual multiplier",
+    "opt": "flattened MLP",
+}
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", *LAYOUTS])
+def layout(request):
+    """A tiny model of each block layout the engine handles differently (see tests/architectures.py)."""
+    if request.param in ("llama", "gpt2"):
+        return request.getfixturevalue(request.param)
+    from circuits import load_model
+    from circuits.testing import tiny_tokenizer
+
+    from .architectures import ARCHITECTURES
+
+    arch = next(a for a in ARCHITECTURES if a.name == request.param)
+    return load_model(arch.build(), tiny_tokenizer())

@@ -222,9 +222,10 @@ def test_hand_built_circuit_is_ranked_first():
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "clean-corrupted", "eap-ig-activations"])
-def test_edge_level_node_scores_equal_node_level(tiny, method):
+def test_edge_level_node_scores_equal_node_level(layout, method):
     """At edge level node scores are edge sums over destinations; at node level they come from the
     gradients at the sources' outputs: every read of the residual stream being a destination, they agree."""
+    tiny = layout
     pairs = make_pairs(tiny)
     kwargs = {"method": method, "ig_steps": 3, "quiet": True}
     by_edges = attribute(tiny, Graph.from_model(tiny), pairs, level="edge", **kwargs).node_scores

@@ -18,7 +18,8 @@ def plain_metric(model, pairs, ids):
     return logit_diff(logits, pairs, clean)
 
 
-def test_full_and_empty_circuits_reproduce_clean_and_corrupted_runs(tiny):
+def test_full_and_empty_circuits_reproduce_clean_and_corrupted_runs(layout):
+    tiny = layout
     pairs = make_pairs(tiny)
     graph = Graph.from_model(tiny)
     result = evaluate(tiny, graph, pairs, batch_size=2)
@@ -117,10 +118,22 @@ def test_drawings(llama, tmp_path):
         draw_circuit(empty, tmp_path / "empty.svg")
 
 
+def test_drawing_every_block_layout(layout, tmp_path):
+    from circuits.drawing import draw_circuit
+
+    pairs = make_pairs(layout)
+    graph = Graph.from_model(layout)
+    attribute(layout, graph, pairs, method="eap", quiet=True)
+    circuit = graph.top_n(12)
+    text = draw_circuit(circuit, tmp_path / "circuit.svg").read_text()
+    assert text.count("<path") >= circuit.n_in_graph
+
+
 @pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
-def test_shared_mask_path_equals_per_row_path(tiny, density):
+def test_shared_mask_path_equals_per_row_path(layout, density):
     from circuits.intervention import forward_with_ablation
 
+    tiny = layout
     pairs = make_pairs(tiny)
     graph = Graph.from_model(tiny)
     gen = torch.Generator().manual_seed(1)
@@ -132,9 +145,10 @@ def test_shared_mask_path_equals_per_row_path(tiny, density):
     torch.testing.assert_close(shared, per_row, atol=1e-4, rtol=1e-4)
 
 
-def test_node_ablation_equals_ablating_every_outgoing_edge(tiny):
+def test_node_ablation_equals_ablating_every_outgoing_edge(layout):
     from circuits.intervention import forward_with_ablation, forward_with_node_ablation
 
+    tiny = layout
     pairs = make_pairs(tiny)
     graph = Graph.from_model(tiny)
     b = len(pairs)

@@ -126,3 +126,29 @@ def test_graph_fits_model(llama):
     graph.check_fits(llama.spec)
     with pytest.raises(GraphMismatchError, match="does not fit"):
         graph.check_fits(GPT2_SMALL)
+
+
+POST_NORM = ModelSpec(3, 4, 2, 16, 4, 32, name="sandwich", per_head_sources=False)
+
+
+def test_post_norm_graph_has_one_attention_source_per_layer(tmp_path):
+    """Heads stay destinations (q per head, k/v per kv head); the layer's normed attention output `a{l}` is
+    the source, reading all of them. Edge count walked by hand: each layer adds 1 + 1 sources."""
+    graph = Graph.from_model(POST_NORM)
+    assert graph.sources == ["input", "a0", "m0", "a1", "m1", "a2", "m2"]
+    upstream, edges = 1, 0
+    for _ in range(3):
+        edges += upstream * (4 + 2 * 2) + (upstream + 1)  # q/k/v inputs, then the MLP input sees a{l}
+        upstream += 2
+    assert graph.n_edges == edges + upstream
+    g = graph.to_networkx()
+    assert g.has_edge("a0", "a1") and g.has_edge("m1", "a2") and not any("." in n for n in g.nodes)
+    keys = {k for _, _, k in g.edges(keys=True)}
+    assert "a0->a1.h3<q>" in keys and "a1->a2.h1<v>" in keys
+    graph.scores[graph.valid] = torch.randn(graph.n_edges)
+    circuit = graph.top_n(5)
+    circuit.to_json(tmp_path / "c.json")
+    back = Graph.from_json(tmp_path / "c.json")
+    assert not back.spec.per_head_sources and torch.equal(back.in_graph, circuit.in_graph)
+    with pytest.raises(GraphMismatchError, match="per_head_sources"):
+        back.check_fits(ModelSpec(3, 4, 2, 16, 4, 32))

@@ -302,7 +302,7 @@ def _group_output(
     layer = (group - 1) // 2
     hook = model.attn_out_hook(layer) if group % 2 == 1 else model.mlp_out_hook(layer)
     clean_sum = clean[:, :, members].sum(2)
-    if group % 2 == 1 and model.b_O(layer) is not None:
+    if group % 2 == 1 and graph.spec.per_head_sources and model.b_O(layer) is not None:
         clean_sum = clean_sum + model.b_O(layer)  # type: ignore[operator]
     return hook, clean_sum, delta[:, :, members].sum(2)
 

@@ -88,7 +88,10 @@ def source_hooks(
 
     hooks = [(model.input_hook, write(0))]
     for layer in range(graph.spec.n_layers):
-        hooks.append((model.head_z_hook(layer), write_heads(layer)))
+        if graph.spec.per_head_sources:
+            hooks.append((model.head_z_hook(layer), write_heads(layer)))
+        else:  # post-norm blocks: the layer's normed attention output is the source
+            hooks.append((model.attn_out_hook(layer), write(graph.head_sources(layer).start)))
         hooks.append((model.mlp_out_hook(layer), write(graph.mlp_source(layer))))
     return hooks
 

@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
 from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
@@ -52,10 +53,18 @@ class ModelSpec:
     d_mlp: int
     parallel_attn_mlp: bool = False
     name: str = ""
+    # False for post-norm ("sandwich") blocks, whose attention output passes a norm before the residual
+    # stream: head results then do not add into it, and a layer's attention output is one source `a{l}`.
+    per_head_sources: bool = True
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise InputError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def n_attn_sources(self) -> int:
+        """Sources per attention layer: one per head, or one for the whole layer."""
+        return self.n_heads if self.per_head_sources else 1
 
     def n_qkv_heads(self, letter: QKV) -> int:
         """Heads with their own projection: n_heads for q, n_kv_heads for k and v."""
@@ -91,10 +100,11 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.spec = spec
         self.prepend_bos = prepend_bos
-        self._hook_points: dict[str, nn.Module] = dict(self.bridge.hook_dict)
+        self._hook_points: dict[str, HookPoint] = dict(self.bridge.hook_dict)
         self._projected_norms: dict[tuple[int, str], tuple[tuple, ProjectedNorm]] = {}
+        has = self._hook_points.__contains__
         self.mlp_shares_attn_norm = (
-            spec.parallel_attn_mlp and self.mlp_norm_in_hook(0) not in self._hook_points
+            spec.parallel_attn_mlp and not has(self.mlp_norm_in_hook(0)) and has("blocks.0.ln1.hook_in")
         )
         self._plain_models: dict[str | None, nn.Module] = {}  # filled by circuits.models.plain
         self._batch_shape: tuple[int, ...] | None = None  # [batch, pos] of the forward pass running
@@ -117,9 +127,15 @@ class HookedModel:
     def qkv_out_hook(layer: int, letter: QKV) -> str:
         return f"blocks.{layer}.attn.{letter}.hook_out"
 
+    def attn_norm_in_hook(self, layer: int) -> str:
+        """Input of the norm in front of attention, or of attention itself where there is none (OLMo-2)."""
+        name = f"blocks.{layer}.ln1.hook_in"
+        return name if name in self._hook_points else f"blocks.{layer}.attn.hook_in"
+
     @staticmethod
-    def attn_norm_in_hook(layer: int) -> str:
-        return f"blocks.{layer}.ln1.hook_in"
+    def post_attn_norm_in_hook(layer: int) -> str:
+        """Input of a post-norm block's norm on the attention output (Gemma-2, OLMo-2), if it has one."""
+        return f"blocks.{layer}.ln1_post.hook_in"
 
     @staticmethod
     def mlp_norm_in_hook(layer: int) -> str:
@@ -131,9 +147,11 @@ class HookedModel:
         return f"blocks.{layer}.mlp.hook_in"
 
     def mlp_destination_hook(self, layer: int) -> str:
-        """Where the MLP destination's input is patched and its gradient read: the pre-norm input of the
-        MLP's own norm, or, with a shared norm, the MLP input itself (see `mlp_input`)."""
-        return self.mlp_in_hook(layer) if self.mlp_shares_attn_norm else self.mlp_norm_in_hook(layer)
+        """Where the MLP destination's input is patched and its gradient read: the input of the MLP's own
+        norm; or the MLP's input, which is the residual itself for an MLP without a norm in front (OLMo-2)
+        and the attention norm's output for an MLP sharing it (then see `shared_norm_grads`)."""
+        own = self.mlp_norm_in_hook(layer)
+        return own if own in self._hook_points else self.mlp_in_hook(layer)
 
     @staticmethod
     def mlp_post_hook(layer: int) -> str:
@@ -198,8 +216,9 @@ class HookedModel:
         return self.bridge.blocks[layer]
 
     def attn_norm(self, layer: int) -> nn.Module:
-        """The norm in front of attention (the Hugging Face module, no hooks)."""
-        return self._block(layer).ln1._original_component
+        """The norm in front of attention (the Hugging Face module, no hooks); identity if there is none."""
+        block = self._block(layer)
+        return block.ln1._original_component if hasattr(block, "ln1") else nn.Identity()
 
     def W_qkv(self, layer: int, letter: QKV) -> Tensor:
         """Per-head projection weights [n, d_head, d_model] (n = n_heads for q, n_kv_heads for k/v)."""
@@ -208,13 +227,23 @@ class HookedModel:
         return w.reshape(self.spec.n_qkv_heads(letter), self.spec.d_head, self.spec.d_model)
 
     def W_O(self, layer: int) -> Tensor:
-        """Per-head output weights [n_heads, d_head, d_model]: head h's result is z_h @ W_O[h]."""
+        """Per-head output weights [n_heads, d_head, d_model]: head h's result z_h @ W_O[h] is what it adds
+        to the residual stream (times the block's residual multiplier where it has one: Granite)."""
         w = linear_weight(self._block(layer).attn.o._original_component)  # [d_model, n_heads*d_head]
-        return w.T.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
+        w = w.T.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
+        scale = self._residual_scale(layer)
+        return w if scale == 1.0 else w * scale
 
     def b_O(self, layer: int) -> Tensor | None:
+        """The output projection's bias [d_model] as added to the residual stream, or None."""
         bias = self._block(layer).attn.o._original_component.bias
-        return bias if isinstance(bias, Tensor) else None
+        scale = self._residual_scale(layer)
+        return None if not isinstance(bias, Tensor) else bias if scale == 1.0 else bias * scale
+
+    def _residual_scale(self, layer: int) -> float:
+        """The factor a block applies to its attention / MLP outputs before adding them (Granite's
+        residual multiplier; the bridge's hook_attn_out and hook_mlp_out carry the scaled values)."""
+        return float(getattr(self._block(layer), "residual_contribution_scale", 1.0))
 
     def attn_input_grads(
         self,
@@ -269,7 +298,7 @@ class HookedModel:
         return cached[1]
 
     # ------------------------------------------------------------------------------------ running
-    def hook_point(self, name: str) -> nn.Module:
+    def hook_point(self, name: str) -> HookPoint:
         try:
             return self._hook_points[name]
         except KeyError:
@@ -280,16 +309,20 @@ class HookedModel:
 
     @contextmanager
     def hooks(self, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
-        """Run with forward hooks `fn(activation) -> replacement | None`; always removed on exit."""
-        handles = []
+        """Run with forward hooks `fn(activation) -> replacement | None`; always removed on exit.
+
+        Hooks go through TransformerLens' own `HookPoint.add_hook`, so that hook points which fire only
+        when hooked (Granite's scaled residual contributions) see them."""
+        added: list[tuple[HookPoint, Any]] = []
         try:
             for name, fn in hooks:
                 point = self.hook_point(name)
-                handles.append(point.register_forward_hook(self._as_module_hook(fn)))
+                added.append((point, point.add_hook(self._as_lens_hook(fn))))
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for point, handle in added:
+                handle.hook.remove()
+                point.fwd_hooks.remove(handle)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, pos, d_vocab]."""
@@ -299,16 +332,23 @@ class HookedModel:
         finally:
             self._batch_shape = None
 
-    def _as_module_hook(self, fn: HookFn) -> Callable[[nn.Module, tuple, Tensor], Tensor | None]:
-        """A module forward hook calling fn(activation). Activations that a block flattens to
-        [batch * pos, d] (OPT's MLP) are shown to fn as [batch, pos, d], and its result is flattened back."""
+    def _as_lens_hook(self, fn: HookFn) -> Callable[..., Tensor | None]:
+        """A TransformerLens hook `hook(activation, hook=point)` calling fn on the activation as the module
+        computed it: a hook point's shape conversion (q/k/v split into heads) is undone for fn and redone
+        on its result, and an activation a block flattens to [batch * pos, d] (OPT's MLP) is shown to fn
+        as [batch, pos, d]."""
 
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor | None:
+        def hook(output: Tensor, hook: Any) -> Tensor | None:
+            conversion = hook.hook_conversion
+            raw = output if conversion is None else conversion.revert(output)
             shape = self._batch_shape
-            if shape is None or output.dim() != 2 or output.shape[0] != shape[0] * shape[1]:
-                return fn(output)
-            result = fn(output.view(*shape, output.shape[-1]))
-            return None if result is None else result.reshape(output.shape)
+            flat = shape is not None and raw.dim() == 2 and raw.shape[0] == shape[0] * shape[1]
+            result = fn(raw.view(*shape, raw.shape[-1]) if flat else raw)  # type: ignore[misc]
+            if result is None:
+                return None
+            if flat:
+                result = result.reshape(raw.shape)
+            return result if conversion is None else conversion.convert(result)
 
         return hook
 

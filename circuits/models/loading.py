@@ -120,6 +120,7 @@ def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
     if not getattr(hf_model.config, "architectures", None):  # a model built from a config has none
         hf_model.config.architectures = [type(hf_model).__name__]
+    _restore_moved_attributes(hf_model)
     try:
         return TransformerBridge.boot_transformers(
             name, hf_model=hf_model, tokenizer=bridge_tokenizer, dtype=dtype
@@ -129,6 +130,24 @@ def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
             f"{name}: TransformerLens {_tl_version()} cannot wrap {type(hf_model).__name__} "
             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})"
         ) from err
+
+
+def _restore_moved_attributes(hf_model: PreTrainedModel) -> None:
+    """Attributes TransformerLens 4.3's adapters read where transformers 5 no longer keeps them.
+
+    CodeGen's attention layers used to own the rotary table `embed_positions` (it now lives on the model's
+    `rotary_emb`: each layer gets a reference, no copy) and the divisor `scale_attn` = sqrt(d_head) (now
+    its inverse `scaling`). `check_bridge` then verifies that the bridge computes the model.
+    """
+    rotary = getattr(getattr(hf_model, "transformer", None), "rotary_emb", None)
+    if hf_model.config.model_type != "codegen" or rotary is None:
+        return
+    for block in hf_model.transformer.h:  # type: ignore[union-attr]
+        attn = block.attn
+        if not hasattr(attn, "embed_positions"):
+            attn.embed_positions = rotary.embed_positions
+        if not hasattr(attn, "scale_attn") and hasattr(attn, "scaling"):
+            attn.scale_attn = torch.tensor(1.0 / attn.scaling, dtype=torch.float32)
 
 
 def _tl_version() -> str:
@@ -165,4 +184,5 @@ def _spec_from_bridge(bridge, name: str) -> ModelSpec:
         d_mlp=cfg.d_mlp,
         parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
         name=name,
+        per_head_sources=HookedModel.post_attn_norm_in_hook(0) not in bridge.hook_dict,
     )
