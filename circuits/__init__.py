@@ -1,6 +1,6 @@
 """circuits: find the circuit inside a transformer language model, and steer it at inference time."""
 
-from circuits.attribution import Attribution, attribute
+from circuits.attribution import Attribution, attribute, head_patching
 from circuits.data import PromptPairs
 from circuits.errors import (
     CircuitsError,
@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedModelError",
     "attribute",
     "evaluate",
+    "head_patching",
     "load_model",
 ]
 __version__ = "0.1.0"

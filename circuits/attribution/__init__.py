@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from circuits.attribution.heads import head_patching
 from circuits.attribution.methods import ABLATION_FREE, METHODS, BatchResult, Job
 from circuits.attribution.recorder import source_hooks
 from circuits.data import PromptPairs, check_count, check_pairs
@@ -17,6 +18,8 @@ from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.quadrature import check_rule, check_steps
+
+__all__ = ["Attribution", "Completeness", "attribute", "head_patching", "source_means"]
 
 Ablation = Literal["patching", "mean", "zero"]
 ABLATIONS = ("patching", "mean", "zero")
