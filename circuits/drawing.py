@@ -88,7 +88,8 @@ def draw_circuit(circuit: Graph, path: str | Path, *, title: str | None = None) 
                 },
             )
     for name, (x, y) in positions.items():
-        shape = "s" if name.startswith("m") else ("D" if name in ("input", "logits") else "o")
+        kind = circuit.node_kind(name)
+        shape = "s" if kind == "mlp" else ("D" if kind in ("input", "logits") else "o")
         ax.scatter([x], [y], marker=shape, s=260, color="#f4f1e8", edgecolors="#333333", zorder=3)
         ax.text(x, y, name, ha="center", va="center", fontsize=6, zorder=4)
     ax.set_axis_off()

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from circuits.attribution import ABLATIONS, source_means
-from circuits.attribution.recorder import source_buffer, source_hooks
 from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-
-Ablation = Literal["patching", "mean", "zero"]
+from circuits.sources import ABLATIONS, Ablation, source_buffer, source_hooks, source_means
 
 
 @dataclass

@@ -18,10 +18,11 @@ import torch
 
 from circuits.data import PromptPairs
 from circuits.errors import InputError
-from circuits.evaluation import Ablation, evaluate_many
+from circuits.evaluation import evaluate_many
 from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.sources import Ablation
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 Selection = Literal["top_n", "greedy", "nodes", "random"]

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import networkx as nx
 import torch
@@ -30,6 +30,7 @@ from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.textfiles import read_text
 
 _DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
+NodeKind = Literal["input", "head", "attention", "mlp", "logits"]
 _LETTERS = ("q", "k", "v")
 
 
@@ -57,6 +58,13 @@ class Graph:
         self.destinations.append("logits")
         self._dst_order.append(2 * spec.n_layers + 1)
 
+        self._where: dict[str, tuple[NodeKind, int | None, int | None]] = {"input": ("input", None, None)}
+        for layer in range(spec.n_layers):
+            for h in range(spec.n_heads):
+                self._where[f"a{layer}.h{h}"] = ("head", layer, h)
+            self._where[f"a{layer}"] = ("attention", layer, None)
+            self._where[f"m{layer}"] = ("mlp", layer, None)
+        self._where["logits"] = ("logits", None, None)
         self.src_index = {name: i for i, name in enumerate(self.sources)}
         self.dst_index = {name: i for i, name in enumerate(self.destinations)}
         src_order = torch.tensor(self._src_order)
@@ -122,6 +130,32 @@ class Graph:
     @property
     def n_edges(self) -> int:
         return int(self.valid.sum())
+
+    def node_kind(self, node: str) -> NodeKind:
+        """`input`, `head` (`a3.h1`), `attention` (a post-norm layer's `a3`), `mlp` or `logits`."""
+        return self._node(node)[0]
+
+    def node_layer(self, node: str) -> int | None:
+        """The layer of a head, attention or MLP node (None for input and logits)."""
+        return self._node(node)[1]
+
+    def node_head(self, node: str) -> int | None:
+        """The head index of a head node (None for every other kind)."""
+        return self._node(node)[2]
+
+    def _node(self, node: str) -> tuple[NodeKind, int | None, int | None]:
+        try:
+            return self._where[node]
+        except KeyError:
+            raise GraphMismatchError(f"'{node}' is not a node of this graph ({self.spec.name})") from None
+
+    def valid_prefixes(self) -> list[int]:
+        """[n_destinations] number n_v of sources reaching each destination; they are sources [0, n_v)."""
+        counts = self.valid.sum(0)
+        prefix = torch.arange(self.n_sources)[:, None] < counts[None, :]
+        if not torch.equal(prefix, self.valid):
+            raise AssertionError("the sources reaching a destination are not a prefix of the source list")
+        return counts.tolist()
 
     def head_sources(self, layer: int) -> slice:
         """Source indices of layer `layer`'s attention: its heads, or its one `a{l}` source."""

@@ -23,10 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from circuits.attribution.recorder import valid_prefixes
 from circuits.errors import InputError
 from circuits.graph import Graph
-from circuits.models.hooked import HookedModel, HookFn, linear_weight
+from circuits.models.hooked import QKV, QKV_LETTERS, HookedModel, HookFn
 
 
 def forward_with_ablation(
@@ -64,14 +63,9 @@ def forward_with_ablation(
         keep = sums.wanted(ids)
         if keep.numel() == 0:
             return None
-        w_o = None if layer is None else model.W_O(layer)[keep]
 
         def hook(x: Tensor) -> None:
-            if w_o is None:
-                value = x.unsqueeze(2)
-            else:
-                z = x.reshape(*x.shape[:2], spec.n_heads, spec.d_head)[:, :, keep]
-                value = torch.einsum("bpnh,nhd->bpnd", z, w_o.to(z.dtype))
+            value = x.unsqueeze(2) if layer is None else model.head_results(layer, x, keep)
             sums.record(ids[keep], value)
 
         return hook
@@ -99,9 +93,7 @@ def forward_with_ablation(
 
         return hook
 
-    def rebuild_qkv(layer: int, letter: str) -> HookFn:
-        proj = getattr(model.bridge.blocks[layer].attn, letter)._original_component
-        n = spec.n_qkv_heads(letter)  # type: ignore[arg-type]
+    def rebuild_qkv(layer: int, letter: QKV) -> HookFn:
         dst = graph.qkv_destinations(layer, letter)
 
         def hook(x: Tensor) -> Tensor | None:
@@ -109,12 +101,7 @@ def forward_with_ablation(
             if d is None:
                 return None
             inputs = resid[layer].unsqueeze(2) + d.to(x.dtype)  # [rows, P, n, d_model]
-            normed = model.attn_norm(layer)(inputs)
-            w = linear_weight(proj).reshape(n, spec.d_head, spec.d_model)
-            out = torch.einsum("bpnd,nhd->bpnh", normed, w)
-            if proj.bias is not None:
-                out = out + proj.bias.reshape(n, spec.d_head)
-            return out.reshape(x.shape)
+            return model.qkv_from_residual(layer, letter, inputs).reshape(x.shape)
 
         return hook
 
@@ -128,8 +115,8 @@ def forward_with_ablation(
     hooks: list[tuple[str, HookFn]] = [(name, fn) for name, fn in recorders if fn is not None]
     for layer in range(spec.n_layers):
         hooks.append((model.attn_norm_in_hook(layer), save_resid(layer)))
-        for letter in ("q", "k", "v"):
-            hooks.append((model.qkv_out_hook(layer, letter), rebuild_qkv(layer, letter)))  # type: ignore[arg-type]
+        for letter in QKV_LETTERS:
+            hooks.append((model.qkv_out_hook(layer, letter), rebuild_qkv(layer, letter)))
         mlp_hook = (
             renorm_mlp_input(layer)
             if model.mlp_shares_attn_norm
@@ -178,12 +165,9 @@ def forward_with_node_ablation(
         return hook
 
     def head_results(layer: int, selected: Tensor, heads: Tensor) -> HookFn:
-        w_o = model.W_O(layer)
-
         def hook(z: Tensor) -> None:
-            if selected.numel():
-                z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)[selected, :, heads]  # [m, P, d_head]
-                current = torch.einsum("mph,mhd->mpd", z, w_o[heads].to(z.dtype))
+            if selected.numel():  # row selected[i] ablates head heads[i]
+                current = model.head_results(layer, z[selected])[torch.arange(selected.numel()), :, heads]
                 head_delta[layer] = patch[selected].to(z.dtype) - current
 
         return hook
@@ -264,7 +248,7 @@ class _Shared(_Corrections):
     def __init__(self, graph: Graph, mask: Tensor, patch: Tensor, rows: int) -> None:
         self.ablate = mask
         self.kept = graph.valid.to(mask.device) & ~mask
-        self.prefix = valid_prefixes(graph)
+        self.prefix = graph.valid_prefixes()
         self.patch = patch  # [1 or rows, P, n_sources, d]
         n_pos, d = patch.shape[1], patch.shape[3]
         self.diff = torch.empty(graph.n_sources, rows, n_pos, d, device=patch.device)

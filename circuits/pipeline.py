@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,21 +37,31 @@ WANG_2022_HEADS = {
 }
 
 
-def head_name(source: str) -> str:
-    """`a9.h6` -> `9.6` (a post-norm model's attention layer `a9` -> `9`)."""
-    return source[1:].replace(".h", ".")
+class HeadScore(NamedTuple):
+    """A head's node score; `name` is `layer.head` as in Wang et al. (a post-norm layer's source: `layer`)."""
+
+    name: str
+    score: float
+    layer: int
+    head: int | None
 
 
-def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[tuple[str, float]]:
-    """The k heads with the most negative node score (ablating them lowers the metric most)."""
+def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[HeadScore]:
+    """The k heads (attention sources) with the most negative node score (ablating them lowers the metric
+    most)."""
     scores = attribution.node_scores
     if scores is None:
         raise InputError("top heads need node scores (gradient methods, or level='node')")
-    heads = [
-        i for layer in range(graph.spec.n_layers) for i in range(graph.n_sources)[graph.head_sources(layer)]
-    ]
-    order = sorted(heads, key=lambda i: float(scores[i]))[:k]
-    return [(head_name(graph.sources[i]), float(scores[i])) for i in order]
+    rows = range(graph.n_sources)
+    heads = [i for layer in range(graph.spec.n_layers) for i in rows[graph.head_sources(layer)]]
+    found = []
+    for i in sorted(heads, key=lambda i: float(scores[i]))[:k]:
+        source = graph.sources[i]
+        layer, head = graph.node_layer(source), graph.node_head(source)
+        assert layer is not None
+        name = f"{layer}" if head is None else f"{layer}.{head}"
+        found.append(HeadScore(name, float(scores[i]), layer, head))
+    return found
 
 
 def head_class_overlap(heads: list[str]) -> dict[str, list[str]]:
@@ -67,7 +78,7 @@ class Discovery:
     circuit: Graph
     evaluation: Evaluation
     curves: MIBScores | None
-    heads: list[tuple[str, float]]
+    heads: list[HeadScore]
     files: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -162,8 +173,8 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         "completeness": None
         if found.attribution.completeness is None
         else vars(found.attribution.completeness),
-        "top_heads": found.heads,
-        "head_classes_wang_2022": head_class_overlap([h for h, _ in found.heads]),
+        "top_heads": [(h.name, h.score) for h in found.heads],
+        "head_classes_wang_2022": head_class_overlap([h.name for h in found.heads]),
         "circuit_edges": circuit.n_in_graph,
         "faithfulness": found.evaluation.faithfulness,
         "metric_circuit": found.evaluation.circuit,

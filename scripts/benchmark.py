@@ -31,6 +31,7 @@ from circuits.attribution import attribute
 from circuits.data import PromptPairs
 from circuits.metrics import Metric, logit_diff
 from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.models.plain import plain_model
 from circuits.neurons import last_activations, neuron_ig
 from circuits.testing import tiny_tokenizer
 from tasks import ioi_pairs
@@ -64,7 +65,7 @@ def plain_pass_times(
     model: HookedModel, pairs: PromptPairs, batch_size: int, repeats: int
 ) -> tuple[float, float]:
     """Seconds for one plain HF forward and one forward+backward over all batches (best of `repeats`)."""
-    hf = model.bridge.original_model
+    hf = plain_model(model)
     embed = hf.get_input_embeddings()
 
     def forward() -> None:

@@ -53,11 +53,11 @@ def report(found: Discovery, model: HookedModel) -> None:
     if found.attribution.completeness is not None:
         print(found.attribution.completeness)
     print("\nTop heads (most negative score: ablating the head lowers the logit difference most):")
-    for name, score in found.heads:
-        print(f"  head {name:>6}  (layer {name.split('.')[0]:>2})  score {score:+.4f}")
+    for head in found.heads:
+        print(f"  head {head.name:>6}  (layer {head.layer:>2})  score {head.score:+.4f}")
     spec = model.spec
     if (spec.n_layers, spec.n_heads, spec.d_model) == (12, 12, 768):
-        overlap = head_class_overlap([h for h, _ in found.heads])
+        overlap = head_class_overlap([h.name for h in found.heads])
         print("\nOverlap of the top heads with Wang et al. (2022) head classes:")
         for name, members in WANG_2022_HEADS.items():
             print(f"  {name:<20} {len(overlap[name])}/{len(members)}  {', '.join(overlap[name]) or '-'}")

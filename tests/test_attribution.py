@@ -236,7 +236,7 @@ def test_edge_level_node_scores_equal_node_level(layout, method):
 @pytest.mark.parametrize("subtract", [False, True])
 def test_source_recording_layouts_agree(tiny, subtract):
     """Head results computed straight into source-major storage equal the generic per-head write."""
-    from circuits.attribution.recorder import source_buffer, source_hooks
+    from circuits.sources import source_buffer, source_hooks
 
     pairs = make_pairs(tiny)
     graph = Graph.from_model(tiny)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from circuits import Graph, attribute, evaluate
-from circuits.attribution import source_means
 from circuits.faithfulness import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.metrics import logit_diff
+from circuits.sources import source_means
 
 from .pairs import make_pairs
 

@@ -5,24 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
 from circuits.attribution.methods import ABLATION_FREE, METHODS, BatchResult, Job
-from circuits.attribution.recorder import source_hooks
 from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.quadrature import check_rule, check_steps
+from circuits.sources import ABLATIONS, Ablation, source_means
 
 __all__ = ["Attribution", "Completeness", "attribute", "head_patching", "source_means"]
-
-Ablation = Literal["patching", "mean", "zero"]
-ABLATIONS = ("patching", "mean", "zero")
 
 
 @dataclass
@@ -175,43 +171,3 @@ def _accumulate(totals: dict[str, Tensor | float], r: BatchResult) -> None:
         add("ig_total", float(r.ig_total.sum()))
         add("delta", float(delta.sum()))
         add("abs_error", float((r.ig_total.to(delta.device) - delta).abs().sum()))
-
-
-@uses_model
-def source_means(
-    model: HookedModel,
-    graph: Graph,
-    reference: PromptPairs,
-    ablation: str,
-    batch_size: int = 8,
-    n_positions: int | None = None,
-) -> Tensor:
-    """Ablation values [1, P, n_sources, d] for prompts of up to P = `n_positions` tokens (default: the
-    reference's): zeros, or each source's mean output over `reference`'s clean prompts, per position when
-    all reference prompts have the same length (else over all real tokens)."""
-    d = graph.spec.d_model
-    n_pos = reference.n_positions if n_positions is None else n_positions
-    per_position = bool((reference.lengths == reference.lengths[0]).all())
-    if ablation == "mean" and per_position and reference.n_positions < n_pos:
-        raise InputError(
-            f"mean ablation per position needs reference prompts at least as long as the prompts scored: "
-            f"the reference prompts are {reference.n_positions} tokens, the prompts {n_pos}. Pass reference "
-            "prompts of the same length (or of mixed lengths, for one mean over all positions)"
-        )
-    if ablation == "zero":
-        return torch.zeros(1, n_pos, graph.n_sources, d, device=model.device)
-    total = torch.zeros(reference.n_positions if per_position else 1, graph.n_sources, d, device=model.device)
-    for batch in reference.batches(batch_size):
-        acts = torch.zeros(len(batch), batch.n_positions, graph.n_sources, d, device=model.device)
-        ids = batch.clean.to(model.device)
-        with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
-            model(ids, batch.attention_mask.to(model.device))
-        real = batch.attention_mask.to(model.device)[:, :, None, None].float()
-        if per_position:
-            total[: batch.n_positions] += (acts * real).sum(0)
-        else:
-            total += (acts * real).sum((0, 1))
-    if per_position:
-        return (total[:n_pos] / len(reference)).unsqueeze(0)
-    mean = total / reference.lengths.sum()
-    return mean.unsqueeze(0).expand(1, n_pos, -1, -1)

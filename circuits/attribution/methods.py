@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from circuits.attribution.recorder import ScoreRecorder, source_buffer, source_groups, source_hooks
+from circuits.attribution.recorder import ScoreRecorder
 from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.graph import Graph
@@ -31,6 +31,7 @@ from circuits.intervention import forward_with_ablation, forward_with_node_ablat
 from circuits.metrics import Metric, check_values, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.quadrature import quadrature
+from circuits.sources import source_buffer, source_groups, source_hooks
 
 
 @dataclass

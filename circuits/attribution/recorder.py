@@ -1,11 +1,9 @@
-"""Hooks shared by every method: record source outputs in the forward pass, turn gradients into scores
-in the backward pass as they arrive.
+"""The backward side shared by every gradient method: gradients turned into edge and node scores as they
+arrive.
 
-Source outputs live in a source-major buffer `[n_sources, B, P, d_model]` (exposed to hooks as the view
-`[B, P, n_sources, d_model]`), so that the rows of any prefix of sources form one contiguous matrix
-`[n, B * P * d_model]`. With the ablation differences delta in that layout, each destination block's scores
-are one matmul `delta[:n_valid] @ grad_block` taken inside the backward hook, restricted to the sources
-that can reach the block (no dense destination-gradient buffer, no upper-triangular work).
+With the ablation differences delta in the source-major layout of `circuits.sources`, each destination
+block's scores are one matmul `delta[:n_valid] @ grad_block` taken inside the backward hook, restricted to
+the sources that can reach the block (no dense destination-gradient buffer, no upper-triangular work).
 
 Gradients of IG steps stacked in the batch (rows k * b + i) are folded over steps with quadrature weights
 before scoring. A head's q/k/v gradients are pulled back through the shared attention norm in one
@@ -21,99 +19,7 @@ from torch import Tensor
 
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn
-
-
-def source_buffer(graph: Graph, rows: int, n_pos: int, device: torch.device) -> Tensor:
-    """Uninitialised source outputs, a [rows, P, n_sources, d] view of source-major storage."""
-    storage = torch.empty(graph.n_sources, rows, n_pos, graph.spec.d_model, device=device)
-    return storage.permute(1, 2, 0, 3)
-
-
-def source_major(acts: Tensor) -> Tensor:
-    """[B, P, n_sources, d] -> [n_sources, B * P * d] (free for `source_buffer` layouts)."""
-    return acts.permute(2, 0, 1, 3).reshape(acts.shape[2], -1)
-
-
-def source_groups(graph: Graph) -> list[slice]:
-    """The sources sharing one gradient: input, then per layer its heads and its MLP."""
-    groups = [slice(0, 1)]
-    for layer in range(graph.spec.n_layers):
-        groups.append(graph.head_sources(layer))
-        mlp = graph.mlp_source(layer)
-        groups.append(slice(mlp, mlp + 1))
-    return groups
-
-
-def source_hooks(
-    model: HookedModel, graph: Graph, out: Tensor, subtract: bool = False
-) -> list[tuple[str, HookFn]]:
-    """Hooks writing every source's output into `out` [B, P, n_sources, d_model] (no grad), or, with
-    `subtract`, subtracting it from what `out` holds (turning ablated outputs into ablated - current).
-
-    A layer's head results z_h W_O[h] are computed straight into `out` when it is source-major storage
-    (`source_buffer`) covering all positions: one matmul per layer, the subtraction fused into it.
-    """
-
-    def write(index: int | slice, transform: Callable[[Tensor], Tensor] | None = None) -> HookFn:
-        def fn(x: Tensor) -> None:
-            with torch.no_grad():
-                value = (transform(x) if transform else x).to(out.dtype)
-                if subtract:
-                    out[:, : x.shape[1], index] -= value
-                else:
-                    out[:, : x.shape[1], index] = value
-
-        return fn
-
-    def write_heads(layer: int) -> HookFn:
-        heads = graph.head_sources(layer)
-        w_o = model.W_O(layer)
-        generic = write(heads, _head_results(model, layer))
-
-        def fn(z: Tensor) -> None:
-            storage = out.permute(2, 0, 1, 3)[heads]  # [n_heads, B, P, d] for source-major storage
-            if not storage.is_contiguous() or z.shape[:2] != out.shape[:2] or z.dtype != out.dtype:
-                generic(z)
-                return
-            with torch.no_grad():
-                n, rows = w_o.shape[0], z.shape[0] * z.shape[1]
-                z_heads = z.reshape(rows, n, -1).transpose(0, 1)  # [n_heads, B * P, d_head]
-                target = storage.view(n, rows, -1)
-                if subtract:
-                    target.baddbmm_(z_heads, w_o.to(z.dtype), alpha=-1.0)
-                else:
-                    torch.bmm(z_heads, w_o.to(z.dtype), out=target)
-
-        return fn
-
-    hooks = [(model.input_hook, write(0))]
-    for layer in range(graph.spec.n_layers):
-        if graph.spec.per_head_sources:
-            hooks.append((model.head_z_hook(layer), write_heads(layer)))
-        else:  # post-norm blocks: the layer's normed attention output is the source
-            hooks.append((model.attn_out_hook(layer), write(graph.head_sources(layer).start)))
-        hooks.append((model.mlp_out_hook(layer), write(graph.mlp_source(layer))))
-    return hooks
-
-
-def _head_results(model: HookedModel, layer: int) -> Callable[[Tensor], Tensor]:
-    w_o = model.W_O(layer)
-    spec = model.spec
-
-    def results(z: Tensor) -> Tensor:
-        z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)
-        return torch.einsum("bpnh,nhd->bpnd", z, w_o.to(z.dtype))
-
-    return results
-
-
-def valid_prefixes(graph: Graph) -> list[int]:
-    """[n_destinations] number n_v of sources reaching each destination; they are exactly sources [0, n_v)."""
-    counts = graph.valid.sum(0)
-    prefix = torch.arange(graph.n_sources)[:, None] < counts[None, :]
-    if not torch.equal(prefix, graph.valid):
-        raise AssertionError("the sources reaching a destination are not a prefix of the source list")
-    return counts.tolist()
+from circuits.sources import source_groups, source_major
 
 
 class ScoreRecorder:
@@ -150,7 +56,7 @@ class ScoreRecorder:
         self.start, self.stop = start, stop
         self._resid: dict[int, Tensor] = {}
         self._qkv: dict[int, dict[str, Tensor]] = {}
-        self._prefix = valid_prefixes(graph)
+        self._prefix = graph.valid_prefixes()
         self._workspace = {} if workspace is None else workspace
         self._pending: list[tuple[int, int]] = []  # (first destination, count) of the queued blocks
         self._n_pending = 0

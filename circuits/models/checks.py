@@ -125,9 +125,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         attn, mlp = acts[model.attn_out_hook(layer)], acts[model.mlp_out_hook(layer)]
         _close(spec.name, model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
         if spec.per_head_sources:
-            z = acts[model.head_z_hook(layer)]
-            z = z.reshape(*z.shape[:2], spec.n_heads, spec.d_head)
-            heads = torch.einsum("bpnh,nhd->bpd", z, model.W_O(layer))
+            heads = model.head_results(layer, acts[model.head_z_hook(layer)]).sum(2)
             b_o = model.b_O(layer)
             _close(spec.name, model.attn_out_hook(layer), attn, heads if b_o is None else heads + b_o, rtol)
         mlp_in = pre if spec.parallel_attn_mlp else pre + attn

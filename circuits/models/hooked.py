@@ -226,6 +226,22 @@ class HookedModel:
         w = linear_weight(proj)
         return w.reshape(self.spec.n_qkv_heads(letter), self.spec.d_head, self.spec.d_model)
 
+    def b_qkv(self, layer: int, letter: QKV) -> Tensor | None:
+        """Per-head projection biases [n, d_head], or None."""
+        bias = getattr(self._block(layer).attn, letter)._original_component.bias
+        return (
+            bias.reshape(self.spec.n_qkv_heads(letter), self.spec.d_head)
+            if isinstance(bias, Tensor)
+            else None
+        )
+
+    def qkv_from_residual(self, layer: int, letter: QKV, resid: Tensor) -> Tensor:
+        """Each head's q (k, v) projection of its own residual stream: [b, P, n, d_head] from resid
+        [b, P, n, d_model], through the attention norm and W[h] (+ bias) alone."""
+        out = torch.einsum("bpnd,nhd->bpnh", self.attn_norm(layer)(resid), self.W_qkv(layer, letter))
+        bias = self.b_qkv(layer, letter)
+        return out if bias is None else out + bias
+
     def W_O(self, layer: int) -> Tensor:
         """Per-head output weights [n_heads, d_head, d_model]: head h's result z_h @ W_O[h] is what it adds
         to the residual stream (times the block's residual multiplier where it has one: Granite)."""
@@ -233,6 +249,21 @@ class HookedModel:
         w = w.T.reshape(self.spec.n_heads, self.spec.d_head, self.spec.d_model)
         scale = self._residual_scale(layer)
         return w if scale == 1.0 else w * scale
+
+    def head_results(self, layer: int, z: Tensor, heads: Tensor | None = None) -> Tensor:
+        """Head results z_h W_O[h], as they enter the residual stream.
+
+        Args:
+            z: [b, P, n_heads * d_head] the output projection's input (`head_z_hook`).
+            heads: optional [n] indices of the heads wanted (default: all).
+        Returns:
+            [b, P, n, d_model].
+        """
+        z = z.reshape(*z.shape[:2], self.spec.n_heads, self.spec.d_head)
+        w = self.W_O(layer)
+        if heads is not None:
+            z, w = z[:, :, heads], w[heads]
+        return torch.einsum("bpnh,nhd->bpnd", z, w.to(z.dtype))
 
     def b_O(self, layer: int) -> Tensor | None:
         """The output projection's bias [d_model] as added to the residual stream, or None."""

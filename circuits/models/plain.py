@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -59,3 +60,9 @@ def down_projections(plain: nn.Module) -> list[nn.Module]:
     if not found:
         raise RuntimeError(f"no MLP output projections found in {type(plain).__name__}")
     return [found[i] for i in sorted(found)]
+
+
+def plain_submodule(model: HookedModel, component: str, attention: str | None = None) -> Any:
+    """The plain model's module behind a bridge component (`blocks`, `ln_final`, `unembed`, ...)."""
+    name = model.bridge.adapter.component_mapping[component].name
+    return plain_model(model, attention).get_submodule(name)

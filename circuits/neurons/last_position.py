@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface, Cache
 
 from circuits.models.hooked import HookedModel
-from circuits.models.plain import down_projections, plain_model
+from circuits.models.plain import down_projections, plain_model, plain_submodule
 
 
 class Replace:
@@ -101,7 +101,7 @@ class LastPositions:
 
     def head(self, hidden: Tensor) -> Tensor:
         """[..., d_model] last block outputs -> [..., d_vocab] logits (final norm, unembedding)."""
-        return _submodule(self.model, "unembed")(_submodule(self.model, "ln_final")(hidden))
+        return plain_submodule(self.model, "unembed")(plain_submodule(self.model, "ln_final")(hidden))
 
     def check(self) -> None:
         """Rows through the top block reproduce the model: its clean output and the logits (with
@@ -136,7 +136,7 @@ class LastPositions:
         """Block j on rows [prompts, rows per prompt, d_model] at the last position -> same shape."""
         n_prompts, per_prompt, d_model = hidden.shape
         args, kwargs = _per_row(self.calls[j], n_prompts, per_prompt)
-        block = _submodule(self.model, "blocks", PREFIX_ROWS)[j]
+        block = plain_submodule(self.model, "blocks", PREFIX_ROWS)[j]
         prefix = (self.run.keys[j], self.run.values[j], self.run.prefix_valid)
         out = block(hidden.reshape(-1, 1, d_model), *args, **kwargs, prefix=prefix)
         return (out[0] if isinstance(out, tuple) else out).reshape(n_prompts, per_prompt, d_model)
@@ -203,7 +203,7 @@ class PromptRun:
 def run_prompts(model: HookedModel, prompts: list[list[int]]) -> PromptRun:
     """One pass over the prompts, padded on the right (causal attention: the padding never reaches them)."""
     plain = plain_model(model)
-    blocks = _submodule(model, "blocks")
+    blocks = plain_submodule(model, "blocks")
     device = model.device
     lengths = torch.tensor([len(ids) for ids in prompts], device=device)
     last = lengths - 1
@@ -262,7 +262,7 @@ def _block_calls(model: HookedModel, prompts: list[list[int]]) -> list[tuple[tup
     whose blocks, replaced by stubs, only record what they are given: no block computation. Cache arguments
     are dropped (`prefix_attention` brings the prefix).
     """
-    blocks = _submodule(model, "blocks")
+    blocks = plain_submodule(model, "blocks")
     calls: list[tuple[tuple, dict[str, Any]]] = []
 
     def stub(*args: Any, **kwargs: Any) -> Any:
@@ -304,9 +304,3 @@ def _per_row(call: tuple[tuple, dict[str, Any]], n_prompts: int, per_prompt: int
 
     args, kwargs = call
     return expand(args), {k: expand(v) for k, v in kwargs.items()}
-
-
-def _submodule(model: HookedModel, component: str, attention: str | None = None) -> Any:
-    """The plain model's module for a bridge component ("blocks", "ln_final", "unembed")."""
-    name = model.bridge.adapter.component_mapping[component].name
-    return plain_model(model, attention).get_submodule(name)
