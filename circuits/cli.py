@@ -38,11 +38,11 @@ def _model(name: str):
 
 
 def _task(model, name: str, n: int, seed: int, data: Path | None):
-    from tasks import TASKS, load_pairs
+    from circuits.task import file_loader, task_builders
 
     if data is not None:
-        return load_pairs(model, data)
-    return TASKS[name](model, n, seed=seed)
+        return file_loader()(model, data)
+    return task_builders()[name](model, n, seed=seed)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +54,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
-    from tasks import TASKS
+    from circuits.task import task_builders
 
-    parser.add_argument("--task", default="ioi", choices=sorted(TASKS), help="generated task (default ioi)")
+    parser.add_argument(
+        "--task", default="ioi", choices=sorted(task_builders()), help="generated task (default ioi)"
+    )
     parser.add_argument(
         "--data", type=Path, help="prompt-pair file instead of a generated task (CSV / JSONL)"
     )
@@ -196,18 +198,21 @@ def _draw(args: argparse.Namespace) -> int:
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from tasks import TASKS, baseline
+    from circuits.baseline import baseline
+    from circuits.task import task_builders
+
+    tasks = task_builders()
 
     if args.baseline is None:
-        for name, make in TASKS.items():
+        for name, make in tasks.items():
             print(f"{name:14s} {(make.__doc__ or '').strip().splitlines()[0]}")
         return 0
-    unknown = [t for t in args.baseline if t not in TASKS]
+    unknown = [t for t in args.baseline if t not in tasks]
     if unknown:
-        raise InputError(f"unknown tasks {unknown}; choose from {sorted(TASKS)}")
+        raise InputError(f"unknown tasks {unknown}; choose from {sorted(tasks)}")
     model = _model(args.model)
-    for name in args.baseline or list(TASKS):
-        task = TASKS[name](model, args.n)
+    for name in args.baseline or list(tasks):
+        task = tasks[name](model, args.n)
         print(f"{name:14s} {baseline(model, task)}  ({len(task.pairs)} kept, {task.dropped} dropped)")
     return 0
 

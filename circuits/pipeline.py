@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from circuits.attribution import Attribution, attribute
+from circuits.baseline import Baseline, baseline
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
@@ -22,8 +23,7 @@ from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, mib_scores
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
-from tasks.baseline import Baseline, baseline
-from tasks.common import TaskPairs
+from circuits.task import TaskPairs
 
 # Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
 WANG_2022_HEADS = {

@@ -1,9 +1,10 @@
 """Ready-made circuit tasks as seeded generators of prompt pairs, loaders for user files, and baselines."""
 
+from circuits.baseline import Baseline, baseline
+from circuits.task import TaskPairs
 from tasks.agreement import agreement_pairs
-from tasks.baseline import Baseline, baseline
 from tasks.capitals import capital_pairs
-from tasks.common import Example, TaskPairs
+from tasks.common import Example
 from tasks.files import load_pairs
 from tasks.greater_than import GreaterThanMetric, greater_than_pairs
 from tasks.induction import induction_pairs

@@ -10,7 +10,8 @@ from __future__ import annotations
 import random
 
 from circuits.models.hooked import HookedModel
-from tasks.common import Example, TaskPairs, generate
+from circuits.task import TaskPairs
+from tasks.common import Example, generate
 
 NOUNS = [
     ("author", "authors"), ("pilot", "pilots"), ("teacher", "teachers"), ("doctor", "doctors"),

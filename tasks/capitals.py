@@ -7,7 +7,8 @@ import random
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
-from tasks.common import Example, TaskPairs, generate, single_tokens
+from circuits.task import TaskPairs
+from tasks.common import Example, generate, single_tokens
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",

@@ -16,6 +16,7 @@ from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel
+from circuits.task import TaskPairs
 
 
 @dataclass
@@ -24,20 +25,6 @@ class Example:
     corrupted: str
     answer: str  # text of the correct next token, e.g. " Mary"
     distractor: str  # text of the contrasting token
-
-
-@dataclass
-class TaskPairs:
-    """Prompt pairs made for one model, the metric the task is scored with, and what could not be made."""
-
-    task: str
-    pairs: PromptPairs
-    metric: str | Metric  # a name in circuits.metrics.METRICS, or a task-specific metric
-    requested: int
-    dropped: int  # proposed examples rejected (multi-token answers, unequal lengths)
-
-    def __str__(self) -> str:
-        return f"{self.task}: {len(self.pairs)} pairs ({self.dropped} proposals dropped)"
 
 
 def is_single_token(model: HookedModel, text: str) -> bool:

@@ -20,8 +20,8 @@ from typing import Any, Literal
 from circuits.data import PromptPairs
 from circuits.errors import FileFormatError, InputError
 from circuits.models.hooked import HookedModel
+from circuits.task import TaskPairs
 from circuits.textfiles import read_text
-from tasks.common import TaskPairs
 
 Format = Literal["auto", "ours", "eap-ig", "mib-ioi"]
 FORMATS: tuple[str, ...] = ("auto", "ours", "eap-ig", "mib-ioi")

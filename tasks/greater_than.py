@@ -20,7 +20,8 @@ from torch import Tensor
 from circuits.data import PromptPairs
 from circuits.metrics import last_logits
 from circuits.models.hooked import HookedModel
-from tasks.common import Example, TaskPairs, generate, is_single_token
+from circuits.task import TaskPairs
+from tasks.common import Example, generate, is_single_token
 
 NOUNS = ["war", "expedition", "reign", "project", "dynasty", "campaign", "siege", "construction", "journey"]
 TEMPLATE = "The {noun} lasted from the year {century}{yy} to the year {century}"

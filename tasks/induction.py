@@ -14,7 +14,7 @@ import re
 from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
-from tasks.common import TaskPairs
+from circuits.task import TaskPairs
 
 WORD = re.compile(r"^ [a-z]{3,10}$")
 

@@ -16,7 +16,8 @@ from typing import Literal
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
-from tasks.common import Example, TaskPairs, generate, single_tokens
+from circuits.task import TaskPairs
+from tasks.common import Example, generate, single_tokens
 
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "Anna", "James", "Sarah", "David", "Laura", "Michael", "Emma",

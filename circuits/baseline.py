@@ -9,7 +9,7 @@ import torch
 from circuits.data import PromptPairs
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-from tasks.common import TaskPairs
+from circuits.task import TaskPairs
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""What a task hands the toolkit, and where the command line finds tasks without importing them.
+
+A task plug-in is a module with `TASKS` (name -> builder `(model, n, seed=0) -> TaskPairs`) and
+`load_pairs(model, path) -> TaskPairs` (prompt pairs from a user's file), announced under the entry-point
+group `circuits.tasks`. This project's own `tasks` package is one (declared in pyproject.toml); another
+package can add tasks the same way. `circuits` itself never imports a task module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+from circuits.data import PromptPairs
+from circuits.errors import InputError
+from circuits.metrics import Metric
+from circuits.models.hooked import HookedModel
+
+ENTRY_POINT_GROUP = "circuits.tasks"
+
+
+@dataclass
+class TaskPairs:
+    """Prompt pairs made for one model, the metric the task is scored with, and what could not be made."""
+
+    task: str
+    pairs: PromptPairs
+    metric: str | Metric  # a name in circuits.metrics.METRICS, or a task-specific metric
+    requested: int
+    dropped: int  # proposed examples rejected (multi-token answers, unequal lengths)
+
+    def __str__(self) -> str:
+        return f"{self.task}: {len(self.pairs)} pairs ({self.dropped} proposals dropped)"
+
+
+class TaskBuilder(Protocol):
+    def __call__(self, model: HookedModel, n: int, seed: int = 0) -> TaskPairs: ...
+
+
+@cache
+def _plugins() -> tuple[ModuleType, ...]:
+    found = tuple(point.load() for point in entry_points(group=ENTRY_POINT_GROUP))
+    if not found:
+        raise InputError(
+            f"no task plug-ins are installed (entry-point group {ENTRY_POINT_GROUP!r}); install this project "
+            "with `pip install -e .` (`make setup` does) so that its `tasks` package is found"
+        )
+    return found
+
+
+def task_builders() -> dict[str, TaskBuilder]:
+    """Every installed task, by name."""
+    builders: dict[str, TaskBuilder] = {}
+    for plugin in _plugins():
+        builders.update(getattr(plugin, "TASKS", {}))
+    return builders
+
+
+def file_loader() -> Callable[[HookedModel, str | Path], TaskPairs]:
+    """The first installed plug-in's `load_pairs` (prompt pairs from a user's data file)."""
+    for plugin in _plugins():
+        if hasattr(plugin, "load_pairs"):
+            return plugin.load_pairs  # type: ignore[no-any-return]
+    raise InputError("no installed task plug-in reads data files (none has load_pairs)")

@@ -1,0 +1,78 @@
+"""The package's shape, checked on its source: imports only go down (the import graph of `circuits` has no
+cycle), `circuits` never imports `tasks`, and TransformerLens / Hugging Face internals stay in
+`circuits/models/`. Run alone: `python -m pytest tests/test_layering.py`."""
+
+import ast
+import re
+from pathlib import Path
+
+import networkx as nx
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "circuits"
+INTERNALS = re.compile(r"_original_component|original_model|component_mapping|\.bridge\.|hook_dict")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of this repository that `path` imports at run time (not under `if TYPE_CHECKING:`)."""
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for node in ast.walk(block)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if _is_module(full) else node.module)
+    return {name for name in found if name.split(".")[0] in ("circuits", "tasks")}
+
+
+def _import_graph() -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for path in PACKAGE.rglob("*.py"):
+        graph.add_node(_module(path))
+        for target in _imports(path):
+            if target != _module(path):
+                graph.add_edge(_module(path), target)
+    return graph
+
+
+def test_imports_only_go_down():
+    graph = _import_graph()
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+def test_circuits_never_imports_tasks():
+    graph = _import_graph()
+    assert not [(a, b) for a, b in graph.edges if b.startswith("tasks")]
+
+
+def test_bridge_internals_stay_in_the_models_package():
+    leaks = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for folder in ("circuits", "tasks", "scripts")
+        for path in (ROOT / folder).rglob("*.py")
+        if "models" not in path.relative_to(ROOT).parts
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if INTERNALS.search(line)
+    ]
+    assert not leaks
