@@ -10,7 +10,7 @@ evaluated; x is the fraction of edges left after pruning. With f the normalised 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -64,31 +64,45 @@ def area(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
 
 
-def select(graph: Graph, n: int, selection: Selection, absolute: bool, seed: int = 0) -> Graph:
-    """A pruned circuit of at most `n` edges chosen by `selection`.
+Selector = Callable[[Graph, int, bool, int], Graph]  # (graph, n edges, absolute, seed) -> pruned circuit
 
-    `nodes` takes the largest set of best-ranked nodes (by `graph.node_scores`) whose pruned circuit has at
-    most `n` edges; `random` ranks edges by random scores (a baseline).
-    """
-    if selection == "top_n":
-        return graph.top_n(n, absolute)
-    if selection == "greedy":
-        return graph.greedy(n, absolute)
-    if selection == "random":
-        shuffled = graph.copy()
-        gen = torch.Generator().manual_seed(seed)
-        shuffled.scores = torch.rand(graph.valid.shape, generator=gen)
-        return shuffled.top_n(n, absolute=False)
-    if selection == "nodes":
-        low, high = 0, graph.n_sources - 1  # largest k with at most n edges (edges grow with k)
-        while low < high:
-            k = (low + high + 1) // 2
-            if graph.top_nodes(k, absolute).n_in_graph <= n:
-                low = k
-            else:
-                high = k - 1
-        return graph.top_nodes(low, absolute)
-    raise InputError(f"unknown selection {selection!r}; choose top_n, greedy, nodes or random")
+
+def _top_n(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+    return graph.top_n(n, absolute)
+
+
+def _greedy(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+    return graph.greedy(n, absolute)
+
+
+def _random(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+    """Edges ranked by random scores: a baseline."""
+    shuffled = graph.copy()
+    shuffled.scores = torch.rand(graph.valid.shape, generator=torch.Generator().manual_seed(seed))
+    return shuffled.top_n(n, absolute=False)
+
+
+def _nodes(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+    """The largest set of best-ranked nodes (by `graph.node_scores`) whose pruned circuit has at most n
+    edges (edges grow with the number of nodes: a binary search)."""
+    low, high = 0, graph.n_sources - 1
+    while low < high:
+        k = (low + high + 1) // 2
+        if graph.top_nodes(k, absolute).n_in_graph <= n:
+            low = k
+        else:
+            high = k - 1
+    return graph.top_nodes(low, absolute)
+
+
+SELECTIONS: dict[str, Selector] = {"top_n": _top_n, "greedy": _greedy, "nodes": _nodes, "random": _random}
+
+
+def select(graph: Graph, n: int, selection: Selection, absolute: bool, seed: int = 0) -> Graph:
+    """A pruned circuit of at most `n` edges chosen by `selection` (a name in `SELECTIONS`)."""
+    if selection not in SELECTIONS:
+        raise InputError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    return SELECTIONS[selection](graph, n, absolute, seed)
 
 
 @uses_model

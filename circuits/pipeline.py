@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from circuits.attribution import Attribution, attribute
+from circuits.attribution import METHODS, Attribution, attribute
+from circuits.attribution.methods import MethodName
 from circuits.baseline import Baseline, baseline
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
@@ -23,6 +24,7 @@ from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, mib_scores
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
+from circuits.quadrature import Quadrature
 from circuits.task import TaskPairs
 
 # Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
@@ -87,9 +89,9 @@ def discover(
     model: HookedModel,
     task: TaskPairs,
     *,
-    method: str = "eap-ig-inputs",
+    method: MethodName = "eap-ig-inputs",
     steps: int = 5,
-    quadrature: str = "left",
+    quadrature: Quadrature = "left",
     batch_size: int = 8,
     edges: int = 300,
     curves: bool = True,
@@ -167,7 +169,7 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         "model": model.spec.name,
         "task": found.task.task,
         "method": method,
-        "ig_steps": steps,
+        "ig_steps": steps if METHODS[method].uses_ig_steps else None,
         "n_pairs": len(found.task.pairs),
         "baseline": vars(found.baseline),
         "completeness": None

@@ -27,7 +27,8 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from circuits import Graph, load_model
-from circuits.attribution import attribute
+from circuits.attribution import METHODS, attribute
+from circuits.attribution.methods import MethodName
 from circuits.data import PromptPairs
 from circuits.metrics import Metric, logit_diff
 from circuits.models.hooked import HookedModel, ModelSpec
@@ -37,13 +38,6 @@ from circuits.testing import tiny_tokenizer
 from tasks import ioi_pairs
 from tasks.context import first_token, memotrap
 from tasks.paths import shared_data
-
-PASSES = {  # (forwards, forward+backwards) per batch
-    "eap": lambda m: (1, 1),
-    "eap-ig-inputs": lambda m: (2, m),
-    "clean-corrupted": lambda m: (0, 2),
-    "eap-ig-activations": lambda m: (2, 0),  # plus m(2L+1) forward/backward, added below
-}
 
 
 def gpt2_small_random() -> HookedModel:
@@ -96,23 +90,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[str], args) -> list[str]:
+def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodName], args) -> list[str]:
     graph = Graph.from_model(model)
     t_f, t_fb = plain_pass_times(model, pairs, args.batch_size, args.repeats)
     rows = [
         f"| {name} | plain forward | {t_f:.2f} s | | |",
         f"| {name} | plain forward+backward | {t_fb:.2f} s | | |",
     ]
-    runs: list[tuple[str, str, str | Metric]] = [(method, method, "logit_diff") for method in methods]
+    runs: list[tuple[MethodName, str, str | Metric]] = [(method, method, "logit_diff") for method in methods]
     if "eap" in methods:  # the same, the metric seen as an opaque callable: every position unembedded
         runs.append(("eap", "eap (all positions unembedded)", every_position_logit_diff))
     for method, label, metric in runs:
-        forwards, fbs = PASSES[method](args.steps)
-        if method == "eap-ig-activations":
-            fbs = args.steps * (2 * model.spec.n_layers + 1)
+        count = METHODS[method].pass_count(args.steps, model.spec.n_layers)
+        assert count is not None, f"{method} has no pass-count limit"
+        forwards, fbs = count
         limit = forwards * t_f + fbs * t_fb
 
-        def go(method: str = method, metric=metric) -> None:
+        def go(method: MethodName = method, metric=metric) -> None:
             attribute(
                 model,
                 graph,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from circuits import Graph, attribute, load_model
+from circuits.attribution.methods import MethodName
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.faithfulness import FaithfulnessCurve, Selection, faithfulness_curve, mib_scores
 from tasks import ioi_pairs
@@ -43,7 +44,7 @@ def main() -> None:
     common = {"batch_size": args.batch_size}
     scored: dict[str, tuple[Graph, Selection]] = {}
     seconds: dict[str, float] = {}
-    runs: list[tuple[str, str, Literal["edge", "node"], Selection]] = [
+    runs: list[tuple[str, MethodName, Literal["edge", "node"], Selection]] = [
         ("EAP", "eap", "edge", "top_n"),
         (f"EAP-IG-inputs (m={args.steps})", "eap-ig-inputs", "edge", "top_n"),
         ("exact patching (nodes)", "exact", "node", "nodes"),

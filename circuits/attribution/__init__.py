@@ -9,16 +9,24 @@ from torch import Tensor
 from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
-from circuits.attribution.methods import ABLATION_FREE, METHODS, BatchResult, Job
+from circuits.attribution.methods import METHODS, BatchResult, Job, MethodName, MethodSpec
 from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.quadrature import check_rule, check_steps
+from circuits.quadrature import Quadrature, check_rule, check_steps
 from circuits.sources import ABLATIONS, Ablation, source_means
 
-__all__ = ["Attribution", "Completeness", "attribute", "head_patching", "source_means"]
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "Completeness",
+    "MethodSpec",
+    "attribute",
+    "head_patching",
+    "source_means",
+]
 
 
 @dataclass
@@ -60,10 +68,10 @@ def attribute(
     graph: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: str = "eap-ig-inputs",
+    method: MethodName = "eap-ig-inputs",
     *,
     ig_steps: int = 5,
-    quadrature: str = "left",
+    quadrature: Quadrature = "left",
     ablation: Ablation = "patching",
     reference: PromptPairs | None = None,
     batch_size: int = 8,
@@ -89,7 +97,7 @@ def attribute(
     check_rule(quadrature)
     if ablation not in ABLATIONS:
         raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-    if method in ABLATION_FREE and ablation != "patching":
+    if METHODS[method].needs_corrupted and ablation != "patching":
         raise InputError(
             f"{method} interpolates between clean and corrupted prompts; it needs ablation='patching'"
         )
@@ -120,7 +128,7 @@ def attribute(
         job = Job(
             model, graph, metric_fn, batch, ablated, level, ig_steps, quadrature, max_rows, workspace, where
         )
-        _accumulate(totals, METHODS[method](job))
+        _accumulate(totals, METHODS[method].run(job))
         bar.update(len(batch))
     bar.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation, forward_with_node_ablation
 from circuits.metrics import Metric, check_values, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
-from circuits.quadrature import quadrature
+from circuits.quadrature import Quadrature, quadrature
 from circuits.sources import source_buffer, source_groups, source_hooks
 
 
@@ -45,7 +46,7 @@ class Job:
     ablated: Tensor | None  # [1, P, n_sources, d] mean / zero ablation values, None for patching
     level: str  # "edge" or "node"
     steps: int
-    quadrature: str
+    quadrature: Quadrature
     max_rows: int
     workspace: dict[str, Tensor] = field(default_factory=dict)  # buffers reused from batch to batch
     where: str = "the batch"  # which batch and pairs, for error messages
@@ -63,15 +64,34 @@ class BatchResult:
 
 
 Method = Callable[[Job], BatchResult]
-METHODS: dict[str, Method] = {}
-ABLATION_FREE = {"eap-ig-inputs", "clean-corrupted"}  # methods that need corrupted prompts (patching)
+MethodName = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "exact"]
+PassCount = Callable[[int, int], tuple[int, int]]  # (IG steps, layers) -> (forwards, forward+backwards)
 
 
-def register(name: str) -> Callable[[Method], Method]:
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered scoring method and the facts the API, the CLI and the benchmark read from it."""
+
+    name: str
+    run: Method
+    needs_corrupted: bool  # interpolates towards the corrupted prompts itself: patching ablation only
+    uses_ig_steps: bool
+    passes: PassCount | None  # plain passes per batch it costs at best (None: one pass per edge / node)
+
+    def pass_count(self, steps: int, n_layers: int) -> tuple[int, int] | None:
+        return None if self.passes is None else self.passes(steps, n_layers)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str, *, needs_corrupted: bool = False, uses_ig_steps: bool = False, passes: PassCount | None = None
+) -> Callable[[Method], Method]:
     def add(fn: Method) -> Method:
         if name in METHODS:
             raise InputError(f"method {name!r} registered twice")
-        METHODS[name] = fn
+        METHODS[name] = MethodSpec(name, fn, needs_corrupted, uses_ig_steps, passes)
         return fn
 
     return add
@@ -197,7 +217,7 @@ def _differentiable(job: Job, values: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ methods
-@register("eap")
+@register("eap", passes=lambda m, n_layers: (1, 1))
 def eap(job: Job) -> BatchResult:
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
@@ -217,7 +237,7 @@ def eap(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
 
 
-@register("clean-corrupted")
+@register("clean-corrupted", needs_corrupted=True, passes=lambda m, n_layers: (0, 2))
 def clean_corrupted(job: Job) -> BatchResult:
     b = len(job.pairs)
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
@@ -235,7 +255,7 @@ def clean_corrupted(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
 
 
-@register("eap-ig-inputs")
+@register("eap-ig-inputs", needs_corrupted=True, uses_ig_steps=True, passes=lambda m, n_layers: (2, m))
 def eap_ig_inputs(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)
@@ -267,7 +287,7 @@ def eap_ig_inputs(job: Job) -> BatchResult:
     )
 
 
-@register("eap-ig-activations")
+@register("eap-ig-activations", uses_ig_steps=True, passes=lambda m, n_layers: (2, m * (2 * n_layers + 1)))
 def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids, clean_acts, clean_logits, delta, corrupted_logits = _clean_and_delta(job)

@@ -28,7 +28,7 @@ from circuits.errors import InputError
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.plain import down_projections, plain_model
 from circuits.neurons.last_position import LastPositions, Replace, run_prompts
-from circuits.quadrature import check_steps
+from circuits.quadrature import Quadrature, check_steps
 from circuits.quadrature import quadrature as quadrature_rule
 
 Baseline = Literal["zero"] | Tensor
@@ -55,7 +55,7 @@ class NeuronAttribution:
         return (self.ig_total - self.prob_delta).abs().mean(0)[self.layers]
 
 
-def _grid(steps: int, quadrature: str, compat: str | None) -> tuple[Tensor, Tensor]:
+def _grid(steps: int, quadrature: Quadrature, compat: str | None) -> tuple[Tensor, Tensor]:
     if compat is None:
         return quadrature_rule(quadrature, steps)
     if compat == "ircan-code":
@@ -110,7 +110,7 @@ def neuron_ig(
     baseline: Baseline = "zero",
     layers: Sequence[int] | None = None,
     steps: int = 20,
-    quadrature: str = "left",
+    quadrature: Quadrature = "left",
     compat: str | None = None,
     implementation: Implementation = "cached",
     prompts_per_pass: int = 4,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.quadrature import check_steps
+from circuits.quadrature import Quadrature, check_steps
 from circuits.quadrature import quadrature as quadrature_rule
 
 
@@ -90,7 +90,7 @@ def token_ig(
     target: str | int | None = None,
     baseline: Tensor | None = None,
     steps: int = 64,
-    quadrature: str = "gauss-legendre",
+    quadrature: Quadrature = "gauss-legendre",
     max_rows: int = 32,
     compat: str | None = None,
 ) -> TokenAttribution:
