@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test check setup
+.PHONY: demo test test-fast check setup
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -29,3 +29,10 @@ test: setup
 	$(BIN)/ruff check circuits tasks tests scripts
 	$(BIN)/mypy
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The inner loop: the same gate without the slow tests (SmolLM2, notebooks, the support matrix).
+test-fast: setup
+	$(BIN)/ruff format --check circuits tasks tests scripts
+	$(BIN)/ruff check circuits tasks tests scripts
+	$(BIN)/mypy
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"

@@ -11,11 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from circuits.attribution.methods import METHODS
 from circuits.errors import CircuitsError, InputError
 from circuits.outputs import check_writable
 from circuits.quadrature import QUADRATURES
+
+if TYPE_CHECKING:
+    from circuits.graph import Graph
+    from circuits.models.hooked import HookedModel
+    from circuits.task import TaskPairs
 
 EXAMPLES = __doc__.split("\n\n", 1)[1]
 
@@ -25,7 +31,7 @@ OS_ERROR_EXIT = 8  # an operating-system error outside the library's own (disk f
 INTERRUPTED_EXIT = 130  # Ctrl-C, as shells report SIGINT
 
 
-def _model(name: str):
+def _model(name: str) -> HookedModel:
     from circuits.models import load_model
 
     if name.startswith("tiny-"):
@@ -37,7 +43,7 @@ def _model(name: str):
     return load_model(name)
 
 
-def _task(model, name: str, n: int, seed: int, data: Path | None):
+def _task(model: HookedModel, name: str, n: int, seed: int, data: Path | None) -> TaskPairs:
     from circuits.task import file_loader, task_builders
 
     if data is not None:
@@ -157,7 +163,7 @@ def _discover(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_circuit(path: Path):
+def _load_circuit(path: Path) -> Graph:
     from circuits.graph import Graph
 
     return Graph.from_pt(path) if path.suffix == ".pt" else Graph.from_json(path)

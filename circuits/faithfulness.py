@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -67,22 +67,22 @@ def area(x: Sequence[float], y: Sequence[float]) -> float:
 Selector = Callable[[Graph, int, bool, int], Graph]  # (graph, n edges, absolute, seed) -> pruned circuit
 
 
-def _top_n(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+def _top_n(graph: Graph, n: int, absolute: bool, _seed: int) -> Graph:
     return graph.top_n(n, absolute)
 
 
-def _greedy(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+def _greedy(graph: Graph, n: int, absolute: bool, _seed: int) -> Graph:
     return graph.greedy(n, absolute)
 
 
-def _random(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+def _random(graph: Graph, n: int, _absolute: bool, seed: int) -> Graph:
     """Edges ranked by random scores: a baseline."""
     shuffled = graph.copy()
     shuffled.scores = torch.rand(graph.valid.shape, generator=torch.Generator().manual_seed(seed))
     return shuffled.top_n(n, absolute=False)
 
 
-def _nodes(graph: Graph, n: int, absolute: bool, seed: int) -> Graph:
+def _nodes(graph: Graph, n: int, absolute: bool, _seed: int) -> Graph:
     """The largest set of best-ranked nodes (by `graph.node_scores`) whose pruned circuit has at most n
     edges (edges grow with the number of nodes: a binary search)."""
     low, high = 0, graph.n_sources - 1
@@ -154,7 +154,7 @@ def mib_scores(
     *,
     selection: Selection = "top_n",
     label: str | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> MIBScores:
     """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves."""
     signed = faithfulness_curve(

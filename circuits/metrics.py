@@ -50,14 +50,14 @@ def _pick(last: Tensor, ids: Tensor) -> Tensor:
 
 
 @last_position
-def logit_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
+def logit_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:  # noqa: ARG001 (Metric signature)
     """logit(answer) - logit(distractor) at the last real position, [batch]."""
     last = last_logits(logits, pairs).float()
     return _pick(last, pairs.answer) - _pick(last, pairs.distractor)
 
 
 @last_position
-def prob_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
+def prob_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:  # noqa: ARG001 (Metric signature)
     """p(answer) - p(distractor) at the last real position, [batch]."""
     probs = last_logits(logits, pairs).float().softmax(-1)
     return _pick(probs, pairs.answer) - _pick(probs, pairs.distractor)
@@ -74,7 +74,7 @@ def kl_divergence(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | Non
 
 
 @last_position
-def answer_logprob(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
+def answer_logprob(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:  # noqa: ARG001 (Metric signature)
     """log p(answer) at the last real position, [batch]."""
     return _pick(last_logits(logits, pairs).float().log_softmax(-1), pairs.answer)
 

@@ -7,7 +7,9 @@ milliseconds on a fixed corpus, so names come out as single tokens with a leadin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -58,7 +60,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _seeded(build, seed: int) -> PreTrainedModel:
+def _seeded(build: Callable[[], PreTrainedModel], seed: int) -> PreTrainedModel:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -100,11 +102,11 @@ def tiny_gpt2_hf(seed: int = 0, n_layers: int = 2) -> PreTrainedModel:
     return _seeded(lambda: GPT2LMHeadModel(cfg), seed)
 
 
-def tiny_llama(seed: int = 0, n_layers: int = 2, **kwargs) -> HookedModel:
+def tiny_llama(seed: int = 0, n_layers: int = 2, **kwargs: Any) -> HookedModel:
     """`tiny_llama_hf` loaded as a checked `HookedModel`."""
     return load_model(tiny_llama_hf(seed, n_layers), tiny_tokenizer(), **kwargs)
 
 
-def tiny_gpt2(seed: int = 0, n_layers: int = 2, **kwargs) -> HookedModel:
+def tiny_gpt2(seed: int = 0, n_layers: int = 2, **kwargs: Any) -> HookedModel:
     """`tiny_gpt2_hf` loaded as a checked `HookedModel`."""
     return load_model(tiny_gpt2_hf(seed, n_layers), tiny_tokenizer(), **kwargs)

@@ -37,7 +37,7 @@ class GreaterThanMetric:
         self.number_ids = torch.tensor(number_ids)  # ordered: value i has id number_ids[i]
         self.__name__ = "greater_than_prob_diff"
 
-    def __call__(self, logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
+    def __call__(self, logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:  # noqa: ARG002
         ids = self.number_ids.to(logits.device)
         probs = last_logits(logits, pairs).float().softmax(-1)[:, ids]  # [batch, n numbers]
         value = torch.arange(len(ids), device=logits.device)

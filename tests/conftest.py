@@ -9,6 +9,13 @@ import torch
 from circuits.testing import tiny_gpt2, tiny_llama
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that runs the embedded SmolLM2 model is `slow` (excluded by `make test-fast`)."""
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -51,8 +58,7 @@ def layout(request):
         return request.getfixturevalue(request.param)
     from circuits import load_model
     from circuits.testing import tiny_tokenizer
-
-    from .architectures import ARCHITECTURES
+    from tests.architectures import ARCHITECTURES
 
     arch = next(a for a in ARCHITECTURES if a.name == request.param)
     return load_model(arch.build(), tiny_tokenizer())

@@ -28,8 +28,8 @@ def reference_llama(hf, ids: torch.Tensor, patches: dict[str, torch.Tensor] | No
     sources: dict[str, torch.Tensor] = {"input": hf.model.embed_tokens(ids)}
 
     def dst_input(name: str) -> torch.Tensor:
-        x = sum(sources.values())
-        return x + patches.get(name, 0)
+        x = torch.stack(list(sources.values())).sum(0)
+        return x + patches[name] if name in patches else x
 
     position_ids = torch.arange(p)[None].expand(b, p)
     cos, sin = hf.model.rotary_emb(sources["input"], position_ids)

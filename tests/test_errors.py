@@ -26,8 +26,7 @@ from circuits.outputs import replacing_folder
 from circuits.steering import steer, steering_vectors
 from circuits.testing import tiny_llama_hf, tiny_tokenizer
 from tasks import load_pairs
-
-from .pairs import make_pairs
+from tests.pairs import make_pairs
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 

@@ -7,8 +7,7 @@ from circuits import Graph, attribute, evaluate
 from circuits.faithfulness import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.metrics import logit_diff
 from circuits.sources import source_means
-
-from .pairs import make_pairs
+from tests.pairs import make_pairs
 
 
 def plain_metric(model, pairs, ids):

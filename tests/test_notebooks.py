@@ -7,6 +7,8 @@ import pytest
 
 from tasks.paths import DEFAULT
 
+pytestmark = pytest.mark.slow  # runs SmolLM2, the notebooks or many model builds; `make test` runs it
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
 run_notebooks = importlib.util.module_from_spec(spec)

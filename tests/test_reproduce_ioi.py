@@ -4,6 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs SmolLM2, the notebooks or many model builds; `make test` runs it
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_ioi.py"
 
 

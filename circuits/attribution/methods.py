@@ -217,7 +217,7 @@ def _differentiable(job: Job, values: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ methods
-@register("eap", passes=lambda m, n_layers: (1, 1))
+@register("eap", passes=lambda _m, _layers: (1, 1))
 def eap(job: Job) -> BatchResult:
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
@@ -237,7 +237,7 @@ def eap(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
 
 
-@register("clean-corrupted", needs_corrupted=True, passes=lambda m, n_layers: (0, 2))
+@register("clean-corrupted", needs_corrupted=True, passes=lambda _m, _layers: (0, 2))
 def clean_corrupted(job: Job) -> BatchResult:
     b = len(job.pairs)
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
@@ -255,7 +255,7 @@ def clean_corrupted(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
 
 
-@register("eap-ig-inputs", needs_corrupted=True, uses_ig_steps=True, passes=lambda m, n_layers: (2, m))
+@register("eap-ig-inputs", needs_corrupted=True, uses_ig_steps=True, passes=lambda m, _layers: (2, m))
 def eap_ig_inputs(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)
@@ -298,7 +298,9 @@ def eap_ig_activations(job: Job) -> BatchResult:
             m = alphas.shape[0]
             a = alphas.to(clean_out.device).repeat_interleave(b)[:, None, None]
 
-            def interpolate(x: Tensor, a: Tensor = a, m: int = m, c=clean_out, dlt=delta_out) -> Tensor:
+            def interpolate(
+                x: Tensor, a: Tensor = a, m: int = m, c: Tensor = clean_out, dlt: Tensor = delta_out
+            ) -> Tensor:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
 
             recorder = ScoreRecorder(

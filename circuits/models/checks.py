@@ -79,7 +79,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
 
-    def save(name: str):
+    def save(name: str) -> HookFn:
         def fn(x: Tensor) -> Tensor:
             # A fresh view, so that its gradient is the one of this branch alone (hook points return
             # the very tensor they get, which the residual stream also carries on).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -110,7 +111,9 @@ def private_copy(hf_model: PreTrainedModel) -> PreTrainedModel:
     return copy.deepcopy(hf_model, memo)
 
 
-def _boot(name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype):
+def _boot(
+    name: str, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype
+) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     # The bridge reloads a tokenizer by name unless it already "adds BOS"; give it a copy marked so, which
@@ -167,7 +170,7 @@ def _default_prepend_bos(hf_model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     return len(ids) > 0 and ids[0] == bos
 
 
-def _spec_from_bridge(bridge, name: str) -> ModelSpec:
+def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     if cfg.n_heads % n_kv:

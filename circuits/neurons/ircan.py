@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ def context_neurons(
     threshold: float = 0.1,
     per_example: int = 20,
     quiet: bool = False,
-    **ig_options,
+    **ig_options: Any,
 ) -> ContextNeurons:
     """IRCAN's context-aware neurons of a fit set (prompts with and without their context, targets)."""
     if not with_context:

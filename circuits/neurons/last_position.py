@@ -147,9 +147,9 @@ def prefix_attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attention_mask: Tensor | None,
+    attention_mask: Tensor | None,  # noqa: ARG001 (Hugging Face's attention-function signature)
     scaling: float,
-    dropout: float = 0.0,
+    dropout: float = 0.0,  # noqa: ARG001
     prefix: tuple[Tensor, Tensor, Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:

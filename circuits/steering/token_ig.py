@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -169,7 +170,7 @@ def token_ig(
 
 @uses_model
 def contrastive_token_ig(
-    model: HookedModel, prompt: str, preferred: str, dispreferred: str, **options
+    model: HookedModel, prompt: str, preferred: str, dispreferred: str, **options: Any
 ) -> TokenAttribution:
     """IG of log p(preferred | prompt) minus IG of log p(dispreferred | prompt), per prompt token."""
     return token_ig(model, prompt, preferred, **options) - token_ig(model, prompt, dispreferred, **options)

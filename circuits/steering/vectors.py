@@ -17,14 +17,14 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from circuits.errors import InputError, NumericalError
-from circuits.models.hooked import HookedModel, uses_model
+from circuits.models.hooked import HookedModel, HookFn, uses_model
 from circuits.steering.token_ig import contrastive_token_ig
 
 
@@ -50,7 +50,7 @@ def _last_residuals(model: HookedModel, ids: list[int], layers: list[int]) -> Te
     """[len(layers), d_model] residual stream after each layer at the last position."""
     captured: dict[int, Tensor] = {}
 
-    def grab(layer: int):
+    def grab(layer: int) -> HookFn:
         def hook(x: Tensor) -> None:
             captured[layer] = x[0, -1].detach().float()
 
@@ -80,7 +80,7 @@ def steering_vectors(
     mode: Literal["both", "pos"] = "both",
     method: Literal["pca", "mean"] = "pca",
     quiet: bool = False,
-    **ig_options,
+    **ig_options: Any,
 ) -> SteeringVectors:
     """Directions per layer from (prompt, preferred, dispreferred) pairs (see the module docstring)."""
     if not pairs:
@@ -156,7 +156,7 @@ def steer(
         raise InputError(f"strength must be a finite number, got {strength!r}")
     dim = 1 if compat == "grains-code" else -1
 
-    def hook_for(v: Tensor):
+    def hook_for(v: Tensor) -> HookFn:
         def hook(h: Tensor) -> Tensor:
             steered = h + strength * v.to(h)
             return steered * h.norm(dim=dim, keepdim=True) / steered.norm(dim=dim, keepdim=True)

@@ -2,16 +2,16 @@
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from tasks.context import context_accuracy, cose_kre, first_token, memotrap
+from tasks.paths import DEFAULT
 from tasks.scoring import continuation_logprobs
 from tasks.truthfulqa import load_truthfulqa, multiple_choice, split_questions
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = DEFAULT
 
 
 def test_continuation_logprobs_match_one_sequence_at_a_time(llama):

@@ -4,8 +4,7 @@ import torch
 
 from circuits import Graph, attribute, head_patching
 from circuits.metrics import logit_diff
-
-from .pairs import make_pairs
+from tests.pairs import make_pairs
 
 
 def _one_head_at_a_time(model, pairs, layer, head):

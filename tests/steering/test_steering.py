@@ -18,7 +18,9 @@ PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 @pytest.mark.parametrize("form", ["continuation", "target"])
 def test_token_ig_completeness(tiny, form):
-    options = {"continuation": " Mary said"} if form == "continuation" else {"target": " Mary"}
+    options: dict[str, object] = (
+        {"continuation": " Mary said"} if form == "continuation" else {"target": " Mary"}
+    )
     if tiny.spec.name.startswith("tiny-llama"):  # RMSNorm: start from a real embedding, not from zero
         n = len(tiny.to_ids([PROMPT])[0])
         options["baseline"] = token_embeddings(tiny, [tiny.single_token_id(" the")] * n)

@@ -10,9 +10,8 @@ from circuits.metrics import logit_diff
 from circuits.models import load_model
 from circuits.quadrature import quadrature
 from circuits.testing import tiny_llama_hf, tiny_tokenizer
-
-from .pairs import make_pairs
-from .reference import reference_llama
+from tests.pairs import make_pairs
+from tests.reference import reference_llama
 
 
 @pytest.fixture(scope="module")
