@@ -59,7 +59,7 @@ def main() -> None:
     )
     fit_seconds = (time.perf_counter() - start) / len(fit)
     print(f"fit: {len(fit)} dev examples, {fit_seconds:.2f} s per example; {len(found.neurons)} neurons kept")
-    error = float(found.attribution.completeness_error.mean())
+    error = float(found.attribution.abs_error.mean())
     print(f"completeness: mean |IG total - dP| over layers {error:.2e}")
 
     tuning = dev[: args.dev_eval]

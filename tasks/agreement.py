@@ -11,7 +11,7 @@ import random
 
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, generate
+from tasks.common import Example, collect_pairs
 
 NOUNS = [
     ("author", "authors"), ("pilot", "pilots"), ("teacher", "teachers"), ("doctor", "doctors"),
@@ -38,4 +38,4 @@ def agreement_pairs(model: HookedModel, n: int, *, seed: int = 0) -> TaskPairs:
         answer, distractor = (plural_verb, singular_verb) if plural else (singular_verb, plural_verb)
         return Example(clean, corrupted, answer, distractor)
 
-    return generate(model, "agreement", n, propose, "logit_diff", seed)
+    return collect_pairs(model, "agreement", n, propose, "logit_diff", seed)

@@ -8,7 +8,7 @@ import random
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, generate, single_tokens
+from tasks.common import Example, collect_pairs, single_tokens
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
@@ -37,4 +37,4 @@ def capital_pairs(model: HookedModel, n: int, *, seed: int = 0) -> TaskPairs:
             template.format(country), template.format(other), " " + CAPITALS[country], " " + CAPITALS[other]
         )
 
-    return generate(model, "capitals", n, propose, "logit_diff", seed)
+    return collect_pairs(model, "capitals", n, propose, "logit_diff", seed)

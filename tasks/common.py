@@ -36,7 +36,7 @@ def single_tokens(model: HookedModel, words: list[str], prefix: str = " ") -> li
     return [w for w in words if is_single_token(model, prefix + w)]
 
 
-def generate(
+def collect_pairs(
     model: HookedModel,
     task: str,
     n: int,

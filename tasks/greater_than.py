@@ -21,7 +21,7 @@ from circuits.data import PromptPairs
 from circuits.metrics import last_logits
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, generate, is_single_token
+from tasks.common import Example, collect_pairs, is_single_token
 
 NOUNS = ["war", "expedition", "reign", "project", "dynasty", "campaign", "siege", "construction", "journey"]
 TEMPLATE = "The {noun} lasted from the year {century}{yy} to the year {century}"
@@ -70,4 +70,4 @@ def greater_than_pairs(model: HookedModel, n: int, *, seed: int = 0) -> TaskPair
         corrupted = TEMPLATE.format(noun=noun, century=century, yy="01")
         return Example(clean, corrupted, answer, distractor)
 
-    return generate(model, "greater_than", n, propose, GreaterThanMetric(number_ids), seed)
+    return collect_pairs(model, "greater_than", n, propose, GreaterThanMetric(number_ids), seed)

@@ -17,7 +17,7 @@ from typing import Literal
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, generate, single_tokens
+from tasks.common import Example, collect_pairs, single_tokens
 
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "Anna", "James", "Sarah", "David", "Laura", "Michael", "Emma",
@@ -84,4 +84,4 @@ def ioi_pairs(
         corrupted = template.format(S2=c if corruption == "abc" else io, **fill)
         return Example(clean, corrupted, " " + io, " " + s)
 
-    return generate(model, "ioi", n, propose, "logit_diff", seed)
+    return collect_pairs(model, "ioi", n, propose, "logit_diff", seed)

@@ -16,7 +16,7 @@ source's corrupted - clean difference.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -130,10 +130,17 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
     return hooks
 
 
-def metric(model: HookedModel, pairs: PromptPairs, deltas: dict[str, Tensor] | None = None) -> Tensor:
-    """Per-example logit difference [b] on the clean prompts, with the destinations in `deltas` patched."""
-    with model.hooks(_patch_hooks(model, deltas or {})):
-        return logit_diff(model(pairs.clean), pairs)
+def metric(
+    model: HookedModel,
+    pairs: PromptPairs,
+    deltas: dict[str, Tensor] | None = None,
+    ids: Tensor | None = None,
+    extra_hooks: Sequence[tuple[str, Callable]] = (),
+) -> Tensor:
+    """Per-example logit difference [b] on `ids` (default: the clean prompts), with the destinations in
+    `deltas` patched and any `extra_hooks` applied."""
+    with model.hooks([*_patch_hooks(model, deltas or {}), *extra_hooks]):
+        return logit_diff(model(pairs.clean if ids is None else ids), pairs)
 
 
 def exact_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
@@ -149,18 +156,40 @@ def exact_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor
     return scores
 
 
-def eap_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
-    """[n_sources, n_destinations]: (corrupted - clean source output) . dM/d(destination input)."""
-    clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+def destination_grads(
+    model: HookedModel,
+    graph: Graph,
+    pairs: PromptPairs,
+    ids: Tensor | None = None,
+    extra_hooks: Sequence[tuple[str, Callable]] = (),
+) -> dict[str, Tensor]:
+    """dM/d(destination input) [b, P, d_model] for every destination, M the mean metric on `ids`."""
     shape = (*pairs.clean.shape, model.spec.d_model)
     leaves = {dst: torch.zeros(shape, dtype=model.dtype, requires_grad=True) for dst in graph.destinations}
     with torch.enable_grad():
-        metric(model, pairs, leaves).mean().backward()
+        metric(model, pairs, leaves, ids, extra_hooks).mean().backward()
+    grads = {}
+    for dst, leaf in leaves.items():
+        # a hook replacing an activation cuts the gradient to everything upstream of it
+        assert leaf.grad is not None or extra_hooks, f"no gradient reached {dst}"
+        grads[dst] = torch.zeros(shape, dtype=torch.float64) if leaf.grad is None else leaf.grad.double()
+    return grads
+
+
+def gradient_scores(
+    graph: Graph, deltas: dict[str, Tensor], grads: dict[str, Tensor], sources: Sequence[str] | None = None
+) -> Tensor:
+    """[n_sources, n_destinations]: delta_u . grad_v for the valid edges out of `sources` (default: all)."""
     scores = torch.zeros(graph.valid.shape, dtype=torch.float64)
     for name in graph.edge_names():
         src, dst = name.split("->")
-        grad = leaves[dst].grad
-        assert grad is not None, f"no gradient reached {dst}"
-        delta = (corrupted[src] - clean[src]).double()
-        scores[graph.edge_index(name)] = (delta * grad.double()).sum()  # the gradient is of the mean
+        if sources is None or src in sources:
+            scores[graph.edge_index(name)] = (deltas[src].double() * grads[dst]).sum()
     return scores
+
+
+def eap_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
+    """[n_sources, n_destinations]: (corrupted - clean source output) . dM/d(destination input)."""
+    clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    deltas = {name: corrupted[name] - clean[name] for name in clean}
+    return gradient_scores(graph, deltas, destination_grads(model, graph, pairs))

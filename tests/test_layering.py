@@ -10,6 +10,19 @@ import networkx as nx
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "circuits"
+# The rows of docs/design.md, section 1: a module may import its own row or the rows before it.
+LAYERS = [
+    ["errors", "textfiles", "outputs", "quadrature"],
+    ["models"],
+    ["data", "metrics", "task", "baseline"],
+    ["selection", "graph"],
+    ["sources"],
+    ["intervention"],
+    ["attribution"],
+    ["evaluation", "faithfulness", "drawing"],
+    ["neurons", "steering", "testing"],
+    ["pipeline", "cli", "__main__"],
+]
 INTERNALS = re.compile(r"_original_component|original_model|component_mapping|\.bridge\.|hook_dict")
 
 
@@ -55,10 +68,19 @@ def _import_graph() -> nx.DiGraph:
     return graph
 
 
+def _row(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:  # the package's own __init__ re-exports the public API
+        return len(LAYERS)
+    return next(i for i, row in enumerate(LAYERS) if parts[1] in row)
+
+
 def test_imports_only_go_down():
     graph = _import_graph()
     cycles = list(nx.simple_cycles(graph))
     assert not cycles, f"import cycles: {cycles[:3]}"
+    upward = [(a, b) for a, b in graph.edges if b.startswith("circuits") and _row(b) > _row(a)]
+    assert not upward, f"imports from a higher layer: {upward}"
 
 
 def test_circuits_never_imports_tasks():

@@ -31,7 +31,7 @@ from circuits.neurons.last_position import LastPositions, Replace, run_prompts
 from circuits.quadrature import Quadrature, check_steps
 from circuits.quadrature import quadrature as quadrature_rule
 
-Baseline = Literal["zero"] | Tensor
+IGBaseline = Literal["zero"] | Tensor  # the path's start: zero activations, or given ones
 Implementation = Literal["cached", "full"]
 
 
@@ -50,9 +50,14 @@ class NeuronAttribution:
         return self.scores.mean(0)
 
     @property
-    def completeness_error(self) -> Tensor:
-        """[n_layers] mean over examples of |ig_total - prob_delta| for the attributed layers."""
+    def abs_error(self) -> Tensor:
+        """Completeness error [n_layers]: mean over examples of |ig_total - prob_delta| per layer."""
         return (self.ig_total - self.prob_delta).abs().mean(0)[self.layers]
+
+    @property
+    def relative_error(self) -> Tensor:
+        """[n_layers] `abs_error` / mean |prob_delta| (the names of `circuits.attribution.Completeness`)."""
+        return self.abs_error / self.prob_delta.abs().mean(0)[self.layers].clamp_min(1e-12)
 
 
 def _grid(steps: int, quadrature: Quadrature, compat: str | None) -> tuple[Tensor, Tensor]:
@@ -107,7 +112,7 @@ def neuron_ig(
     prompts: Sequence[str] | Sequence[Sequence[int]],
     targets: Sequence[str | int],
     *,
-    baseline: Baseline = "zero",
+    baseline: IGBaseline = "zero",
     layers: Sequence[int] | None = None,
     steps: int = 20,
     quadrature: Quadrature = "left",
@@ -166,15 +171,15 @@ def neuron_ig(
     with tqdm(total=n, desc="neuron IG", unit="prompt", disable=quiet) as bar:
         for start in range(0, n, per_pass):
             batch = list(range(start, min(start + per_pass, n)))
-            a_in, logits, forward = prepare(model, [ids[i] for i in batch])  # [P, L, d], [P, vocab]
+            a_in, logits, forward = prepare(model, [ids[i] for i in batch])  # [b, L, d], [b, vocab]
             a_base = torch.zeros_like(a_in) if isinstance(baseline, str) else baseline[batch].float()
-            delta = (a_in - a_base)[:, chosen]  # [P, J, d]
-            values = a_base[:, chosen, None] + alphas[:, None] * delta[:, :, None]  # [P, J, K, d]
+            delta = (a_in - a_base)[:, chosen]  # [b, J, d]
+            values = a_base[:, chosen, None] + alphas[:, None] * delta[:, :, None]  # [b, J, K, d]
             targets_here = torch.tensor([target_ids[i] for i in batch])
             layers_per_pass = max(1, rows // (len(batch) * len(alphas)))
             grads, probs = _run_rows(forward, chosen, values, targets_here, layers_per_pass)
             scores[batch[0] : batch[-1] + 1, chosen] = delta * (weights[:, None] * grads).sum(2)
-            p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [P, 1]
+            p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [b, 1]
             prob_delta[batch[0] : batch[-1] + 1, chosen] = p_in - probs[:, :, zero]
             bar.update(len(batch))
     return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
@@ -186,9 +191,9 @@ RowForward = Callable[[list[int], Tensor], Tensor]
 def _run_rows(
     forward: RowForward, layers: list[int], values: Tensor, targets: Tensor, layers_per_pass: int
 ) -> tuple[Tensor, Tensor]:
-    """Gradients dP/da [P, J, K, d_mlp] and probabilities P [P, J, K] at the points `values` [P, J, K, d_mlp].
+    """Gradients dp/da [b, J, K, d_mlp] and probabilities p [b, J, K] at the points `values` [b, J, K, d_mlp].
 
-    `forward(layers, leaf)` returns the last position's logits [P, G, K, d_vocab] with layer `layers[g]`'s
+    `forward(layers, leaf)` returns the last position's logits [b, G, K, d_vocab] with layer `layers[g]`'s
     neurons set to leaf[:, g]; it is called `layers_per_pass` layers at a time.
     """
     grads, probs = [], []

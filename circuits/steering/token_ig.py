@@ -37,9 +37,14 @@ class TokenAttribution:
         return float(self.scores.sum())
 
     @property
-    def completeness_error(self) -> float:
-        """|sum of scores - (f(input) - f(baseline))| / |f(input) - f(baseline)|."""
-        return abs(self.total - self.delta) / max(abs(self.delta), 1e-12)
+    def abs_error(self) -> float:
+        """Completeness error |sum of scores - (f(input) - f(baseline))|."""
+        return abs(self.total - self.delta)
+
+    @property
+    def relative_error(self) -> float:
+        """`abs_error` / |f(input) - f(baseline)| (the names of `circuits.attribution.Completeness`)."""
+        return self.abs_error / max(abs(self.delta), 1e-12)
 
     def __sub__(self, other: TokenAttribution) -> TokenAttribution:
         if self.tokens != other.tokens:

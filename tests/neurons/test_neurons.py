@@ -15,7 +15,7 @@ def test_completeness_per_layer(tiny):
     result = neuron_ig(tiny, PROMPTS, TARGETS, steps=64, quadrature="gauss-legendre", quiet=True)
     scale = result.prob_delta.abs().max()
     assert scale > 0
-    assert float(result.completeness_error.max()) < 1e-3 * float(scale)
+    assert float(result.abs_error.max()) < 1e-3 * float(scale)
 
 
 def test_cached_path_equals_full_sequence_path(tiny):
