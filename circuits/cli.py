@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from circuits.attribution.methods import METHODS
 from circuits.errors import CircuitsError, InputError
 from circuits.outputs import check_writable
-from circuits.quadrature import QUADRATURES
+from circuits.quadrature import EDGE_QUADRATURES
 
 if TYPE_CHECKING:
     from circuits.graph import Graph
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(d)
     d.add_argument("--method", default="eap-ig-inputs", choices=sorted(METHODS))
     d.add_argument("--steps", type=int, default=5, help="IG steps (default 5)")
-    d.add_argument("--quadrature", default="left", choices=QUADRATURES)
+    d.add_argument("--quadrature", default="left", choices=EDGE_QUADRATURES)
     d.add_argument("--edges", type=int, default=300, help="edges in the selected circuit (default 300)")
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
     d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")

@@ -15,7 +15,7 @@ from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.quadrature import Quadrature, check_rule, check_steps
+from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_steps
 from circuits.sources import ABLATIONS, Ablation, source_means
 
 __all__ = [
@@ -95,6 +95,13 @@ def attribute(
     if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     check_rule(quadrature)
+    if quadrature == "idgi":
+        raise InputError(
+            "IDGI attributes one integrated tensor (use it with token_ig or neuron_ig); edge scores are not "
+            "a decomposition of the metric change (completeness holds on each cut of the graph, and one "
+            "share per step cannot honour every cut), so no IDGI edge score is defined: choose one of "
+            f"{', '.join(EDGE_QUADRATURES)}"
+        )
     if ablation not in ABLATIONS:
         raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     if METHODS[method].needs_corrupted and ablation != "patching":

@@ -28,7 +28,7 @@ from circuits.errors import InputError
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.plain import down_projections, plain_model
 from circuits.neurons.last_position import LastPositions, Replace, run_prompts
-from circuits.quadrature import Quadrature, check_steps
+from circuits.quadrature import Quadrature, check_steps, idgi
 from circuits.quadrature import quadrature as quadrature_rule
 
 IGBaseline = Literal["zero"] | Tensor  # the path's start: zero activations, or given ones
@@ -63,6 +63,10 @@ class NeuronAttribution:
 def _grid(steps: int, quadrature: Quadrature, compat: str | None) -> tuple[Tensor, Tensor]:
     if compat is None:
         return quadrature_rule(quadrature, steps)
+    if quadrature == "idgi":
+        raise InputError(
+            f"compat={compat!r} reproduces a gradient weighting; IDGI has none (drop one of them)"
+        )
     if compat == "ircan-code":
         # The released code differentiates through a(alpha) = alpha * a with respect to the endpoint, which
         # multiplies the gradient at alpha_k = k/m (k = 0..m-1) by alpha_k.
@@ -129,7 +133,9 @@ def neuron_ig(
         baseline: "zero" (Knowledge Neurons) or [n_prompts, n_layers, d_mlp] activations (IRCAN: the
             activations without the context, from `last_activations`).
         layers: layers to attribute (default all).
-        quadrature: `left` (k/m, k = 0..m-1), `midpoint`, `trapezoid`, `gauss-legendre`.
+        quadrature: `left` (k/m, k = 0..m-1), `midpoint`, `trapezoid`, `gauss-legendre`, or `idgi` (each
+            step's exact change of the probability spent over the layer's neurons by their share of the
+            squared gradient: a layer's scores then sum to P(a_in) - P(a_base) exactly, at any m).
         compat: "ircan-code" reproduces the released IRCAN code's weighting (see `_grid`).
         implementation: "cached" (one-position rows over a cached prefix) or "full" (reference).
         prompts_per_pass: prompts whose rows share the passes (`cached`; `full` takes one at a time).
@@ -178,8 +184,12 @@ def neuron_ig(
             targets_here = torch.tensor([target_ids[i] for i in batch])
             layers_per_pass = max(1, rows // (len(batch) * len(alphas)))
             grads, probs = _run_rows(forward, chosen, values, targets_here, layers_per_pass)
-            scores[batch[0] : batch[-1] + 1, chosen] = delta * (weights[:, None] * grads).sum(2)
             p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [b, 1]
+            if quadrature == "idgi":  # alphas are k/m ascending: add f at alpha = 1 as the last point
+                path = torch.cat([probs, p_in[:, :, None].expand(-1, len(chosen), 1)], dim=2)
+                scores[batch[0] : batch[-1] + 1, chosen] = idgi(grads, path).float()
+            else:
+                scores[batch[0] : batch[-1] + 1, chosen] = delta * (weights[:, None] * grads).sum(2)
             prob_delta[batch[0] : batch[-1] + 1, chosen] = p_in - probs[:, :, zero]
             bar.update(len(batch))
     return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuits.errors import InputError
+from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.quadrature import Quadrature, check_steps
+from circuits.quadrature import Quadrature, check_steps, idgi
 from circuits.quadrature import quadrature as quadrature_rule
 
 
@@ -106,6 +106,9 @@ def token_ig(
         baseline: [n_prompt_tokens, d_model] embeddings to start from (default zeros; with RMSNorm models
             near-zero embeddings make the path steep close to the baseline, so IG needs more steps there, or
             a baseline such as a common token's embedding at every position).
+        quadrature: a rule of `circuits.quadrature`; `idgi` spends each step's exact change of f over the
+            tokens by their share of the squared gradient (the scores then sum to f(input) - f(baseline)
+            exactly, at any number of steps).
         compat: "grains-code" scores each continuation token with the logits at its own position (the
             released GrAInS code's off-by-one) instead of the position before it.
     """
@@ -160,15 +163,25 @@ def token_ig(
         return out.detach(), g.float()
 
     grad_sum = torch.zeros_like(diff, dtype=torch.float32)
+    values, moved = [], []  # IDGI: f at the points, and the gradients of the tokens integrated over
     for chunk in range(0, len(alphas), max_rows):
-        _, grad = run(alphas[chunk : chunk + max_rows].float(), grad=True)
+        value, grad = run(alphas[chunk : chunk + max_rows].float(), grad=True)
         assert grad is not None
+        if not bool(torch.isfinite(grad).all()):
+            raise NumericalError("non-finite gradients along the IG path; try another baseline")
         w = weights[chunk : chunk + max_rows].float().to(grad.device)
         grad_sum += (w[:, None, None] * grad).sum(0)
-    if not bool(torch.isfinite(grad_sum).all()):
-        raise FloatingPointError("non-finite gradients along the IG path; try another baseline")
+        if quadrature == "idgi":
+            values.append(value)
+            moved.append(grad[:, start:n_prompt])  # BOS is not integrated over
     endpoints, _ = run(torch.tensor([0.0, 1.0]), grad=False)
-    scores = (diff.float() * grad_sum).sum(-1).cpu()
+    if quadrature == "idgi":
+        grads = torch.cat(moved)  # [K, tokens, d]
+        per_feature = idgi(grads.flatten(1), torch.cat([*values, endpoints[1:]]))
+        scores = torch.zeros(n_prompt)
+        scores[start:] = per_feature.reshape(grads.shape[1:]).sum(-1).float().cpu()
+    else:
+        scores = (diff.float() * grad_sum).sum(-1).cpu()
     tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
     return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
 
