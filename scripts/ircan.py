@@ -15,6 +15,7 @@ from pathlib import Path
 
 from circuits import load_model
 from circuits.neurons import context_neurons, random_neurons_like, reweight
+from circuits.quadrature import QUADRATURES
 from tasks.context import context_accuracy, cose_kre, first_token, memotrap
 from tasks.paths import shared_data
 
@@ -38,6 +39,13 @@ def main() -> None:
     parser.add_argument("--fit", type=int, default=100, help="dev examples to attribute")
     parser.add_argument("--dev-eval", type=int, default=200, help="dev examples to choose (h, beta) on")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--quadrature",
+        nargs="+",
+        default=["left"],
+        choices=QUADRATURES,
+        help="IG rules to compare (idgi too)",
+    )
     parser.add_argument("--h", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--beta", type=float, nargs="+", default=[2.0, 5.0, 10.0, 20.0])
     parser.add_argument("--out", type=Path, default=Path("outputs/ircan"))
@@ -49,36 +57,42 @@ def main() -> None:
     model = load_model(args.model)
     fit = dev[: args.fit]
 
-    start = time.perf_counter()
-    found = context_neurons(
-        model,
-        [e.with_context for e in fit],
-        [e.without_context for e in fit],
-        [first_token(model, e) for e in fit],
-        steps=args.steps,
-    )
-    fit_seconds = (time.perf_counter() - start) / len(fit)
-    print(f"fit: {len(fit)} dev examples, {fit_seconds:.2f} s per example; {len(found.neurons)} neurons kept")
-    error = float(found.attribution.abs_error.mean())
-    print(f"completeness: mean |IG total - dP| over layers {error:.2e}")
-
-    tuning = dev[: args.dev_eval]
-    grid = {}
-    for h in (h for h in args.h if h <= len(found.neurons)):
-        for beta in args.beta:
-            with reweight(model, found.top(h), beta):
-                grid[(h, beta)] = context_accuracy(model, tuning)
-            print(f"dev h={h:2d} beta={beta:5.1f}: {grid[(h, beta)]}")
-    h, beta = max(grid, key=lambda key: (grid[key].accuracy, -grid[key].stubbornness))
-    neurons = found.top(h)
-    control = random_neurons_like(neurons, model.spec.d_mlp)
-
     rows = {"original": context_accuracy(model, test)}
-    with reweight(model, neurons, beta):
-        rows["IRCAN"] = context_accuracy(model, test)
-    with reweight(model, control, beta):
-        rows["random neurons"] = context_accuracy(model, test)
-    print(f"\n{args.dataset} test, {len(test)} examples; chosen on dev: h={h}, beta={beta}")
+    chosen = {}
+    for rule in args.quadrature:
+        start = time.perf_counter()
+        found = context_neurons(
+            model,
+            [e.with_context for e in fit],
+            [e.without_context for e in fit],
+            [first_token(model, e) for e in fit],
+            steps=args.steps,
+            quadrature=rule,
+        )
+        fit_seconds = (time.perf_counter() - start) / len(fit)
+        kept, error = len(found.neurons), float(found.attribution.abs_error.mean())
+        print(f"{rule}: fit on {len(fit)} dev examples, {fit_seconds:.2f} s per example; {kept} neurons kept")
+        print(f"{rule}: completeness, mean |IG total - dP| over layers {error:.2e}")
+        grid = {}
+        for h in (h for h in args.h if h <= len(found.neurons)):
+            for beta in args.beta:
+                with reweight(model, found.top(h), beta):
+                    grid[(h, beta)] = context_accuracy(model, dev[: args.dev_eval])
+                print(f"{rule} dev h={h:2d} beta={beta:5.1f}: {grid[(h, beta)]}")
+        h, beta = max(grid, key=lambda key: (grid[key].accuracy, -grid[key].stubbornness))
+        neurons = found.top(h)
+        with reweight(model, neurons, beta):
+            rows[f"IRCAN ({rule}), h = {h}, beta = {beta:g}"] = context_accuracy(model, test)
+        with reweight(model, random_neurons_like(neurons, model.spec.d_mlp), beta):
+            rows[f"random neurons ({rule}), beta = {beta:g}"] = context_accuracy(model, test)
+        chosen[rule] = {
+            "h": h,
+            "beta": beta,
+            "neurons": neurons.tolist(),
+            "fit_seconds_per_example": fit_seconds,
+            "dev_grid": {f"h={k[0]},beta={k[1]}": vars(v) for k, v in grid.items()},
+        }
+    print(f"\n{args.dataset} test, {len(test)} examples; (h, beta) chosen on dev")
     print("| model | accuracy | stubbornness |\n|---|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {scores.accuracy:.1%} | {scores.stubbornness:.1%} |")
@@ -88,11 +102,8 @@ def main() -> None:
         "model": args.model,
         "dataset": args.dataset,
         "fit_examples": len(fit),
-        "fit_seconds_per_example": fit_seconds,
-        "h": h,
-        "beta": beta,
-        "neurons": neurons.tolist(),
-        "dev_grid": {f"h={k[0]},beta={k[1]}": vars(v) for k, v in grid.items()},
+        "steps": args.steps,
+        "chosen": chosen,
         "test": {name: vars(scores) for name, scores in rows.items()},
     }
     (args.out / f"{args.dataset}.json").write_text(json.dumps(report, indent=2))
