@@ -71,7 +71,8 @@ def token_table(model, n_prompts: int) -> list[str]:
     scale = sum(abs(r.delta) for r in references) / len(references)
     ref_error = sum(r.abs_error for r in references) / len(references) / scale
     rows = [
-        f"Reference (Gauss-Legendre, m = 256): completeness error {ref_error:.2%}; mean |f(x) - f(x')| {scale:.3f}",
+        f"Reference (Gauss-Legendre, m = 256): completeness error {ref_error:.2%}; "
+        f"mean |f(x) - f(x')| {scale:.3f}",
         "",
         "| rule | m | completeness error | top-3 overlap with GL m = 256 |",
         "|---|---|---|---|",
@@ -85,9 +86,8 @@ def token_table(model, n_prompts: int) -> list[str]:
                 errors.append(got.abs_error)
                 top = set(got.scores.topk(3).indices.tolist())
                 overlaps.append(len(top & set(ref.scores.topk(3).indices.tolist())) / 3)
-            rows.append(
-                f"| {rule} | {m} | {sum(errors) / len(errors) / scale:.1%} | {sum(overlaps) / len(overlaps):.2f} |"
-            )
+            error, overlap = sum(errors) / len(errors) / scale, sum(overlaps) / len(overlaps)
+            rows.append(f"| {rule} | {m} | {error:.1%} | {overlap:.2f} |")
     return rows
 
 
