@@ -126,8 +126,7 @@ def draw_circuit(
     shown, total = int(edges.sum()), circuit.n_in_graph
     hidden = f"{shown} of {total} edges shown, by |score|" if shown < total else f"{total} edges"
     ax.set_title(f"{title or circuit.spec.name or 'circuit'}: {hidden}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight")  # the canvas grows to hold the legend
     return path
 
 
