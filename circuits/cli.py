@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output .svg, .png or .pdf")
     r.add_argument("--edges", type=int, help="redraw with the top N edges by |score| (pruned)")
     r.add_argument(
-        "--shown", type=int, default=60, help="edges drawn, the largest by |score| (default 60; 0: all)"
+        "--shown",
+        type=int,
+        help="edges drawn, the largest by |score| (default circuits.drawing.MAX_EDGES = 60; 0: all)",
     )
 
     t = commands.add_parser("tasks", help="list the tasks, or show a model's baseline on them")
@@ -197,13 +199,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _draw(args: argparse.Namespace) -> int:
-    from circuits.drawing import draw_circuit
+    from circuits.drawing import MAX_EDGES, draw_circuit
 
     circuit = _load_circuit(args.circuit)
     if args.edges is not None:
         circuit = circuit.top_n(min(args.edges, circuit.n_edges))
-    path = draw_circuit(circuit, args.out, max_edges=args.shown or None)
-    shown = min(args.shown or circuit.n_in_graph, circuit.n_in_graph)
+    shown = MAX_EDGES if args.shown is None else args.shown or circuit.n_in_graph
+    path = draw_circuit(circuit, args.out, max_edges=shown)
+    shown = min(shown, circuit.n_in_graph)
     print(f"wrote {path} ({shown} of {circuit.n_in_graph} edges drawn)")
     return 0
 
