@@ -36,6 +36,21 @@ def test_idgi_matches_a_hand_loop_on_a_quadratic_form():
     assert float(got.sum()) == pytest.approx(float(f(x1) - f(x0)), rel=1e-12)
 
 
+def test_idgi_credits_a_feature_that_does_not_move():
+    """Why `attribute` refuses IDGI (docs/design.md section 4): the shares follow the gradient alone."""
+    x0, x1 = torch.tensor([0.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+    def f(x):
+        return x[0] * x[1]  # grad (x1, x0): feature 1 never moves yet has a gradient
+
+    m = 4
+    points = [x0 + k / m * (x1 - x0) for k in range(m + 1)]
+    grads = torch.stack([torch.stack([p[1], p[0]]) for p in points[:m]])
+    got = idgi(grads, torch.stack([f(p) for p in points]))
+    assert float(got[1]) > 0.01  # straight-path IG gives it exactly 0
+    assert float(got.sum()) == pytest.approx(2.0)
+
+
 def test_token_idgi_is_complete_at_two_steps(tiny):
     result = token_ig(
         tiny,

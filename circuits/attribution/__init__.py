@@ -97,9 +97,10 @@ def attribute(
     check_rule(quadrature)
     if quadrature == "idgi":
         raise InputError(
-            "IDGI attributes one integrated tensor (use it with token_ig or neuron_ig); edge scores are not "
-            "a decomposition of the metric change (completeness holds on each cut of the graph, and one "
-            "share per step cannot honour every cut), so no IDGI edge score is defined: choose one of "
+            "IDGI attributes one integrated tensor (use it with token_ig or neuron_ig); there is no "
+            "IDGI edge score: its shares follow the gradient alone (features that do not move get credit, "
+            "a layer's heads, which share one output gradient, get equal shares) and no split of a step "
+            "keeps every cut of the graph exact (docs/design.md, section 4); choose one of "
             f"{', '.join(EDGE_QUADRATURES)}"
         )
     if ablation not in ABLATIONS:

@@ -108,7 +108,8 @@ def token_ig(
             a baseline such as a common token's embedding at every position).
         quadrature: a rule of `circuits.quadrature`; `idgi` spends each step's exact change of f over the
             tokens by their share of the squared gradient (the scores then sum to f(input) - f(baseline)
-            exactly, at any number of steps).
+            exactly, at any number of steps; a token equal to its baseline still gets a share, as IDGI's
+            shares follow the gradient alone).
         compat: "grains-code" scores each continuation token with the logits at its own position (the
             released GrAInS code's off-by-one) instead of the position before it.
     """
