@@ -15,6 +15,7 @@ from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.models.relp import RelPBackward, RelPRules
 from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_steps
 from circuits.sources import ABLATIONS, Ablation, source_means
 
@@ -23,6 +24,7 @@ __all__ = [
     "Attribution",
     "Completeness",
     "MethodSpec",
+    "RelPRules",
     "attribute",
     "head_patching",
     "source_means",
@@ -77,12 +79,13 @@ def attribute(
     batch_size: int = 8,
     level: Literal["edge", "node"] = "edge",
     max_rows: int = 64,
+    rules: RelPRules | None = None,
     quiet: bool = False,
 ) -> Attribution:
     """Score the edges (or nodes) of `graph` for the behaviour in `pairs`; fills `graph.scores`.
 
     Args:
-        method: one of `eap`, `eap-ig-inputs`, `eap-ig-activations`, `clean-corrupted`, `exact`.
+        method: one of `eap`, `eap-ig-inputs`, `eap-ig-activations`, `clean-corrupted`, `relp`, `exact`.
         ig_steps, quadrature: the IG grid (`left` = EAP-IG's k/m, k=0..m-1; `midpoint`, `trapezoid`,
             `gauss-legendre`).
         ablation: what an edge carries when removed: the corrupted run's output (`patching`), the mean
@@ -90,10 +93,14 @@ def attribute(
         level: `edge` fills `graph.scores` (and `graph.node_scores` for gradient methods); `node` fills
             `graph.node_scores` only.
         max_rows: rows per forward pass when IG steps / patched copies are stacked in the batch.
+        rules: RelP's backward rules (`RelPRules`: LN, identity, half on and CP off by default, as the
+            paper's); `relp` uses the defaults unless given, and the other gradient methods take them too
+            (e.g. `eap-ig-inputs` with RelP's backward).
     Sign: as EAP-IG, scores estimate M(edge ablated) - M(clean) (negative = the edge helps the metric).
     """
     if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    spec = METHODS[method]
     check_rule(quadrature)
     if quadrature == "idgi":
         raise InputError(
@@ -105,12 +112,18 @@ def attribute(
         )
     if ablation not in ABLATIONS:
         raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-    if METHODS[method].needs_corrupted and ablation != "patching":
+    if spec.needs_corrupted and ablation != "patching":
         raise InputError(
             f"{method} interpolates between clean and corrupted prompts; it needs ablation='patching'"
         )
     if level not in ("edge", "node"):
         raise InputError(f"level must be 'edge' or 'node', got {level!r}")
+    if rules is not None and not isinstance(rules, RelPRules):
+        raise InputError(f"rules must be a RelPRules, got {type(rules).__name__}")
+    if rules is not None and spec.backward == "none":
+        raise InputError(f"{method} takes no backward pass, so RelP's rules do not apply to it")
+    if rules is None and spec.backward == "relp":
+        rules = RelPRules()
     check_steps(ig_steps)
     check_count(batch_size, "batch_size")
     check_count(max_rows, "max_rows")
@@ -121,6 +134,7 @@ def attribute(
     check_pairs(model, pairs)
     if reference is not None:
         check_pairs(model, reference, "reference")
+    backward = None if rules is None else RelPBackward(model, rules)
     ablated = (
         None
         if ablation == "patching"
@@ -134,9 +148,20 @@ def attribute(
         first = i * batch_size
         where = f"batch {i} (pairs {first}-{first + len(batch) - 1})"
         job = Job(
-            model, graph, metric_fn, batch, ablated, level, ig_steps, quadrature, max_rows, workspace, where
+            model,
+            graph,
+            metric_fn,
+            batch,
+            ablated,
+            level,
+            ig_steps,
+            quadrature,
+            max_rows,
+            workspace,
+            where,
+            backward,
         )
-        _accumulate(totals, METHODS[method].run(job))
+        _accumulate(totals, spec.run(job))
         bar.update(len(batch))
     bar.close()
 

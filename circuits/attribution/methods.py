@@ -12,6 +12,9 @@ per-example metric at v's input (u's output), taken where the method says:
                        that group's outputs interpolated between ablated and clean, the rest of the model
                        clean (steps x (2 n_layers + 1) forward/backward rows per batch);
 - clean-corrupted:     mean of the gradients at the clean and the corrupted inputs;
+- relp:                eap with the backward pass following RelP's rules (Jafari et al. 2025, arXiv
+                       2508.21258; `circuits.models.relp`); the gradient methods above take the same
+                       rules through `attribute(..., rules=...)`;
 - exact:               M(model with only that edge / node ablated) - M(clean), batched edge by edge.
 """
 
@@ -31,6 +34,7 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation, forward_with_node_ablation
 from circuits.metrics import Metric, check_values, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
+from circuits.models.relp import RelPBackward
 from circuits.quadrature import Quadrature, quadrature
 from circuits.sources import source_buffer, source_groups, source_hooks
 
@@ -50,6 +54,7 @@ class Job:
     max_rows: int
     workspace: dict[str, Tensor] = field(default_factory=dict)  # buffers reused from batch to batch
     where: str = "the batch"  # which batch and pairs, for error messages
+    rules: RelPBackward | None = None  # RelP's modified backward, if the method runs with it
 
 
 @dataclass
@@ -64,7 +69,7 @@ class BatchResult:
 
 
 Method = Callable[[Job], BatchResult]
-MethodName = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "exact"]
+MethodName = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "relp", "exact"]
 PassCount = Callable[[int, int], tuple[int, int]]  # (IG steps, layers) -> (forwards, forward+backwards)
 
 
@@ -77,6 +82,7 @@ class MethodSpec:
     needs_corrupted: bool  # interpolates towards the corrupted prompts itself: patching ablation only
     uses_ig_steps: bool
     passes: PassCount | None  # plain passes per batch it costs at best (None: one pass per edge / node)
+    backward: str  # "plain", "relp" (RelP's rules by default) or "none" (no backward pass: no rules)
 
     def pass_count(self, steps: int, n_layers: int) -> tuple[int, int] | None:
         return None if self.passes is None else self.passes(steps, n_layers)
@@ -86,12 +92,17 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register(
-    name: str, *, needs_corrupted: bool = False, uses_ig_steps: bool = False, passes: PassCount | None = None
+    name: str,
+    *,
+    needs_corrupted: bool = False,
+    uses_ig_steps: bool = False,
+    passes: PassCount | None = None,
+    backward: str = "plain",
 ) -> Callable[[Method], Method]:
     def add(fn: Method) -> Method:
         if name in METHODS:
             raise InputError(f"method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, fn, needs_corrupted, uses_ig_steps, passes)
+        METHODS[name] = MethodSpec(name, fn, needs_corrupted, uses_ig_steps, passes, backward)
         return fn
 
     return add
@@ -152,6 +163,26 @@ def _at_last_positions(lengths: Tensor) -> HookFn:
         return x[torch.arange(x.shape[0], device=x.device), last][:, None]
 
     return keep
+
+
+def _rule_hooks(job: Job) -> list[tuple[str, HookFn]]:
+    """RelP's rule hooks for one forward pass (none without rules); they go after every other hook."""
+    return [] if job.rules is None else job.rules.hooks()
+
+
+def _recorder(
+    job: Job,
+    weights: Tensor,
+    edges: Tensor | None,
+    nodes: Tensor,
+    delta: Tensor | None = None,
+    sources: slice = slice(None),
+) -> ScoreRecorder:
+    """The score recorder, its norm pull-back matching the model's backward (RelP's LN rule)."""
+    frozen = job.rules is not None and job.rules.rules.ln
+    return ScoreRecorder(
+        job.model, job.graph, weights, edges, nodes, delta, sources, frozen, workspace=job.workspace
+    )
 
 
 def _grad_leaf(x: Tensor) -> Tensor:
@@ -218,16 +249,17 @@ def _differentiable(job: Job, values: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------ methods
 @register("eap", passes=lambda _m, _layers: (1, 1))
+@register("relp", passes=lambda _m, _layers: (1, 1), backward="relp")
 def eap(job: Job) -> BatchResult:
+    """EAP, or RelP when the job carries RelP's rules (the same passes, a modified backward)."""
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
-    recorder = ScoreRecorder(
-        job.model, job.graph, torch.ones(1), edges, nodes, delta, workspace=job.workspace
-    )
+    recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
     hooks = [
         (job.model.input_hook, _grad_leaf),
         *source_hooks(job.model, job.graph, delta, subtract=True),
         *recorder.hooks(),
+        *_rule_hooks(job),
     ]
     logits = _run(job, job.pairs.clean.to(job.model.device), hooks, grad=True)
     clean_logits = logits.detach()
@@ -243,10 +275,13 @@ def clean_corrupted(job: Job) -> BatchResult:
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
     acts = _acts(job, 2 * b, "clean")
     edges, nodes = _accumulators(job)
-    recorder = ScoreRecorder(
-        job.model, job.graph, torch.full((2,), 0.5), edges, nodes, workspace=job.workspace
-    )
-    hooks = [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()]
+    recorder = _recorder(job, torch.full((2,), 0.5), edges, nodes)
+    hooks = [
+        (job.model.input_hook, _grad_leaf),
+        *source_hooks(job.model, job.graph, acts),
+        *recorder.hooks(),
+        *_rule_hooks(job),
+    ]
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
     values = _differentiable(job, _metric(job, logits, clean_logits, repeat=2))
@@ -273,9 +308,10 @@ def eap_ig_inputs(job: Job) -> BatchResult:
             mixed = e_corr.repeat(m, 1, 1) + a * (e_clean - e_corr).repeat(m, 1, 1)
             return mixed.to(x.dtype).requires_grad_(True)
 
-        recorder = ScoreRecorder(model, graph, weights, edges, nodes, delta, workspace=job.workspace)
+        recorder = _recorder(job, weights, edges, nodes, delta)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
-        logits = _run(job, ids, [(model.input_hook, interpolate), *recorder.hooks()], grad=True)
+        hooks = [(model.input_hook, interpolate), *recorder.hooks(), *_rule_hooks(job)]
+        logits = _run(job, ids, hooks, grad=True)
         recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
     return BatchResult(
@@ -303,12 +339,9 @@ def eap_ig_activations(job: Job) -> BatchResult:
             ) -> Tensor:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
 
-            recorder = ScoreRecorder(
-                model, graph, weights, edges, nodes, delta, sources=members, workspace=job.workspace
-            )
-            logits = _run(
-                job, clean_ids.repeat(m, 1), [(hook_name, interpolate), *recorder.hooks()], grad=True
-            )
+            recorder = _recorder(job, weights, edges, nodes, delta, members)
+            hooks = [(hook_name, interpolate), *recorder.hooks(), *_rule_hooks(job)]
+            logits = _run(job, clean_ids.repeat(m, 1), hooks, grad=True)
             recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(
@@ -330,7 +363,7 @@ def _group_output(
     return hook, clean_sum, delta[:, :, members].sum(2)
 
 
-@register("exact")
+@register("exact", backward="none")
 def exact(job: Job) -> BatchResult:
     """Ablate one edge (or node) at a time, many side by side in the batch dimension."""
     model, graph, b = job.model, job.graph, len(job.pairs)

@@ -33,6 +33,8 @@ class ScoreRecorder:
             the backward pass), e.g. when it comes from the same forward pass.
         edges: accumulator, or None for node scores only.
         sources: the contiguous range of sources to score (all by default).
+        frozen_scale: pull q/k/v (and shared-norm MLP) gradients back through the attention norm with its
+            scale held constant, as RelP's LN rule does in the model's own backward.
         flush_columns: destinations whose gradients are queued before one score matmul.
         workspace: where the queue's storage is kept for the next recorder of the same shape.
     """
@@ -46,12 +48,13 @@ class ScoreRecorder:
         nodes: Tensor,
         delta: Tensor | None = None,
         sources: slice = slice(None),
+        frozen_scale: bool = False,
         flush_columns: int = 64,
         workspace: dict[str, Tensor] | None = None,
     ) -> None:
         self.model, self.graph, self.weights = model, graph, weights
         self.edges, self.nodes, self.delta = edges, nodes, delta
-        self.flush_columns = flush_columns
+        self.flush_columns, self.frozen_scale = flush_columns, frozen_scale
         start, stop, _ = sources.indices(graph.n_sources)
         self.start, self.stop = start, stop
         self._resid: dict[int, Tensor] = {}
@@ -158,7 +161,9 @@ class ScoreRecorder:
             return self._edge_hook(cols)
         pull_back = self.model.shared_norm_grads
         return self._on_grad(
-            lambda g: self._score_edges(cols, pull_back(layer, self._resid[layer], g, self.weights))
+            lambda g: self._score_edges(
+                cols, pull_back(layer, self._resid[layer], g, self.weights, self.frozen_scale)
+            )
         )
 
     def _qkv_hook(self, layer: int, letter: str) -> HookFn:
@@ -183,13 +188,22 @@ class ScoreRecorder:
 
     def _score_qkv(self, layer: int, cols: slice) -> None:
         stashed = self._qkv.pop(layer, {})
-        if set(stashed) != {"q", "k", "v"}:
+        if not stashed:
             return  # no gradient flowed into this layer's attention inputs
-        per_head = [stashed[letter] for letter in ("q", "k", "v")]
+        like = next(iter(stashed.values()))
+        spec = self.graph.spec
+        per_head = [  # q and k get none with the attention pattern held constant (RelP's CP rule)
+            stashed[letter]
+            if letter in stashed
+            else like.new_zeros(*like.shape[:2], spec.n_qkv_heads(letter) * spec.d_head)
+            for letter in ("q", "k", "v")
+        ]
         resid = self._resid.pop(layer)
         width = resid.shape[0] // self.weights.shape[0] * resid.shape[1] * resid.shape[2]
         out = self._queue(cols.start, cols.stop - cols.start, width, resid.device)
-        self.model.attn_input_grads(layer, resid, per_head, self.weights, out=out)  # written into the queue
+        self.model.attn_input_grads(  # written into the queue
+            layer, resid, per_head, self.weights, out=out, frozen_scale=self.frozen_scale
+        )
         self._queued()
 
     def hooks(self) -> list[tuple[str, HookFn]]:

@@ -283,6 +283,7 @@ class HookedModel:
         grad_proj: Sequence[Tensor],
         weights: Tensor | None = None,
         out: Tensor | None = None,
+        frozen_scale: bool = False,
     ) -> Tensor:
         """Gradient at each head's own q, k and v input from the gradients at the projection outputs.
 
@@ -294,6 +295,7 @@ class HookedModel:
             grad_proj: gradients at the q, k and v projection outputs, each [K * b, P, n * d_head].
             weights: [K] step weights to sum the steps with (default: one step, weight 1).
             out: optional contiguous storage for n_heads + 2 n_kv_heads rows of b * P * d_model values.
+            frozen_scale: the norm's scale held constant (RelP's LN rule).
         Returns:
             [b, P, n_heads + 2 n_kv_heads, d_model]: the q heads, then the k heads, then the v heads (a
             view of head-major storage).
@@ -301,19 +303,23 @@ class HookedModel:
         spec = self.spec
         grads = torch.cat([g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj], dim=2)
         weights = torch.ones(1, device=resid.device) if weights is None else weights
-        return self._projected_norm(layer, "qkv").vjp(resid, grads, weights, out)
+        return self._projected_norm(layer, "qkv").vjp(resid, grads, weights, out, frozen_scale)
 
-    def shared_norm_grads(self, layer: int, resid: Tensor, grad: Tensor, weights: Tensor) -> Tensor:
+    def shared_norm_grads(
+        self, layer: int, resid: Tensor, grad: Tensor, weights: Tensor, frozen_scale: bool = False
+    ) -> Tensor:
         """With a shared norm: the gradient at `mlp_in_hook` pulled back to the residual, summed over steps.
 
         Args:
             resid: [K * b, P, d_model] input of the attention norm (K integration steps, step-major).
             grad: [K * b, P, d_model] gradient at the MLP input.
             weights: [K] step weights.
+            frozen_scale: the norm's scale held constant (RelP's LN rule).
         Returns:
             [b, P, d_model] (float32, or float64 for float64 gradients).
         """
-        return self._projected_norm(layer, "mlp").vjp(resid, grad.unsqueeze(2), weights)[:, :, 0]
+        norm = self._projected_norm(layer, "mlp")
+        return norm.vjp(resid, grad.unsqueeze(2), weights, frozen_scale=frozen_scale)[:, :, 0]
 
     def _projected_norm(self, layer: int, reader: Literal["qkv", "mlp"]) -> ProjectedNorm:
         """The layer's attention norm with its readers' weights folded in (the q/k/v heads, or the identity

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from circuits.errors import UnsupportedModelError
+
 _EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 
 
@@ -32,15 +34,15 @@ class NormForm:
 def norm_form(norm: nn.Module, d: int) -> NormForm | None:
     """The closed form `norm` computes, or None if none of the candidates reproduces it on a probe.
 
-    Candidates: LayerNorm or RMSNorm, with the module's own eps attribute and a gain of `weight`,
-    `1 + weight` (Gemma, Nemotron) or ones. Each is checked against the module's output on random inputs of
-    scales 1e-3 to 10 (where a wrong eps shows), so the choice rests on what the module computes, never on
-    its class.
+    Candidates: LayerNorm or RMSNorm, with the module's own eps attribute (or, without one, the usual
+    1e-5 and 1e-6) and a gain of `weight`, `1 + weight` (Gemma, Nemotron) or ones. Each is checked against
+    the module's output on random inputs of scales 1e-3 to 10 (where a wrong eps shows), so the choice
+    rests on what the module computes, never on its class.
     """
     eps = next((getattr(norm, a) for a in _EPS_ATTRIBUTES if isinstance(getattr(norm, a, None), float)), None)
     param = next(norm.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
-    if eps is None or not dtype.is_floating_point:
+    if not dtype.is_floating_point:
         return None
     gen = torch.Generator().manual_seed(0)
     scales = torch.logspace(-3, 1, 8, dtype=torch.float64)[:, None]
@@ -55,12 +57,13 @@ def norm_form(norm: nn.Module, d: int) -> NormForm | None:
     x = x.to(device)
     for centre in (True, False):
         c = x - x.mean(-1, keepdim=True) if centre else x
-        x_hat = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + eps)
-        for gain in gains:
-            want = gain * x_hat
-            bias = (got - want).mean(0)  # zero for bias-free norms
-            if ((got - want - bias).abs().amax(-1) <= rtol * got.abs().amax(-1).clamp_min(1e-6)).all():
-                return NormForm(centre, gain.to(dtype), float(eps))
+        for candidate in [eps] if eps is not None else [1e-5, 1e-6]:
+            x_hat = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + candidate)
+            for gain in gains:
+                want = gain * x_hat
+                bias = (got - want).mean(0)  # zero for bias-free norms
+                if ((got - want - bias).abs().amax(-1) <= rtol * got.abs().amax(-1).clamp_min(1e-6)).all():
+                    return NormForm(centre, gain.to(dtype), float(candidate))
     return None
 
 
@@ -83,8 +86,18 @@ class ProjectedNorm:
             folded = w.detach().to(dtype) * self.form.gain.to(w.device, dtype)  # [n, e, d]
             self.folded = folded - folded.mean(-1, keepdim=True) if self.centre else folded
 
-    def vjp(self, x: Tensor, grads: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
+    def vjp(
+        self,
+        x: Tensor,
+        grads: Tensor,
+        weights: Tensor,
+        out: Tensor | None = None,
+        frozen_scale: bool = False,
+    ) -> Tensor:
         """sum_k weights[k] J(x_k)^T (W_n^T grads_k[..., n, :]) for each head n.
+
+        With `frozen_scale` (RelP's LN rule) J treats the norm's scale r as a constant: J^T u = r u (centred
+        for LayerNorm), the x_hat term dropped.
 
         Args:
             x: [K * b, P, d] the norm's inputs, step-major (row k * b + i).
@@ -96,6 +109,10 @@ class ProjectedNorm:
             view of head-major storage [n, b, P, d] (what the edge scorer multiplies with, without a copy).
         """
         if self.folded is None:
+            if frozen_scale:
+                raise UnsupportedModelError(
+                    "the attention norm is neither a LayerNorm nor an RMSNorm: its scale cannot be frozen"
+                )
             result = _autograd_projected_vjp(self.norm, x, grads, self.w, weights)  # [b, P, n, d]
             if out is None:
                 return result
@@ -116,6 +133,8 @@ class ProjectedNorm:
         # r u term, folded over steps on the small gradients first: one matmul per head
         folded = (wr.unsqueeze(-1) * g).sum(0).reshape(b * p, n, e)
         out = torch.bmm(folded.transpose(0, 1), w, out=None if out is None else out.view(n, b * p, d))
+        if frozen_scale:
+            return out.view(n, b, p, d).permute(1, 2, 0, 3)
         # r x_hat mean(u x_hat) term, mean(u x_hat) = g . W (gamma x_hat) / d, subtracted in place. With one
         # step, r g . W (gamma x_hat) is what the matmul above gave, dotted with x_hat: no second matmul.
         if k == 1:
