@@ -50,6 +50,8 @@ PAD = dict(pad_token_id=0)
 MULTIPLIERS = dict(
     residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0
 )
+# RelP's identity and half rules need hooks at an MLP's activation; the bridge fuses these experts
+RELP_WITHOUT_MLP_RULES = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoe"}
 COUPLED = "q/k norm over all heads: one head's query input cannot be patched alone"
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 NO_ADAPTER = "TransformerLens 4.3 has no adapter for it"

@@ -109,7 +109,7 @@ class ProjectedNorm:
             view of head-major storage [n, b, P, d] (what the edge scorer multiplies with, without a copy).
         """
         if self.folded is None:
-            if frozen_scale:
+            if frozen_scale and not isinstance(self.norm, nn.Identity):
                 raise UnsupportedModelError(
                     "the attention norm is neither a LayerNorm nor an RMSNorm: its scale cannot be frozen"
                 )

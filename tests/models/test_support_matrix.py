@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from circuits import Graph, load_model
-from circuits.attribution import attribute
+from circuits.attribution import RelPRules, attribute
 from circuits.errors import UnsupportedModelError
 from circuits.testing import tiny_tokenizer
 from tests import brute_force
-from tests.architectures import ARCHITECTURES, Architecture
+from tests.architectures import ARCHITECTURES, RELP_WITHOUT_MLP_RULES, Architecture
 from tests.pairs import make_pairs
 
 pytestmark = pytest.mark.slow  # runs SmolLM2, the notebooks or many model builds; `make test` runs it
@@ -36,6 +36,24 @@ def test_supported_architecture_is_exact(arch: Architecture):
         err = (ours.double() - want).abs().max().item()
         assert err <= 1e-4 * want.abs().max().item(), f"{method}: max error {err:.3g}"
         assert want.abs().max() > 1e-3  # scores well above float32 rounding, so the check can fail
+        if method == "eap":
+            _check_relp(model, graph, pairs, ours, arch)
+
+
+def _check_relp(model, graph, pairs, eap, arch: Architecture) -> None:
+    """RelP with every rule off is EAP; with the paper's rules it runs and changes the scores, or (mixtures
+    of experts) refuses the MLP rules it cannot place and runs without them."""
+    off = RelPRules(ln=False, identity=False, half=False)
+    plain = attribute(model, graph, pairs, method="relp", rules=off, quiet=True).edge_scores
+    assert plain is not None and (plain - eap).abs().max() <= 1e-6 * eap.abs().max()
+    rules = RelPRules()
+    if arch.name in RELP_WITHOUT_MLP_RULES:
+        with pytest.raises(UnsupportedModelError, match="identity / half rules cannot be placed"):
+            attribute(model, graph, pairs, method="relp", quiet=True)
+        rules = RelPRules(identity=False, half=False)
+    relp = attribute(model, graph, pairs, method="relp", rules=rules, quiet=True).edge_scores
+    assert relp is not None and bool(relp.isfinite().all())
+    assert (relp - eap).abs().max() > 1e-4 * eap.abs().max()
 
 
 @pytest.mark.parametrize("arch", REFUSED, ids=lambda a: a.name)
