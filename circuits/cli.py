@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from circuits.attribution.methods import METHODS
 from circuits.errors import CircuitsError, InputError
+from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.outputs import check_writable
 from circuits.quadrature import EDGE_QUADRATURES
 
@@ -90,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default="eap-ig-inputs", choices=sorted(METHODS))
     d.add_argument("--steps", type=int, default=5, help="IG steps (default 5)")
     d.add_argument("--quadrature", default="left", choices=EDGE_QUADRATURES)
+    d.add_argument(
+        "--rules",
+        nargs="*",
+        choices=RELP_RULES,
+        metavar="RULE",
+        help="RelP's backward rules, any of ln identity half cp (with --method relp the default is the "
+        "paper's: ln identity half; with eap / eap-ig-* they give those methods RelP's backward)",
+    )
     d.add_argument("--edges", type=int, default=300, help="edges in the selected circuit (default 300)")
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
     d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
@@ -153,6 +162,7 @@ def _discover(args: argparse.Namespace) -> int:
         method=args.method,
         steps=args.steps,
         quadrature=args.quadrature,
+        rules=None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES}),
         batch_size=args.batch_size,
         edges=args.edges,
         curves=not args.no_curve,

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from circuits.attribution import METHODS, Attribution, attribute
+from circuits.attribution import METHODS, Attribution, RelPRules, attribute
 from circuits.attribution.methods import MethodName
 from circuits.baseline import Baseline, baseline
 from circuits.drawing import draw_circuit, plot_curves
@@ -92,6 +92,7 @@ def discover(
     method: MethodName = "eap-ig-inputs",
     steps: int = 5,
     quadrature: Quadrature = "left",
+    rules: RelPRules | None = None,
     batch_size: int = 8,
     edges: int = 300,
     curves: bool = True,
@@ -100,7 +101,8 @@ def discover(
     quiet: bool = False,
 ) -> Discovery:
     """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files
-    (`out` is checked for writability before any work, and replaced whole at the end: see `outputs`)."""
+    (`out` is checked for writability before any work, and replaced whole at the end: see `outputs`).
+    `rules`: RelP's backward rules for the gradient methods (see `attribute`)."""
     if out is not None:
         check_writable(Path(out))
     seconds: dict[str, float] = {}
@@ -115,6 +117,7 @@ def discover(
         method,
         ig_steps=steps,
         quadrature=quadrature,
+        rules=rules,
         batch_size=batch_size,
         quiet=quiet,
     )

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from circuits.cli import main
+from circuits.cli import _task, main
 
 
 @pytest.mark.parametrize("command", [[], ["discover"], ["evaluate"], ["draw"], ["tasks"]])
@@ -53,3 +54,20 @@ def test_bad_arguments_say_what_is_accepted(tmp_path, capsys):
     assert "no such circuit file" in capsys.readouterr().err
     assert main(["tasks", "--model", "tiny-llama", "--baseline", "nope"]) == 2
     assert "unknown tasks" in capsys.readouterr().err
+
+
+def test_discover_with_relp_rules_matches_the_api(tmp_path):
+    from circuits import Graph, attribute
+    from circuits.attribution import RelPRules
+    from circuits.testing import tiny_llama
+
+    out = tmp_path / "relp"
+    args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "relp"]
+    assert main([*args, "--rules", "ln", "cp", "--no-curve", "--edges", "20", "--out", str(out)]) == 0
+    saved = Graph.from_pt(out / "scores.pt").scores
+    model = tiny_llama()
+    graph = Graph.from_model(model)
+    rules = RelPRules(ln=True, identity=False, half=False, cp=True)
+    task = _task(model, "ioi", 4, 0, None)
+    attribute(model, graph, task.pairs, task.metric, "relp", rules=rules, batch_size=2, quiet=True)
+    assert torch.allclose(saved, graph.scores, atol=1e-6)

@@ -43,6 +43,9 @@ class RelPRules:
     cp: bool = False  # attention patterns constant
 
 
+RELP_RULES = ("ln", "identity", "half", "cp")  # the fields of RelPRules, by name (the CLI's choices)
+
+
 @dataclass(frozen=True)
 class _Mlp:
     z: str  # hook carrying the activation's input
