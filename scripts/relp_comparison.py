@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from circuits import Graph, attribute, load_model
+from circuits.attribution.methods import MethodName
 from circuits.data import PromptPairs
 from circuits.metrics import logit_diff
 from circuits.models import HookedModel
