@@ -154,11 +154,12 @@ def main() -> None:
     exact = {n: exact_effects(model, pairs, n, corrupted[n], args.rows) for n in names}
     print(f"activation patching: {len(names)} activations x positions in {time.perf_counter() - start:.0f} s")
     estimates = {}
-    for method, rules, steps in (
+    runs: list[tuple[MethodName, RelPRules | None, int]] = [
         ("eap", None, 0),
         ("eap-ig-inputs", None, args.steps),
         ("relp", RelPRules(), 0),
-    ):
+    ]
+    for method, rules, steps in runs:
         grads = gradients(model, pairs, names, rules, steps)
         estimates[method] = {n: ((corrupted[n] - clean[n]) * grads[n]).sum(-1).cpu() for n in names}
         check = attribute(
