@@ -15,6 +15,10 @@ verifies that the bridge computes the Hugging Face model it wraps (same logits).
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -204,3 +208,40 @@ def _slice_grad(loss: Tensor, x: Tensor, width: int) -> float:
     """max |d loss / d x[..., :width]| (0 where loss does not depend on x)."""
     (grad,) = torch.autograd.grad(loss, x, retain_graph=True, allow_unused=True)
     return 0.0 if grad is None else grad[..., :width].abs().max().item()
+
+
+_PROBED: weakref.WeakKeyDictionary[HookedModel, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def probed(model: HookedModel, key: str, probe: Callable[[HookedModel], Any]) -> Any:
+    """`probe(model)`, run once per model and remembered (probes cost a few forward passes)."""
+    found = _PROBED.setdefault(model, {})
+    if key not in found:
+        found[key] = probe(model)
+    return found[key]
+
+
+def pattern_problem(model: HookedModel) -> str | None:
+    """Why the attention pattern hooks do not feed the heads' outputs (replacing the pattern must change
+    them), or None."""
+    names = [model.attn_pattern_hook(layer) for layer in range(model.spec.n_layers)]
+    if any(name not in model._hook_points for name in names):
+        return "the bridge has no attention pattern hook"
+    ids = probe_ids(model).to(model.device)
+    z: dict[str, Tensor] = {}
+
+    def keep(name: str) -> Callable[[Tensor], None]:
+        return lambda x: z.__setitem__(name, x.detach().clone())
+
+    heads = [model.head_z_hook(layer) for layer in range(model.spec.n_layers)]
+    with torch.no_grad(), model.hooks([(h, keep(h + ":clean")) for h in heads]):
+        model(ids)
+    flat = [(n, lambda p: torch.full_like(p, 1.0 / p.shape[-1])) for n in names]
+    with torch.no_grad(), model.hooks([*flat, *[(h, keep(h + ":flat")) for h in heads]]):
+        model(ids)
+    for head in heads:
+        if torch.allclose(z[head + ":clean"], z[head + ":flat"]):
+            return (
+                f"the attention pattern hook does not feed {head} (the bridge computes attention elsewhere)"
+            )
+    return None

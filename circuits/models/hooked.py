@@ -172,6 +172,23 @@ class HookedModel:
         return f"blocks.{layer}.attn.hook_pattern"
 
     @staticmethod
+    def attn_scores_hook(layer: int) -> str:
+        """Attention scores as the softmax reads them (masked), [batch, n_heads, query pos, key pos]."""
+        return f"blocks.{layer}.attn.hook_attn_scores"
+
+    def qk_score_input_hook(self, layer: int, letter: Literal["q", "k"]) -> str:
+        """Where q (k) last is a tensor of the projection's own: after its q/k norm if there is one
+        ([batch, heads, pos, d_head]), else the projection output ([batch, pos, heads * d_head])."""
+        normed = f"blocks.{layer}.attn.{letter}_norm.hook_out"
+        return normed if normed in self._hook_points else self.qkv_out_hook(layer, letter)
+
+    def qk_norm(self, layer: int, letter: Literal["q", "k"]) -> nn.Module | None:
+        """The per-head q (k) norm (the Hugging Face module), or None."""
+        attn = self._block(layer).attn
+        norm = getattr(attn, f"{letter}_norm", None)
+        return None if norm is None else getattr(norm, "_original_component", norm)
+
+    @staticmethod
     def attn_out_hook(layer: int) -> str:
         return f"blocks.{layer}.hook_attn_out"
 

@@ -67,6 +67,16 @@ def norm_form(norm: nn.Module, d: int) -> NormForm | None:
     return None
 
 
+def norm_jvp(form: NormForm, x: Tensor, dx: Tensor) -> Tensor:
+    """J(x) dx for the norm `form` describes: gain r (c(dx) - x_hat mean(x_hat c(dx))), c the centring
+    (LayerNorm) or identity (RMSNorm); x [..., d], dx broadcastable to it."""
+    c = x - x.mean(-1, keepdim=True) if form.centre else x
+    r = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + form.eps)
+    x_hat = c * r
+    dc = dx - dx.mean(-1, keepdim=True) if form.centre else dx
+    return form.gain.to(dx) * r * (dc - x_hat * (x_hat * dc).mean(-1, keepdim=True))
+
+
 class ProjectedNorm:
     """A norm followed by per-head projections w [n, e, d] (e = d_head): the pull-back for all heads.
 

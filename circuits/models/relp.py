@@ -18,7 +18,6 @@ refused with `UnsupportedModelError` naming the place; turn that rule off to go 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from circuits.errors import UnsupportedModelError
-from circuits.models.checks import probe_ids
+from circuits.models.checks import pattern_problem, probe_ids, probed
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.norms import NormForm, norm_form
 
@@ -51,17 +50,6 @@ class _Mlp:
     z: str  # hook carrying the activation's input
     u: str | None  # hook carrying the up projection's output (gated MLPs)
     h: str  # hook carrying the output projection's input (act(z), or act(z) * u)
-
-
-_PLACES: weakref.WeakKeyDictionary[HookedModel, dict[str, object]] = weakref.WeakKeyDictionary()
-
-
-def _placed(model: HookedModel, rule: str, find: Callable[[HookedModel], object]) -> object:
-    """`find(model)`, once per model (the probes run a few forward passes)."""
-    found = _PLACES.setdefault(model, {})
-    if rule not in found:
-        found[rule] = find(model)
-    return found[rule]
 
 
 class RelPBackward:
@@ -89,7 +77,7 @@ class RelPBackward:
                 self.forms[prefix] = form
         self.mlps: tuple[_Mlp, ...] = ()
         if rules.identity or rules.half:
-            mlps = _placed(model, "mlps", _find_mlps)
+            mlps = probed(model, "mlps", _find_mlps)
             if isinstance(mlps, str):
                 raise UnsupportedModelError(
                     f"{model.spec.name}: RelP's identity / half rules cannot be placed: {mlps} (pass "
@@ -98,10 +86,10 @@ class RelPBackward:
             self.mlps = mlps  # type: ignore[assignment]
         self.patterns: tuple[str, ...] = ()
         if rules.cp:
-            patterns = _placed(model, "patterns", _find_patterns)
-            if isinstance(patterns, str):
-                raise UnsupportedModelError(f"{model.spec.name}: RelP's CP rule cannot be placed: {patterns}")
-            self.patterns = patterns  # type: ignore[assignment]
+            problem = probed(model, "pattern", pattern_problem)
+            if problem:
+                raise UnsupportedModelError(f"{model.spec.name}: RelP's CP rule cannot be placed: {problem}")
+            self.patterns = tuple(model.attn_pattern_hook(layer) for layer in range(model.spec.n_layers))
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         hooks: list[tuple[str, HookFn]] = []
@@ -265,28 +253,3 @@ def _check_mlps(model: HookedModel, mlps: list[_Mlp]) -> str | None:
             kind = "act(z) * u" if mlp.u is not None else "act(z)"
             return f"{mlp.h} is not {kind} feature by feature of {mlp.z}"
     return None
-
-
-def _find_patterns(model: HookedModel) -> tuple[str, ...] | str:
-    """The attention pattern hooks, if replacing the pattern changes the heads' outputs."""
-    names = [model.attn_pattern_hook(layer) for layer in range(model.spec.n_layers)]
-    if any(name not in model._hook_points for name in names):
-        return "the bridge has no attention pattern hook"
-    ids = probe_ids(model).to(model.device)
-    z: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Callable[[Tensor], None]:
-        return lambda x: z.__setitem__(name, x.detach().clone())
-
-    heads = [model.head_z_hook(layer) for layer in range(model.spec.n_layers)]
-    with torch.no_grad(), model.hooks([(h, keep(h + ":clean")) for h in heads]):
-        model(ids)
-    flat = [(n, lambda p: torch.full_like(p, 1.0 / p.shape[-1])) for n in names]
-    with torch.no_grad(), model.hooks([*flat, *[(h, keep(h + ":flat")) for h in heads]]):
-        model(ids)
-    for head in heads:
-        if torch.allclose(z[head + ":clean"], z[head + ":flat"]):
-            return (
-                f"the attention pattern hook does not feed {head} (the bridge computes attention elsewhere)"
-            )
-    return tuple(names)
