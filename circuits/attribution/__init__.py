@@ -85,7 +85,8 @@ def attribute(
     """Score the edges (or nodes) of `graph` for the behaviour in `pairs`; fills `graph.scores`.
 
     Args:
-        method: one of `eap`, `eap-ig-inputs`, `eap-ig-activations`, `clean-corrupted`, `relp`, `exact`.
+        method: one of `eap`, `eap-ig-inputs`, `eap-ig-activations`, `clean-corrupted`, `relp`, `atp*`,
+            `exact`.
         ig_steps, quadrature: the IG grid (`left` = EAP-IG's k/m, k=0..m-1; `midpoint`, `trapezoid`,
             `gauss-legendre`).
         ablation: what an edge carries when removed: the corrupted run's output (`patching`), the mean
@@ -120,8 +121,9 @@ def attribute(
         raise InputError(f"level must be 'edge' or 'node', got {level!r}")
     if rules is not None and not isinstance(rules, RelPRules):
         raise InputError(f"rules must be a RelPRules, got {type(rules).__name__}")
-    if rules is not None and spec.backward == "none":
-        raise InputError(f"{method} takes no backward pass, so RelP's rules do not apply to it")
+    if rules is not None and spec.backward in ("none", "own"):
+        why = "takes no backward pass" if spec.backward == "none" else "has a backward pass of its own"
+        raise InputError(f"{method} {why}, so RelP's rules do not apply to it")
     if rules is None and spec.backward == "relp":
         rules = RelPRules()
     check_steps(ig_steps)

@@ -12,6 +12,9 @@ per-example metric at v's input (u's output), taken where the method says:
                        that group's outputs interpolated between ablated and clean, the rest of the model
                        clean (steps x (2 n_layers + 1) forward/backward rows per batch);
 - clean-corrupted:     mean of the gradients at the clean and the corrupted inputs;
+- atp*:                eap with AtP*'s corrections (Kramar et al. 2024, arXiv 2403.00745;
+                       `circuits.attribution.qk_fix`): q/k edges with the attention softmax recomputed
+                       exactly (QK fix); at node level, also GradDrop (L more backward passes, |.|);
 - relp:                eap with the backward pass following RelP's rules (Jafari et al. 2025, arXiv
                        2508.21258; `circuits.models.relp`); the gradient methods above take the same
                        rules through `attribute(..., rules=...)`;
@@ -27,6 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from circuits.attribution.qk_fix import QKCapture, qk_corrections
 from circuits.attribution.recorder import ScoreRecorder
 from circuits.data import PromptPairs
 from circuits.errors import InputError
@@ -69,7 +73,7 @@ class BatchResult:
 
 
 Method = Callable[[Job], BatchResult]
-MethodName = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "relp", "exact"]
+MethodName = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "relp", "atp*", "exact"]
 PassCount = Callable[[int, int], tuple[int, int]]  # (IG steps, layers) -> (forwards, forward+backwards)
 
 
@@ -82,7 +86,7 @@ class MethodSpec:
     needs_corrupted: bool  # interpolates towards the corrupted prompts itself: patching ablation only
     uses_ig_steps: bool
     passes: PassCount | None  # plain passes per batch it costs at best (None: one pass per edge / node)
-    backward: str  # "plain", "relp" (RelP's rules by default) or "none" (no backward pass: no rules)
+    backward: str  # "plain", "relp" (RelP's rules by default), "own" (a fixed backward) or "none"
 
     def pass_count(self, steps: int, n_layers: int) -> tuple[int, int] | None:
         return None if self.passes is None else self.passes(steps, n_layers)
@@ -267,6 +271,50 @@ def eap(job: Job) -> BatchResult:
     recorder.backward(values.sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
+
+
+@register("atp*", passes=lambda _m, _layers: (1, 1), backward="own")
+def atp_star(job: Job) -> BatchResult:
+    """AtP*: EAP's scores with the QK fix on q/k edges; at node level, GradDrop over the layers.
+
+    Node level: per example and for each layer l, the QK-fixed node scores with layer l's residual writes
+    dropped from the backward pass; the score is sum_examples sum_l |.| / (L - 1) (the paper's c_AtP*).
+    Edge level: the QK-fixed signed scores (GradDrop's |.| per example and pass is no edge decomposition).
+    """
+    model, graph = job.model, job.graph
+    n_layers = graph.spec.n_layers
+    if job.level == "node" and n_layers < 2:
+        raise InputError(
+            "GradDrop averages over the other L - 1 layers: it needs a model of 2 layers or more"
+        )
+    delta, corrupted_logits = _ablated_acts(job)
+    edges, nodes = _accumulators(job)
+    recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
+    capture = QKCapture(model, graph)
+    hooks = [
+        (model.input_hook, _grad_leaf),
+        *source_hooks(model, graph, delta, subtract=True),
+        *recorder.hooks(),
+        *capture.hooks(),
+    ]
+    logits = _run(job, job.pairs.clean.to(model.device), hooks, grad=True)
+    clean_logits = logits.detach()
+    values = _differentiable(job, _metric(job, logits, clean_logits))
+    drops: list[int | None] = [None] if job.level == "edge" else [None, *range(n_layers)]
+    per_pass = []
+    for drop in drops:
+        capture.drop = drop
+        recorder.nodes = torch.zeros_like(nodes)
+        recorder.backward(values.sum(), retain_graph=True)
+        per_pass.append(recorder.nodes)
+    corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
+    metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
+    if edges is not None:
+        edges += corrections[0].sum(1).to(edges.device)
+        return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
+    fixed = torch.stack(per_pass)[1:] + corrections[1:].sum(-1).transpose(1, 2).to(nodes.device)  # [L, b, n]
+    grad_drop = fixed.abs().sum(0) / (n_layers - 1)
+    return BatchResult(None, grad_drop.sum(0), values.detach(), metric_corrupted, None)
 
 
 @register("clean-corrupted", needs_corrupted=True, passes=lambda _m, _layers: (0, 2))

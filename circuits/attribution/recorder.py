@@ -118,9 +118,9 @@ class ScoreRecorder:
         valid = self.graph.valid[rows][:, cols].to(delta.device)
         self.edges[rows, cols.to(self.edges.device)] += ((delta @ grads.T) * valid).to(self.edges.device)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Run the backward pass of `loss` through the hooks, then score what is still queued."""
-        loss.backward()
+        loss.backward(retain_graph=retain_graph)
         if self.edges is not None:
             self.flush()
 

@@ -1,0 +1,261 @@
+"""AtP*'s two corrections to attribution patching (Kramár et al. 2024, arXiv 2403.00745).
+
+QK fix. An edge u -> a{l}.h{h}<q> moves head h's queries by dq = W_Q[h] (N(x + delta_u) - N(x)), exactly
+through the attention norm N (and the head's q norm where there is one). After that norm the scores are
+linear in q (RoPE and the scale are linear maps), so the patched scores are s + J dq, with J = ds/dq read
+off the clean forward pass by autograd (one local backward per key position, `score_jacobians`). The
+pattern is then recomputed exactly, A' = softmax(s + J dq), and only the rest of the model is linearised:
+the edge's score is sum_{t,j} (A' - A)[t, j] dM/dA[t, j]. Keys alike: a key edge moves the scores of
+every query head reading that key head. EAP's q/k edge scores are the same expression with the softmax
+linearised too (A' - A ~ A (ds - sum_j A ds)), so AtP*'s edge score is EAP's plus sum G . (dA - dA_lin),
+both terms computed here from the same J (the tests check that the linear part is EAP's).
+
+GradDrop. For each layer l a backward pass with the gradient through layer l's residual writes (its
+attention and MLP outputs) set to zero; `QKCapture` keeps dM/dA for each of these passes, so the fix
+applies to every one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from circuits.errors import UnsupportedModelError
+from circuits.graph import Graph
+from circuits.models.checks import pattern_problem, probed
+from circuits.models.hooked import HookedModel, HookFn
+from circuits.models.norms import NormForm, norm_form, norm_jvp
+
+
+@dataclass
+class _Layer:
+    """What one attention layer's forward pass leaves for the fix."""
+
+    resid: Tensor | None = None  # [b, P, d] the attention norm's input
+    proj: dict[str, Tensor] = field(default_factory=dict)  # q, k projection outputs [b, P, n * d_head]
+    leaf: dict[str, Tensor] = field(default_factory=dict)  # q, k where the scores read them (graph views)
+    scores: Tensor | None = None  # [b, H, P, P] as the softmax reads them (graph)
+    pattern: Tensor | None = None  # [b, H, P, P]
+    grads: list[Tensor] = field(default_factory=list)  # dM/dA per backward pass, in pass order
+
+
+class QKCapture:
+    """Forward hooks keeping each layer's attention inputs, scores and pattern, backward hooks keeping
+    dM/dA, and (GradDrop) the switch that zeroes the gradient through one layer's residual writes.
+
+    Set `drop` to a layer before a backward pass to drop that layer's writes in it (None: drop nothing).
+    """
+
+    def __init__(self, model: HookedModel, graph: Graph) -> None:
+        problem = probed(model, "pattern", pattern_problem)
+        if problem:
+            raise UnsupportedModelError(
+                f"{model.spec.name}: AtP*'s QK fix needs the attention pattern: {problem}"
+            )
+        self.model, self.graph = model, graph
+        self.layers = [_Layer() for _ in range(graph.spec.n_layers)]
+        self.drop: int | None = None
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        model = self.model
+        hooks: list[tuple[str, HookFn]] = []
+        for layer, state in enumerate(self.layers):
+            hooks.append((model.attn_norm_in_hook(layer), self._keep_resid(state)))
+            for letter in ("q", "k"):
+                hooks.append((model.qkv_out_hook(layer, letter), self._keep_proj(state, letter)))  # type: ignore[arg-type]
+                hooks.append((model.qk_score_input_hook(layer, letter), self._keep_leaf(state, letter)))  # type: ignore[arg-type]
+            hooks.append((model.attn_scores_hook(layer), self._keep_scores(state)))
+            hooks.append((model.attn_pattern_hook(layer), self._keep_pattern(state)))
+            hooks.append((model.attn_out_hook(layer), self._dropped(layer)))
+            hooks.append((model.mlp_out_hook(layer), self._dropped(layer)))
+        return hooks
+
+    @staticmethod
+    def _keep_resid(state: _Layer) -> HookFn:
+        def keep(x: Tensor) -> None:
+            state.resid = x.detach()
+
+        return keep
+
+    @staticmethod
+    def _keep_proj(state: _Layer, letter: str) -> HookFn:
+        def keep(x: Tensor) -> None:
+            state.proj[letter] = x.detach()
+
+        return keep
+
+    @staticmethod
+    def _keep_leaf(state: _Layer, letter: str) -> HookFn:
+        def keep(x: Tensor) -> Tensor:
+            y = x.view_as(x)
+            state.leaf[letter] = y
+            return y
+
+        return keep
+
+    @staticmethod
+    def _keep_scores(state: _Layer) -> HookFn:
+        def keep(x: Tensor) -> None:
+            state.scores = x
+
+        return keep
+
+    @staticmethod
+    def _keep_pattern(state: _Layer) -> HookFn:
+        def keep(x: Tensor) -> Tensor:
+            state.pattern = x.detach()
+            y = x.view_as(x)
+            if y.requires_grad:
+                y.register_hook(lambda g: state.grads.append(g.detach().float()))
+            return y
+
+        return keep
+
+    def _dropped(self, layer: int) -> HookFn:
+        def drop(x: Tensor) -> Tensor:
+            y = x.view_as(x)
+            if y.requires_grad:
+                y.register_hook(lambda g: torch.zeros_like(g) if self.drop == layer else None)
+            return y
+
+        return drop
+
+
+def score_jacobians(state: _Layer, n_heads: int, n_kv: int) -> tuple[Tensor, Tensor]:
+    """J_q, J_k [b, H, P(query), P(key), d_head]: ds[b, h, t, j] / dq[b, h, t] and / dk[b, g(h), j].
+
+    s[..., t, j] depends on q only through q_t and on k only through k_j, so the gradient of one key
+    column's sum gives dq for every query at once; for keys, the query heads sharing a key head are taken
+    one at a time (head h reads key head h // (H / G), as Hugging Face's repeat_kv arranges them).
+    """
+    s, q, k = state.scores, state.leaf.get("q"), state.leaf.get("k")
+    if s is None or q is None or k is None:
+        raise UnsupportedModelError("AtP*'s QK fix: the bridge did not run the attention score hooks")
+    b, _, p, _ = s.shape
+    rep = n_heads // n_kv
+    j_q = torch.zeros(b, n_heads, p, p, _d_head(q, n_heads), device=s.device)
+    j_k = torch.zeros_like(j_q)
+    try:
+        for j in range(p):
+            (g,) = torch.autograd.grad(s[..., j].sum(), q, retain_graph=True)
+            j_q[:, :, :, j] = _head_major(g, n_heads).float()
+        for r in range(rep):
+            heads = torch.arange(n_kv, device=s.device) * rep + r
+            for t in range(p):
+                (g,) = torch.autograd.grad(s[:, heads, t].sum(), k, retain_graph=True)
+                j_k[:, heads, t] = _head_major(g, n_kv).float()
+    except RuntimeError as failure:  # the scores were not computed from the hooked q / k
+        raise UnsupportedModelError(
+            f"AtP*'s QK fix: the bridge's attention scores do not come from its q/k hooks ({failure})"
+        ) from failure
+    return j_q, j_k
+
+
+def _d_head(x: Tensor, n: int) -> int:
+    return x.shape[-1] if x.dim() == 4 else x.shape[-1] // n
+
+
+def _head_major(x: Tensor, n: int) -> Tensor:
+    """[b, P, n * e] or [b, n, P, e] -> [b, n, P, e]."""
+    if x.dim() == 4:
+        return x
+    return x.reshape(*x.shape[:2], n, -1).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class _Path:
+    """How a layer's q (k) depends on the residual: the attention norm, W, and the per-head norm."""
+
+    norm: nn.Module
+    norm_form: NormForm | None  # None for an identity
+    weight: Tensor  # [n, d_head, d_model]
+    head_norm: nn.Module | None
+    head_norm_form: NormForm | None
+
+
+def _path(model: HookedModel, layer: int, letter: str) -> _Path:
+    norm = model.attn_norm(layer)
+    form = None if isinstance(norm, nn.Identity) else norm_form(norm, model.spec.d_model)
+    head_norm = model.qk_norm(layer, letter)  # type: ignore[arg-type]
+    head_form = None if head_norm is None else norm_form(head_norm, model.spec.d_head)
+    if (form is None and not isinstance(norm, nn.Identity)) or (head_norm is not None and head_form is None):
+        raise UnsupportedModelError(
+            f"{model.spec.name}: AtP*'s QK fix needs the attention norm (and q/k norms) to be LayerNorm or "
+            "RMSNorm, to move q and k exactly"
+        )
+    return _Path(norm, form, model.W_qkv(layer, letter), head_norm, head_form)  # type: ignore[arg-type]
+
+
+def _moves(path: _Path, resid: Tensor, proj: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """The exact and the linearised change of q (k) where the scores read it: [c, b, n, P, d_head].
+
+    resid [b, P, d]; proj [b, P, n * d_head] the clean projection output; delta [c, b, P, d] for c sources.
+    """
+    n, e, _ = path.weight.shape
+    w = path.weight.float()
+    x = resid.float()
+    exact = torch.einsum("cbpd,ned->cbpne", path.norm(x + delta).float() - path.norm(x).float(), w)
+    normed_delta = delta if path.norm_form is None else norm_jvp(path.norm_form, x, delta)
+    linear = torch.einsum("cbpd,ned->cbpne", normed_delta, w)
+    if path.head_norm is not None:
+        assert path.head_norm_form is not None
+        q = proj.float().reshape(*proj.shape[:2], n, e)
+        exact = path.head_norm(q + exact).float() - path.head_norm(q).float()
+        linear = norm_jvp(path.head_norm_form, q, linear)
+    return exact.transpose(2, 3), linear.transpose(2, 3)
+
+
+def _pattern_changes(scores: Tensor, pattern: Tensor, ds: Tensor, ds_linear: Tensor) -> Tensor:
+    """softmax(s + ds) - A minus its linearisation A (ds - sum_j A ds): [c, b, H, P, P]."""
+    exact = torch.softmax(scores.float() + ds, dim=-1) - pattern
+    linear = pattern * (ds_linear - (pattern * ds_linear).sum(-1, keepdim=True))
+    return exact - linear
+
+
+def qk_corrections(
+    model: HookedModel, graph: Graph, capture: QKCapture, delta: Tensor, chunk: int = 16
+) -> tuple[Tensor, list[tuple[int, slice, slice]]]:
+    """Per backward pass, source, example and q/k destination: sum G . (dA_exact - dA_linear).
+
+    Args:
+        delta: [b, P, n_sources, d] ablated - clean source outputs.
+    Returns:
+        corrections [n_passes, n_sources, b, n_destinations] (zero outside the q/k columns) and, per layer,
+        (number of sources reaching it, its q destinations, its k destinations).
+    """
+    spec = graph.spec
+    n_passes = len(capture.layers[0].grads)
+    b = delta.shape[0]
+    out = torch.zeros(n_passes, graph.n_sources, b, graph.n_destinations, device=delta.device)
+    prefix = graph.valid_prefixes()
+    placed = []
+    rep = spec.n_heads // spec.n_kv_heads
+    group = torch.arange(spec.n_heads, device=delta.device) // rep
+    for layer, state in enumerate(capture.layers):
+        assert state.scores is not None and state.pattern is not None and state.resid is not None
+        j_q, j_k = score_jacobians(state, spec.n_heads, spec.n_kv_heads)
+        q_cols, k_cols = graph.qkv_destinations(layer, "q"), graph.qkv_destinations(layer, "k")
+        n_pre = prefix[q_cols.start]
+        placed.append((n_pre, q_cols, k_cols))
+        grads = torch.stack(state.grads) if state.grads else torch.zeros(n_passes, *state.pattern.shape)
+        pattern = state.pattern.float()
+        paths = {letter: _path(model, layer, letter) for letter in ("q", "k")}
+        for start in range(0, n_pre, chunk):
+            stop = min(start + chunk, n_pre)
+            d = delta[:, :, start:stop].permute(2, 0, 1, 3).float()  # [c, b, P, d]
+            dq, dq_lin = _moves(paths["q"], state.resid, state.proj["q"], d)  # [c, b, H, P, e]
+            ds = torch.einsum("cbhte,bhtje->cbhtj", dq, j_q)
+            ds_lin = torch.einsum("cbhte,bhtje->cbhtj", dq_lin, j_q)
+            change = _pattern_changes(state.scores, pattern, ds, ds_lin)
+            out[:, start:stop, :, q_cols] = torch.einsum("cbhtj,nbhtj->ncbh", change, grads)
+            dk, dk_lin = _moves(paths["k"], state.resid, state.proj["k"], d)  # [c, b, G, P, e]
+            ds = torch.einsum("cbhje,bhtje->cbhtj", dk[:, :, group], j_k)
+            ds_lin = torch.einsum("cbhje,bhtje->cbhtj", dk_lin[:, :, group], j_k)
+            change = _pattern_changes(state.scores, pattern, ds, ds_lin)
+            per_head = torch.einsum("cbhtj,nbhtj->ncbh", change, grads)
+            out[:, start:stop, :, k_cols] = per_head.reshape(*per_head.shape[:3], spec.n_kv_heads, rep).sum(
+                -1
+            )
+    return out, placed
