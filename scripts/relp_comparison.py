@@ -115,12 +115,23 @@ def exact_effects(model: HookedModel, pairs: PromptPairs, name: str, corrupted: 
                 out[i * b : (i + 1) * b, p] = corrupted[:, p]
             return out
 
-        with torch.no_grad(), model.hooks([(name, patch)]):
-            logits = model(pairs.clean.repeat(k, 1), pairs.attention_mask.repeat(k, 1))
-        values = logit_diff(logits, pairs.repeat(k)).reshape(k, b)
+        with torch.no_grad(), model.hooks([(name, patch), last_position(model, pairs.lengths.repeat(k))]):
+            logits = model(pairs.clean.repeat(k, 1), pairs.attention_mask.repeat(k, 1))[:, 0]
+        answer, distractor = pairs.answer.repeat(k), pairs.distractor.repeat(k)
+        rows = torch.arange(k * b)
+        values = (logits[rows, answer] - logits[rows, distractor]).float().reshape(k, b)
         effects[:, first : first + k] = (values - base).T.cpu()
     real = torch.arange(n_pos)[None] < pairs.lengths[:, None]
     return effects * real
+
+
+def last_position(model: HookedModel, lengths: Tensor) -> tuple[str, Callable]:
+    """A hook unembedding only each row's last real position (the metric reads nothing else)."""
+
+    def keep(x: Tensor) -> Tensor:
+        return x[torch.arange(x.shape[0]), lengths.to(x.device) - 1][:, None]
+
+    return (model.unembed_in_hook, keep)
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

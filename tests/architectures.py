@@ -52,6 +52,17 @@ MULTIPLIERS = dict(
 )
 # RelP's identity and half rules need hooks at an MLP's activation; the bridge fuses these experts
 RELP_WITHOUT_MLP_RULES = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoe"}
+# AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
+NO_PATTERN = "the attention pattern hook does not feed"
+ATP_STAR_REFUSALS = {
+    "gpt_neo": NO_PATTERN,
+    "gptj": NO_PATTERN,
+    "opt": NO_PATTERN,
+    "xglm": NO_PATTERN,
+    "gpt_oss": "not the softmax of its scores",
+    "hunyuan_v1_dense": "through its norm alone",
+    "gemma2": "soft-capping",
+}
 COUPLED = "q/k norm over all heads: one head's query input cannot be patched alone"
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 NO_ADAPTER = "TransformerLens 4.3 has no adapter for it"

@@ -193,3 +193,40 @@ def eap_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
     clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
     deltas = {name: corrupted[name] - clean[name] for name in clean}
     return gradient_scores(graph, deltas, destination_grads(model, graph, pairs))
+
+
+def qk_fix_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> dict[str, float]:
+    """AtP*'s QK-fixed score of each q/k edge from the pattern its patch really produces: sum (A_patched
+    - A) . dM/dA, A_patched read from a forward pass with only that edge patched, dM/dA from a clean
+    backward pass."""
+    clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, grad: bool = False):
+        def hook(x):
+            seen[name] = x.detach()
+            if grad:
+                y = x.view_as(x)
+                y.register_hook(lambda g: seen.__setitem__(name + ":grad", g))
+                return y
+            return None
+
+        return hook
+
+    layers = range(model.spec.n_layers)
+    hooks = [(model.input_hook, lambda x: x.detach().requires_grad_(True))]
+    hooks += [(model.attn_pattern_hook(layer), keep(f"A{layer}", grad=True)) for layer in layers]
+    with torch.enable_grad(), model.hooks(hooks):
+        logit_diff(model(pairs.clean), pairs).mean().backward()
+    reference = {}
+    for name in graph.edge_names():
+        src, dst = name.split("->")
+        if "<q>" not in dst and "<k>" not in dst:
+            continue
+        layer = int(dst[1 : dst.index(".")])
+        patched = [(model.attn_pattern_hook(layer), keep("patched"))]
+        with torch.no_grad():
+            metric(model, pairs, {dst: corrupted[src] - clean[src]}, extra_hooks=patched)
+        change = seen["patched"] - seen[f"A{layer}"]
+        reference[name] = float((change * seen[f"A{layer}:grad"]).sum())
+    return reference

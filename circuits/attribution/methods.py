@@ -312,7 +312,11 @@ def atp_star(job: Job) -> BatchResult:
     if edges is not None:
         edges += corrections[0].sum(1).to(edges.device)
         return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
-    fixed = torch.stack(per_pass)[1:] + corrections[1:].sum(-1).transpose(1, 2).to(nodes.device)  # [L, b, n]
+    fixed = corrections[1:].sum(-1).transpose(1, 2).to(nodes.device)  # [L, b, n]
+    for layer in range(n_layers):  # dropping a source's own layer cuts every path out of it, q/k edges too
+        fixed[layer, :, graph.head_sources(layer)] = 0
+        fixed[layer, :, graph.mlp_source(layer)] = 0
+    fixed += torch.stack(per_pass)[1:]
     grad_drop = fixed.abs().sum(0) / (n_layers - 1)
     return BatchResult(None, grad_drop.sum(0), values.detach(), metric_corrupted, None)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from circuits.errors import UnsupportedModelError
 from circuits.graph import Graph
-from circuits.models.checks import pattern_problem, probed
+from circuits.models.checks import pattern_problem, probe_ids, probed
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.norms import NormForm, norm_form, norm_jvp
 
@@ -54,6 +54,9 @@ class QKCapture:
             raise UnsupportedModelError(
                 f"{model.spec.name}: AtP*'s QK fix needs the attention pattern: {problem}"
             )
+        problem = probed(model, "linear scores", _scores_problem)
+        if problem:
+            raise UnsupportedModelError(f"{model.spec.name}: AtP*'s QK fix cannot be computed: {problem}")
         self.model, self.graph = model, graph
         self.layers = [_Layer() for _ in range(graph.spec.n_layers)]
         self.drop: int | None = None
@@ -212,6 +215,86 @@ def _pattern_changes(scores: Tensor, pattern: Tensor, ds: Tensor, ds_linear: Ten
     exact = torch.softmax(scores.float() + ds, dim=-1) - pattern
     linear = pattern * (ds_linear - (pattern * ds_linear).sum(-1, keepdim=True))
     return exact - linear
+
+
+def _scores_problem(model: HookedModel) -> str | None:
+    """Why the fix's model of the scores fails on a probe batch, or None. It needs: the pattern is the
+    softmax of the hooked scores (no attention sinks), and moving q (k) at one layer by the exact change
+    a residual-stream patch makes moves the scores by J times the change where the scores read it (no
+    soft-capping, no norm after the rotary embedding)."""
+    graph = Graph(model.spec)
+    ids = probe_ids(model).to(model.device)
+    capture = QKCapture.__new__(QKCapture)
+    capture.model, capture.graph, capture.drop = model, graph, None
+    capture.layers = [_Layer() for _ in range(model.spec.n_layers)]
+    with (
+        torch.enable_grad(),
+        model.hooks([(model.input_hook, lambda x: x.detach().requires_grad_(True)), *capture.hooks()]),
+    ):
+        model(ids)
+    gen = torch.Generator().manual_seed(0)
+    spec = model.spec
+    rep = spec.n_heads // spec.n_kv_heads
+    group = torch.arange(spec.n_heads, device=model.device) // rep
+    for layer, state in enumerate(capture.layers):
+        if state.scores is None or state.pattern is None or state.resid is None:
+            return "the bridge does not run the attention score hooks"
+        if not torch.allclose(
+            torch.softmax(state.scores.detach().float(), -1), state.pattern.float(), atol=1e-5
+        ):
+            return f"layer {layer}'s pattern is not the softmax of its scores (attention sinks?)"
+        j_q, j_k = score_jacobians(state, spec.n_heads, spec.n_kv_heads)
+        delta = torch.randn(state.resid.shape, generator=gen).to(state.resid) * state.resid.std()
+        for letter, jac in (("q", j_q), ("k", j_k)):
+            path = _path(model, layer, letter)
+            move, _ = _moves(path, state.resid, state.proj[letter], delta[None])
+            if letter == "q":
+                want = torch.einsum("bhte,bhtje->bhtj", move[0], jac)
+            else:
+                want = torch.einsum("bhje,bhtje->bhtj", move[0][:, group], jac)
+            change = torch.einsum(
+                "bpd,ned->bpne",
+                path.norm(state.resid + delta).float() - path.norm(state.resid).float(),
+                path.weight.float(),
+            ).flatten(2)
+            seen: dict[str, Tensor] = {}
+
+            def read(x: Tensor, seen: dict[str, Tensor] = seen) -> None:
+                seen["s"] = x.detach().float()
+
+            hooks = [
+                (model.qkv_out_hook(layer, letter), lambda x, c=change: x + c.to(x.dtype)),  # type: ignore[arg-type]
+                (model.attn_scores_hook(layer), read),
+            ]
+            with torch.no_grad(), model.hooks(hooks):
+                model(ids)
+            if not _agree(seen["s"] - state.scores.detach().float(), want, state.pattern > 0):
+                return (
+                    f"layer {layer}'s {letter} does not reach the scores through its norm alone (a norm "
+                    "after the rotary embedding?)"
+                )
+            # and a large move where the scores read q (k), past any norm, so that a soft cap shows
+            leaf = state.leaf[letter].detach()
+            push = torch.randn(leaf.shape, generator=gen).to(leaf) * 30 * leaf.std()
+            heads = _head_major(push, jac.shape[1] if letter == "q" else spec.n_kv_heads).float()
+            want = (
+                torch.einsum("bhte,bhtje->bhtj", heads, jac)
+                if letter == "q"
+                else torch.einsum("bhje,bhtje->bhtj", heads[:, group], jac)
+            )
+            hooks = [
+                (model.qk_score_input_hook(layer, letter), lambda x, p=push: x + p),  # type: ignore[arg-type]
+                (model.attn_scores_hook(layer), read),
+            ]
+            with torch.no_grad(), model.hooks(hooks):
+                model(ids)
+            if not _agree(seen["s"] - state.scores.detach().float(), want, state.pattern > 0):
+                return f"layer {layer}'s scores are not linear in {letter} (soft-capping?)"
+    return None
+
+
+def _agree(got: Tensor, want: Tensor, where: Tensor) -> bool:
+    return float((got - want)[where].abs().max()) <= 1e-4 * (float(want[where].abs().max()) + 1e-12)
 
 
 def qk_corrections(

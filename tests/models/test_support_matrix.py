@@ -11,7 +11,7 @@ from circuits.attribution import RelPRules, attribute
 from circuits.errors import UnsupportedModelError
 from circuits.testing import tiny_tokenizer
 from tests import brute_force
-from tests.architectures import ARCHITECTURES, RELP_WITHOUT_MLP_RULES, Architecture
+from tests.architectures import ARCHITECTURES, ATP_STAR_REFUSALS, RELP_WITHOUT_MLP_RULES, Architecture
 from tests.pairs import make_pairs
 
 pytestmark = pytest.mark.slow  # runs SmolLM2, the notebooks or many model builds; `make test` runs it
@@ -38,6 +38,23 @@ def test_supported_architecture_is_exact(arch: Architecture):
         assert want.abs().max() > 1e-3  # scores well above float32 rounding, so the check can fail
         if method == "eap":
             _check_relp(model, graph, pairs, ours, arch)
+    _check_atp_star(model, graph, pairs, arch)
+
+
+def _check_atp_star(model, graph, pairs, arch: Architecture) -> None:
+    """AtP*'s q/k edges equal the brute-force QK fix, or the fix is refused for its named reason."""
+    if arch.name in ATP_STAR_REFUSALS:
+        with pytest.raises(UnsupportedModelError, match=re.escape(ATP_STAR_REFUSALS[arch.name])):
+            attribute(model, graph, pairs, method="atp*", quiet=True)
+        return
+    ours = attribute(model, graph, pairs, method="atp*", quiet=True).edge_scores
+    assert ours is not None
+    reference = brute_force.qk_fix_scores(model, graph, pairs)
+    scale = max(abs(v) for v in reference.values())
+    err = max(abs(float(ours[graph.edge_index(e)]) - v) for e, v in reference.items())
+    assert err <= 1e-4 * scale, f"atp*: max error {err:.3g} of {scale:.3g}"
+    nodes = attribute(model, graph, pairs, method="atp*", level="node", quiet=True).node_scores
+    assert nodes is not None and bool(nodes.isfinite().all()) and bool((nodes >= 0).all())
 
 
 def _check_relp(model, graph, pairs, eap, arch: Architecture) -> None:
