@@ -32,7 +32,9 @@ def recall(truth: Tensor, estimate: Tensor, k: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--k", type=int, default=20)
@@ -54,17 +56,18 @@ def main() -> None:
     estimates = {
         "AtP (eap)": run("AtP (eap)", method="eap", level="node"),
         "AtP + QK fix (atp*, edge level)": run("AtP + QK fix (atp*, edge level)", method="atp*"),
-        "AtP* (QK fix + GradDrop, node level)": run("AtP* (QK fix + GradDrop, node level)", method="atp*", level="node"),
+        "AtP* (QK fix + GradDrop, node level)": run(
+            "AtP* (QK fix + GradDrop, node level)", method="atp*", level="node"
+        ),
     }
     print(f"\n{args.model}, IOI, {args.n} pairs, {exact.numel()} head and MLP nodes")
     print(f"| estimate | Pearson (signed) | Pearson of magnitudes | top-{args.k} recall | seconds |")
     print("|---|---|---|---|---|")
     for label, scores in estimates.items():
         signed = "" if "GradDrop" in label else f"{pearson(scores, exact):.3f}"
-        print(
-            f"| {label} | {signed} | {pearson(scores.abs(), exact.abs()):.3f} | {recall(exact, scores, args.k):.2f} "
-            f"| {seconds[label]:.1f} |"
-        )
+        magnitudes = pearson(scores.abs(), exact.abs())
+        found = recall(exact, scores, args.k)
+        print(f"| {label} | {signed} | {magnitudes:.3f} | {found:.2f} | {seconds[label]:.1f} |")
     print(f"exact node patching: {seconds['exact']:.1f} s")
 
 

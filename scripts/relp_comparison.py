@@ -118,8 +118,8 @@ def exact_effects(model: HookedModel, pairs: PromptPairs, name: str, corrupted: 
         with torch.no_grad(), model.hooks([(name, patch), last_position(model, pairs.lengths.repeat(k))]):
             logits = model(pairs.clean.repeat(k, 1), pairs.attention_mask.repeat(k, 1))[:, 0]
         answer, distractor = pairs.answer.repeat(k), pairs.distractor.repeat(k)
-        rows = torch.arange(k * b)
-        values = (logits[rows, answer] - logits[rows, distractor]).float().reshape(k, b)
+        every = torch.arange(k * b)
+        values = (logits[every, answer] - logits[every, distractor]).float().reshape(k, b)
         effects[:, first : first + k] = (values - base).T.cpu()
     real = torch.arange(n_pos)[None] < pairs.lengths[:, None]
     return effects * real

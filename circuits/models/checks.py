@@ -225,7 +225,7 @@ def pattern_problem(model: HookedModel) -> str | None:
     """Why the attention pattern hooks do not feed the heads' outputs (replacing the pattern must change
     them), or None."""
     names = [model.attn_pattern_hook(layer) for layer in range(model.spec.n_layers)]
-    if any(name not in model._hook_points for name in names):
+    if not all(model.has_hook(name) for name in names):
         return "the bridge has no attention pattern hook"
     ids = probe_ids(model).to(model.device)
     z: dict[str, Tensor] = {}

@@ -171,6 +171,31 @@ class HookedModel:
         """Attention probabilities, [batch, n_heads, query pos, key pos]."""
         return f"blocks.{layer}.attn.hook_pattern"
 
+    def norm_hooks(self) -> list[tuple[str, str]]:
+        """(input, output) hook points of every normalisation component of the bridge (those with a scale
+        hook): the blocks' norms, q/k norms, the final norm."""
+        return [
+            (name.replace(".hook_scale", ".hook_in"), name.replace(".hook_scale", ".hook_out"))
+            for name in self._hook_points
+            if name.endswith(".hook_scale") and name.replace(".hook_scale", ".hook_in") in self._hook_points
+        ]
+
+    @staticmethod
+    def norm_component(in_hook: str) -> str:
+        """The bridge component of a norm's input hook (`blocks.0.ln1.hook_in` -> `blocks.0.ln1`)."""
+        return in_hook.removesuffix(".hook_in")
+
+    def mlp_activation_hooks(self, layer: int) -> tuple[str, str | None, str]:
+        """(activation input z, up projection output u or None, output projection input h) of an MLP
+        computing h = act(z) (* u when gated); a name may be missing where the bridge has no such hook."""
+        base = f"blocks.{layer}.mlp"
+        if f"{base}.gate.hook_out" in self._hook_points:
+            return f"{base}.gate.hook_out", f"{base}.in.hook_out", f"{base}.out.hook_in"
+        return f"{base}.in.hook_out", None, f"{base}.out.hook_in"
+
+    def has_hook(self, name: str) -> bool:
+        return name in self._hook_points
+
     @staticmethod
     def attn_scores_hook(layer: int) -> str:
         """Attention scores as the softmax reads them (masked), [batch, n_heads, query pos, key pos]."""

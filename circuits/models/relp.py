@@ -61,9 +61,10 @@ class RelPBackward:
 
     def __init__(self, model: HookedModel, rules: RelPRules) -> None:
         self.model, self.rules = model, rules
-        self.forms: dict[str, NormForm] = {}
+        self.forms: dict[tuple[str, str], NormForm] = {}
         if rules.ln:
-            for prefix in _norm_prefixes(model):
+            for in_hook, out_hook in model.norm_hooks():
+                prefix = model.norm_component(in_hook)
                 module = _norm_module(model, prefix)
                 if isinstance(module, torch.nn.Identity):
                     continue  # a slot without a norm
@@ -74,7 +75,7 @@ class RelPBackward:
                         "neither a LayerNorm nor an RMSNorm with a known eps (pass RelPRules(ln=False) to "
                         "keep that norm's gradient)"
                     )
-                self.forms[prefix] = form
+                self.forms[in_hook, out_hook] = form
         self.mlps: tuple[_Mlp, ...] = ()
         if rules.identity or rules.half:
             mlps = probed(model, "mlps", _find_mlps)
@@ -93,8 +94,8 @@ class RelPBackward:
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         hooks: list[tuple[str, HookFn]] = []
-        for prefix, form in self.forms.items():
-            hooks += _ln_rule(prefix, form)
+        for (in_hook, out_hook), form in self.forms.items():
+            hooks += _ln_rule(in_hook, out_hook, form)
         for mlp in self.mlps:
             hooks += _mlp_rule(mlp, self.rules.identity, self.rules.half)
         hooks += [(name, _constant) for name in self.patterns]
@@ -111,7 +112,7 @@ def _constant(x: Tensor) -> Tensor:
     return x.detach()
 
 
-def _ln_rule(prefix: str, form: NormForm) -> list[tuple[str, HookFn]]:
+def _ln_rule(in_hook: str, out_hook: str, form: NormForm) -> list[tuple[str, HookFn]]:
     seen: list[Tensor] = []
 
     def keep(x: Tensor) -> None:
@@ -126,7 +127,7 @@ def _ln_rule(prefix: str, form: NormForm) -> list[tuple[str, HookFn]]:
         r = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + form.eps).detach()
         return _through(y, c * (r * form.gain.to(x.device, torch.float32)))
 
-    return [(f"{prefix}.hook_in", keep), (f"{prefix}.hook_out", frozen_scale)]
+    return [(in_hook, keep), (out_hook, frozen_scale)]
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -174,28 +175,11 @@ def _norm_form(model: HookedModel, module: torch.nn.Module) -> NormForm | None:
     return norm_form(module, d)
 
 
-def _norm_prefixes(model: HookedModel) -> list[str]:
-    """The bridge's normalisation components (they have a scale hook), e.g. `blocks.0.ln1`."""
-    points = model._hook_points
-    return [
-        name[: -len(".hook_scale")]
-        for name in points
-        if name.endswith(".hook_scale") and name.replace(".hook_scale", ".hook_in") in points
-    ]
-
-
 def _find_mlps(model: HookedModel) -> tuple[_Mlp, ...] | str:
-    points = model._hook_points
     mlps = []
     for layer in range(model.spec.n_layers):
-        base = f"blocks.{layer}.mlp"
-        gated = f"{base}.gate.hook_out" in points
-        mlp = _Mlp(
-            f"{base}.gate.hook_out" if gated else f"{base}.in.hook_out",
-            f"{base}.in.hook_out" if gated else None,
-            f"{base}.out.hook_in",
-        )
-        missing = [n for n in (mlp.z, mlp.u, mlp.h) if n is not None and n not in points]
+        mlp = _Mlp(*model.mlp_activation_hooks(layer))
+        missing = [n for n in (mlp.z, mlp.u, mlp.h) if n is not None and not model.has_hook(n)]
         if missing:
             return (
                 f"layer {layer}'s MLP has no hook point {missing[0]} (a mixture of experts, or an MLP "
