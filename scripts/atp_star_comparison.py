@@ -45,6 +45,7 @@ def exact_edges(model: HookedModel, graph: Graph, pairs: PromptPairs, edges: lis
     corrupted = source_buffer(graph, b, n_pos, model.device)
     with torch.no_grad(), model.hooks(source_hooks(model, graph, corrupted)):
         model(pairs.corrupted, pairs.attention_mask)
+    with torch.no_grad():
         base = logit_diff(model(pairs.clean, pairs.attention_mask), pairs)
     out = torch.zeros(len(edges))
     per = 4
