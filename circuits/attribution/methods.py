@@ -302,12 +302,15 @@ def atp_star(job: Job) -> BatchResult:
     values = _differentiable(job, _metric(job, logits, clean_logits))
     drops: list[int | None] = [None] if job.level == "edge" else [None, *range(n_layers)]
     per_pass = []
-    for drop in drops:
-        capture.drop = drop
-        recorder.nodes = torch.zeros_like(nodes)
-        recorder.backward(values.sum(), retain_graph=True)
-        per_pass.append(recorder.nodes)
-    corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
+    try:
+        for drop in drops:
+            capture.drop = drop
+            recorder.nodes = torch.zeros_like(nodes)
+            recorder.backward(values.sum(), retain_graph=True)
+            per_pass.append(recorder.nodes)
+        corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
+    finally:
+        capture.release()
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     if edges is not None:
         edges += corrections[0].sum(1).to(edges.device)

@@ -61,6 +61,12 @@ class QKCapture:
         self.layers = [_Layer() for _ in range(graph.spec.n_layers)]
         self.drop: int | None = None
 
+    def release(self) -> None:
+        """Forget the kept tensors. Call when done: the graph they hold holds the tensor hooks that hold
+        this object, a cycle through autograd's C++ graph that Python's collector cannot free."""
+        for state in self.layers:  # in place: the tensor hooks hold these objects themselves
+            state.__init__()  # type: ignore[misc]
+
     def hooks(self) -> list[tuple[str, HookFn]]:
         model = self.model
         hooks: list[tuple[str, HookFn]] = []
@@ -138,22 +144,36 @@ def score_jacobians(state: _Layer, n_heads: int, n_kv: int) -> tuple[Tensor, Ten
         raise UnsupportedModelError("AtP*'s QK fix: the bridge did not run the attention score hooks")
     b, _, p, _ = s.shape
     rep = n_heads // n_kv
-    j_q = torch.zeros(b, n_heads, p, p, _d_head(q, n_heads), device=s.device)
-    j_k = torch.zeros_like(j_q)
+    # one-hot cotangents: key column j of every head (-> J_q), query row t of one head per key group
+    eye = torch.eye(p, dtype=s.dtype, device=s.device)
+    cols = eye[:, None, None, None, :].expand(p, b, n_heads, p, p)
+    heads = torch.arange(n_heads, device=s.device)
+    rows = eye[None, :, None, None, :, None] * (heads % rep == torch.arange(rep, device=s.device)[:, None])[
+        :, None, None, :, None, None
+    ].to(s.dtype)  # [rep, P(t), 1, H, P, 1]
+    rows = rows.expand(rep, p, b, n_heads, p, p).reshape(rep * p, b, n_heads, p, p)
     try:
-        for j in range(p):
-            (g,) = torch.autograd.grad(s[..., j].sum(), q, retain_graph=True)
-            j_q[:, :, :, j] = _head_major(g, n_heads).float()
-        for r in range(rep):
-            heads = torch.arange(n_kv, device=s.device) * rep + r
-            for t in range(p):
-                (g,) = torch.autograd.grad(s[:, heads, t].sum(), k, retain_graph=True)
-                j_k[:, heads, t] = _head_major(g, n_kv).float()
+        g_q = _batched_grad(s, q, cols)  # [P(j), ...q]
+        g_k = _batched_grad(s, k, rows)  # [rep * P(t), ...k]
     except RuntimeError as failure:  # the scores were not computed from the hooked q / k
         raise UnsupportedModelError(
             f"AtP*'s QK fix: the bridge's attention scores do not come from its q/k hooks ({failure})"
         ) from failure
+    j_q = torch.stack([_head_major(g, n_heads) for g in g_q], dim=3).float()  # [b, H, P, P(j), e]
+    g_k = torch.stack([_head_major(g, n_kv) for g in g_k]).float()  # [rep * P(t), b, G, P(j), e]
+    g_k = g_k.reshape(rep, p, b, n_kv, p, -1).permute(2, 3, 0, 1, 4, 5)  # [b, G, rep, P(t), P(j), e]
+    j_k = g_k.reshape(b, n_heads, p, p, -1)  # head h = g * rep + r
     return j_q, j_k
+
+
+def _batched_grad(out: Tensor, wrt: Tensor, cotangents: Tensor, budget: int = 1 << 24) -> Tensor:
+    """d<out, c>/d wrt for each cotangent c [n, ...out], in vmapped backward passes of bounded size."""
+    per = max(1, budget // max(1, out.numel()))
+    parts = [
+        torch.autograd.grad(out, wrt, chunk, retain_graph=True, is_grads_batched=True)[0]
+        for chunk in cotangents.split(per)
+    ]
+    return torch.cat(parts)
 
 
 def _d_head(x: Tensor, n: int) -> int:
@@ -212,7 +232,7 @@ def _moves(path: _Path, resid: Tensor, proj: Tensor, delta: Tensor) -> tuple[Ten
 
 def _pattern_changes(scores: Tensor, pattern: Tensor, ds: Tensor, ds_linear: Tensor) -> Tensor:
     """softmax(s + ds) - A minus its linearisation A (ds - sum_j A ds): [c, b, H, P, P]."""
-    exact = torch.softmax(scores.float() + ds, dim=-1) - pattern
+    exact = torch.softmax(scores + ds, dim=-1) - pattern
     linear = pattern * (ds_linear - (pattern * ds_linear).sum(-1, keepdim=True))
     return exact - linear
 
@@ -232,6 +252,13 @@ def _scores_problem(model: HookedModel) -> str | None:
         model.hooks([(model.input_hook, lambda x: x.detach().requires_grad_(True)), *capture.hooks()]),
     ):
         model(ids)
+    try:
+        return _scores_mismatch(model, ids, capture)
+    finally:
+        capture.release()
+
+
+def _scores_mismatch(model: HookedModel, ids: Tensor, capture: QKCapture) -> str | None:
     gen = torch.Generator().manual_seed(0)
     spec = model.spec
     rep = spec.n_heads // spec.n_kv_heads
@@ -323,7 +350,7 @@ def qk_corrections(
         n_pre = prefix[q_cols.start]
         placed.append((n_pre, q_cols, k_cols))
         grads = torch.stack(state.grads) if state.grads else torch.zeros(n_passes, *state.pattern.shape)
-        pattern = state.pattern.float()
+        scores, pattern = state.scores.detach().float(), state.pattern.float()
         paths = {letter: _path(model, layer, letter) for letter in ("q", "k")}
         for start in range(0, n_pre, chunk):
             stop = min(start + chunk, n_pre)
@@ -331,12 +358,12 @@ def qk_corrections(
             dq, dq_lin = _moves(paths["q"], state.resid, state.proj["q"], d)  # [c, b, H, P, e]
             ds = torch.einsum("cbhte,bhtje->cbhtj", dq, j_q)
             ds_lin = torch.einsum("cbhte,bhtje->cbhtj", dq_lin, j_q)
-            change = _pattern_changes(state.scores, pattern, ds, ds_lin)
+            change = _pattern_changes(scores, pattern, ds, ds_lin)
             out[:, start:stop, :, q_cols] = torch.einsum("cbhtj,nbhtj->ncbh", change, grads)
             dk, dk_lin = _moves(paths["k"], state.resid, state.proj["k"], d)  # [c, b, G, P, e]
             ds = torch.einsum("cbhje,bhtje->cbhtj", dk[:, :, group], j_k)
             ds_lin = torch.einsum("cbhje,bhtje->cbhtj", dk_lin[:, :, group], j_k)
-            change = _pattern_changes(state.scores, pattern, ds, ds_lin)
+            change = _pattern_changes(scores, pattern, ds, ds_lin)
             per_head = torch.einsum("cbhtj,nbhtj->ncbh", change, grads)
             out[:, start:stop, :, k_cols] = per_head.reshape(*per_head.shape[:3], spec.n_kv_heads, rep).sum(
                 -1

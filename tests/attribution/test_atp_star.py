@@ -3,6 +3,8 @@ per-example EAP where the dropped passes leave one path."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -73,3 +75,21 @@ def test_graddrop_needs_two_layers():
     model = tiny_llama(n_layers=1)
     with pytest.raises(InputError, match="2 layers"):
         attribute(model, Graph.from_model(model), make_pairs(model), method="atp*", level="node", quiet=True)
+
+
+def _graph_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+
+@pytest.mark.parametrize("level", ["edge", "node"])
+def test_atp_star_keeps_no_autograd_graph(llama, level):
+    """The scores are plain tensors, and no tensor of the forward graph outlives the call (the kept
+    attention tensors and their hooks form a cycle through autograd that only `release` breaks)."""
+    graph, pairs = Graph.from_model(llama), make_pairs(llama)
+    attribute(llama, graph, pairs, method="atp*", level=level, quiet=True)  # probes run once, then cached
+    before = _graph_tensors()
+    result = attribute(llama, graph, pairs, method="atp*", level=level, quiet=True)
+    scores = result.edge_scores if level == "edge" else result.node_scores
+    assert scores is not None and not scores.requires_grad
+    assert _graph_tensors() == before
