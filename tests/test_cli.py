@@ -64,10 +64,16 @@ def test_discover_with_relp_rules_matches_the_api(tmp_path):
     out = tmp_path / "relp"
     args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "relp"]
     assert main([*args, "--rules", "ln", "cp", "--no-curve", "--edges", "20", "--out", str(out)]) == 0
-    saved = Graph.from_pt(out / "scores.pt").scores
+    saved = torch.load(out / "scores.pt")["edge_scores"]
     model = tiny_llama()
-    graph = Graph.from_model(model)
     rules = RelPRules(ln=True, identity=False, half=False, cp=True)
     task = _task(model, "ioi", 4, 0, None)
-    attribute(model, graph, task.pairs, task.metric, "relp", rules=rules, batch_size=2, quiet=True)
-    assert torch.allclose(saved, graph.scores, atol=1e-6)
+    result = attribute(
+        model, Graph.from_model(model), task.pairs, task.metric, "relp", rules=rules, batch_size=2, quiet=True
+    )
+    default = attribute(
+        model, Graph.from_model(model), task.pairs, task.metric, "relp", batch_size=2, quiet=True
+    )
+    assert result.edge_scores is not None and default.edge_scores is not None
+    torch.testing.assert_close(saved, result.edge_scores, rtol=0, atol=1e-6)
+    assert not torch.allclose(saved, default.edge_scores, atol=1e-6)  # the rules reached the method
