@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: demo test test-fast check setup
+.PHONY: demo test test-fast check setup browser
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -21,10 +21,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 setup: $(VENV)/.installed
 
+# The viewer's browser test needs Debian's Chromium and ChromeDriver; where they cannot be installed
+# (no root, no apt) the test skips and says why.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1)) || \
+	  echo "Chromium could not be installed: the viewer's browser test will be skipped"
+
 demo: setup
 	$(BIN)/python scripts/reproduce_ioi.py --model smollm2-135m --out outputs/ioi
 
-test: setup
+test: setup browser
 	$(BIN)/ruff format --check circuits tasks tests scripts
 	$(BIN)/ruff check circuits tasks tests scripts
 	$(BIN)/mypy

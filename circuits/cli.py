@@ -120,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="edges drawn, the largest by |score| (default circuits.drawing.MAX_EDGES = 60; 0: all)",
     )
 
+    v = commands.add_parser("view", help="write a circuit file as an interactive HTML page (works offline)")
+    v.add_argument("circuit", type=Path, help="circuit file (.json EAP-IG / MIB format, or .pt)")
+    v.add_argument("--out", type=Path, required=True, help="output .html")
+    v.add_argument("--title", help="the page's title (default: the model's name)")
+    v.add_argument(
+        "--circuit-tracer",
+        type=Path,
+        metavar="JSON",
+        help="also write the circuit as a circuit-tracer / Neuronpedia graph file",
+    )
+
     t = commands.add_parser("tasks", help="list the tasks, or show a model's baseline on them")
     _add_model_args(t)
     t.add_argument("--baseline", nargs="*", metavar="TASK", help="tasks to run the baseline on (none: all)")
@@ -221,6 +232,21 @@ def _draw(args: argparse.Namespace) -> int:
     return 0
 
 
+def _view(args: argparse.Namespace) -> int:
+    from circuits.viewer import write_page
+
+    if args.out.suffix != ".html":
+        raise InputError(f"--out must name an .html file, got {args.out}")
+    circuit = _load_circuit(args.circuit)
+    path = write_page(circuit, args.out, title=args.title)
+    print(f"wrote {path} ({circuit.n_in_graph} edges, {path.stat().st_size / 1024:.0f} KB)")
+    if args.circuit_tracer is not None:
+        from circuits.viewer.circuit_tracer import to_circuit_tracer
+
+        print(f"wrote {to_circuit_tracer(circuit, args.circuit_tracer)}")
+    return 0
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from circuits.baseline import baseline
     from circuits.task import task_builders
@@ -241,7 +267,7 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"discover": _discover, "evaluate": _evaluate, "draw": _draw, "tasks": _tasks}
+COMMANDS = {"discover": _discover, "evaluate": _evaluate, "draw": _draw, "view": _view, "tasks": _tasks}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -297,7 +297,8 @@ class Graph:
         return name.split(".")[0]
 
     # ------------------------------------------------------------------------------------ files
-    def _cfg(self) -> dict[str, Any]:
+    def cfg(self) -> dict[str, Any]:
+        """The model cfg as EAP-IG / MIB circuit files carry it."""
         cfg = asdict(self.spec)
         cfg["n_key_value_heads"] = cfg.pop("n_kv_heads")
         return cfg
@@ -317,7 +318,7 @@ class Graph:
             f"{self.sources[r]}->{self.destinations[c]}": {"score": s, "in_graph": bool(f)}
             for r, c, s, f in zip(rows.tolist(), cols.tolist(), scores, flags)
         }
-        Path(path).write_text(json.dumps({"cfg": self._cfg(), "nodes": nodes, "edges": edges}))
+        Path(path).write_text(json.dumps({"cfg": self.cfg(), "nodes": nodes, "edges": edges}))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Graph:
@@ -326,8 +327,12 @@ class Graph:
         Every field is checked: a problem raises `FileFormatError` naming the file and the JSON path of
         the field (`edges["a0.h1->m0"].in_graph`), an edge the cfg's graph lacks `GraphMismatchError`.
         """
-        data = _read_json(Path(path))
-        where = str(path)
+        return cls.from_dict(_read_json(Path(path)), str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Graph:
+        """The graph a parsed circuit file (`cfg`, `nodes`, `edges`) describes; `where` names the source
+        in errors."""
         if not isinstance(data, dict):
             raise FileFormatError(f"{where}: a circuit file is a JSON object, got {type(data).__name__}")
         missing = {"cfg", "nodes", "edges"} - set(data)
@@ -373,7 +378,7 @@ class Graph:
         """Compact tensor file for large graphs (Llama-3-8B: 1.6M edges)."""
         torch.save(
             {
-                "cfg": self._cfg(),
+                "cfg": self.cfg(),
                 "scores": self.scores,
                 "in_graph": self.in_graph,
                 "nodes_in_graph": self.nodes_in_graph,

@@ -1,7 +1,7 @@
 """Circuit discovery end to end, shared by the CLI and `scripts/reproduce_ioi.py`.
 
 score edges -> select a circuit -> evaluate its faithfulness -> faithfulness curves over the MIB budgets
-(CPR, CMD) -> files: scores.pt, circuit.json, circuit.svg, faithfulness.png, summary.json.
+(CPR, CMD) -> files: scores.pt, circuit.json, circuit.svg, circuit.html, faithfulness.png, summary.json.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from circuits.attribution import METHODS, Attribution, RelPRules, attribute
 from circuits.attribution.methods import MethodName
 from circuits.baseline import Baseline, baseline
+from circuits.data import PromptPairs
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
@@ -26,6 +27,7 @@ from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
 from circuits.quadrature import Quadrature
 from circuits.task import TaskPairs
+from circuits.viewer import write_page
 
 # Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
 WANG_2022_HEADS = {
@@ -140,15 +142,33 @@ def discover(
     return found
 
 
-OUTPUT_FILES = ("scores.pt", "circuit.json", "circuit.svg", "faithfulness.png", "summary.json")
+OUTPUT_FILES = (
+    "scores.pt",
+    "circuit.json",
+    "circuit.svg",
+    "circuit.html",
+    "faithfulness.png",
+    "summary.json",
+)
 
 
 def write(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
-    """scores.pt, circuit.json, circuit.svg, faithfulness.png (with curves), summary.json, written into a
+    """scores.pt, circuit.json, circuit.svg, circuit.html, faithfulness.png (with curves), summary.json,
+    written into a
     staging folder that replaces `out` once all are written."""
     with replacing_folder(out, OUTPUT_FILES) as staging:
         files = _write_files(found, staging, model, method, steps)
     return [out / f.name for f in files]
+
+
+def _prompts(model: HookedModel, pairs: PromptPairs, n: int = 10) -> list[str]:
+    """The first `n` clean prompts as text, with the answer and distractor tokens."""
+    decode = model.tokenizer.decode
+    return [
+        f"{decode(pairs.clean[i, : int(pairs.lengths[i])])} -> {decode(pairs.answer[i : i + 1])!r} "
+        f"(not {decode(pairs.distractor[i : i + 1])!r})"
+        for i in range(min(n, len(pairs)))
+    ]
 
 
 def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
@@ -165,8 +185,16 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
     circuit.to_json(out / "circuit.json")
     files = [out / "scores.pt", out / "circuit.json"]
     if circuit.n_in_graph:
+        title = f"{found.task.task} circuit, {model.spec.name}"
+        files.append(draw_circuit(circuit, out / "circuit.svg", title=title))
         files.append(
-            draw_circuit(circuit, out / "circuit.svg", title=f"{found.task.task} circuit, {model.spec.name}")
+            write_page(
+                circuit,
+                out / "circuit.html",
+                title=title,
+                faithfulness=found.evaluation.faithfulness,
+                prompts=_prompts(model, found.task.pairs),
+            )
         )
     summary: dict = {
         "model": model.spec.name,

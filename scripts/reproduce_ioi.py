@@ -2,8 +2,8 @@
 
 EAP-IG-inputs on IOI, a pruned circuit of --edges edges, its faithfulness, faithfulness curves over the MIB
 budgets (CPR, CMD), and a head-level summary; for GPT-2 small also the overlap of the top heads with the
-head classes of Wang et al. (2022). Writes scores.pt, circuit.json, circuit.svg, faithfulness.png and
-summary.json to --out.
+head classes of Wang et al. (2022). Writes scores.pt, circuit.json, circuit.svg, circuit.html (the interactive
+page), faithfulness.png and summary.json to --out.
 
     python scripts/reproduce_ioi.py                          # gpt2 if the hub answers, else smollm2-135m
     python scripts/reproduce_ioi.py --model smollm2-135m --out outputs/ioi

@@ -8,7 +8,7 @@ import torch
 from circuits.cli import _task, main
 
 
-@pytest.mark.parametrize("command", [[], ["discover"], ["evaluate"], ["draw"], ["tasks"]])
+@pytest.mark.parametrize("command", [[], ["discover"], ["evaluate"], ["draw"], ["view"], ["tasks"]])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -36,7 +36,14 @@ def test_discover_evaluate_draw_on_a_tiny_model(tmp_path, capsys):
         )
         == 0
     )
-    for name in ("scores.pt", "circuit.json", "circuit.svg", "faithfulness.png", "summary.json"):
+    for name in (
+        "scores.pt",
+        "circuit.json",
+        "circuit.svg",
+        "circuit.html",
+        "faithfulness.png",
+        "summary.json",
+    ):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["circuit_edges"] <= 40 and "CPR" in summary and "CMD" in summary

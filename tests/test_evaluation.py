@@ -118,20 +118,21 @@ def test_drawings(llama, tmp_path):
 
 
 def test_drawing_keeps_the_largest_edges(llama, tmp_path):
-    from circuits.drawing import _drawn_edges, draw_circuit
+    from circuits.drawing import draw_circuit
+    from circuits.layout import largest_edges
 
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
     attribute(llama, graph, pairs, method="eap", quiet=True)
     circuit = graph.top_n(80)
-    drawn = _drawn_edges(circuit, 25)
+    drawn = largest_edges(circuit, 25)
     assert int(drawn.sum()) == 25 and bool((drawn <= circuit.in_graph).all())
     kept, left_out = (
         circuit.scores[drawn].abs(),
         circuit.scores[circuit.in_graph & circuit.valid & ~drawn].abs(),
     )
     assert float(kept.min()) >= float(left_out.max())
-    assert torch.equal(_drawn_edges(circuit, None), circuit.in_graph & circuit.valid)
+    assert torch.equal(largest_edges(circuit, None), circuit.in_graph & circuit.valid)
     text = draw_circuit(circuit, tmp_path / "c.svg", max_edges=25).read_text()
     assert text.count("<path") >= 25
     with pytest.raises(ValueError, match="max_edges"):
