@@ -9,11 +9,14 @@ circuits tasks --model smollm2-135m --baseline ioi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from circuits.attribution.methods import METHODS
+from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.outputs import check_writable
@@ -69,7 +72,15 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, help="prompt-pair file instead of a generated task (CSV / JSONL)"
     )
-    parser.add_argument("--n", type=int, default=32, help="prompt pairs to generate (default 32)")
+    parser.add_argument(
+        "--n",
+        "--n-pairs",
+        dest="n",
+        type=int,
+        default=32,
+        help="prompt pairs to generate (default 32; under torchrun write --n-pairs: torchrun reads --n as an "
+        "abbreviation of its own options)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
 
@@ -145,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     prefix = f"circuits {args.command}"
     try:
-        return COMMANDS[args.command](args)
+        if is_main():
+            return COMMANDS[args.command](args)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # torchrun: rank 0 prints
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; no output folder was changed", file=sys.stderr)
         return INTERRUPTED_EXIT

@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from circuits.data import PromptPairs, check_count, check_pairs
+from circuits.distributed import gather_rows, is_main, shard_range, sum_floats
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
@@ -111,9 +112,17 @@ def evaluate_many(
     )
     values: list[list[Tensor]] = [[] for _ in circuits]
     full = empty = 0.0
-    bar = tqdm(total=len(pairs), desc=f"evaluating {len(circuits)} circuit(s)", unit="pair", disable=quiet)
-    for index, batch in enumerate(pairs.batches(batch_size)):
-        where = f"batch {index} (pairs {index * batch_size}-{index * batch_size + len(batch) - 1})"
+    mine = shard_range(len(pairs), model.device)  # all of them, unless under torchrun
+    local = pairs[mine.start : mine.stop]
+    bar = tqdm(
+        total=len(local),
+        desc=f"evaluating {len(circuits)} circuit(s)",
+        unit="pair",
+        disable=quiet or not is_main(),
+    )
+    for index, batch in enumerate(local.batches(batch_size)):
+        first = mine.start + index * batch_size
+        where = f"batch {index} (pairs {first}-{first + len(batch) - 1})"
 
         def measure(logits: Tensor, clean: Tensor, batch: PromptPairs = batch, where: str = where) -> Tensor:
             return check_values(fn(logits, batch, clean), len(batch), where)
@@ -136,10 +145,13 @@ def evaluate_many(
         bar.update(len(batch))
     bar.close()
     n = len(pairs)
+    sums = sum_floats({"full": full, "empty": empty}, model.device)
     results = []
     for per_batch in values:
-        per_example = torch.cat(per_batch)
-        results.append(Evaluation(per_example, float(per_example.mean()), full / n, empty / n))
+        per_example = gather_rows(torch.cat(per_batch), model.device)
+        results.append(
+            Evaluation(per_example, float(per_example.mean()), sums["full"] / n, sums["empty"] / n)
+        )
     return results
 
 

@@ -18,6 +18,7 @@ from circuits.attribution import METHODS, Attribution, RelPRules, attribute
 from circuits.attribution.methods import MethodName
 from circuits.baseline import Baseline, baseline
 from circuits.data import PromptPairs
+from circuits.distributed import is_main
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
@@ -137,7 +138,7 @@ def discover(
     seconds["curves"] = time.perf_counter() - start
     heads = top_heads(graph, attribution, 12) if attribution.node_scores is not None else []
     found = Discovery(task, graph, base, attribution, circuit, evaluation, scores, heads, seconds=seconds)
-    if out is not None:
+    if out is not None and is_main():  # under torchrun every process has the same results; one writes
         found.files = write(found, Path(out), model, method, steps)
     return found
 

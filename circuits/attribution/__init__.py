@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
 from circuits.attribution.methods import METHODS, BatchResult, Job, MethodName, MethodSpec
 from circuits.data import PromptPairs, check_count, check_pairs
+from circuits.distributed import is_main, shard_range, sum_floats, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric
@@ -144,10 +146,12 @@ def attribute(
     )
 
     totals: dict[str, Tensor | float] = {}
-    bar = tqdm(total=len(pairs), desc=f"{method} ({level})", unit="pair", disable=quiet)
+    mine = shard_range(len(pairs), model.device)  # all of them, unless under torchrun
+    local = pairs[mine.start : mine.stop]
+    bar = tqdm(total=len(local), desc=f"{method} ({level})", unit="pair", disable=quiet or not is_main())
     workspace: dict[str, Tensor] = {}
-    for i, batch in enumerate(pairs.batches(batch_size)):
-        first = i * batch_size
+    for i, batch in enumerate(local.batches(batch_size)):
+        first = mine.start + i * batch_size
         where = f"batch {i} (pairs {first}-{first + len(batch) - 1})"
         job = Job(
             model,
@@ -166,10 +170,11 @@ def attribute(
         _accumulate(totals, spec.run(job))
         bar.update(len(batch))
     bar.close()
+    totals = _summed_over_processes(totals, model.device)
 
     n = len(pairs)
-    edges = totals["edges"] / n if "edges" in totals else None  # type: ignore[operator]
-    nodes = totals["nodes"] / n if "nodes" in totals else None  # type: ignore[operator]
+    edges = (totals["edges"] / n).float() if "edges" in totals else None  # type: ignore[operator, union-attr]
+    nodes = (totals["nodes"] / n).float() if "nodes" in totals else None  # type: ignore[operator, union-attr]
     completeness = None
     if "ig_total" in totals:
         completeness = Completeness(
@@ -198,14 +203,27 @@ def attribute(
     return result
 
 
+def _summed_over_processes(
+    totals: dict[str, Tensor | float], device: torch.device
+) -> dict[str, Tensor | float]:
+    """The totals of every process (`circuits.distributed`; one process: unchanged)."""
+    summed: dict[str, Tensor | float] = {
+        k: sum_tensor(v, device) for k, v in totals.items() if isinstance(v, Tensor)
+    }
+    summed |= sum_floats({k: v for k, v in totals.items() if not isinstance(v, Tensor)}, device)
+    return summed
+
+
 def _accumulate(totals: dict[str, Tensor | float], r: BatchResult) -> None:
+    """Batch sums into `totals`; score tensors in float64, so the sum hardly depends on the batching."""
+
     def add(key: str, value: Tensor | float) -> None:
         totals[key] = totals[key] + value if key in totals else value  # type: ignore[operator]
 
     if r.edges is not None:
-        add("edges", r.edges.detach().float().cpu())
+        add("edges", r.edges.detach().double().cpu())
     if r.nodes is not None:
-        add("nodes", r.nodes.detach().float().cpu())
+        add("nodes", r.nodes.detach().double().cpu())
     add("metric_clean", float(r.metric_clean.sum()))
     if r.metric_corrupted is not None:
         add("metric_corrupted", float(r.metric_corrupted.sum()))

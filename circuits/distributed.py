@@ -1,0 +1,94 @@
+"""Data parallelism over `torch.distributed`: scores, metrics and IG totals are sums over examples, so
+each process can take a shard of the prompt pairs, run the ordinary engine on it, and all-reduce the sums.
+
+Launched by `torchrun` (which sets RANK, WORLD_SIZE, MASTER_ADDR, ...), the first call that needs it
+joins the process group from those variables (gloo on CPU, nccl on CUDA); a process group the user
+initialised is used as it is. Without torchrun every function here is the identity: one process, the
+whole data. Shards are contiguous blocks in rank order, so a gather in rank order restores the order of
+the pairs, and sums are reduced in float64, so the result does not depend on the number of processes
+beyond float64 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from circuits.errors import InputError
+
+
+def world_size() -> int:
+    """Processes taking part: torchrun's WORLD_SIZE, or 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    """True in the process that writes files, prints and shows progress bars (rank 0)."""
+    return rank() == 0
+
+
+def _join(device: torch.device) -> None:
+    """Join torchrun's process group the first time one is needed."""
+    if dist.is_initialized():
+        return
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def shard_range(n: int, device: torch.device) -> range:
+    """This process's contiguous block of range(n): sizes differ by at most one, earlier ranks larger."""
+    size = world_size()
+    if size == 1:
+        return range(n)
+    _join(device)
+    if n < size:
+        raise InputError(f"{n} pairs cannot be shared by {size} processes: give at least one pair each")
+    base, extra = divmod(n, size)
+    r = rank()
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_tensor(x: Tensor, device: torch.device) -> Tensor:
+    """The sum of `x` over processes, in float64 (the input's device; `x` itself is not changed)."""
+    if world_size() == 1:
+        return x.double()
+    _join(device)
+    total = x.detach().double().to(_collective_device(device)).clone()
+    dist.all_reduce(total)
+    return total.to(x.device)
+
+
+def sum_floats(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value summed over processes (every process must pass the same keys)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    total = sum_tensor(torch.tensor([values[k] for k in keys], dtype=torch.float64), device)
+    return {k: float(v) for k, v in zip(keys, total.tolist())}
+
+
+def gather_rows(x: Tensor, device: torch.device) -> Tensor:
+    """The processes' tensors concatenated along dim 0 in rank order (shapes may differ in dim 0)."""
+    if world_size() == 1:
+        return x
+    _join(device)
+    parts: list[Tensor | None] = [None] * world_size()
+    dist.all_gather_object(parts, x.detach().cpu())
+    return torch.cat([p for p in parts if p is not None]).to(x.device)

@@ -1,0 +1,73 @@
+"""Data parallelism (circuits.distributed): two processes under torchrun (gloo, CPU) give the results of
+one process, for attribute (eap, eap-ig-inputs), evaluate_many, neuron IG and the CLI's discover."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuits.cli import main
+from tests.distributed.worker import results
+
+pytestmark = pytest.mark.slow  # starts two torchrun processes per test
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _torchrun(*args: str) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
+    scale = float(theirs.abs().max()) or 1.0
+    err = float((ours.double() - theirs.double()).abs().max())
+    assert err <= 1e-6 * scale, f"{what}: max difference {err:.3g} of {scale:.3g}"
+
+
+def test_two_processes_give_the_single_process_results(tmp_path):
+    _torchrun("-m", "tests.distributed.worker", str(tmp_path / "two.pt"))
+    two = torch.load(tmp_path / "two.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same float reductions in each matmul
+    try:
+        one = results()
+    finally:
+        torch.set_num_threads(threads)
+    assert int(two.pop("world_size")) == 2 and int(one.pop("world_size")) == 1
+    assert set(two) == set(one)
+    for key, value in one.items():
+        assert two[key].shape == value.shape, key
+        _close(two[key], value, key)
+
+
+def test_cli_discover_under_torchrun_writes_the_single_process_files(tmp_path):
+    # --n-pairs: torchrun's own parser would take --n for an abbreviation of --nnodes / --nproc-per-node
+    args = ["discover", "--task", "ioi", "--model", "tiny-llama", "--n-pairs", "16", "--batch-size", "4"]
+    _torchrun("-m", "circuits", *args, "--out", str(tmp_path / "two"))
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, two = (torch.load(tmp_path / name / "scores.pt") for name in ("one", "two"))
+    for key in ("edge_scores", "node_scores"):
+        _close(two[key], one[key], key)
+    circuit_one, circuit_two = (
+        json.loads((tmp_path / n / "circuit.json").read_text()) for n in ("one", "two")
+    )
+    assert {e for e, v in circuit_one["edges"].items() if v["in_graph"]} == {
+        e for e, v in circuit_two["edges"].items() if v["in_graph"]
+    }
+    summary_one, summary_two = (
+        json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two")
+    )
+    for summary in (summary_one, summary_two):
+        summary.pop("seconds")
+    assert summary_one.keys() == summary_two.keys()
+    for key in ("faithfulness", "CPR", "CMD", "metric_circuit", "metric_full", "metric_empty", "n_pairs"):
+        assert summary_two[key] == pytest.approx(summary_one[key], rel=1e-6, abs=1e-9), key
