@@ -47,14 +47,15 @@ def _join(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def shard_range(n: int, device: torch.device) -> range:
-    """This process's contiguous block of range(n): sizes differ by at most one, earlier ranks larger."""
+def shard_range(n: int, device: torch.device, what: str = "pairs") -> range:
+    """This process's contiguous block of range(n) (n `what`): sizes differ by at most one, earlier ranks
+    larger."""
     size = world_size()
     if size == 1:
         return range(n)
     _join(device)
     if n < size:
-        raise InputError(f"{n} pairs cannot be shared by {size} processes: give at least one pair each")
+        raise InputError(f"{n} {what} cannot be shared by {size} processes: give at least one to each")
     base, extra = divmod(n, size)
     r = rank()
     start = r * base + min(r, extra)

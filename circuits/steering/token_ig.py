@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from circuits.distributed import gather_rows, shard_range, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.quadrature import Quadrature, check_steps, idgi
@@ -165,20 +166,24 @@ def token_ig(
 
     grad_sum = torch.zeros_like(diff, dtype=torch.float32)
     values, moved = [], []  # IDGI: f at the points, and the gradients of the tokens integrated over
-    for chunk in range(0, len(alphas), max_rows):
-        value, grad = run(alphas[chunk : chunk + max_rows].float(), grad=True)
+    mine = shard_range(len(alphas), model.device, "IG steps")  # all of them, unless under torchrun
+    for chunk in range(mine.start, mine.stop, max_rows):
+        stop = min(chunk + max_rows, mine.stop)
+        value, grad = run(alphas[chunk:stop].float(), grad=True)
         assert grad is not None
         if not bool(torch.isfinite(grad).all()):
             raise NumericalError("non-finite gradients along the IG path; try another baseline")
-        w = weights[chunk : chunk + max_rows].float().to(grad.device)
+        w = weights[chunk:stop].float().to(grad.device)
         grad_sum += (w[:, None, None] * grad).sum(0)
         if quadrature == "idgi":
             values.append(value)
             moved.append(grad[:, start:n_prompt])  # BOS is not integrated over
+    grad_sum = sum_tensor(grad_sum, model.device).float()
     endpoints, _ = run(torch.tensor([0.0, 1.0]), grad=False)
     if quadrature == "idgi":
-        grads = torch.cat(moved)  # [K, tokens, d]
-        per_feature = idgi(grads.flatten(1), torch.cat([*values, endpoints[1:]]))
+        grads = gather_rows(torch.cat(moved), model.device)  # [K, tokens, d], in step order
+        path = gather_rows(torch.cat(values), model.device)
+        per_feature = idgi(grads.flatten(1), torch.cat([path, endpoints[1:]]))
         scores = torch.zeros(n_prompt)
         scores[start:] = per_feature.reshape(grads.shape[1:]).sum(-1).float().cpu()
     else:

@@ -11,6 +11,7 @@ from circuits import Graph, attribute
 from circuits.distributed import is_main, world_size
 from circuits.evaluation import evaluate_many
 from circuits.neurons import neuron_ig
+from circuits.steering import contrastive_token_ig
 from circuits.testing import tiny_llama
 from tests.pairs import PAIRS, make_pairs
 
@@ -41,6 +42,11 @@ def results() -> dict[str, torch.Tensor]:
     # difference of probabilities, so fp32 noise from other padding would be large relative to it)
     neurons = neuron_ig(model, prompts, targets, steps=4, prompts_per_pass=1, quiet=True)
     found["neuron_ig/scores"], found["neuron_ig/prob_delta"] = neurons.scores, neurons.prob_delta
+    for rule in ("gauss-legendre", "idgi"):  # the IG steps are shared; IDGI gathers them in step order
+        tokens = contrastive_token_ig(
+            model, PAIRS[0][0], " Mary", " John", steps=7, quadrature=rule, max_rows=2
+        )
+        found[f"token_ig/{rule}"] = tokens.scores
     return found
 
 
