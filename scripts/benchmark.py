@@ -10,6 +10,13 @@ that one only (an extra EAP row shows the ratio with every position unembedded).
     python scripts/benchmark.py                  # SmolLM2 IOI (32 pairs, batch 8) + GPT-2-small-shaped model
     python scripts/benchmark.py --models smollm2 --methods eap eap-ig-inputs
     python scripts/benchmark.py --sections selection neurons   # pruning speed; neuron IG cached vs full
+    python scripts/benchmark.py --device cuda --dtype bfloat16 --sections edges \
+        --models smollm2 qwen2.5-0.5b-random llama-3.1-8b-random \
+        --methods eap eap-ig-inputs clean-corrupted exact
+    python scripts/benchmark.py --shape small --models llama-3.1-8b-random --n 4   # tiny shapes, same rows
+
+`--device cuda` synchronises before each clock reading and reports peak GPU memory; `exact` is timed at
+node level, and every model also gets one `evaluate_many` of 10 circuits (no pass-count limit for either).
 
 Also times selection + pruning on Llama-3-8B-sized graphs and neuron IG (cached one-position path against
 the full-sequence path) on SmolLM2 with MemoTrap prompts.
@@ -24,12 +31,20 @@ import time
 
 import torch
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from circuits import Graph, load_model
 from circuits.attribution import METHODS, attribute
 from circuits.attribution.methods import MethodName
 from circuits.data import PromptPairs
+from circuits.evaluation import evaluate_many
 from circuits.metrics import Metric, logit_diff
 from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.models.plain import plain_model
@@ -39,11 +54,62 @@ from tasks import ioi_pairs
 from tasks.context import first_token, memotrap
 from tasks.paths import shared_data
 
+# Published shapes (config.json of each model), random weights; `--shape small` keeps the architecture
+# and shrinks the sizes, to check the rows on a CPU.
+SHAPES = {
+    "gpt2-small-random": (GPT2Config, GPT2LMHeadModel, {}),  # 12 layers, 12 heads, d_model 768
+    "qwen2.5-0.5b-random": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+        ),
+    ),
+    "llama-3.1-8b-random": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+        ),
+    ),
+}
+SMALL = {  # the sizes of `--shape small`, by the config classes' field names
+    GPT2Config: dict(n_layer=2, n_head=4, n_embd=64),
+    Qwen2Config: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    LlamaConfig: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+}
 
-def gpt2_small_random() -> HookedModel:
-    cfg = GPT2Config()  # GPT-2 small: 12 layers, 12 heads, d_model 768, vocab 50257
+
+def random_model(
+    name: str, shape: str = "published", device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> HookedModel:
+    """A model of a published shape with random weights (the tiny tokenizer: the vocabulary stays)."""
+    config_class, model_class, sizes = SHAPES[name]
+    if shape == "small":
+        sizes = (
+            sizes
+            | SMALL[config_class]
+            | ({"num_key_value_heads": 2} if "num_key_value_heads" in sizes else {})
+        )
     torch.manual_seed(0)
-    return load_model(GPT2LMHeadModel(cfg).eval(), tiny_tokenizer())
+    hf = model_class(config_class(**sizes)).eval()
+    return load_model(hf, tiny_tokenizer(), device=device, dtype=dtype)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def random_pairs(model: HookedModel, n: int, length: int) -> PromptPairs:
@@ -78,16 +144,33 @@ def plain_pass_times(
 
 def best_of(fn, repeats: int) -> float:
     fn()  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory(device: str) -> str:
+    """Process RSS high-water mark, and on CUDA the peak GPU memory allocated since the last reading."""
+    rss = f"{peak_rss_mb():.0f} MB"
+    if not device.startswith("cuda"):
+        return rss
+    gpu = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return f"{rss}; GPU {gpu:.0f} MB"
 
 
 def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodName], args) -> list[str]:
@@ -102,11 +185,9 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodN
         runs.append(("eap", "eap (all positions unembedded)", every_position_logit_diff))
     for method, label, metric in runs:
         count = METHODS[method].pass_count(args.steps, model.spec.n_layers)
-        assert count is not None, f"{method} has no pass-count limit"
-        forwards, fbs = count
-        limit = forwards * t_f + fbs * t_fb
+        level = "node" if method == "exact" else "edge"  # exact edge patching: one pass per edge
 
-        def go(method: MethodName = method, metric=metric) -> None:
+        def go(method: MethodName = method, metric=metric, level=level) -> None:
             attribute(
                 model,
                 graph,
@@ -115,15 +196,29 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodN
                 method=method,
                 ig_steps=args.steps,
                 batch_size=args.batch_size,
+                level=level,
                 quiet=True,
             )
 
         seconds = best_of(go, args.repeats)
-        rows.append(
-            f"| {name} | {label} | {seconds:.2f} s | {seconds / limit:.2f}x "
-            f"({forwards} fwd + {fbs} fwd/bwd) | {peak_rss_mb():.0f} MB |"
-        )
+        if count is None:
+            ratio = f"(node level: {graph.n_sources} patched runs per batch)"
+        else:
+            forwards, fbs = count
+            ratio = f"{seconds / (forwards * t_f + fbs * t_fb):.2f}x ({forwards} fwd + {fbs} fwd/bwd)"
+        label = f"{label} (node level)" if level == "node" else label
+        rows.append(f"| {name} | {label} | {seconds:.2f} s | {ratio} | {peak_memory(args.device)} |")
         print(rows[-1], flush=True)
+    if graph.scores.abs().sum() == 0:  # circuits need scores: take EAP's
+        attribute(model, graph, pairs, method="eap", batch_size=args.batch_size, quiet=True)
+    circuits = [graph.top_n(max(1, graph.n_edges * k // 100)) for k in range(1, 11)]
+    seconds = best_of(lambda: evaluate_many(model, circuits, pairs, batch_size=args.batch_size), args.repeats)
+    limit = t_f * (2 + len(circuits))  # clean + corrupted + one ablated forward per circuit
+    rows.append(
+        f"| {name} | evaluate_many, 10 circuits (1-10 % of edges) | {seconds:.2f} s | "
+        f"{seconds / limit:.2f}x (12 fwd) | {peak_memory(args.device)} |"
+    )
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -191,12 +286,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sections", nargs="+", default=["edges", "selection", "neurons"])
     parser.add_argument("--neuron-prompts", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--shape", default="published", choices=["published", "small"])
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{platform.processor() or platform.machine()},"
-        f" {torch.get_num_threads()} threads; n={args.n}, batch {args.batch_size}, IG steps {args.steps}"
+        f" {torch.get_num_threads()} threads, {device}, {args.dtype}, {args.shape} shapes; n={args.n}, "
+        f"batch {args.batch_size}, IG steps {args.steps}"
     )
     if "selection" in args.sections:
         selection_rows()
@@ -204,17 +304,17 @@ def main() -> None:
         neuron_rows(args.neuron_prompts, 20)
     if "edges" not in args.sections:
         return
-    print("\n| model | method | wall time | ratio to pass-count limit | peak RSS (process) |")
+    print("\n| model | method | wall time | ratio to pass-count limit | peak memory |")
     print("|---|---|---|---|---|")
     for name in args.models:
         if name == "smollm2":
-            model = load_model("smollm2-135m")
+            model = load_model("smollm2-135m", device=args.device, dtype=DTYPES[args.dtype])
             pairs = ioi_pairs(model, args.n).pairs
-        elif name == "gpt2-small-random":
-            model = gpt2_small_random()
+        elif name in SHAPES:
+            model = random_model(name, args.shape, args.device, DTYPES[args.dtype])
             pairs = random_pairs(model, args.n, 16)
         else:
-            raise SystemExit(f"unknown model {name!r}: choose smollm2 or gpt2-small-random")
+            raise SystemExit(f"unknown model {name!r}: choose smollm2 or one of {', '.join(SHAPES)}")
         for row in run(name, model, pairs, args.methods, args)[:2]:
             print(row)
 

@@ -36,7 +36,7 @@ from circuits.quadrature import quadrature
 from tasks import ioi_pairs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark import gpt2_small_random, random_pairs
+from benchmark import random_model, random_pairs
 
 PAPER = {  # RelP paper, GPT-2 small IOI, Pearson with activation patching: (AtP, RelP)
     "residual stream": (0.753, 0.968),
@@ -153,7 +153,7 @@ def main() -> None:
         model = load_model("smollm2-135m")
         pairs = ioi_pairs(model, args.n, seed=0).pairs
     else:
-        model = gpt2_small_random()
+        model = random_model("gpt2-small-random")
         pairs = random_pairs(model, args.n, 16)
     kinds = points(model)
     names = [n for group in kinds.values() for n in group]
