@@ -10,6 +10,7 @@ that one only (an extra EAP row shows the ratio with every position unembedded).
     python scripts/benchmark.py                  # SmolLM2 IOI (32 pairs, batch 8) + GPT-2-small-shaped model
     python scripts/benchmark.py --models smollm2 --methods eap eap-ig-inputs
     python scripts/benchmark.py --sections selection neurons   # pruning speed; neuron IG cached vs full
+    python scripts/benchmark.py --sections memory --lengths 128 512   # peak RSS against prompt length
     python scripts/benchmark.py --device cuda --dtype bfloat16 --sections edges \
         --models smollm2 qwen2.5-0.5b-random llama-3.1-8b-random \
         --methods eap eap-ig-inputs clean-corrupted exact
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -275,6 +278,47 @@ def neuron_rows(n_prompts: int, steps: int) -> None:
     print(f"speed-up: {times['full'] / times['cached']:.1f}x; peak RSS {peak_rss_mb():.0f} MB")
 
 
+def memory_rows(lengths: list[int], steps: int, max_rows: int) -> None:
+    """Peak RSS and time of EAP-IG-inputs on SmolLM2 for one pair of each length, each in a fresh process
+    (the RSS high-water mark is per process)."""
+    print(
+        f"\n| prompt tokens | eap-ig-inputs (m = {steps}, max_rows {max_rows}), 1 pair | per token "
+        "| peak RSS |"
+    )
+    print("|---|---|---|---|")
+    for length in lengths:
+        command = [sys.executable, __file__, "--sections", "memory-one", "--length", str(length)]
+        command += ["--max-rows", str(max_rows)]
+        done = subprocess.run([*command, "--steps", str(steps)], capture_output=True, text=True)
+        print(
+            done.stdout.strip().splitlines()[-1]
+            if done.returncode == 0
+            else f"| {length} | failed: "
+            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode} | | |"
+        )
+
+
+def memory_one(length: int, steps: int, max_rows: int) -> None:
+    model = load_model("smollm2-135m")
+    pairs = random_pairs(model, 1, length)
+    graph = Graph.from_model(model)
+    start = time.perf_counter()
+    attribute(
+        model,
+        graph,
+        pairs,
+        method="eap-ig-inputs",
+        ig_steps=steps,
+        batch_size=1,
+        max_rows=max_rows,
+        quiet=True,
+    )
+    seconds = time.perf_counter() - start
+    print(
+        f"| {length} | {seconds:.1f} s | {seconds / length * 1000:.1f} ms | {peak_rss_mb() / 1024:.2f} GB |"
+    )
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
@@ -289,7 +333,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--shape", default="published", choices=["published", "small"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512], help="memory section")
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-rows", type=int, default=64, help="memory section: rows per pass")
     args = parser.parse_args()
+    if "memory-one" in args.sections:
+        memory_one(args.length, args.steps, args.max_rows)
+        return
     torch.manual_seed(0)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(
@@ -302,6 +352,8 @@ def main() -> None:
         selection_rows()
     if "neurons" in args.sections:
         neuron_rows(args.neuron_prompts, 20)
+    if "memory" in args.sections:
+        memory_rows(args.lengths, args.steps, args.max_rows)
     if "edges" not in args.sections:
         return
     print("\n| model | method | wall time | ratio to pass-count limit | peak memory |")
