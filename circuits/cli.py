@@ -85,6 +85,15 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+def _add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=1000,
+        help="bootstrap draws over the pairs for the 95%% intervals of faithfulness, CPR and CMD (0: none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="circuits",
@@ -112,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--edges", type=int, default=300, help="edges in the selected circuit (default 300)")
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
+    _add_bootstrap_args(d)
+    d.add_argument(
+        "--stability",
+        type=int,
+        default=0,
+        metavar="K",
+        help="re-score K bootstrap resamples of the pairs and report the Jaccard index of their circuits "
+        "with this one (K more attribution runs; default 0: skip)",
+    )
     d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
 
     e = commands.add_parser("evaluate", help="faithfulness of a circuit file on a task (and its curve)")
@@ -120,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(e)
     e.add_argument("--ablation", default="patching", choices=["patching", "mean", "zero"])
     e.add_argument("--curve", action="store_true", help="also the MIB curves and CPR / CMD of its scores")
+    _add_bootstrap_args(e)
 
     r = commands.add_parser("draw", help="draw a circuit file as SVG / PNG")
     r.add_argument("circuit", type=Path)
@@ -191,14 +210,20 @@ def _discover(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         edges=args.edges,
         curves=not args.no_curve,
+        resamples=args.resamples,
+        stability=args.stability,
         out=args.out,
     )
     print(f"{task}; baseline: {found.baseline}")
     if found.attribution.completeness is not None:
         print(found.attribution.completeness)
-    print(f"circuit: {found.circuit.n_in_graph} edges, faithfulness {found.evaluation.faithfulness:.3f}")
+    faithfulness = found.faithfulness_interval or f"{found.evaluation.faithfulness:.3f}"
+    print(f"circuit: {found.circuit.n_in_graph} edges, faithfulness {faithfulness}{_level(args)}")
     if found.curves is not None:
-        print(f"CPR {found.curves.cpr:.3f}, CMD {found.curves.cmd:.3f}")
+        cpr, cmd = found.curves.cpr_interval, found.curves.cmd_interval
+        print(f"CPR {cpr or f'{found.curves.cpr:.3f}'}, CMD {cmd or f'{found.curves.cmd:.3f}'}{_level(args)}")
+    if found.stability is not None:
+        print(found.stability)
     print("wrote " + ", ".join(str(f) for f in found.files))
     return 0
 
@@ -212,25 +237,40 @@ def _load_circuit(path: Path) -> Graph:
 def _evaluate(args: argparse.Namespace) -> int:
     from circuits.evaluation import evaluate
     from circuits.faithfulness import mib_scores
+    from circuits.uncertainty import faithfulness_interval
 
     circuit = _load_circuit(args.circuit)
     model = _model(args.model)
     circuit.check_fits(model.spec)
     task = _task(model, args.task, args.n, args.seed, args.data)
     result = evaluate(model, circuit, task.pairs, task.metric, args.ablation, batch_size=args.batch_size)
+    faithfulness = (
+        faithfulness_interval(result, args.resamples) if args.resamples else f"{result.faithfulness:.4f}"
+    )
     print(
         f"{circuit.n_in_graph} edges: M(circuit) {result.circuit:.4f}, M(full) {result.full:.4f}, "
-        f"M(empty) {result.empty:.4f}, faithfulness {result.faithfulness:.4f}"
+        f"M(empty) {result.empty:.4f}, faithfulness {faithfulness}{_level(args)}"
     )
     if args.curve:
         scores = mib_scores(
-            model, circuit, task.pairs, task.metric, ablation=args.ablation, batch_size=args.batch_size
+            model,
+            circuit,
+            task.pairs,
+            task.metric,
+            ablation=args.ablation,
+            batch_size=args.batch_size,
+            resamples=args.resamples,
         )
         for curve in (scores.signed, scores.absolute):
             points = ", ".join(f"{p.percent:g}%: {p.faithfulness:.3f}" for p in curve.points)
             print(f"{'signed' if not curve.absolute else 'absolute'}: {points}")
-        print(f"CPR {scores.cpr:.4f}, CMD {scores.cmd:.4f}")
+        cpr, cmd = scores.cpr_interval or f"{scores.cpr:.4f}", scores.cmd_interval or f"{scores.cmd:.4f}"
+        print(f"CPR {cpr}, CMD {cmd}{_level(args)}")
     return 0
+
+
+def _level(args: argparse.Namespace) -> str:
+    return f" (95% intervals, {args.resamples} bootstrap draws over the pairs)" if args.resamples else ""
 
 
 def _draw(args: argparse.Namespace) -> int:

@@ -102,6 +102,21 @@ class PromptPairs:
             self.texts[index] if self.texts else [],
         )
 
+    def take(self, indices: Tensor) -> PromptPairs:
+        """The pairs at `indices` [M] (repeats allowed, e.g. a bootstrap resample), trimmed to the longest."""
+        rows = indices.long()
+        lengths = self.lengths[rows]
+        width = int(lengths.max())
+        return PromptPairs(
+            self.clean[rows, :width],
+            self.corrupted[rows, :width],
+            lengths,
+            self.answer[rows],
+            self.distractor[rows],
+            self.pad_id,
+            [self.texts[i] for i in rows.tolist()] if self.texts else [],
+        )
+
     def batches(self, batch_size: int) -> Iterator[PromptPairs]:
         """Consecutive batches of at most `batch_size` pairs, each trimmed to its longest pair."""
         check_count(batch_size, "batch_size")

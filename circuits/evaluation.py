@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from circuits.data import PromptPairs, check_count, check_pairs
-from circuits.distributed import gather_rows, is_main, shard_range, sum_floats
+from circuits.distributed import gather_rows, is_main, shard_range
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
@@ -31,6 +31,8 @@ class Evaluation:
     circuit: float  # mean M(circuit)
     full: float  # mean M(full model)
     empty: float  # mean M(every edge ablated)
+    full_per_example: Tensor | None = None  # [N] M(full model) per example (for bootstrap intervals)
+    empty_per_example: Tensor | None = None  # [N] M(empty circuit) per example
 
     @property
     def faithfulness(self) -> float:
@@ -111,7 +113,8 @@ def evaluate_many(
         else source_means(model, graph, reference or pairs, ablation, batch_size, pairs.n_positions)
     )
     values: list[list[Tensor]] = [[] for _ in circuits]
-    full = empty = 0.0
+    full: list[Tensor] = []
+    empty: list[Tensor] = []
     mine = shard_range(len(pairs), model.device)  # all of them, unless under torchrun
     local = pairs[mine.start : mine.stop]
     bar = tqdm(
@@ -137,20 +140,26 @@ def evaluate_many(
             if corrupted_logits is not None
             else forward_with_ablation(model, graph, ids, mask, ablated, graph.valid)
         )
-        full += float(measure(clean_logits, clean_logits).sum())
-        empty += float(measure(nothing, clean_logits).sum())
+        full.append(measure(clean_logits, clean_logits).cpu())
+        empty.append(measure(nothing, clean_logits).cpu())
         for i, edges in enumerate(ablate):
             patched = forward_with_ablation(model, graph, ids, mask, ablated, edges)
             values[i].append(measure(patched, clean_logits).cpu())
         bar.update(len(batch))
     bar.close()
-    n = len(pairs)
-    sums = sum_floats({"full": full, "empty": empty}, model.device)
+    full_all, empty_all = (gather_rows(torch.cat(v), model.device) for v in (full, empty))
     results = []
     for per_batch in values:
         per_example = gather_rows(torch.cat(per_batch), model.device)
         results.append(
-            Evaluation(per_example, float(per_example.mean()), sums["full"] / n, sums["empty"] / n)
+            Evaluation(
+                per_example,
+                float(per_example.mean()),
+                float(full_all.double().mean()),
+                float(empty_all.double().mean()),
+                full_all,
+                empty_all,
+            )
         )
     return results
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from circuits.data import PromptPairs
 from circuits.errors import InputError
@@ -23,6 +24,7 @@ from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.sources import Ablation
+from circuits.uncertainty import LEVEL, RESAMPLES, Interval, curve_intervals
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 Selection = Literal["top_n", "greedy", "nodes", "random"]
@@ -44,6 +46,10 @@ class FaithfulnessCurve:
     full: float  # mean metric of the full model
     empty: float  # mean metric of the empty circuit
     points: list[CurvePoint] = field(default_factory=list)
+    # per-example metrics, for bootstrap intervals (`circuits.uncertainty`): [N] each, one per point
+    full_per_example: Tensor | None = field(default=None, repr=False)
+    empty_per_example: Tensor | None = field(default=None, repr=False)
+    per_example: list[Tensor] = field(default_factory=list, repr=False)
 
     @property
     def area_under(self) -> float:
@@ -56,7 +62,12 @@ class FaithfulnessCurve:
         return area([p.fraction for p in self.points], [abs(1 - p.faithfulness) for p in self.points])
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "area_under": self.area_under, "area_from_one": self.area_from_one}
+        """The curve without its per-example tensors (for JSON)."""
+        plain = {k: v for k, v in asdict(self).items() if k not in _PER_EXAMPLE}
+        return {**plain, "area_under": self.area_under, "area_from_one": self.area_from_one}
+
+
+_PER_EXAMPLE = ("full_per_example", "empty_per_example", "per_example")
 
 
 def area(x: Sequence[float], y: Sequence[float]) -> float:
@@ -131,10 +142,20 @@ def faithfulness_curve(
     results = evaluate_many(
         model, circuits, pairs, metric, ablation, reference=reference, batch_size=batch_size, quiet=quiet
     )
-    curve = FaithfulnessCurve(label or selection, absolute, results[0].full, results[0].empty)
+    first = results[0]
+    curve = FaithfulnessCurve(
+        label or selection,
+        absolute,
+        first.full,
+        first.empty,
+        [],
+        first.full_per_example,
+        first.empty_per_example,
+    )
     for p, circuit, result in zip(percentages, circuits, results):
         n = circuit.n_in_graph
         curve.points.append(CurvePoint(p, n, n / graph.n_edges, result.circuit, result.faithfulness))
+        curve.per_example.append(result.per_example)
     return curve
 
 
@@ -144,6 +165,8 @@ class MIBScores:
     cmd: float  # area under |1 - f|, absolute selection (lower is better)
     signed: FaithfulnessCurve
     absolute: FaithfulnessCurve
+    cpr_interval: Interval | None = None  # bootstrap over examples (`circuits.uncertainty`)
+    cmd_interval: Interval | None = None
 
 
 def mib_scores(
@@ -154,13 +177,21 @@ def mib_scores(
     *,
     selection: Selection = "top_n",
     label: str | None = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    bootstrap_seed: int = 0,
     **kwargs: Any,
 ) -> MIBScores:
-    """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves."""
+    """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves and
+    their bootstrap intervals over the examples (`resamples` draws at confidence `level`; 0 draws: none)."""
     signed = faithfulness_curve(
         model, graph, pairs, metric, absolute=False, selection=selection, label=label, **kwargs
     )
     absolute = faithfulness_curve(
         model, graph, pairs, metric, absolute=True, selection=selection, label=label, **kwargs
     )
-    return MIBScores(signed.area_under, absolute.area_from_one, signed, absolute)
+    scores = MIBScores(signed.area_under, absolute.area_from_one, signed, absolute)
+    if resamples:
+        scores.cpr_interval = curve_intervals(signed, resamples, level, bootstrap_seed)[0]
+        scores.cmd_interval = curve_intervals(absolute, resamples, level, bootstrap_seed)[1]
+    return scores

@@ -28,6 +28,7 @@ from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
 from circuits.quadrature import Quadrature
 from circuits.task import TaskPairs
+from circuits.uncertainty import RESAMPLES, Interval, Stability, circuit_stability, faithfulness_interval
 from circuits.viewer import write_page
 
 # Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
@@ -84,6 +85,8 @@ class Discovery:
     evaluation: Evaluation
     curves: MIBScores | None
     heads: list[HeadScore]
+    faithfulness_interval: Interval | None = None  # bootstrap over the pairs (circuits.uncertainty)
+    stability: Stability | None = None  # the circuit across bootstrap resamples, when asked for
     files: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -100,12 +103,16 @@ def discover(
     edges: int = 300,
     curves: bool = True,
     percentages: tuple[float, ...] = MIB_PERCENTAGES,
+    resamples: int = RESAMPLES,
+    stability: int = 0,
     out: str | Path | None = None,
     quiet: bool = False,
 ) -> Discovery:
     """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files
     (`out` is checked for writability before any work, and replaced whole at the end: see `outputs`).
-    `rules`: RelP's backward rules for the gradient methods (see `attribute`)."""
+    `rules`: RelP's backward rules for the gradient methods (see `attribute`). `resamples`: bootstrap draws
+    for the 95% intervals of faithfulness, CPR and CMD (0: none); `stability`: re-score that many bootstrap
+    resamples of the pairs and report the Jaccard index of their circuits with this one (0: skip)."""
     if out is not None:
         check_writable(Path(out))
     seconds: dict[str, float] = {}
@@ -130,7 +137,14 @@ def discover(
     start = time.perf_counter()
     scores = (
         mib_scores(
-            model, graph, task.pairs, task.metric, percentages=percentages, batch_size=batch_size, quiet=quiet
+            model,
+            graph,
+            task.pairs,
+            task.metric,
+            percentages=percentages,
+            batch_size=batch_size,
+            resamples=resamples,
+            quiet=quiet,
         )
         if curves
         else None
@@ -138,6 +152,24 @@ def discover(
     seconds["curves"] = time.perf_counter() - start
     heads = top_heads(graph, attribution, 12) if attribution.node_scores is not None else []
     found = Discovery(task, graph, base, attribution, circuit, evaluation, scores, heads, seconds=seconds)
+    if resamples:
+        found.faithfulness_interval = faithfulness_interval(evaluation, resamples)
+    if stability:
+        start = time.perf_counter()
+        found.stability = circuit_stability(
+            model,
+            circuit,
+            task.pairs,
+            task.metric,
+            method,
+            n_edges=min(edges, graph.n_edges),
+            resamples=stability,
+            ig_steps=steps,
+            quadrature=quadrature,
+            rules=rules,
+            batch_size=batch_size,
+        )
+        seconds["stability"] = time.perf_counter() - start
     if out is not None and is_main():  # under torchrun every process has the same results; one writes
         found.files = write(found, Path(out), model, method, steps)
     return found
@@ -160,6 +192,10 @@ def write(found: Discovery, out: Path, model: HookedModel, method: str, steps: i
     with replacing_folder(out, OUTPUT_FILES) as staging:
         files = _write_files(found, staging, model, method, steps)
     return [out / f.name for f in files]
+
+
+def _interval_dict(interval: Interval | None) -> dict[str, float] | None:
+    return None if interval is None else interval.to_dict()
 
 
 def _prompts(model: HookedModel, pairs: PromptPairs, n: int = 10) -> list[str]:
@@ -214,6 +250,8 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         "metric_circuit": found.evaluation.circuit,
         "metric_full": found.evaluation.full,
         "metric_empty": found.evaluation.empty,
+        "faithfulness_interval": _interval_dict(found.faithfulness_interval),
+        "stability": None if found.stability is None else found.stability.to_dict(),
         "seconds": found.seconds,
     }
     if found.curves is not None:
@@ -226,6 +264,8 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         )
         summary["CPR"] = found.curves.cpr
         summary["CMD"] = found.curves.cmd
+        summary["CPR_interval"] = _interval_dict(found.curves.cpr_interval)
+        summary["CMD_interval"] = _interval_dict(found.curves.cmd_interval)
         summary["curves"] = {
             "signed": found.curves.signed.to_dict(),
             "absolute": found.curves.absolute.to_dict(),

@@ -84,3 +84,17 @@ def test_discover_with_relp_rules_matches_the_api(tmp_path):
     assert result.edge_scores is not None and default.edge_scores is not None
     torch.testing.assert_close(saved, result.edge_scores, rtol=0, atol=1e-6)
     assert not torch.allclose(saved, default.edge_scores, atol=1e-6)  # the rules reached the method
+
+
+def test_discover_reports_intervals_and_stability(tmp_path, capsys):
+    out = tmp_path / "ioi"
+    args = ["discover", "--model", "tiny-llama", "--n", "6", "--batch-size", "3", "--method", "eap"]
+    assert main([*args, "--edges", "30", "--resamples", "200", "--stability", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "95% intervals, 200 bootstrap draws" in printed and "stability over 2 resamples" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("faithfulness_interval", "CPR_interval", "CMD_interval"):
+        low, high = summary[key]["low"], summary[key]["high"]
+        assert low <= summary[key]["estimate"] <= high, key
+    assert summary["faithfulness_interval"]["estimate"] == summary["faithfulness"]
+    assert len(summary["stability"]["jaccard_to_full"]) == 2

@@ -19,7 +19,7 @@ LAYERS = [
     ["sources"],
     ["intervention"],
     ["attribution"],
-    ["evaluation", "faithfulness", "layout", "viewer", "drawing"],
+    ["evaluation", "uncertainty", "faithfulness", "layout", "viewer", "drawing"],
     ["neurons", "steering", "testing"],
     ["pipeline", "cli", "__main__"],
 ]

@@ -1,0 +1,175 @@
+"""How sure a circuit's numbers are: bootstrap confidence intervals over examples (percentile intervals,
+Efron & Tibshirani 1993) for faithfulness, CPR and CMD, and the stability of a circuit across bootstrap
+resamples of the prompt pairs (Jaccard index of the edge sets).
+
+The intervals resample the per-example metrics an evaluation already holds (no model passes): for each
+resample, f = (mean M(C) - mean M(empty)) / (mean M(full) - mean M(empty)) over the drawn examples, and
+CPR / CMD are the areas of those f over the curve's fixed x. Stability re-scores each resample with the
+method and compares the selected circuits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from circuits.attribution import MethodName, attribute
+from circuits.data import PromptPairs
+from circuits.errors import InputError, NumericalError
+from circuits.evaluation import Evaluation
+from circuits.graph import Graph
+from circuits.metrics import Metric
+from circuits.models.hooked import HookedModel, uses_model
+
+if TYPE_CHECKING:
+    from circuits.faithfulness import FaithfulnessCurve
+
+RESAMPLES = 1000
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A statistic on all examples and its bootstrap percentile interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+    resamples: int
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
+
+
+def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = 0) -> Tensor:
+    """[resamples, n] example indices drawn with replacement (seeded)."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise InputError(f"resamples must be a whole number >= 1, got {resamples!r}")
+    if n < 2:
+        raise InputError(f"a bootstrap over {n} example(s) says nothing: give at least 2")
+    return torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _interval(estimate: float, values: Tensor, level: float) -> Interval:
+    if not 0 < level < 1:
+        raise InputError(f"level must lie in (0, 1), got {level!r}")
+    finite = values[values.isfinite()]
+    if len(finite) < len(values):
+        raise NumericalError(
+            f"{len(values) - len(finite)} of {len(values)} resamples have M(full) = M(empty): faithfulness "
+            "is undefined on them (too few examples that the corruption changes)"
+        )
+    tail = (1 - level) / 2
+    low, high = torch.quantile(values.double(), torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return Interval(estimate, low, high, level, len(values))
+
+
+def _per_example(evaluation: Evaluation) -> tuple[Tensor, Tensor, Tensor]:
+    if evaluation.full_per_example is None or evaluation.empty_per_example is None:
+        raise InputError("this evaluation has no per-example metrics of the full model and the empty circuit")
+    return (
+        evaluation.per_example.double(),
+        evaluation.full_per_example.double(),
+        evaluation.empty_per_example.double(),
+    )
+
+
+def _resampled_faithfulness(circuit: Tensor, full: Tensor, empty: Tensor, draws: Tensor) -> Tensor:
+    """[resamples] f of each resample; circuit may be [N] or [points, N] (then [resamples, points])."""
+    e = empty[draws].mean(-1)
+    scale = full[draws].mean(-1) - e
+    c = circuit[..., draws].mean(-1)  # [..., resamples]
+    return ((c - e) / scale).T if c.dim() == 2 else (c - e) / scale
+
+
+def faithfulness_interval(
+    evaluation: Evaluation, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
+) -> Interval:
+    """The circuit's faithfulness with its bootstrap interval over the evaluated examples."""
+    circuit, full, empty = _per_example(evaluation)
+    draws = resample_indices(len(circuit), resamples, seed)
+    return _interval(evaluation.faithfulness, _resampled_faithfulness(circuit, full, empty, draws), level)
+
+
+def _trapezoid(x: Tensor, y: Tensor) -> Tensor:
+    """Area under y [..., points] over x [points] (the rule of `circuits.faithfulness.area`)."""
+    return ((x[1:] - x[:-1]) * (y[..., 1:] + y[..., :-1]) / 2).sum(-1)
+
+
+def curve_intervals(
+    curve: FaithfulnessCurve, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
+) -> tuple[Interval, Interval]:
+    """Bootstrap intervals of the curve's area under f (CPR) and under |1 - f| (CMD)."""
+    if curve.full_per_example is None or curve.empty_per_example is None or not curve.per_example:
+        raise InputError("this curve has no per-example metrics (made by faithfulness_curve?)")
+    circuits = torch.stack(curve.per_example).double()  # [points, N]
+    full, empty = curve.full_per_example.double(), curve.empty_per_example.double()
+    draws = resample_indices(circuits.shape[1], resamples, seed)
+    f = _resampled_faithfulness(circuits, full, empty, draws)  # [resamples, points]
+    x = torch.tensor([p.fraction for p in curve.points], dtype=torch.float64)
+    under = _interval(curve.area_under, _trapezoid(x, f), level)
+    from_one = _interval(curve.area_from_one, _trapezoid(x, (1 - f).abs()), level)
+    return under, from_one
+
+
+@dataclass(frozen=True)
+class Stability:
+    """Jaccard index |A & B| / |A | B| of the edge sets of circuits selected on bootstrap resamples."""
+
+    to_full: Tensor  # [resamples] each resample's circuit against the circuit of all pairs
+    pairwise: float  # mean over pairs of resamples
+
+    @property
+    def mean(self) -> float:
+        return float(self.to_full.mean())
+
+    def __str__(self) -> str:
+        return (
+            f"stability over {len(self.to_full)} resamples: Jaccard with the full-data circuit "
+            f"{self.mean:.3f} (min {float(self.to_full.min()):.3f}), between resamples {self.pairwise:.3f}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"jaccard_to_full": self.to_full.tolist(), "mean": self.mean, "pairwise": self.pairwise}
+
+
+def jaccard(a: Tensor, b: Tensor) -> float:
+    """|a & b| / |a | b| of two bool edge masks (1 for two empty sets)."""
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+@uses_model
+def circuit_stability(
+    model: HookedModel,
+    circuit: Graph,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    method: MethodName = "eap-ig-inputs",
+    *,
+    n_edges: int,
+    resamples: int = 10,
+    seed: int = 0,
+    **attribute_options: Any,
+) -> Stability:
+    """Re-score `resamples` bootstrap resamples of `pairs` with `method` and keep the top `n_edges` edges of
+    each (pruned, as `Graph.top_n`); compare their edge sets with `circuit` (the circuit of all pairs)."""
+    draws = resample_indices(len(pairs), resamples, seed)
+    masks = []
+    for row in draws:
+        graph = Graph.from_model(model)
+        attribute(model, graph, pairs.take(row), metric, method, quiet=True, **attribute_options)
+        found = graph.top_n(min(n_edges, graph.n_edges))
+        masks.append(found.in_graph & found.valid)
+    full = circuit.in_graph & circuit.valid
+    to_full = torch.tensor([jaccard(m, full) for m in masks])
+    pairs_of = [(i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
+    pairwise = sum(jaccard(masks[i], masks[j]) for i, j in pairs_of) / len(pairs_of) if pairs_of else 1.0
+    return Stability(to_full, pairwise)
