@@ -62,12 +62,19 @@ def report(found: Discovery, model: HookedModel) -> None:
         for name, members in WANG_2022_HEADS.items():
             print(f"  {name:<20} {len(overlap[name])}/{len(members)}  {', '.join(overlap[name]) or '-'}")
     e = found.evaluation
+    faithfulness = found.faithfulness_interval or f"{e.faithfulness:.3f}"
     print(
         f"\nCircuit of {found.circuit.n_in_graph} edges (after pruning): M(circuit) {e.circuit:.3f}, "
-        f"M(full) {e.full:.3f}, M(empty) {e.empty:.3f}, faithfulness {e.faithfulness:.3f}"
+        f"M(full) {e.full:.3f}, M(empty) {e.empty:.3f}, faithfulness {faithfulness}"
     )
     if found.curves is not None:
-        print(f"Faithfulness curves (MIB budgets): CPR {found.curves.cpr:.3f}, CMD {found.curves.cmd:.3f}")
+        cpr, cmd = (
+            found.curves.cpr_interval or found.curves.cpr,
+            found.curves.cmd_interval or found.curves.cmd,
+        )
+        print(f"Faithfulness curves (MIB budgets): CPR {cpr}, CMD {cmd}")
+    if found.faithfulness_interval is not None:
+        print("(in brackets: 95% bootstrap intervals over the pairs)")
 
 
 def main(argv: list[str] | None = None) -> None:
