@@ -1,6 +1,7 @@
 """How sure a circuit's numbers are: bootstrap confidence intervals over examples (percentile intervals,
-Efron & Tibshirani 1993) for faithfulness, CPR and CMD, and the stability of a circuit across bootstrap
-resamples of the prompt pairs (Jaccard index of the edge sets).
+Efron & Tibshirani 1993) for faithfulness, CPR and CMD, the stability of a circuit across bootstrap
+resamples of the prompt pairs (Jaccard index of the edge sets), and the bootstrap sign-consistency filter
+for edge selection.
 
 The intervals resample the per-example metrics an evaluation already holds (no model passes): for each
 resample, f = (mean M(C) - mean M(empty)) / (mean M(full) - mean M(empty)) over the drawn examples, and
@@ -147,6 +148,26 @@ def jaccard(a: Tensor, b: Tensor) -> float:
 
 
 @uses_model
+def bootstrap_scores(
+    model: HookedModel,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    method: MethodName = "eap-ig-inputs",
+    *,
+    resamples: int = 10,
+    seed: int = 0,
+    **attribute_options: Any,
+) -> Tensor:
+    """Edge scores [resamples, n_sources, n_destinations] of `method` on bootstrap resamples of `pairs`."""
+    scores = []
+    for row in resample_indices(len(pairs), resamples, seed):
+        graph = Graph.from_model(model)
+        attribute(model, graph, pairs.take(row), metric, method, quiet=True, **attribute_options)
+        scores.append(graph.scores)
+    return torch.stack(scores)
+
+
+@uses_model
 def circuit_stability(
     model: HookedModel,
     circuit: Graph,
@@ -161,11 +182,12 @@ def circuit_stability(
 ) -> Stability:
     """Re-score `resamples` bootstrap resamples of `pairs` with `method` and keep the top `n_edges` edges of
     each (pruned, as `Graph.top_n`); compare their edge sets with `circuit` (the circuit of all pairs)."""
-    draws = resample_indices(len(pairs), resamples, seed)
     masks = []
-    for row in draws:
+    for scores in bootstrap_scores(
+        model, pairs, metric, method, resamples=resamples, seed=seed, **attribute_options
+    ):
         graph = Graph.from_model(model)
-        attribute(model, graph, pairs.take(row), metric, method, quiet=True, **attribute_options)
+        graph.scores = scores
         found = graph.top_n(min(n_edges, graph.n_edges))
         masks.append(found.in_graph & found.valid)
     full = circuit.in_graph & circuit.valid
@@ -173,3 +195,21 @@ def circuit_stability(
     pairs_of = [(i, j) for i in range(len(masks)) for j in range(i + 1, len(masks))]
     pairwise = sum(jaccard(masks[i], masks[j]) for i, j in pairs_of) / len(pairs_of) if pairs_of else 1.0
     return Stability(to_full, pairwise)
+
+
+def sign_consistent(graph: Graph, resampled: Tensor, agreement: float = 0.9) -> Graph:
+    """Bootstrap sign-consistency filtering (after the BlackboxNLP 2025 MIB shared task, arXiv 2510.25786):
+    a copy of `graph` whose score is set to 0 on every edge whose sign on the resamples
+    (`bootstrap_scores`, [R, n_sources, n_destinations]) agrees with its full-data sign in fewer than
+    `agreement` of them, so that selection takes the consistent edges first."""
+    if not 0 < agreement <= 1:
+        raise InputError(f"agreement must lie in (0, 1], got {agreement!r}")
+    if resampled.shape[1:] != graph.scores.shape:
+        raise InputError(
+            f"resampled scores have shape {tuple(resampled.shape)}; "
+            f"the graph's scores {tuple(graph.scores.shape)}"
+        )
+    agrees = (resampled.sign() == graph.scores.sign()[None]).double().mean(0)
+    filtered = graph.copy()
+    filtered.scores = torch.where(agrees >= agreement, graph.scores, torch.zeros_like(graph.scores))
+    return filtered

@@ -1,10 +1,12 @@
-"""CPR and CMD with 95% bootstrap intervals on held-out IOI pairs, for EAP, EAP-IG-inputs and RelP.
+"""CPR and CMD with 95% bootstrap intervals on held-out IOI pairs, for EAP, EAP-IG-inputs and RelP (and
+each with bootstrap sign-consistency filtering, `--sign-consistency R`).
 
 Scores on the first `--n` generated IOI pairs, circuits at the MIB budgets, evaluated on the next `--n`
 (disjoint draws of the generator); intervals from `--resamples` bootstrap draws over the evaluation
 pairs (circuits.uncertainty).
 
     python scripts/mib_intervals.py --n 64          # SmolLM2-135M-Instruct
+    python scripts/mib_intervals.py --n 64 --methods eap-ig-inputs --sign-consistency 10
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from circuits import Graph, attribute, load_model
 from circuits.attribution.methods import MethodName
 from circuits.faithfulness import mib_scores
+from circuits.uncertainty import bootstrap_scores, sign_consistent
 from tasks import ioi_pairs
 
 
@@ -28,6 +31,14 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=["eap", "eap-ig-inputs", "relp"])
+    parser.add_argument(
+        "--sign-consistency",
+        type=int,
+        default=0,
+        metavar="R",
+        help="also each method's scores filtered by bootstrap sign consistency over R resamples",
+    )
+    parser.add_argument("--agreement", type=float, default=0.9)
     args = parser.parse_args()
     model = load_model(args.model)
     task = ioi_pairs(model, 2 * args.n)
@@ -52,17 +63,33 @@ def main() -> None:
             batch_size=args.batch_size,
             quiet=True,
         )
-        scores = mib_scores(
-            model,
-            graph,
-            held_out,
-            task.metric,
-            batch_size=args.batch_size,
-            resamples=args.resamples,
-            quiet=True,
-        )
-        seconds = time.perf_counter() - start
-        print(f"| {method} | {scores.cpr_interval} | {scores.cmd_interval} | {seconds:.0f} |", flush=True)
+        rows = [(method, graph)]
+        if args.sign_consistency:
+            resampled = bootstrap_scores(
+                model,
+                scoring,
+                task.metric,
+                name,
+                resamples=args.sign_consistency,
+                ig_steps=args.steps,
+                batch_size=args.batch_size,
+            )
+            label = (
+                f"{method}, sign-consistent ({args.sign_consistency} resamples, agreement {args.agreement})"
+            )
+            rows.append((label, sign_consistent(graph, resampled, args.agreement)))
+        for label, scored in rows:
+            scores = mib_scores(
+                model,
+                scored,
+                held_out,
+                task.metric,
+                batch_size=args.batch_size,
+                resamples=args.resamples,
+                quiet=True,
+            )
+            seconds = time.perf_counter() - start
+            print(f"| {label} | {scores.cpr_interval} | {scores.cmd_interval} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

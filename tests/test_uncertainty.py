@@ -109,3 +109,21 @@ def test_jaccard():
     a = torch.tensor([True, True, False, False])
     b = torch.tensor([True, False, True, False])
     assert jaccard(a, b) == pytest.approx(1 / 3) and jaccard(a, a) == 1.0
+
+
+def test_sign_consistency_keeps_the_edges_whose_sign_holds():
+    from circuits.testing import tiny_llama
+    from circuits.uncertainty import sign_consistent
+
+    graph = Graph.from_model(tiny_llama())
+    graph.scores = torch.randn(graph.scores.shape, generator=torch.Generator().manual_seed(0))
+    resampled = graph.scores[None].repeat(10, 1, 1)
+    resampled[:2] *= -1  # every edge flips in 2 of 10 resamples: agreement 0.8
+    resampled[:, 0, 0] = graph.scores[0, 0]  # one edge always agrees
+    kept = sign_consistent(graph, resampled, agreement=0.8).scores
+    assert torch.equal(kept, graph.scores)  # 0.8 >= 0.8 everywhere
+    strict = sign_consistent(graph, resampled, agreement=0.9).scores
+    assert strict[0, 0] == graph.scores[0, 0] and int((strict != 0).sum()) == 1
+    assert torch.equal(graph.scores, resampled[5])  # the caller's graph is not changed
+    with pytest.raises(InputError, match="agreement"):
+        sign_consistent(graph, resampled, agreement=0)
