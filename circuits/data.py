@@ -90,17 +90,7 @@ class PromptPairs:
         return (torch.arange(self.n_positions)[None, :] < self.lengths[:, None]).long()
 
     def __getitem__(self, index: slice) -> PromptPairs:
-        lengths = self.lengths[index]
-        width = int(lengths.max())
-        return PromptPairs(
-            self.clean[index, :width],
-            self.corrupted[index, :width],
-            lengths,
-            self.answer[index],
-            self.distractor[index],
-            self.pad_id,
-            self.texts[index] if self.texts else [],
-        )
+        return self.take(torch.arange(len(self))[index])
 
     def take(self, indices: Tensor) -> PromptPairs:
         """The pairs at `indices` [M] (repeats allowed, e.g. a bootstrap resample), trimmed to the longest."""

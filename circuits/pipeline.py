@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -119,18 +119,13 @@ def discover(
     graph = Graph.from_model(model)
     start = time.perf_counter()
     base = baseline(model, task)
-    attribution = attribute(
-        model,
-        graph,
-        task.pairs,
-        task.metric,
-        method,
-        ig_steps=steps,
-        quadrature=quadrature,
-        rules=rules,
-        batch_size=batch_size,
-        quiet=quiet,
-    )
+    scoring: dict[str, Any] = {
+        "ig_steps": steps,
+        "quadrature": quadrature,
+        "rules": rules,
+        "batch_size": batch_size,
+    }
+    attribution = attribute(model, graph, task.pairs, task.metric, method, quiet=quiet, **scoring)
     seconds["attribution"] = time.perf_counter() - start
     circuit = graph.top_n(min(edges, graph.n_edges))
     evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=batch_size)
@@ -164,10 +159,7 @@ def discover(
             method,
             n_edges=min(edges, graph.n_edges),
             resamples=stability,
-            ig_steps=steps,
-            quadrature=quadrature,
-            rules=rules,
-            batch_size=batch_size,
+            **scoring,  # each resample is scored as the pairs were
         )
         seconds["stability"] = time.perf_counter() - start
     if out is not None and is_main():  # under torchrun every process has the same results; one writes
