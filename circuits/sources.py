@@ -58,6 +58,8 @@ def source_hooks(
 
     def write(index: int | slice, transform: Callable[[Tensor], Tensor] | None = None) -> HookFn:
         def fn(x: Tensor) -> None:
+            if model.recomputing:  # written in the first run of the block
+                return
             with torch.no_grad():
                 value = (transform(x) if transform else x).to(out.dtype)
                 if subtract:
@@ -73,6 +75,8 @@ def source_hooks(
         generic = write(heads, lambda z: model.head_results(layer, z))
 
         def fn(z: Tensor) -> None:
+            if model.recomputing:
+                return
             storage = out.permute(2, 0, 1, 3)[heads]  # [n_heads, B, P, d] for source-major storage
             if not storage.is_contiguous() or z.shape[:2] != out.shape[:2] or z.dtype != out.dtype:
                 generic(z)

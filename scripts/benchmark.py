@@ -11,6 +11,7 @@ that one only (an extra EAP row shows the ratio with every position unembedded).
     python scripts/benchmark.py --models smollm2 --methods eap eap-ig-inputs
     python scripts/benchmark.py --sections selection neurons   # pruning speed; neuron IG cached vs full
     python scripts/benchmark.py --sections memory --lengths 128 512   # peak RSS against prompt length
+    python scripts/benchmark.py --sections memory --lengths 2048 --max-memory 8   # within a budget
     python scripts/benchmark.py --device cuda --dtype bfloat16 --sections edges \
         --models smollm2 qwen2.5-0.5b-random llama-3.1-8b-random \
         --methods eap eap-ig-inputs clean-corrupted exact
@@ -31,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 import transformers
@@ -44,11 +46,11 @@ from transformers import (
 )
 
 from circuits import Graph, load_model
-from circuits.attribution import METHODS, attribute
+from circuits.attribution import METHODS, MemoryPlan, attribute, estimate_bytes, plan_memory
 from circuits.attribution.methods import MethodName
 from circuits.data import PromptPairs
 from circuits.evaluation import evaluate_many
-from circuits.metrics import Metric, logit_diff
+from circuits.metrics import Metric, get_metric, logit_diff, reads_last_position
 from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.models.plain import plain_model
 from circuits.neurons import last_activations, neuron_ig
@@ -278,30 +280,46 @@ def neuron_rows(n_prompts: int, steps: int) -> None:
     print(f"speed-up: {times['full'] / times['cached']:.1f}x; peak RSS {peak_rss_mb():.0f} MB")
 
 
-def memory_rows(lengths: list[int], steps: int, max_rows: int) -> None:
+def memory_rows(lengths: list[int], steps: int, max_rows: int, max_memory: float | None) -> None:
     """Peak RSS and time of EAP-IG-inputs on SmolLM2 for one pair of each length, each in a fresh process
     (the RSS high-water mark is per process)."""
+    budget = "" if max_memory is None else f", max_memory {max_memory} GiB"
     print(
-        f"\n| prompt tokens | eap-ig-inputs (m = {steps}, max_rows {max_rows}), 1 pair | per token "
-        "| peak RSS |"
+        f"\n| prompt tokens | eap-ig-inputs (m = {steps}, max_rows {max_rows}{budget}), 1 pair | per token "
+        "| peak RSS | settings |"
     )
-    print("|---|---|---|---|")
+    print("|---|---|---|---|---|")
     for length in lengths:
         command = [sys.executable, __file__, "--sections", "memory-one", "--length", str(length)]
         command += ["--max-rows", str(max_rows)]
+        command += [] if max_memory is None else ["--max-memory", str(max_memory)]
         done = subprocess.run([*command, "--steps", str(steps)], capture_output=True, text=True)
         print(
             done.stdout.strip().splitlines()[-1]
             if done.returncode == 0
             else f"| {length} | failed: "
-            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode} | | |"
+            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode} | | | |"
         )
 
 
-def memory_one(length: int, steps: int, max_rows: int) -> None:
+def memory_one(length: int, steps: int, max_rows: int, max_memory: float | None) -> None:
     model = load_model("smollm2-135m")
     pairs = random_pairs(model, 1, length)
     graph = Graph.from_model(model)
+    spec, last = METHODS["eap-ig-inputs"], reads_last_position(get_metric("logit_diff"))
+    options: dict[str, Any] = dict(
+        n_positions=length, batch_size=1, max_rows=max_rows, steps=steps, level="edge"
+    )
+    plan = (
+        MemoryPlan(
+            1,
+            max_rows,
+            False,
+            estimate_bytes(model, graph, spec, last_position=last, recompute=False, **options),
+        )
+        if max_memory is None
+        else plan_memory(model, graph, spec, max_memory, last_position=last, **options)
+    )
     start = time.perf_counter()
     attribute(
         model,
@@ -311,11 +329,13 @@ def memory_one(length: int, steps: int, max_rows: int) -> None:
         ig_steps=steps,
         batch_size=1,
         max_rows=max_rows,
+        max_memory=max_memory,
         quiet=True,
     )
     seconds = time.perf_counter() - start
     print(
-        f"| {length} | {seconds:.1f} s | {seconds / length * 1000:.1f} ms | {peak_rss_mb() / 1024:.2f} GB |"
+        f"| {length} | {seconds:.1f} s | {seconds / length * 1000:.1f} ms | {peak_rss_mb() / 1024:.2f} GB "
+        f"| {plan} |"
     )
 
 
@@ -336,9 +356,10 @@ def main() -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512], help="memory section")
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-rows", type=int, default=64, help="memory section: rows per pass")
+    parser.add_argument("--max-memory", type=float, help="memory section: attribute's max_memory (GiB)")
     args = parser.parse_args()
     if "memory-one" in args.sections:
-        memory_one(args.length, args.steps, args.max_rows)
+        memory_one(args.length, args.steps, args.max_rows, args.max_memory)
         return
     torch.manual_seed(0)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
@@ -353,7 +374,7 @@ def main() -> None:
     if "neurons" in args.sections:
         neuron_rows(args.neuron_prompts, 20)
     if "memory" in args.sections:
-        memory_rows(args.lengths, args.steps, args.max_rows)
+        memory_rows(args.lengths, args.steps, args.max_rows, args.max_memory)
     if "edges" not in args.sections:
         return
     print("\n| model | method | wall time | ratio to pass-count limit | peak memory |")

@@ -159,7 +159,7 @@ ARCHITECTURES = [
         refusal="no hook point 'blocks.0.attn.q.hook_out'",
         why="multi-head latent attention: no per-head q/k/v projections of the residual",
     ),
-    Architecture("recurrent_gemma", refusal="bridge fails to run", why=BRIDGE),
+    Architecture("recurrent_gemma", refusal="load-time checks cannot run", why=BRIDGE),
     Architecture("helium", GQA16, refusal="cannot wrap", why=NO_ADAPTER),
     Architecture("persimmon", refusal="cannot wrap", why=NO_ADAPTER),
     Architecture("biogpt", refusal="cannot wrap", why=NO_ADAPTER),

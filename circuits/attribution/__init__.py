@@ -10,12 +10,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
+from circuits.attribution.memory import RECOMPUTABLE, MemoryPlan, estimate_bytes, plan_memory
 from circuits.attribution.methods import METHODS, BatchResult, Job, MethodName, MethodSpec
 from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.distributed import is_main, shard_range, sum_floats, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
-from circuits.metrics import Metric, get_metric
+from circuits.metrics import Metric, get_metric, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_steps
@@ -25,10 +26,13 @@ __all__ = [
     "METHODS",
     "Attribution",
     "Completeness",
+    "MemoryPlan",
     "MethodSpec",
     "RelPRules",
     "attribute",
+    "estimate_bytes",
     "head_patching",
+    "plan_memory",
     "source_means",
 ]
 
@@ -81,6 +85,8 @@ def attribute(
     batch_size: int = 8,
     level: Literal["edge", "node"] = "edge",
     max_rows: int = 64,
+    max_memory: float | None = None,
+    recompute: bool = False,
     rules: RelPRules | None = None,
     quiet: bool = False,
 ) -> Attribution:
@@ -96,6 +102,12 @@ def attribute(
         level: `edge` fills `graph.scores` (and `graph.node_scores` for gradient methods); `node` fills
             `graph.node_scores` only.
         max_rows: rows per forward pass when IG steps / patched copies are stacked in the batch.
+        max_memory: a budget in GiB for the weights, buffers and autograd activations of the call: the
+            fastest `batch_size` / `max_rows` / `recompute` at most as large as given that the memory model
+            (`circuits.attribution.memory`) fits within it; the scores do not change.
+        recompute: keep one block's activations at a time in the backward passes and recompute each block
+            when the backward pass reaches it (exact; one more forward pass of time, little at long
+            prompts); gradient methods other than atp*.
         rules: RelP's backward rules (`RelPRules`: LN, identity, half on and CP off by default, as the
             paper's); `relp` uses the defaults unless given, and the other gradient methods take them too
             (e.g. `eap-ig-inputs` with RelP's backward).
@@ -131,11 +143,29 @@ def attribute(
     check_steps(ig_steps)
     check_count(batch_size, "batch_size")
     check_count(max_rows, "max_rows")
+    if recompute and method not in RECOMPUTABLE:
+        raise InputError(
+            f"{method} cannot recompute blocks in its backward pass (choose one of {', '.join(RECOMPUTABLE)})"
+        )
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
     graph.check_fits(model.spec)
     metric_fn = get_metric(metric)
     check_pairs(model, pairs)
+    if max_memory is not None:
+        plan = plan_memory(
+            model,
+            graph,
+            spec,
+            max_memory,
+            n_positions=pairs.n_positions,
+            batch_size=batch_size,
+            max_rows=max_rows,
+            steps=ig_steps,
+            level=level,
+            last_position=reads_last_position(metric_fn),
+        )
+        batch_size, max_rows, recompute = plan.batch_size, plan.max_rows, recompute or plan.recompute
     if reference is not None:
         check_pairs(model, reference, "reference")
     backward = None if rules is None else RelPBackward(model, rules)
@@ -166,6 +196,7 @@ def attribute(
             workspace,
             where,
             backward,
+            recompute,
         )
         _accumulate(totals, spec.run(job))
         bar.update(len(batch))

@@ -24,6 +24,7 @@ per-example metric at v's input (u's output), taken where the method says:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,7 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation, forward_with_node_ablation
 from circuits.metrics import Metric, check_values, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
+from circuits.models.recompute import recomputed_blocks
 from circuits.models.relp import RelPBackward
 from circuits.quadrature import Quadrature, quadrature
 from circuits.sources import source_buffer, source_groups, source_hooks
@@ -59,6 +61,7 @@ class Job:
     workspace: dict[str, Tensor] = field(default_factory=dict)  # buffers reused from batch to batch
     where: str = "the batch"  # which batch and pairs, for error messages
     rules: RelPBackward | None = None  # RelP's modified backward, if the method runs with it
+    recompute: bool = False  # checkpoint the blocks of passes with gradients (`models.recompute`)
 
 
 @dataclass
@@ -155,7 +158,8 @@ def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> 
     mask = mask.repeat(ids.shape[0] // mask.shape[0], 1)
     if reads_last_position(job.metric):
         hooks = [*hooks, (job.model.unembed_in_hook, _at_last_positions(job.pairs.lengths))]
-    with torch.set_grad_enabled(grad), job.model.hooks(hooks):
+    recomputed = recomputed_blocks(job.model) if grad and job.recompute else nullcontext()
+    with torch.set_grad_enabled(grad), job.model.hooks(hooks), recomputed:
         return job.model(ids, mask)
 
 

@@ -108,6 +108,7 @@ class HookedModel:
         )
         self._plain_models: dict[str | None, nn.Module] = {}  # filled by circuits.models.plain
         self._batch_shape: tuple[int, ...] | None = None  # [batch, pos] of the forward pass running
+        self.recomputing = False  # a block is running again in the backward pass (`models.recompute`)
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
@@ -225,6 +226,11 @@ class HookedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype
+
+    @property
+    def parameter_bytes(self) -> int:
+        """Memory of the model's parameters (each shared tensor once)."""
+        return sum(p.numel() * p.element_size() for p in self.bridge.parameters())
 
     @property
     def d_vocab(self) -> int:
@@ -404,10 +410,10 @@ class HookedModel:
                 point.fwd_hooks.remove(handle)
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits [batch, pos, d_vocab]."""
+        """Logits [batch, pos, d_vocab] (no key-value cache is kept)."""
         self._batch_shape = tuple(input_ids.shape)
         try:
-            return self.bridge(input_ids, attention_mask=attention_mask)
+            return self.bridge(input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             self._batch_shape = None
 

@@ -38,6 +38,8 @@ def test_supported_architecture_is_exact(arch: Architecture):
         assert want.abs().max() > 1e-3  # scores well above float32 rounding, so the check can fail
         if method == "eap":
             _check_relp(model, graph, pairs, ours, arch)
+            recomputed = attribute(model, graph, pairs, method="eap", recompute=True, quiet=True).edge_scores
+            assert recomputed is not None and bool((recomputed == ours).all()), "recompute changed scores"
     _check_atp_star(model, graph, pairs, arch)
 
 

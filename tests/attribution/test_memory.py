@@ -1,0 +1,93 @@
+"""Bounded memory: recomputing blocks in the backward pass and the `max_memory` plan leave every score as it
+was (ground truth: the same call without them), and the plan shrinks settings only as far as needed."""
+
+import pytest
+import torch
+
+from circuits import Graph, attribute
+from circuits.attribution import METHODS, estimate_bytes, plan_memory
+from circuits.attribution.memory import GIB, RECOMPUTABLE
+from circuits.errors import InputError
+from tests.pairs import make_pairs
+
+
+def _scores(model, method, level, **options):
+    result = attribute(
+        model, Graph.from_model(model), make_pairs(model), method=method, level=level, quiet=True, **options
+    )
+    return result.edge_scores if level == "edge" else result.node_scores
+
+
+@pytest.mark.parametrize("method", RECOMPUTABLE)
+@pytest.mark.parametrize("level", ["edge", "node"])
+def test_recomputed_blocks_give_the_same_scores(layout, method, level):
+    runs = []
+    attn = layout.bridge.blocks[0].attn
+    handle = attn.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        _scores(layout, method, level)  # once for the model's one-off probes
+        start = len(runs)
+        want = _scores(layout, method, level)
+        plain = len(runs) - start
+        ours = _scores(layout, method, level, recompute=True)
+    finally:
+        handle.remove()
+    assert len(runs) - start - plain > plain, "the backward passes did not run the first block again"
+    assert torch.equal(ours, want)
+
+
+def test_recompute_with_rules_and_mean_ablation(llama):
+    from circuits.attribution import RelPRules
+
+    rules = RelPRules(cp=True)
+    for options in ({"rules": rules}, {"ablation": "mean"}):
+        want = _scores(llama, "eap", "edge", **options)
+        assert torch.equal(_scores(llama, "eap", "edge", recompute=True, **options), want)
+
+
+def test_max_memory_gives_the_same_scores(llama):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    spec = METHODS["eap-ig-inputs"]
+    options = dict(n_positions=pairs.n_positions, steps=5, level="edge", last_position=True)
+    full = estimate_bytes(llama, graph, spec, batch_size=8, max_rows=64, recompute=False, **options)
+    small = estimate_bytes(llama, graph, spec, batch_size=1, max_rows=1, recompute=True, **options)
+    assert small < full
+    budget = (small + full) / 2 / GIB
+    plan = plan_memory(llama, graph, spec, budget, batch_size=8, max_rows=64, **options)
+    assert plan.estimate <= budget * GIB and (plan.batch_size, plan.max_rows, plan.recompute) != (
+        8,
+        64,
+        False,
+    )
+    want = _scores(llama, "eap-ig-inputs", "edge")
+    ours = _scores(llama, "eap-ig-inputs", "edge", max_memory=budget)
+    assert torch.allclose(ours, want, rtol=1e-5, atol=1e-7)  # other batching: float32 sums in another order
+
+
+def test_plan_keeps_settings_that_fit_and_refuses_what_cannot(llama):
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    options = dict(n_positions=pairs.n_positions, steps=5, level="edge", last_position=True)
+    plan = plan_memory(llama, graph, METHODS["eap"], 100.0, batch_size=8, max_rows=64, **options)
+    assert (plan.batch_size, plan.max_rows, plan.recompute) == (8, 64, False)
+    with pytest.raises(InputError, match="needs about"):
+        plan_memory(llama, graph, METHODS["eap"], 0.01, batch_size=8, max_rows=64, **options)
+    with pytest.raises(InputError, match="positive"):
+        plan_memory(llama, graph, METHODS["eap"], -1.0, batch_size=8, max_rows=64, **options)
+
+
+def test_recompute_is_refused_where_it_cannot_run(llama):
+    with pytest.raises(InputError, match="cannot recompute"):
+        _scores(llama, "atp*", "edge", recompute=True)
+
+
+def test_memory_model_grows_quadratically_with_positions(llama):
+    graph = Graph.from_model(llama)
+    options = dict(batch_size=1, max_rows=1, steps=5, level="edge", last_position=True, recompute=False)
+    sizes = [
+        estimate_bytes(llama, graph, METHODS["eap-ig-inputs"], n_positions=p, **options)
+        for p in (256, 512, 1024)
+    ]
+    first, second = sizes[1] - sizes[0], sizes[2] - sizes[1]
+    assert second > 2 * first  # the attention probabilities' P^2 term
