@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 from circuits.attribution.methods import METHODS
 from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
+from circuits.faithfulness import PROTOCOLS
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.outputs import check_writable
 from circuits.quadrature import EDGE_QUADRATURES
+from circuits.strategies import SELECTIONS, ratio_selection
 
 if TYPE_CHECKING:
     from circuits.graph import Graph
@@ -94,6 +96,16 @@ def _add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_protocol_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--protocol",
+        default="mib",
+        choices=PROTOCOLS,
+        help="how the curves count budgets and place x: mib (MIB's evaluation, default) or pruned (the "
+        "fraction of edges left after pruning; docs/mib.md)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="circuits",
@@ -119,8 +131,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="RelP's backward rules, any of ln identity half cp (with --method relp the default is the "
         "paper's: ln identity half; with eap / eap-ig-* they give those methods RelP's backward)",
     )
+    d.add_argument(
+        "--max-memory",
+        type=float,
+        metavar="GIB",
+        help="memory budget of the scoring in GiB: smaller batches / passes and recomputed blocks as needed "
+        "(the scores do not change)",
+    )
     d.add_argument("--edges", type=int, default=300, help="edges in the selected circuit (default 300)")
+    d.add_argument(
+        "--selection",
+        default="top_n",
+        choices=[*SELECTIONS, "ratio"],
+        help="how the circuit and the curves' circuits are chosen from the scores (circuits.strategies; "
+        "default top_n)",
+    )
+    d.add_argument(
+        "--positive-fraction",
+        type=float,
+        default=0.5,
+        metavar="R",
+        help="ratio selection: the share of each budget for the edges that help the metric most "
+        "(default 0.5)",
+    )
+    d.add_argument(
+        "--ensemble",
+        nargs="+",
+        choices=sorted(METHODS),
+        default=(),
+        metavar="METHOD",
+        help="also score with these methods and rank the mean of the max-normalised scores",
+    )
+    d.add_argument(
+        "--sign-consistency",
+        type=int,
+        default=0,
+        metavar="R",
+        help="re-score R bootstrap resamples of the pairs and zero the edges whose sign agrees in fewer than "
+        "--agreement of them before selecting (default 0: off)",
+    )
+    d.add_argument("--agreement", type=float, default=0.9, help="sign-consistency threshold (default 0.9)")
     d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
+    _add_protocol_arg(d)
     _add_bootstrap_args(d)
     d.add_argument(
         "--stability",
@@ -138,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(e)
     e.add_argument("--ablation", default="patching", choices=["patching", "mean", "zero"])
     e.add_argument("--curve", action="store_true", help="also the MIB curves and CPR / CMD of its scores")
+    _add_protocol_arg(e)
     _add_bootstrap_args(e)
 
     r = commands.add_parser("draw", help="draw a circuit file as SVG / PNG")
@@ -208,8 +261,14 @@ def _discover(args: argparse.Namespace) -> int:
         quadrature=args.quadrature,
         rules=None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES}),
         batch_size=args.batch_size,
+        max_memory=args.max_memory,
         edges=args.edges,
+        selection=(ratio_selection(args.positive_fraction) if args.selection == "ratio" else args.selection),
+        ensemble=args.ensemble,
+        sign_consistency=args.sign_consistency,
+        agreement=args.agreement,
         curves=not args.no_curve,
+        protocol=args.protocol,
         resamples=args.resamples,
         stability=args.stability,
         out=args.out,
@@ -260,6 +319,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             ablation=args.ablation,
             batch_size=args.batch_size,
             resamples=args.resamples,
+            protocol=args.protocol,
         )
         for curve in (scores.signed, scores.absolute):
             points = ", ".join(f"{p.percent:g}%: {p.faithfulness:.3f}" for p in curve.points)

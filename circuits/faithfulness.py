@@ -1,20 +1,26 @@
 """Faithfulness curves over circuit sizes and the MIB circuit metrics CPR and CMD (MIB, Mueller et al. 2025,
-arXiv 2504.13151).
+arXiv 2504.13151), computed as MIB's circuit-track evaluation computes them (docs/mib.md).
 
 For each edge budget (a percentage of the graph's edges) a circuit is selected from the scores, pruned and
-evaluated; x is the fraction of edges left after pruning. With f the normalised faithfulness:
+evaluated. With f = (M(circuit) - M(empty)) / (M(full) - M(empty)), each M a mean over the examples:
 - CPR (circuit performance ratio) = area under f(x), trapezoid rule over the points, linear x;
   circuits selected by signed score (the edges that help the metric most), higher is better;
 - CMD (circuit-model distance) = area under |1 - f(x)|; circuits selected by |score|, lower is better.
+
+Protocols (`protocol=`):
+- `mib` (default), MIB's: the budget is int(fraction x edges) edges of EAP-IG's graph, where a GQA
+  model's k/v inputs are ungrouped (an edge into a shared k/v input counts n_heads / n_kv_heads times);
+  x is the requested fraction, whatever pruning leaves.
+- `pruned`, this toolkit's first protocol: the budget is round(fraction x edges) of our graph and x is the
+  fraction of edges left after pruning.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from circuits.data import PromptPairs
@@ -24,17 +30,19 @@ from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.sources import Ablation
+from circuits.strategies import Selection, Selector, mib_edge_weights, select, selection_name
 from circuits.uncertainty import LEVEL, RESAMPLES, Interval, curve_intervals
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-Selection = Literal["top_n", "greedy", "nodes", "random"]
+Protocol = Literal["mib", "pruned"]
+PROTOCOLS: tuple[str, ...] = ("mib", "pruned")
 
 
 @dataclass
 class CurvePoint:
     percent: float  # budget, % of the graph's edges
     n_edges: int  # edges in the circuit after pruning
-    fraction: float  # n_edges / all edges
+    fraction: float  # x of the curve: the budget's fraction (mib) or n_edges / all edges (pruned)
     metric: float  # mean metric of the circuit
     faithfulness: float
 
@@ -75,47 +83,6 @@ def area(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
 
 
-Selector = Callable[[Graph, int, bool, int], Graph]  # (graph, n edges, absolute, seed) -> pruned circuit
-
-
-def _top_n(graph: Graph, n: int, absolute: bool, _seed: int) -> Graph:
-    return graph.top_n(n, absolute)
-
-
-def _greedy(graph: Graph, n: int, absolute: bool, _seed: int) -> Graph:
-    return graph.greedy(n, absolute)
-
-
-def _random(graph: Graph, n: int, _absolute: bool, seed: int) -> Graph:
-    """Edges ranked by random scores: a baseline."""
-    shuffled = graph.copy()
-    shuffled.scores = torch.rand(graph.valid.shape, generator=torch.Generator().manual_seed(seed))
-    return shuffled.top_n(n, absolute=False)
-
-
-def _nodes(graph: Graph, n: int, absolute: bool, _seed: int) -> Graph:
-    """The largest set of best-ranked nodes (by `graph.node_scores`) whose pruned circuit has at most n
-    edges (edges grow with the number of nodes: a binary search)."""
-    low, high = 0, graph.n_sources - 1
-    while low < high:
-        k = (low + high + 1) // 2
-        if graph.top_nodes(k, absolute).n_in_graph <= n:
-            low = k
-        else:
-            high = k - 1
-    return graph.top_nodes(low, absolute)
-
-
-SELECTIONS: dict[str, Selector] = {"top_n": _top_n, "greedy": _greedy, "nodes": _nodes, "random": _random}
-
-
-def select(graph: Graph, n: int, selection: Selection, absolute: bool, seed: int = 0) -> Graph:
-    """A pruned circuit of at most `n` edges chosen by `selection` (a name in `SELECTIONS`)."""
-    if selection not in SELECTIONS:
-        raise InputError(f"unknown selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
-    return SELECTIONS[selection](graph, n, absolute, seed)
-
-
 @uses_model
 def faithfulness_curve(
     model: HookedModel,
@@ -124,27 +91,35 @@ def faithfulness_curve(
     metric: str | Metric = "logit_diff",
     *,
     absolute: bool = True,
-    selection: Selection = "top_n",
+    selection: Selection | Selector = "top_n",
     percentages: Sequence[float] = MIB_PERCENTAGES,
     ablation: Ablation = "patching",
     reference: PromptPairs | None = None,
     batch_size: int = 8,
     label: str | None = None,
     seed: int = 0,
+    protocol: Protocol = "mib",
     quiet: bool = False,
 ) -> FaithfulnessCurve:
-    """Faithfulness of circuits of `graph`'s best edges at each budget in `percentages` (% of all edges)."""
+    """Faithfulness of circuits of `graph`'s best edges at each budget in `percentages` (% of all edges),
+    budgets and x values as `protocol` says (see the module docstring)."""
     if not percentages or sorted(percentages) != list(percentages):
         raise InputError("percentages must be a non-empty ascending sequence")
     if any(not 0 < p <= 100 for p in percentages):
         raise InputError(f"percentages must lie in (0, 100], got {list(percentages)}")
-    circuits = [select(graph, round(p / 100 * graph.n_edges), selection, absolute, seed) for p in percentages]
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    fractions = [round(p / 100, 12) for p in percentages]  # MIB's literals (.001, ..., 1)
+    weights = mib_edge_weights(graph) if protocol == "mib" else graph.valid.long()
+    total = int(weights.sum())
+    budgets = [int(f * total) if protocol == "mib" else round(f * total) for f in fractions]
+    circuits = [select(graph, b, selection, absolute, seed, weights) for b in budgets]
     results = evaluate_many(
         model, circuits, pairs, metric, ablation, reference=reference, batch_size=batch_size, quiet=quiet
     )
     first = results[0]
     curve = FaithfulnessCurve(
-        label or selection,
+        label or selection_name(selection),
         absolute,
         first.full,
         first.empty,
@@ -152,9 +127,10 @@ def faithfulness_curve(
         first.full_per_example,
         first.empty_per_example,
     )
-    for p, circuit, result in zip(percentages, circuits, results):
+    for p, f, circuit, result in zip(percentages, fractions, circuits, results):
         n = circuit.n_in_graph
-        curve.points.append(CurvePoint(p, n, n / graph.n_edges, result.circuit, result.faithfulness))
+        x = f if protocol == "mib" else n / graph.n_edges
+        curve.points.append(CurvePoint(p, n, x, result.circuit, result.faithfulness))
         curve.per_example.append(result.per_example)
     return curve
 
@@ -175,7 +151,7 @@ def mib_scores(
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
     *,
-    selection: Selection = "top_n",
+    selection: Selection | Selector = "top_n",
     label: str | None = None,
     resamples: int = RESAMPLES,
     level: float = LEVEL,

@@ -303,20 +303,23 @@ class Graph:
         cfg["n_key_value_heads"] = cfg.pop("n_kv_heads")
         return cfg
 
-    def to_json(self, path: str | Path) -> None:
-        """Write an EAP-IG / MIB-compatible circuit file (`cfg`, `nodes`, `edges` with score, in_graph)."""
+    def to_json(self, path: str | Path, scores: bool = True) -> None:
+        """Write an EAP-IG / MIB-compatible circuit file (`cfg`, `nodes`, `edges` with score, in_graph;
+        without `scores`, in_graph only, as MIB's circuit submissions)."""
         nodes: dict[str, dict[str, Any]] = {}
         for i, name in enumerate(self.sources):
             nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
-            if self.node_scores is not None:
+            if scores and self.node_scores is not None:
                 nodes[name]["score"] = float(self.node_scores[i])
         nodes["logits"] = {"in_graph": True}
         rows, cols = self.valid.nonzero(as_tuple=True)
-        scores = self.scores[rows, cols].tolist()
+        values = self.scores[rows, cols].tolist()
         flags = self.in_graph[rows, cols].tolist()
         edges = {
-            f"{self.sources[r]}->{self.destinations[c]}": {"score": s, "in_graph": bool(f)}
-            for r, c, s, f in zip(rows.tolist(), cols.tolist(), scores, flags)
+            f"{self.sources[r]}->{self.destinations[c]}": (
+                {"score": v, "in_graph": bool(f)} if scores else {"in_graph": bool(f)}
+            )
+            for r, c, v, f in zip(rows.tolist(), cols.tolist(), values, flags)
         }
         Path(path).write_text(json.dumps({"cfg": self.cfg(), "nodes": nodes, "edges": edges}))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,13 +23,22 @@ from circuits.distributed import is_main
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
-from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, mib_scores
+from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, Protocol, mib_scores
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
 from circuits.quadrature import Quadrature
+from circuits.strategies import Selection, Selector, ensemble_scores, select, selection_name
 from circuits.task import TaskPairs
-from circuits.uncertainty import RESAMPLES, Interval, Stability, circuit_stability, faithfulness_interval
+from circuits.uncertainty import (
+    RESAMPLES,
+    Interval,
+    Stability,
+    bootstrap_scores,
+    circuit_stability,
+    faithfulness_interval,
+    sign_consistent,
+)
 from circuits.viewer import write_page
 
 # Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
@@ -87,6 +97,9 @@ class Discovery:
     heads: list[HeadScore]
     faithfulness_interval: Interval | None = None  # bootstrap over the pairs (circuits.uncertainty)
     stability: Stability | None = None  # the circuit across bootstrap resamples, when asked for
+    selection: dict[str, Any] = field(
+        default_factory=dict
+    )  # how `graph`'s scores and the circuit were chosen
     files: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -100,8 +113,14 @@ def discover(
     quadrature: Quadrature = "left",
     rules: RelPRules | None = None,
     batch_size: int = 8,
+    max_memory: float | None = None,
     edges: int = 300,
+    selection: Selection | Selector = "top_n",
+    ensemble: Sequence[MethodName] = (),
+    sign_consistency: int = 0,
+    agreement: float = 0.9,
     curves: bool = True,
+    protocol: Protocol = "mib",
     percentages: tuple[float, ...] = MIB_PERCENTAGES,
     resamples: int = RESAMPLES,
     stability: int = 0,
@@ -110,7 +129,11 @@ def discover(
 ) -> Discovery:
     """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files
     (`out` is checked for writability before any work, and replaced whole at the end: see `outputs`).
-    `rules`: RelP's backward rules for the gradient methods (see `attribute`). `resamples`: bootstrap draws
+    `rules`: RelP's backward rules for the gradient methods, `max_memory`: the scoring's memory budget
+    in GiB (see `attribute`). The circuit and the curves are chosen by `selection` (`circuits.strategies`)
+    from the method's scores, or from a score ensemble with the methods in `ensemble` (mean of
+    max-normalised scores), with edges whose sign agrees on fewer than `agreement` of `sign_consistency`
+    bootstrap re-scorings zeroed first (0: no filter). `resamples`: bootstrap draws
     for the 95% intervals of faithfulness, CPR and CMD (0: none); `stability`: re-score that many bootstrap
     resamples of the pairs and report the Jaccard index of their circuits with this one (0: skip)."""
     if out is not None:
@@ -124,10 +147,22 @@ def discover(
         "quadrature": quadrature,
         "rules": rules,
         "batch_size": batch_size,
+        "max_memory": max_memory,
     }
     attribution = attribute(model, graph, task.pairs, task.metric, method, quiet=quiet, **scoring)
+    if ensemble:
+        members = [graph]
+        for other in ensemble:
+            members.append(Graph.from_model(model))
+            attribute(model, members[-1], task.pairs, task.metric, other, quiet=quiet, **scoring)
+        graph = ensemble_scores(members)
+    if sign_consistency:
+        resampled = bootstrap_scores(
+            model, task.pairs, task.metric, method, resamples=sign_consistency, **scoring
+        )
+        graph = sign_consistent(graph, resampled, agreement)
     seconds["attribution"] = time.perf_counter() - start
-    circuit = graph.top_n(min(edges, graph.n_edges))
+    circuit = select(graph, min(edges, graph.n_edges), selection, absolute=True)
     evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=batch_size)
     start = time.perf_counter()
     scores = (
@@ -137,6 +172,8 @@ def discover(
             task.pairs,
             task.metric,
             percentages=percentages,
+            protocol=protocol,
+            selection=selection,
             batch_size=batch_size,
             resamples=resamples,
             quiet=quiet,
@@ -147,6 +184,14 @@ def discover(
     seconds["curves"] = time.perf_counter() - start
     heads = top_heads(graph, attribution, 12) if attribution.node_scores is not None else []
     found = Discovery(task, graph, base, attribution, circuit, evaluation, scores, heads, seconds=seconds)
+    found.selection = {
+        "selection": selection_name(selection),
+        "ensemble": [method, *ensemble] if ensemble else None,
+        "sign_consistency": {"resamples": sign_consistency, "agreement": agreement}
+        if sign_consistency
+        else None,
+        "protocol": protocol,
+    }
     if resamples:
         found.faithfulness_interval = faithfulness_interval(evaluation, resamples)
     if stability:
@@ -206,6 +251,7 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         {
             "edge_scores": found.attribution.edge_scores,
             "node_scores": found.attribution.node_scores,
+            "selection_scores": graph.scores,  # what the circuit was chosen from (ensemble / filter)
             "sources": graph.sources,
             "destinations": graph.destinations,
         },
@@ -237,6 +283,7 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         else vars(found.attribution.completeness),
         "top_heads": [(h.name, h.score) for h in found.heads],
         "head_classes_wang_2022": head_class_overlap([h.name for h in found.heads]),
+        **found.selection,
         "circuit_edges": circuit.n_in_graph,
         "faithfulness": found.evaluation.faithfulness,
         "metric_circuit": found.evaluation.circuit,

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from circuits.graph import Graph
 
 
-def _ranking(graph: Graph, scores: Tensor, absolute: bool) -> Tensor:
+def ranking(graph: Graph, scores: Tensor, absolute: bool) -> Tensor:
     """The ranking of `scores` (edge [n_src, n_dst] or node [n_src]); NaN scores are refused, all-zero
     (never scored) ones warned about."""
     real = scores[graph.valid] if scores.shape == graph.valid.shape else scores
@@ -43,12 +43,12 @@ def _ranking(graph: Graph, scores: Tensor, absolute: bool) -> Tensor:
     return scores.abs() if absolute else -scores
 
 
-def _check_size(n: object, name: str, most: int) -> None:
+def check_size(n: object, name: str, most: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= most:
         raise InputError(f"{name} must be a whole number in [0, {most}], got {n!r}")
 
 
-def _with_edges(graph: Graph, chosen: Tensor, prune: bool) -> Graph:
+def with_edges(graph: Graph, chosen: Tensor, prune: bool) -> Graph:
     circuit = graph.copy()
     circuit.in_graph = chosen & graph.valid
     if prune:
@@ -60,16 +60,16 @@ def _with_edges(graph: Graph, chosen: Tensor, prune: bool) -> Graph:
 
 def top_n(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> Graph:
     """The `n` best-ranked valid edges (fewer after pruning)."""
-    _check_size(n, "n", graph.n_edges)
-    rank = _ranking(graph, graph.scores, absolute).masked_fill(~graph.valid, float("-inf")).flatten()
+    check_size(n, "n", graph.n_edges)
+    rank = ranking(graph, graph.scores, absolute).masked_fill(~graph.valid, float("-inf")).flatten()
     chosen = torch.zeros(rank.numel(), dtype=torch.bool)
     chosen[rank.topk(n, sorted=False).indices] = True
-    return _with_edges(graph, chosen.reshape(graph.valid.shape), prune)
+    return with_edges(graph, chosen.reshape(graph.valid.shape), prune)
 
 
 def threshold(graph: Graph, t: float, absolute: bool = True, prune: bool = True) -> Graph:
     """The valid edges ranked at least `t` (|score| >= t, or -score >= t when signed)."""
-    return _with_edges(graph, _ranking(graph, graph.scores, absolute) >= t, prune)
+    return with_edges(graph, ranking(graph, graph.scores, absolute) >= t, prune)
 
 
 def greedy(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> Graph:
@@ -78,8 +78,8 @@ def greedy(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> G
     Every edge added is connected to the logits by construction; the source of each new edge joins the
     circuit and its own inputs become candidates.
     """
-    _check_size(n, "n", graph.n_edges)
-    rank = _ranking(graph, graph.scores, absolute)
+    check_size(n, "n", graph.n_edges)
+    rank = ranking(graph, graph.scores, absolute)
     valid = graph.valid
     inputs_of = destinations_of_sources(graph)
     heap: list[tuple[float, int, int]] = []
@@ -102,7 +102,7 @@ def greedy(graph: Graph, n: int, absolute: bool = True, prune: bool = True) -> G
         added += 1
         for dst in inputs_of[row]:
             open_destination(dst)
-    return _with_edges(graph, chosen, prune)
+    return with_edges(graph, chosen, prune)
 
 
 def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -> Graph:
@@ -111,14 +111,14 @@ def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -
     if graph.node_scores is None:
         raise InputError("node-level selection needs node scores: run attribute(..., level='node') first")
     n_nodes = graph.n_sources - 1
-    _check_size(k, "k", n_nodes)
-    rank = _ranking(graph, graph.node_scores.nan_to_num(0.0), absolute)
+    check_size(k, "k", n_nodes)
+    rank = ranking(graph, graph.node_scores.nan_to_num(0.0), absolute)
     rank[0] = float("inf")  # the input is always kept
     kept = torch.zeros(graph.n_sources, dtype=torch.bool)
     kept[rank.topk(k + 1).indices] = True
     dst_kept = (destination_owners(graph) & kept[None, :]).amax(1)
     dst_kept[graph.logits_destination] = True
-    circuit = _with_edges(graph, kept[:, None] & dst_kept[None, :], prune)
+    circuit = with_edges(graph, kept[:, None] & dst_kept[None, :], prune)
     return circuit
 
 

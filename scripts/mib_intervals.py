@@ -1,12 +1,14 @@
-"""CPR and CMD with 95% bootstrap intervals on held-out IOI pairs, for EAP, EAP-IG-inputs and RelP (and
-each with bootstrap sign-consistency filtering, `--sign-consistency R`).
+"""CPR and CMD with 95% bootstrap intervals on held-out IOI pairs, for EAP, EAP-IG-inputs and RelP, under
+each selection strategy (`--strategies`: top_n, filled, ratio:R; circuits.strategies), with a score
+ensemble of the methods (`--ensemble`) and bootstrap sign-consistency filtering (`--sign-consistency R`).
 
-Scores on the first `--n` generated IOI pairs, circuits at the MIB budgets, evaluated on the next `--n`
-(disjoint draws of the generator); intervals from `--resamples` bootstrap draws over the evaluation
-pairs (circuits.uncertainty).
+Scores on the first `--n` generated IOI pairs, circuits at the MIB budgets (MIB's protocol, docs/mib.md),
+evaluated on the next `--n` (disjoint draws of the generator); intervals from `--resamples` bootstrap
+draws over the evaluation pairs (circuits.uncertainty).
 
     python scripts/mib_intervals.py --n 64          # SmolLM2-135M-Instruct
     python scripts/mib_intervals.py --n 64 --methods eap-ig-inputs --sign-consistency 10
+    python scripts/mib_intervals.py --n 64 --strategies top_n filled ratio:0.5 ratio:0.8 --ensemble
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 
 from circuits import Graph, attribute, load_model
 from circuits.attribution.methods import MethodName
-from circuits.faithfulness import mib_scores
+from circuits.faithfulness import PROTOCOLS, mib_scores
+from circuits.strategies import Selection, Selector, ensemble_scores, ratio_selection
 from circuits.uncertainty import bootstrap_scores, sign_consistent
 from tasks import ioi_pairs
 
@@ -39,7 +42,14 @@ def main() -> None:
         help="also each method's scores filtered by bootstrap sign consistency over R resamples",
     )
     parser.add_argument("--agreement", type=float, default=0.9)
+    parser.add_argument("--strategies", nargs="+", default=["top_n"], help="top_n, filled, ratio:R, ...")
+    parser.add_argument("--ensemble", action="store_true", help="also the mean ensemble of the methods")
+    parser.add_argument("--protocol", default="mib", choices=PROTOCOLS)
     args = parser.parse_args()
+    strategies: list[tuple[str, Selection | Selector]] = [
+        (name, ratio_selection(float(name.split(":")[1])) if name.startswith("ratio:") else name)
+        for name in args.strategies
+    ]
     model = load_model(args.model)
     task = ioi_pairs(model, 2 * args.n)
     if len(task.pairs) < 2 * args.n:
@@ -48,7 +58,10 @@ def main() -> None:
     print(
         f"{args.model}: {args.n} pairs to score, {args.n} held-out pairs to evaluate, {args.resamples} draws"
     )
-    print("\n| method | CPR (95% interval) | CMD (95% interval) | seconds |\n|---|---|---|---|")
+    print(
+        "\n| method | selection | CPR (95% interval) | CMD (95% interval) | seconds |\n|---|---|---|---|---|"
+    )
+    scored_graphs = []
     for method in args.methods:
         start = time.perf_counter()
         graph = Graph.from_model(model)
@@ -63,6 +76,7 @@ def main() -> None:
             batch_size=args.batch_size,
             quiet=True,
         )
+        scored_graphs.append(graph)
         rows = [(method, graph)]
         if args.sign_consistency:
             resampled = bootstrap_scores(
@@ -78,18 +92,24 @@ def main() -> None:
                 f"{method}, sign-consistent ({args.sign_consistency} resamples, agreement {args.agreement})"
             )
             rows.append((label, sign_consistent(graph, resampled, args.agreement)))
+        if args.ensemble and method == args.methods[-1]:
+            rows.append((f"mean ensemble of {', '.join(args.methods)}", ensemble_scores(scored_graphs)))
         for label, scored in rows:
-            scores = mib_scores(
-                model,
-                scored,
-                held_out,
-                task.metric,
-                batch_size=args.batch_size,
-                resamples=args.resamples,
-                quiet=True,
-            )
-            seconds = time.perf_counter() - start
-            print(f"| {label} | {scores.cpr_interval} | {scores.cmd_interval} | {seconds:.0f} |", flush=True)
+            for strategy, selection in strategies:
+                scores = mib_scores(
+                    model,
+                    scored,
+                    held_out,
+                    task.metric,
+                    selection=selection,
+                    protocol=args.protocol,
+                    batch_size=args.batch_size,
+                    resamples=args.resamples,
+                    quiet=True,
+                )
+                seconds = time.perf_counter() - start
+                cpr, cmd = scores.cpr_interval, scores.cmd_interval
+                print(f"| {label} | {strategy} | {cpr} | {cmd} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ LAYERS = [
     ["errors", "textfiles", "outputs", "quadrature", "distributed"],
     ["models"],
     ["data", "metrics", "task", "baseline"],
-    ["selection", "graph"],
+    ["selection", "graph", "strategies"],
     ["sources"],
     ["intervention"],
     ["attribution"],
-    ["evaluation", "uncertainty", "faithfulness", "layout", "viewer", "drawing"],
+    ["evaluation", "uncertainty", "faithfulness", "mib", "layout", "viewer", "drawing"],
     ["neurons", "steering", "testing"],
     ["pipeline", "cli", "__main__"],
 ]

@@ -1,0 +1,97 @@
+"""MIB circuit-track submissions: one folder per task and model (`ioi_gpt2`, `arc-easy_llama3`) holding
+either one file of importance scores or nine circuits, one per edge budget (MIB's README, "Submitting to
+the MIB Leaderboard"; files in EAP-IG's `.json` / `.pt` formats, `Graph.to_json` / `Graph.to_pt`).
+
+A circuit for budget p holds at most p% of the edges, counted as MIB counts them (`mib_edge_weights`:
+a GQA model's k/v edges once per query head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from circuits.errors import FileFormatError, InputError
+from circuits.graph import Graph
+from circuits.strategies import mib_edge_weights, top_budget
+
+SUBMISSION_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+FileKind = Literal["json", "pt"]
+
+
+def submission_folder(root: str | Path, task: str, model: str) -> Path:
+    """`root/{task}_{model}`; MIB splits the name at the underscore, so neither part may hold one."""
+    if "_" in task or "_" in model or not task or not model:
+        raise InputError(
+            f"MIB names a submission folder task_model and splits it at the underscore: task {task!r} and "
+            f"model {model!r} must be non-empty and hold none (write arc-easy, not arc_easy)"
+        )
+    return Path(root) / f"{task}_{model}"
+
+
+def write_importances(graph: Graph, root: str | Path, task: str, model: str, kind: FileKind = "json") -> Path:
+    """Write `graph`'s edge scores as the folder's one importance file; returns its path."""
+    folder = submission_folder(root, task, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"importances.{_check_kind(kind)}"
+    graph.to_json(path) if kind == "json" else graph.to_pt(path)
+    return path
+
+
+def write_circuits(
+    graph: Graph,
+    root: str | Path,
+    task: str,
+    model: str,
+    *,
+    absolute: bool = False,
+    kind: FileKind = "json",
+) -> list[Path]:
+    """Write nine circuits of `graph`'s best edges (by signed score, or |score| with `absolute`), one per
+    budget in `SUBMISSION_PERCENTAGES`, each pruned and within its budget; returns their paths."""
+    folder = submission_folder(root, task, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    total = int(mib_edge_weights(graph).sum())
+    paths = []
+    for percent in SUBMISSION_PERCENTAGES:
+        circuit = top_budget(graph, int(percent / 100 * total), absolute)
+        path = folder / f"circuit_{percent:g}.{_check_kind(kind)}"
+        circuit.to_json(path, scores=False) if kind == "json" else circuit.to_pt(path)
+        paths.append(path)
+    return paths
+
+
+def read_submission(folder: str | Path) -> Graph | list[Graph]:
+    """The importance scores of a submission folder, or its nine circuits (smallest first), each checked
+    against the budget it must stay within; `FileFormatError` names what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileFormatError(f"{folder}: no such submission folder")
+    if folder.name.count("_") != 1:
+        raise FileFormatError(f"{folder}: a submission folder is named task_model (one underscore)")
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".pt"))
+    graphs = [Graph.from_json(p) if p.suffix == ".json" else Graph.from_pt(p) for p in files]
+    if len(graphs) == 1:
+        return graphs[0]
+    if len(graphs) != len(SUBMISSION_PERCENTAGES):
+        raise FileFormatError(
+            f"{folder}: holds {len(graphs)} circuit files; MIB expects one file of importance scores or "
+            f"{len(SUBMISSION_PERCENTAGES)} circuits, one per budget {list(SUBMISSION_PERCENTAGES)}%"
+        )
+    weights = mib_edge_weights(graphs[0])
+    sizes = [int(weights[g.in_graph & g.valid].sum()) for g in graphs]
+    ordered = [g for _, g in sorted(zip(sizes, graphs), key=lambda pair: pair[0])]
+    total = int(weights.sum())
+    for percent, size in zip(SUBMISSION_PERCENTAGES, sorted(sizes)):
+        if size > percent / 100 * total:
+            raise FileFormatError(
+                f"{folder}: the circuits do not fit MIB's budgets: the one for {percent:g}% holds {size} of "
+                f"{total} edges (MIB's count)"
+            )
+    return ordered
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("json", "pt"):
+        raise InputError(f"MIB reads .json or .pt circuit files, got kind {kind!r}")
+    return kind
