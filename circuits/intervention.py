@@ -73,7 +73,7 @@ def forward_with_ablation(
     def add_to_input(dst: int) -> HookFn:
         def hook(x: Tensor) -> Tensor | None:
             d = sums.correction(slice(dst, dst + 1))
-            return None if d is None else x + d[:, :, 0].to(x.dtype)
+            return None if d is None else x + d[:, :, 0].to(x)
 
         return hook
 
@@ -83,7 +83,7 @@ def forward_with_ablation(
 
         def hook(x: Tensor) -> Tensor | None:
             d = sums.correction(slice(dst, dst + 1))
-            return None if d is None else model.attn_norm(layer)(resid[layer] + d[:, :, 0].to(x.dtype))
+            return None if d is None else model.attn_norm(layer)(resid[layer] + d[:, :, 0].to(x))
 
         return hook
 
@@ -100,7 +100,7 @@ def forward_with_ablation(
             d = sums.correction(dst)
             if d is None:
                 return None
-            inputs = resid[layer].unsqueeze(2) + d.to(x.dtype)  # [rows, P, n, d_model]
+            inputs = resid[layer].unsqueeze(2) + d.to(x)  # [rows, P, n, d_model]
             return model.qkv_from_residual(layer, letter, inputs).reshape(x.shape)
 
         return hook
@@ -159,7 +159,7 @@ def forward_with_node_ablation(
             if selected.numel() == 0:
                 return None
             x = x.clone()
-            x[selected] = patch[selected].to(x.dtype)
+            x[selected] = patch[selected].to(x)
             return x
 
         return hook
@@ -168,7 +168,7 @@ def forward_with_node_ablation(
         def hook(z: Tensor) -> None:
             if selected.numel():  # row selected[i] ablates head heads[i]
                 current = model.head_results(layer, z[selected])[torch.arange(selected.numel()), :, heads]
-                head_delta[layer] = patch[selected].to(z.dtype) - current
+                head_delta[layer] = patch[selected].to(z) - current
 
         return hook
 
@@ -231,7 +231,7 @@ class _PerRow(_Corrections):
         return (self.slot[ids] >= 0).nonzero()[:, 0]
 
     def record(self, ids: Tensor, value: Tensor) -> None:
-        self.current[:, :, self.slot[ids].to(self.current.device)] = value.to(self.current.dtype)
+        self.current[:, :, self.slot[ids].to(self.current.device)] = value.to(self.current)
 
     def correction(self, cols: slice) -> Tensor | None:
         w = self.weights[:, :, cols]  # [rows, k, n]
@@ -259,7 +259,7 @@ class _Shared(_Corrections):
         return torch.arange(ids.numel())
 
     def record(self, ids: Tensor, value: Tensor) -> None:
-        diff = self.patch[:, :, ids.to(self.patch.device)] - value.to(self.patch.dtype)  # [rows, P, n, d]
+        diff = self.patch[:, :, ids.to(self.patch.device)] - value.to(self.patch)  # [rows, P, n, d]
         self.diff[ids] = diff.permute(2, 0, 1, 3)
         self.total += diff.sum(2)
         self.recorded = int(ids.max()) + 1

@@ -61,7 +61,7 @@ def source_hooks(
             if model.recomputing:  # written in the first run of the block
                 return
             with torch.no_grad():
-                value = (transform(x) if transform else x).to(out.dtype)
+                value = (transform(x) if transform else x).to(out)  # out's device too
                 if subtract:
                     out[:, : x.shape[1], index] -= value
                 else:
@@ -78,7 +78,12 @@ def source_hooks(
             if model.recomputing:
                 return
             storage = out.permute(2, 0, 1, 3)[heads]  # [n_heads, B, P, d] for source-major storage
-            if not storage.is_contiguous() or z.shape[:2] != out.shape[:2] or z.dtype != out.dtype:
+            if (
+                not storage.is_contiguous()
+                or z.shape[:2] != out.shape[:2]
+                or z.dtype != out.dtype
+                or z.device != out.device
+            ):
                 generic(z)
                 return
             with torch.no_grad():

@@ -98,3 +98,32 @@ def test_discover_reports_intervals_and_stability(tmp_path, capsys):
         assert low <= summary[key]["estimate"] <= high, key
     assert summary["faithfulness_interval"]["estimate"] == summary["faithfulness"]
     assert len(summary["stability"]["jaccard_to_full"]) == 2
+
+
+def test_discover_selection_options_match_the_api(tmp_path):
+    from circuits import Graph, attribute
+    from circuits.strategies import ensemble_scores, ratio_selection, select
+    from circuits.testing import tiny_llama
+    from circuits.uncertainty import bootstrap_scores, sign_consistent
+
+    out = tmp_path / "ratio"
+    args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "eap"]
+    options = ["--selection", "ratio", "--positive-fraction", "0.7", "--ensemble", "clean-corrupted"]
+    options += ["--sign-consistency", "2", "--protocol", "pruned", "--max-memory", "4", "--edges", "25"]
+    assert main([*args, *options, "--resamples", "0", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selection"] == "ratio(0.7)" and summary["protocol"] == "pruned"
+    assert summary["ensemble"] == ["eap", "clean-corrupted"]
+    assert summary["sign_consistency"] == {"resamples": 2, "agreement": 0.9}
+    model = tiny_llama()
+    task = _task(model, "ioi", 4, 0, None)
+    graphs = []
+    for method in ("eap", "clean-corrupted"):
+        graphs.append(Graph.from_model(model))
+        attribute(model, graphs[-1], task.pairs, task.metric, method, batch_size=2, quiet=True)
+    resampled = bootstrap_scores(model, task.pairs, task.metric, "eap", resamples=2, batch_size=2)
+    ranked = sign_consistent(ensemble_scores(graphs), resampled)
+    saved = torch.load(out / "scores.pt")["selection_scores"]
+    torch.testing.assert_close(saved, ranked.scores, rtol=0, atol=1e-6)
+    circuit = select(ranked, 25, ratio_selection(0.7))
+    assert summary["circuit_edges"] == circuit.n_in_graph

@@ -365,7 +365,7 @@ def eap_ig_inputs(job: Job) -> BatchResult:
 
         def interpolate(x: Tensor, a: Tensor = a, m: int = m) -> Tensor:
             mixed = e_corr.repeat(m, 1, 1) + a * (e_clean - e_corr).repeat(m, 1, 1)
-            return mixed.to(x.dtype).requires_grad_(True)
+            return mixed.to(x).requires_grad_(True)
 
         recorder = _recorder(job, weights, edges, nodes, delta)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
@@ -396,7 +396,7 @@ def eap_ig_activations(job: Job) -> BatchResult:
             def interpolate(
                 x: Tensor, a: Tensor = a, m: int = m, c: Tensor = clean_out, dlt: Tensor = delta_out
             ) -> Tensor:
-                return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x.dtype).requires_grad_(True)
+                return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x).requires_grad_(True)
 
             recorder = _recorder(job, weights, edges, nodes, delta, members)
             hooks = [(hook_name, interpolate), *recorder.hooks(), *_rule_hooks(job)]

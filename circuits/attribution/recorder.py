@@ -75,8 +75,11 @@ class ScoreRecorder:
         w = self.weights.to(g.device, torch.float32).reshape(steps, *([1] * (g.dim() - 1)))
         return (w * g).sum(0)
 
-    def _queue(self, first: int, n: int, width: int, device: torch.device) -> Tensor:
-        """Rows [n, width] of the queue's storage for destinations first.., to be written by the caller."""
+    def _queue(self, first: int, n: int, width: int) -> Tensor:
+        """Rows [n, width] of the queue's storage for destinations first.., to be written by the caller;
+        kept with the edge sums (a model spread over devices sends its layers' gradients there)."""
+        assert self.edges is not None
+        device = self.edges.device
         capacity = self.flush_columns + self.graph.spec.n_heads + 2 * self.graph.spec.n_kv_heads
         if self._n_pending + n > capacity:
             self.flush()
@@ -95,7 +98,7 @@ class ScoreRecorder:
 
     def _score_edges(self, cols: int, g: Tensor) -> None:
         """Queue the folded gradient g [b, P, d] of destination `cols`."""
-        self._queue(cols, 1, g.numel(), g.device).view_as(g).copy_(g)
+        self._queue(cols, 1, g.numel()).view_as(g).copy_(g)  # onto the scores' device
         self._queued()
 
     def flush(self) -> None:
@@ -132,7 +135,7 @@ class ScoreRecorder:
         assert self.delta is not None, "delta must be set before the backward pass"
         b = g.shape[0]
         delta = self.delta[:, :, rows].permute(0, 2, 1, 3).reshape(b, rows.stop - rows.start, -1)
-        scores = torch.bmm(delta, g.reshape(b, -1, 1))[:, :, 0]  # [b, n]
+        scores = torch.bmm(delta, g.reshape(b, -1, 1).to(delta))[:, :, 0]  # [b, n]
         self.nodes[:, rows] += scores.to(self.nodes.device)
 
     # ------------------------------------------------------------------------------------ hooks
@@ -200,10 +203,13 @@ class ScoreRecorder:
         ]
         resid = self._resid.pop(layer)
         width = resid.shape[0] // self.weights.shape[0] * resid.shape[1] * resid.shape[2]
-        out = self._queue(cols.start, cols.stop - cols.start, width, resid.device)
-        self.model.attn_input_grads(  # written into the queue
-            layer, resid, per_head, self.weights, out=out, frozen_scale=self.frozen_scale
+        out = self._queue(cols.start, cols.stop - cols.start, width)
+        on_layer = out if out.device == resid.device else None  # written into the queue where it lives
+        grads = self.model.attn_input_grads(
+            layer, resid, per_head, self.weights, out=on_layer, frozen_scale=self.frozen_scale
         )
+        if on_layer is None:
+            out.copy_(grads.reshape(out.shape))
         self._queued()
 
     def hooks(self) -> list[tuple[str, HookFn]]:

@@ -24,6 +24,7 @@ def load_model(
     prepend_bos: bool | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict[str, str | int] | None = None,
     check: bool = True,
 ) -> HookedModel:
     """Load a causal LM as a `HookedModel` (a TransformerLens `TransformerBridge` with graph facts).
@@ -35,11 +36,19 @@ def load_model(
         prepend_bos: put the BOS token in front of every prompt. Default: True for GPT-2-style models
             (as TransformerLens and EAP-IG do), else whatever the tokenizer does on its own.
         device, dtype: where and in which precision the model runs.
+        device_map: instead of `device`, layers placed over several devices, as Hugging Face / accelerate
+            take it (`"auto"`, `"balanced"`, or a dict from module names to devices); activations move
+            between devices at the layer boundaries (accelerate's hooks), the engine's buffers and scores
+            stay on the device of the embeddings.
         check: verify that the bridge computes the wrapped model (same logits) and that the model is the
             sum of its graph's parts (`circuits.models.checks`); refuse with `UnsupportedModelError` if not.
     """
-    hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype)
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
+    hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype, device_map)
+    if device_map is None:
+        hf_model = hf_model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
+    elif getattr(hf_model, "hf_device_map", None) is None:  # a model object, or the embedded model
+        hf_model = _dispatched(hf_model.to(dtype=dtype), device_map)  # type: ignore[call-arg]
+    hf_model = hf_model.eval()
     hf_model.requires_grad_(False)
     model_name = name_or_model if isinstance(name_or_model, str) else hf_model.config._name_or_path
     model_name = model_name or type(hf_model).__name__
@@ -72,8 +81,29 @@ def _run_checks(model: HookedModel) -> None:
         ) from err
 
 
+def _dispatched(hf_model: PreTrainedModel, device_map: str | dict[str, str | int]) -> PreTrainedModel:
+    """`hf_model` with its modules placed by `device_map` (accelerate's `dispatch_model`; a named plan
+    such as "auto" is worked out by `infer_auto_device_map`, keeping each decoder layer whole)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise InputError(
+                f"device_map must be a dict or one of auto, balanced, balanced_low_0, sequential; got "
+                f"{device_map!r}"
+            )
+        keep_whole = getattr(hf_model, "_no_split_modules", None) or []
+        device_map = infer_auto_device_map(hf_model, no_split_module_classes=list(keep_whole))
+    if not isinstance(device_map, dict) or not device_map:
+        raise InputError(f"device_map must name where each module goes, got {device_map!r}")
+    return dispatch_model(hf_model, device_map=device_map)
+
+
 def _resolve(
-    name_or_model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, dtype: torch.dtype
+    name_or_model: str | PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    dtype: torch.dtype,
+    device_map: str | dict[str, str | int] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if isinstance(name_or_model, PreTrainedModel):
         if tokenizer is None:
@@ -87,7 +117,7 @@ def _resolve(
         model, embedded_tokenizer = load_embedded()
         return model, tokenizer or embedded_tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype, device_map=device_map)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_model)
     except OSError as err:
         raise ModelLoadError(
