@@ -4,9 +4,9 @@ Our format (CSV with a header, or JSON lines), one pair per row:
     clean, corrupted, answer, distractor
 with answer / distractor as text of a single token, leading space included (" Mary"). EAP-IG CSVs carry
 token ids instead: `clean, corrupted, correct_idx, incorrect_idx`, or `clean, corrupted, label` with label
-a list "[correct, incorrect]". MIB IOI rows (JSON / JSON lines, as in the mib-bench/ioi dataset) give
-`prompt`, `metadata.indirect_object`, `metadata.subject` and the counterfactual prompt under a column such
-as `s2_io_flip_counterfactual`. Every problem is reported with the file and row (1 = first data row).
+a list "[correct, incorrect]". MIB rows (the mib-bench datasets' `.parquet` files or `.json` / `.jsonl`
+exports of them: IOI, MCQA, ARC, arithmetic) are read as MIB reads them (`tasks.mib`), each with its
+counterfactual column. Every problem is reported with the file and row (1 = first data row).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from circuits.errors import FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
 from circuits.textfiles import read_text
+from tasks.mib import mib_pairs
 
-Format = Literal["auto", "ours", "eap-ig", "mib-ioi"]
-FORMATS: tuple[str, ...] = ("auto", "ours", "eap-ig", "mib-ioi")
+Format = Literal["auto", "ours", "eap-ig", "mib", "mib-ioi"]
+FORMATS: tuple[str, ...] = ("auto", "ours", "eap-ig", "mib", "mib-ioi")
 
 
 def load_pairs(
@@ -33,10 +34,13 @@ def load_pairs(
     *,
     format: Format = "auto",
     metric: str = "logit_diff",
-    counterfactual: str = "s2_io_flip_counterfactual",
+    counterfactual: str | None = None,
+    mib_task: str | None = None,
 ) -> TaskPairs:
-    """Read prompt pairs for `model` from a CSV / JSON / JSONL file (see the module docstring for formats).
+    """Read prompt pairs for `model` from a CSV / JSON / JSONL / Parquet file (see the module docstring).
 
+    `mib_task` (one of `tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the columns
+    when not given); `counterfactual` names the counterfactual column (MIB's default per task).
     Raises `FileFormatError` naming the file, the row and the column of the first problem.
     """
     if format not in FORMATS:
@@ -48,16 +52,21 @@ def load_pairs(
     kind = _detect(path, rows[0]) if format == "auto" else format
     if kind == "ours":
         pairs = _from_text_rows(model, path, rows, ("clean", "corrupted", "answer", "distractor"))
-    elif kind == "mib-ioi":
-        pairs = _from_mib_rows(model, path, rows, counterfactual)
+    elif kind in ("mib", "mib-ioi"):
+        task = "ioi" if kind == "mib-ioi" else mib_task or _mib_task(path, rows[0])
+        pairs = mib_pairs(model, path, rows, task, counterfactual)
     else:
         pairs = _from_eap_ig_rows(model, path, rows)
     return TaskPairs(path.stem, pairs, metric, len(rows), 0)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix not in (".csv", ".json", ".jsonl", ".ndjson"):
-        raise FileFormatError(f"{path}: unknown file type {path.suffix!r}; use .csv, .json or .jsonl")
+    if path.suffix not in (".csv", ".json", ".jsonl", ".ndjson", ".parquet"):
+        raise FileFormatError(
+            f"{path}: unknown file type {path.suffix!r}; use .csv, .json, .jsonl or .parquet"
+        )
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
     text = read_text(path, "data file (.csv, .json or .jsonl)")
     if path.suffix == ".csv":
         try:
@@ -87,17 +96,42 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file (the format of the Hugging Face hub's dataset files), through pyarrow."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    if not path.is_file():
+        raise FileFormatError(f"{path}: no such data file")
+    try:
+        return list(pq.read_table(path).to_pylist())
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError alike
+        raise FileFormatError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+
+
+def _mib_task(path: Path, first: dict[str, Any]) -> str:
+    """Which MIB dataset a row is from, by its columns."""
+    if "metadata" in first:
+        return "ioi"
+    if "choices" in first and "answerKey" in first:
+        return "mcqa"
+    if "operator" in first:
+        return "arithmetic-subtraction" if first.get("operator") == "-" else "arithmetic-addition"
+    raise FileFormatError(f"{path}: cannot tell which MIB dataset the columns {sorted(first)} are from")
+
+
 def _detect(path: Path, first: dict[str, Any]) -> str:
-    if "prompt" in first and "metadata" in first:
-        return "mib-ioi"
+    if "prompt" in first and ({"metadata", "answerKey", "operator"} & set(first)):
+        return "mib"
     if "correct_idx" in first or "label" in first:
         return "eap-ig"
     if "answer" in first:
         return "ours"
     raise FileFormatError(
         f"{path}: cannot tell the format from the columns {sorted(first)}; expected clean, corrupted, "
-        "answer, distractor (ours), correct_idx / incorrect_idx or label (EAP-IG), or prompt and metadata "
-        "(MIB IOI)"
+        "answer, distractor (ours), correct_idx / incorrect_idx or label (EAP-IG), or prompt with metadata, "
+        "answerKey or operator (MIB)"
     )
 
 
@@ -138,23 +172,6 @@ def _from_text_rows(
     return PromptPairs.from_ids(
         model, model.to_ids(clean), model.to_ids(corrupted), answers, distractors, list(zip(clean, corrupted))
     )
-
-
-def _from_mib_rows(
-    model: HookedModel, path: Path, rows: list[dict[str, Any]], counterfactual: str
-) -> PromptPairs:
-    flat = []
-    for i, row in enumerate(rows):
-        prompt, metadata, cf = _require(path, i, row, ("prompt", "metadata", counterfactual))
-        if not isinstance(metadata, dict) or not isinstance(cf, dict) or "prompt" not in cf:
-            raise FileFormatError(
-                f"{path}: row {i + 1}: metadata and {counterfactual} must be objects with fields"
-            )
-        io, subject = _require(path, i, metadata, ("indirect_object", "subject"))
-        flat.append(
-            {"clean": prompt, "corrupted": cf["prompt"], "answer": f" {io}", "distractor": f" {subject}"}
-        )
-    return _from_text_rows(model, path, flat, ("clean", "corrupted", "answer", "distractor"))
 
 
 def _from_eap_ig_rows(model: HookedModel, path: Path, rows: list[dict[str, Any]]) -> PromptPairs:

@@ -124,7 +124,7 @@ MIB_NO_IO = {
         ("columns.csv", csv_text(("text", "target"), ("hello", "world")), "cannot tell the format"),
         ("empty.csv", csv_text(OURS), "no rows"),
         ("rows.jsonl", '{"clean": "a"}\nnot json\n', "row 2: not valid JSON"),
-        ("mib.jsonl", json.dumps(MIB_NO_IO) + "\n", "row 1: missing indirect_object"),
+        ("mib.jsonl", json.dumps(MIB_NO_IO) + "\n", "row 1: column indirect_object must be text"),
         ("pairs.txt", "whatever", "unknown file type"),
     ],
 )

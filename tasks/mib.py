@@ -1,0 +1,130 @@
+"""Rows of MIB's circuit-track datasets (the mib-bench datasets on the Hugging Face hub: ioi,
+copycolors_mcqa, arc_easy, arc_challenge, arithmetic_addition, arithmetic_subtraction), read from a local
+copy of their files (`.parquet`, or `.json` / `.jsonl` exports), as MIB's own loader
+(`MIB_circuit_track/dataset.py`, `HFEAPDataset`) turns them into prompt pairs:
+
+- ioi: clean `prompt`, corrupted `s2_io_flip_counterfactual.prompt` (the default column); answer and
+  distractor: the first tokens of " " + `metadata.indirect_object` and " " + `metadata.subject`;
+- mcqa, arc-easy, arc-challenge: `prompt`, `symbol_counterfactual.prompt`; the first tokens of
+  `choices.label[answerKey]` and of the counterfactual's;
+- arithmetic-addition, -subtraction: `prompt`, `random_counterfactual.prompt`; the tokens of `label` and
+  of the counterfactual's `label`.
+
+Rows MIB's filter drops are dropped here too, and counted in a warning: IOI rows whose three names
+(`indirect_object`, `subject`, `random_c`) tokenize to different lengths; MCQA / ARC rows whose answer and
+counterfactual answer do; arithmetic rows of the other operator (`+` for addition, `-` for subtraction)
+or without a one-token label. Edge patching here needs the clean and corrupted prompts to align token by
+token, so rows whose prompts differ in length are dropped as well (MIB pads them instead) and counted
+separately.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from circuits.data import PromptPairs
+from circuits.errors import CircuitsWarning, FileFormatError, InputError
+from circuits.models.hooked import HookedModel
+
+Row = dict[str, Any]
+Pair = tuple[str, str, int, int]  # clean, corrupted, answer token, distractor token
+
+DEFAULT_COUNTERFACTUAL = {
+    "ioi": "s2_io_flip_counterfactual",
+    "mcqa": "symbol_counterfactual",
+    "arc-easy": "symbol_counterfactual",
+    "arc-challenge": "symbol_counterfactual",
+    "arithmetic-addition": "random_counterfactual",
+    "arithmetic-subtraction": "random_counterfactual",
+}
+MIB_TASKS: tuple[str, ...] = tuple(DEFAULT_COUNTERFACTUAL)
+
+
+def mib_pairs(
+    model: HookedModel, path: Path, rows: list[Row], task: str, counterfactual: str | None = None
+) -> PromptPairs:
+    """The prompt pairs MIB makes of `rows` for `task` (one of `MIB_TASKS`), with MIB's filter."""
+    if task not in DEFAULT_COUNTERFACTUAL:
+        raise InputError(f"unknown MIB task {task!r}; choose one of {', '.join(MIB_TASKS)}")
+    column = counterfactual or DEFAULT_COUNTERFACTUAL[task]
+    convert = _ioi if task == "ioi" else _arithmetic if task.startswith("arithmetic") else _choices
+    kept: list[Pair] = []
+    filtered = misaligned = 0
+    for i, row in enumerate(rows):
+        cf = row.get(column)
+        if not isinstance(cf, dict) and task.startswith("arithmetic"):  # MIB drops rows without one
+            filtered += 1
+            continue
+        pair = convert(model, task, row, _field(path, i, row, column, dict), path, i)
+        if pair is None:
+            filtered += 1
+            continue
+        a, b = model.to_ids([pair[0], pair[1]])
+        if len(a) != len(b):
+            misaligned += 1
+            continue
+        kept.append(pair)
+    if filtered or misaligned:
+        warnings.warn(
+            f"{path}: {filtered} of {len(rows)} rows dropped by MIB's filter for {task}, {misaligned} more "
+            "whose clean and corrupted prompts differ in length for this tokenizer",
+            CircuitsWarning,
+            stacklevel=3,
+        )
+    if not kept:
+        raise FileFormatError(f"{path}: no row of {len(rows)} is usable for {task} with this tokenizer")
+    clean, corrupted, answers, distractors = (list(column) for column in zip(*kept))
+    return PromptPairs.from_ids(
+        model, model.to_ids(clean), model.to_ids(corrupted), answers, distractors, list(zip(clean, corrupted))
+    )
+
+
+def _field(path: Path, i: int, row: Row, name: str, kind: type) -> Any:
+    value = row.get(name)
+    if not isinstance(value, kind) or value in ("", None):
+        wanted = "an object" if kind is dict else "text" if kind is str else kind.__name__
+        raise FileFormatError(f"{path}: row {i + 1}: column {name} must be {wanted}, got {value!r}")
+    return value
+
+
+def _tokens(model: HookedModel, text: str) -> list[int]:
+    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _ioi(model: HookedModel, _task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | None:
+    meta = _field(path, i, row, "metadata", dict)
+    names = [_field(path, i, meta, key, str) for key in ("indirect_object", "subject")]
+    third = meta.get("random_c")
+    lengths = {len(_tokens(model, f" {n}")) for n in [*names, *([third] if isinstance(third, str) else [])]}
+    if len(lengths) > 1:
+        return None
+    answer, distractor = (_tokens(model, f" {n}")[0] for n in names)
+    return _field(path, i, row, "prompt", str), _field(path, i, cf, "prompt", str), answer, distractor
+
+
+def _choice_label(path: Path, i: int, row: Row) -> str:
+    choices = _field(path, i, row, "choices", dict)
+    labels, key = choices.get("label"), row.get("answerKey")
+    if not isinstance(labels, list) or not isinstance(key, int) or not 0 <= key < len(labels):
+        raise FileFormatError(f"{path}: row {i + 1}: answerKey {key!r} is not an index into choices.label")
+    return str(labels[key])
+
+
+def _choices(model: HookedModel, _task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | None:
+    right, wrong = _choice_label(path, i, row), _choice_label(path, i, cf)
+    a, b = _tokens(model, right), _tokens(model, wrong)
+    if len(a) != len(b) or not a:
+        return None
+    return _field(path, i, row, "prompt", str), _field(path, i, cf, "prompt", str), a[0], b[0]
+
+
+def _arithmetic(model: HookedModel, task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | None:
+    operator = "+" if task == "arithmetic-addition" else "-"
+    if row.get("operator") != operator or cf.get("prompt") is None:
+        return None
+    a, b = _tokens(model, str(row.get("label"))), _tokens(model, str(cf.get("label")))
+    if len(a) != 1 or len(b) != 1:
+        return None
+    return _field(path, i, row, "prompt", str), _field(path, i, cf, "prompt", str), a[0], b[0]
