@@ -107,12 +107,13 @@ def plan_memory(
     level: str,
     last_position: bool,
 ) -> MemoryPlan:
-    """The fastest settings the memory model fits within `budget_gib`.
+    """The largest settings (at most the given ones) that the memory model fits within `budget_gib`.
 
-    Candidates, fastest first: the given batch size and rows; fewer rows per pass (IG steps and patched
+    Candidates in order: the given batch size and rows; fewer rows per pass (IG steps and patched
     copies run in more passes); recomputation of the blocks in the backward pass (one more forward pass
     each, which at long prompts costs little: memory traffic falls); fewer pairs per batch. Scores do not
-    depend on any of these (sums in float64; recomputation is exact).
+    depend on any of these (sums in float64; recomputation is exact). Larger is not always faster: on
+    CPUs one row per pass was as fast or faster in docs/benchmarks.md; pass `max_rows` to choose.
     """
     if not budget_gib > 0:
         raise InputError(f"max_memory must be a positive number of GiB, got {budget_gib!r}")
