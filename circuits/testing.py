@@ -87,9 +87,12 @@ def tiny_llama_hf(seed: int = 0, n_layers: int = 2) -> PreTrainedModel:
     return _seeded(lambda: LlamaForCausalLM(cfg), seed)
 
 
-def tiny_gpt2_hf(seed: int = 0, n_layers: int = 2) -> PreTrainedModel:
-    """GPT-2-style: LayerNorm, learned positions, joint qkv projection, GELU MLP, biases."""
+def tiny_gpt2_hf(seed: int = 0, n_layers: int = 2, activation: str = "gelu_new") -> PreTrainedModel:
+    """GPT-2-style: LayerNorm, learned positions, joint qkv projection, GELU MLP, biases. `activation`:
+    GPT-2's tanh GELU as transformers writes it ("gelu_new", several elementwise ops) or as one torch op
+    ("gelu_pytorch_tanh", the same function, rounded once in half precision)."""
     cfg = GPT2Config(
+        activation_function=activation,
         vocab_size=len(tiny_tokenizer()),
         n_embd=64,
         n_layer=n_layers,
