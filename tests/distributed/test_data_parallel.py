@@ -20,10 +20,14 @@ pytestmark = pytest.mark.slow  # starts two torchrun processes per test
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _torchrun(*args: str) -> None:
+def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun_ok(*args: str) -> None:
+    done = _torchrun(*args)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -34,7 +38,7 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
 
 
 def test_two_processes_give_the_single_process_results(tmp_path):
-    _torchrun("-m", "tests.distributed.worker", str(tmp_path / "two.pt"))
+    _torchrun_ok("-m", "tests.distributed.worker", str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same float reductions in each matmul
@@ -52,7 +56,7 @@ def test_two_processes_give_the_single_process_results(tmp_path):
 def test_cli_discover_under_torchrun_writes_the_single_process_files(tmp_path):
     # --n-pairs: torchrun's own parser would take --n for an abbreviation of --nnodes / --nproc-per-node
     args = ["discover", "--task", "ioi", "--model", "tiny-llama", "--n-pairs", "16", "--batch-size", "4"]
-    _torchrun("-m", "circuits", *args, "--out", str(tmp_path / "two"))
+    _torchrun_ok("-m", "circuits", *args, "--out", str(tmp_path / "two"))
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     one, two = (torch.load(tmp_path / name / "scores.pt") for name in ("one", "two"))
     for key in ("edge_scores", "node_scores"):
@@ -71,3 +75,10 @@ def test_cli_discover_under_torchrun_writes_the_single_process_files(tmp_path):
     assert summary_one.keys() == summary_two.keys()
     for key in ("faithfulness", "CPR", "CMD", "metric_circuit", "metric_full", "metric_empty", "n_pairs"):
         assert summary_two[key] == pytest.approx(summary_one[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_failing_process_ends_the_run_with_its_error_not_a_hang():
+    # the exit barrier is skipped after an uncaught exception, so rank 0 (at the barrier) is released
+    done = _torchrun("-m", "tests.distributed.failing_worker", timeout=120)
+    assert done.returncode != 0
+    assert "rank 1 fails on purpose" in done.stdout + done.stderr
