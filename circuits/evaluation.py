@@ -131,7 +131,7 @@ def evaluate_many(
             return check_values(fn(logits, batch, clean), len(batch), where)
 
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
-        ablated, corrupted_logits = _ablated_outputs(model, graph, batch, means)
+        ablated, corrupted_logits = ablated_outputs(model, graph, batch, means)
         with torch.no_grad():
             clean_logits = model(ids, mask)
         # with patching, ablating every edge is the corrupted run itself (tested), so reuse its logits
@@ -169,7 +169,7 @@ def _ablation_mask(circuit: Graph, complement: bool) -> Tensor:
     return keep if complement else circuit.valid & ~keep
 
 
-def _ablated_outputs(
+def ablated_outputs(
     model: HookedModel, graph: Graph, batch: PromptPairs, means: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """[b, P, n_sources, d] corrupted source outputs and the corrupted logits (patching), or the

@@ -55,6 +55,39 @@ def forward_with_ablation(
     sums: _Corrections = (
         _PerRow(graph, mask, patch, rows) if mask.dim() == 3 else _Shared(graph, mask, patch, rows)
     )
+    with torch.no_grad(), model.hooks(_ablation_hooks(model, graph, sums)):
+        return model(input_ids, attention_mask)
+
+
+def forward_with_weighted_ablation(
+    model: HookedModel,
+    graph: Graph,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ablated: Tensor,
+    weights: Tensor,
+) -> Tensor:
+    """Logits [rows, P, d_vocab] with each edge u->v ablated by the fraction `weights[u, v]`:
+    x_v' = x_v + sum_u w_uv (a_u(ablated) - a_u(current run)), differentiable in `weights` (and with
+    gradients kept: call it where autograd should run). With 0/1 weights it is `forward_with_ablation`.
+
+    Args:
+        ablated: [r, P, n_sources, d_model] with r dividing rows.
+        weights: float [n_sources, n_destinations]; entries outside `graph.valid` are ignored.
+    """
+    rows = input_ids.shape[0]
+    if rows % ablated.shape[0]:
+        raise InputError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
+    if weights.shape != graph.valid.shape or not weights.is_floating_point():
+        raise InputError(f"weights must be float {tuple(graph.valid.shape)}, got {tuple(weights.shape)}")
+    valid = graph.valid.to(weights.device)
+    sums = _Weighted(graph, weights * valid, ablated[:, : input_ids.shape[1]])
+    with model.hooks(_ablation_hooks(model, graph, sums)):
+        return model(input_ids, attention_mask)
+
+
+def _ablation_hooks(model: HookedModel, graph: Graph, sums: _Corrections) -> list[tuple[str, HookFn]]:
+    """Hooks that record the sources' outputs into `sums` and add its corrections to every destination."""
     spec = graph.spec
     resid: dict[int, Tensor] = {}
 
@@ -124,8 +157,7 @@ def forward_with_ablation(
         )
         hooks.append((model.mlp_destination_hook(layer), mlp_hook))
     hooks.append((model.final_norm_in_hook, add_to_input(graph.logits_destination)))
-    with torch.no_grad(), model.hooks(hooks):
-        return model(input_ids, attention_mask)
+    return hooks
 
 
 def forward_with_node_ablation(
@@ -286,3 +318,32 @@ class _Shared(_Corrections):
             return self._weighted(ablated_sources, ablate)
         total = self.total if self.recorded == n else self.total - self.diff[n : self.recorded].sum(0)
         return total.unsqueeze(2) - self._weighted(kept_sources, kept)
+
+
+class _Weighted(_Corrections):
+    """Fractional ablation under autograd: the differences are kept per recorded block (never written
+    in place, so autograd may save them) and each destination block sums them weighted."""
+
+    def __init__(self, graph: Graph, weights: Tensor, patch: Tensor) -> None:
+        self.weights = weights  # [n_sources, n_destinations]
+        self.prefix = graph.valid_prefixes()
+        self.patch = patch  # [1 or rows, P, n_sources, d]
+        self.blocks: list[tuple[Tensor, Tensor]] = []  # (source ids, diff [rows, P, n, d])
+
+    def wanted(self, ids: Tensor) -> Tensor:
+        return torch.arange(ids.numel())
+
+    def record(self, ids: Tensor, value: Tensor) -> None:
+        patch = self.patch[:, :, ids.to(self.patch.device)]
+        self.blocks.append((ids, patch.to(value) - value))
+
+    def correction(self, cols: slice) -> Tensor | None:
+        n = self.prefix[cols.start]
+        out: Tensor | None = None
+        for ids, diff in self.blocks:
+            if int(ids[0]) >= n:
+                break
+            w = self.weights[ids.to(self.weights.device), cols].to(diff)  # [k, n_block]
+            term = torch.einsum("bpkd,kn->bpnd", diff, w)
+            out = term if out is None else out + term
+        return out

@@ -1,0 +1,192 @@
+"""Refining a circuit at its own operating point: edge swaps guided by the gradient of the metric with
+respect to a continuous edge mask, each round accepted only if the exact ablated metric improves.
+
+Attribution scores (EAP, EAP-IG) are linearised around the full model, yet a small circuit runs with most
+edges ablated, far from that point. Let keep_e in [0, 1] scale edge e's clean contribution, so that edge
+u->v adds (1 - keep_e)(a_u(ablated) - a_u(current)) to v's input. At the circuit's own mask the gradient
+dM/dkeep_e = -g_v . (a_u(ablated) - a_u(current)) (g_v the gradient at v's input, all in the ablated run)
+estimates what keeping or dropping each edge is worth there: EAP at the circuit instead of the full
+model. A round drops the circuit's least useful edges, adds the most useful outside ones within the
+budget, evaluates a few swap sizes exactly and keeps the best if it beats the current circuit; the
+search stops at the first round without a gain. This is a local search warm-started from a ranking,
+in the spirit of edge pruning initialised from EAP-IG (Mondorf et al. 2025, arXiv 2510.06811; edge
+pruning: Bhaskar et al. 2024, arXiv 2406.16778), with exact evaluation in place of a relaxed objective.
+
+The objective for signed selection (MIB's CPR) is the mean metric; for absolute selection (CMD) it is
+-|mean metric - full model's mean|. The pairs it optimises on must not be the pairs a curve is
+reported on: refine on the scoring pairs, evaluate on held-out ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from circuits.data import PromptPairs, check_count, check_pairs
+from circuits.distributed import is_main, shard_range, sum_floats, sum_tensor
+from circuits.errors import InputError
+from circuits.evaluation import ablated_outputs, evaluate_many
+from circuits.graph import Graph
+from circuits.intervention import forward_with_weighted_ablation
+from circuits.metrics import Metric, check_values, get_metric
+from circuits.models.hooked import HookedModel, uses_model
+from circuits.selection import with_edges
+from circuits.strategies import Selection, Selector, select, selection_name
+
+SWAP_SHARES = (0.2, 0.1, 0.05, 0.02)  # swap sizes tried per round, as shares of the budget
+
+
+@uses_model
+def mask_gradient(
+    model: HookedModel,
+    circuit: Graph,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    *,
+    batch_size: int = 8,
+) -> tuple[float, Tensor]:
+    """The circuit's mean metric over `pairs` and its gradient d mean(M) / d keep, float64
+    [n_sources, n_destinations], at keep = the circuit's edges (1 in, 0 out; zero off `valid`).
+    Patching ablation: an ablated edge carries the pair's corrupted run.
+    """
+    check_count(batch_size, "batch_size")
+    check_pairs(model, pairs)
+    circuit.check_fits(model.spec)
+    fn = get_metric(metric)
+    valid = circuit.valid.to(model.device)
+    total = torch.zeros(circuit.valid.shape, dtype=torch.float64)
+    value = 0.0
+    mine = shard_range(len(pairs), model.device)
+    for index, batch in enumerate(pairs[mine.start : mine.stop].batches(batch_size)):
+        ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
+        ablated, _ = ablated_outputs(model, circuit, batch, None)
+        with torch.no_grad():
+            clean_logits = model(ids, mask)
+        keep = (circuit.in_graph.to(model.device) & valid).float().requires_grad_(True)
+        logits = forward_with_weighted_ablation(model, circuit, ids, mask, ablated, 1 - keep)
+        where = f"batch {index} of the refinement pairs"
+        measured = check_values(fn(logits, batch, clean_logits), len(batch), where)
+        (grad,) = torch.autograd.grad(measured.sum(), keep)
+        total += grad.detach().double().cpu()
+        value += float(measured.detach().double().sum())
+    total = sum_tensor(total, torch.device("cpu"))
+    value = sum_floats({"sum": value}, model.device)["sum"]
+    return value / len(pairs), total / len(pairs) * circuit.valid
+
+
+def refine(
+    model: HookedModel,
+    circuit: Graph,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    *,
+    budget: int,
+    weights: Tensor | None = None,
+    absolute: bool = False,
+    rounds: int = 4,
+    shares: Sequence[float] = SWAP_SHARES,
+    batch_size: int = 8,
+) -> Graph:
+    """A circuit within `budget` (counted by `weights`, default one per edge) at least as good as
+    `circuit` on `pairs` by the objective (module docstring), found by at most `rounds` rounds of
+    gradient-guided swaps. Returns a new pruned graph; `circuit` is not modified."""
+    check_count(rounds, "rounds")
+    if not shares or any(not 0 < s <= 1 for s in shares):
+        raise InputError(f"shares must be fractions of the budget in (0, 1], got {list(shares)}")
+    weights = circuit.valid.long() if weights is None else weights
+    if int(weights[circuit.in_graph & circuit.valid].sum()) > budget:
+        raise InputError(f"the starting circuit already uses more than the budget of {budget}")
+    full = evaluate_many(model, [circuit], pairs, metric, batch_size=batch_size)[0].full if absolute else 0.0
+
+    def objective(mean: float) -> float:
+        return -abs(mean - full) if absolute else mean
+
+    best = circuit
+    for _ in range(rounds):
+        mean, grad = mask_gradient(model, best, pairs, metric, batch_size=batch_size)
+        if absolute:
+            grad = grad * (-1.0 if mean > full else 1.0)
+        candidates = _swaps(best, grad, budget, weights, shares)
+        if not candidates:
+            break
+        found = evaluate_many(model, candidates, pairs, metric, batch_size=batch_size)
+        values = [objective(e.circuit) for e in found]
+        top = max(range(len(values)), key=values.__getitem__)
+        if values[top] <= objective(mean):
+            break
+        best = candidates[top]
+    return best
+
+
+def _swaps(
+    circuit: Graph, grad: Tensor, budget: int, weights: Tensor, shares: Sequence[float]
+) -> list[Graph]:
+    """Candidate circuits, one per share s: the inside edges whose gradient says dropping them helps are
+    dropped; the outside edges most worth adding (positive gradient per unit of budget) are added up to
+    s of the budget; and, if that overruns the budget, the least useful inside edges make room."""
+    inside, outside = (
+        (circuit.in_graph & circuit.valid).flatten(),
+        (circuit.valid & ~circuit.in_graph).flatten(),
+    )
+    per_unit = (grad / weights.clamp(min=1)).flatten()
+    units = weights.flatten()
+    add_order = torch.argsort(per_unit.masked_fill(~outside, float("-inf")), descending=True)
+    add_order = add_order[outside[add_order] & (per_unit[add_order] > 0)]
+    drop_order = torch.argsort(per_unit.masked_fill(~inside, float("inf")))
+    drop_order = drop_order[inside[drop_order]]
+    harmful, rest = drop_order[per_unit[drop_order] < 0], drop_order[per_unit[drop_order] >= 0]
+    free = budget - int(units[inside].sum()) + int(units[harmful].sum())
+    candidates: list[Graph] = []
+    seen: set[bytes] = set()
+    for share in shares:
+        add = add_order[torch.cumsum(units[add_order], 0) <= share * budget]
+        need = int(units[add].sum()) - free
+        room = int(torch.searchsorted(torch.cumsum(units[rest], 0), need)) + 1 if need > 0 else 0
+        chosen = inside.clone()
+        chosen[harmful] = False
+        chosen[rest[:room]] = False
+        chosen[add] = True
+        key = chosen.numpy().tobytes()
+        if key not in seen and not torch.equal(chosen, inside):
+            seen.add(key)
+            candidates.append(with_edges(circuit, chosen.reshape(circuit.valid.shape), prune=True))
+    return candidates
+
+
+def refined_selection(
+    model: HookedModel,
+    pairs: PromptPairs,
+    metric: str | Metric = "logit_diff",
+    *,
+    base: Selection | Selector = "top_n",
+    rounds: int = 4,
+    batch_size: int = 8,
+    quiet: bool = True,
+) -> Selector:
+    """A selection strategy: `base`'s circuit at each budget, then `refine`d on `pairs` (the scoring
+    pairs, not the pairs the curve is evaluated on). Patching ablation, as MIB's protocol."""
+    check_pairs(model, pairs)
+    bar = tqdm(desc="refining circuits", unit="budget", disable=quiet or not is_main())
+
+    def select_refined(graph: Graph, budget: int, absolute: bool, seed: int, weights: Tensor) -> Graph:
+        start = select(graph, budget, base, absolute, seed, weights)
+        bar.update(1)
+        if budget == 0 or int(weights[start.in_graph & start.valid].sum()) == int(weights.sum()):
+            return start
+        return refine(
+            model,
+            start,
+            pairs,
+            metric,
+            budget=budget,
+            weights=weights,
+            absolute=absolute,
+            rounds=rounds,
+            batch_size=batch_size,
+        )
+
+    select_refined.__name__ = f"refined({selection_name(base)}, {rounds} rounds)"
+    return select_refined
