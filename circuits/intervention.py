@@ -20,6 +20,8 @@ Two ways to sum the differences, picked by the mask's form:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -86,10 +88,72 @@ def forward_with_weighted_ablation(
         return model(input_ids, attention_mask)
 
 
-def _ablation_hooks(model: HookedModel, graph: Graph, sums: _Corrections) -> list[tuple[str, HookFn]]:
-    """Hooks that record the sources' outputs into `sums` and add its corrections to every destination."""
+def ablation_gradient(
+    model: HookedModel,
+    graph: Graph,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ablated: Tensor,
+    ablation_mask: Tensor,
+    measure: Callable[[Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The ablated run's measurements and their gradient with respect to each edge's ablation weight, at
+    the run with `ablation_mask` ablated: d sum(measure) / d w_uv = sum over rows and positions of
+    g_v . (a_u(ablated) - a_u(current run)), g_v the gradient at v's corrected input (EAP's formula, taken
+    in the ablated run instead of the clean one; with nothing ablated it is EAP's score).
+
+    Args:
+        ablated: [r, P, n_sources, d_model] with r = 1 or rows.
+        ablation_mask: bool [n_sources, n_destinations], shared by all rows.
+        measure: logits [rows, P, d_vocab] -> [rows].
+    Returns:
+        measurements [rows] (detached) and float64 [n_sources, n_destinations] (0 off `graph.valid`).
+    """
+    rows, n_pos = input_ids.shape
+    if ablated.shape[0] not in (1, rows):
+        raise InputError(f"ablated has {ablated.shape[0]} rows; need 1 or the batch's {rows}")
+    mask = ablation_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
+    sums = _Shared(graph, mask, ablated[:, :n_pos], rows)
+    inputs: list[tuple[slice, Tensor]] = []
+    hooks = [(model.input_hook, _requiring_grad), *_ablation_hooks(model, graph, sums, inputs)]
+    with torch.enable_grad(), model.hooks(hooks):
+        values = measure(model(input_ids, attention_mask))
+        grads = torch.autograd.grad(values.sum(), [x for _, x in inputs], allow_unused=True)
+    diff = sums.diff.detach().flatten(1)  # [n_sources, rows * P * d]
+    prefix = graph.valid_prefixes()
+    out = torch.zeros(graph.valid.shape, dtype=torch.float64)
+    for (cols, _), g in zip(inputs, grads):
+        if g is not None:
+            n = prefix[cols.start]
+            per_dst = g.detach().to(diff).permute(2, 0, 1, 3).flatten(1)  # [n_block, rows * P * d]
+            out[:n, cols] = (diff[:n] @ per_dst.T).double().cpu()
+    return values.detach(), out * graph.valid
+
+
+def _requiring_grad(x: Tensor) -> Tensor:
+    """The embeddings as a leaf that requires grad, so that autograd records everything downstream (the
+    model's weights may be frozen)."""
+    return x.detach().requires_grad_(True)
+
+
+def _ablation_hooks(
+    model: HookedModel, graph: Graph, sums: _Corrections, inputs: list[tuple[slice, Tensor]] | None = None
+) -> list[tuple[str, HookFn]]:
+    """Hooks that record the sources' outputs into `sums` and add its corrections to every destination.
+    With `inputs`, every destination block's corrected input [rows, P, n, d_model] is appended to it with
+    its destination slice (blocks with nothing ablated included), for gradients with respect to them."""
     spec = graph.spec
     resid: dict[int, Tensor] = {}
+
+    def corrected(cols: slice, base: Tensor) -> Tensor | None:
+        """base [rows, P, n, d] + the block's correction, or None when nothing is added or watched."""
+        d = sums.correction(cols)
+        if d is None and inputs is None:
+            return None
+        x = base if d is None else base + d.to(base)
+        if inputs is not None:
+            inputs.append((cols, x))
+        return x
 
     def record(index: int | slice, layer: int | None = None) -> HookFn | None:
         ids = torch.arange(graph.n_sources)[index].reshape(-1)
@@ -105,8 +169,8 @@ def _ablation_hooks(model: HookedModel, graph: Graph, sums: _Corrections) -> lis
 
     def add_to_input(dst: int) -> HookFn:
         def hook(x: Tensor) -> Tensor | None:
-            d = sums.correction(slice(dst, dst + 1))
-            return None if d is None else x + d[:, :, 0].to(x)
+            y = corrected(slice(dst, dst + 1), x.unsqueeze(2))
+            return None if y is None else y[:, :, 0]
 
         return hook
 
@@ -114,9 +178,9 @@ def _ablation_hooks(model: HookedModel, graph: Graph, sums: _Corrections) -> lis
         """An MLP sharing the attention norm reads norm(resid + D): rebuilt from the saved residual."""
         dst = graph.mlp_destination(layer)
 
-        def hook(x: Tensor) -> Tensor | None:
-            d = sums.correction(slice(dst, dst + 1))
-            return None if d is None else model.attn_norm(layer)(resid[layer] + d[:, :, 0].to(x))
+        def hook(_x: Tensor) -> Tensor | None:
+            y = corrected(slice(dst, dst + 1), resid[layer].unsqueeze(2))
+            return None if y is None else model.attn_norm(layer)(y[:, :, 0])
 
         return hook
 
@@ -130,11 +194,9 @@ def _ablation_hooks(model: HookedModel, graph: Graph, sums: _Corrections) -> lis
         dst = graph.qkv_destinations(layer, letter)
 
         def hook(x: Tensor) -> Tensor | None:
-            d = sums.correction(dst)
-            if d is None:
-                return None
-            inputs = resid[layer].unsqueeze(2) + d.to(x)  # [rows, P, n, d_model]
-            return model.qkv_from_residual(layer, letter, inputs).reshape(x.shape)
+            n = dst.stop - dst.start
+            heads = corrected(dst, resid[layer].unsqueeze(2).expand(-1, -1, n, -1))  # [rows, P, n, d_model]
+            return None if heads is None else model.qkv_from_residual(layer, letter, heads).reshape(x.shape)
 
         return hook
 
