@@ -20,6 +20,7 @@ reported on: refine on the scoring pairs, evaluate on held-out ones.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,6 +40,13 @@ from circuits.strategies import Selection, Selector, select, selection_name
 SWAP_SHARES = (0.1, 0.03, 0.01, 0.0)  # swap sizes tried per round, as shares of the budget (0: one edge)
 
 
+@dataclass
+class MaskGradient:
+    circuit: float  # mean metric of the circuit
+    full: float  # mean metric of the full model
+    grad: Tensor  # float64 [n_sources, n_destinations]: d mean(M) / d keep (0 off `valid`)
+
+
 @uses_model
 def mask_gradient(
     model: HookedModel,
@@ -47,18 +55,16 @@ def mask_gradient(
     metric: str | Metric = "logit_diff",
     *,
     batch_size: int = 8,
-) -> tuple[float, Tensor]:
-    """The circuit's mean metric over `pairs` and its gradient d mean(M) / d keep, float64
-    [n_sources, n_destinations], at keep = the circuit's edges (1 in, 0 out; zero off `valid`).
-    Patching ablation: an ablated edge carries the pair's corrupted run.
-    """
+) -> MaskGradient:
+    """The circuit's and the full model's mean metric over `pairs`, and the gradient d mean(M) / d keep
+    at keep = the circuit's edges. Patching ablation: an ablated edge carries the pair's corrupted run."""
     check_count(batch_size, "batch_size")
     check_pairs(model, pairs)
     circuit.check_fits(model.spec)
     fn = get_metric(metric)
     ablate = circuit.valid & ~circuit.in_graph
     total = torch.zeros(circuit.valid.shape, dtype=torch.float64)
-    value = 0.0
+    sums = {"circuit": 0.0, "full": 0.0}
     mine = shard_range(len(pairs), model.device)
     for index, batch in enumerate(pairs[mine.start : mine.stop].batches(batch_size)):
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
@@ -74,10 +80,11 @@ def mask_gradient(
 
         measured, grad = ablation_gradient(model, circuit, ids, mask, ablated, ablate, measure)
         total -= grad  # d/d keep = -d/d (ablation weight)
-        value += float(measured.double().sum())
+        sums["circuit"] += float(measured.double().sum())
+        sums["full"] += float(measure(clean_logits).double().sum())
     total = sum_tensor(total, torch.device("cpu"))
-    value = sum_floats({"sum": value}, model.device)["sum"]
-    return value / len(pairs), total / len(pairs) * circuit.valid
+    means = {k: v / len(pairs) for k, v in sum_floats(sums, model.device).items()}
+    return MaskGradient(means["circuit"], means["full"], total / len(pairs) * circuit.valid)
 
 
 def refine(
@@ -102,23 +109,21 @@ def refine(
     weights = circuit.valid.long() if weights is None else weights
     if int(weights[circuit.in_graph & circuit.valid].sum()) > budget:
         raise InputError(f"the starting circuit already uses more than the budget of {budget}")
-    full = evaluate_many(model, [circuit], pairs, metric, batch_size=batch_size)[0].full if absolute else 0.0
-
-    def objective(mean: float) -> float:
-        return -abs(mean - full) if absolute else mean
-
     best = circuit
     for _ in range(rounds):
-        mean, grad = mask_gradient(model, best, pairs, metric, batch_size=batch_size)
-        if absolute:
-            grad = grad * (-1.0 if mean > full else 1.0)
+        at = mask_gradient(model, best, pairs, metric, batch_size=batch_size)
+
+        def objective(mean: float, full: float = at.full) -> float:
+            return -abs(mean - full) if absolute else mean
+
+        grad = at.grad * (-1.0 if absolute and at.circuit > at.full else 1.0)
         candidates = _swaps(best, grad, budget, weights, shares)
         if not candidates:
             break
         found = evaluate_many(model, candidates, pairs, metric, batch_size=batch_size)
         values = [objective(e.circuit) for e in found]
         top = max(range(len(values)), key=values.__getitem__)
-        if values[top] <= objective(mean):
+        if values[top] <= objective(at.circuit):
             break
         best = candidates[top]
     return best

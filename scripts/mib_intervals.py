@@ -1,6 +1,7 @@
 """CPR and CMD with 95% bootstrap intervals on held-out IOI pairs, for EAP, EAP-IG-inputs and RelP, under
-each selection strategy (`--strategies`: top_n, filled, ratio:R; circuits.strategies), with a score
-ensemble of the methods (`--ensemble`) and bootstrap sign-consistency filtering (`--sign-consistency R`).
+each selection strategy (`--strategies`: top_n, filled, ratio:R; circuits.strategies; refined:R, top-n
+refined for R rounds on the scoring pairs, circuits.refinement), with a score ensemble of the methods
+(`--ensemble`) and bootstrap sign-consistency filtering (`--sign-consistency R`).
 
 Scores on the first `--n` generated IOI pairs, circuits at the MIB budgets (MIB's protocol, docs/mib.md),
 evaluated on the next `--n` (disjoint draws of the generator); intervals from `--resamples` bootstrap
@@ -9,6 +10,7 @@ draws over the evaluation pairs (circuits.uncertainty).
     python scripts/mib_intervals.py --n 64          # SmolLM2-135M-Instruct
     python scripts/mib_intervals.py --n 64 --methods eap-ig-inputs --sign-consistency 10
     python scripts/mib_intervals.py --n 64 --strategies top_n filled ratio:0.5 ratio:0.8 --ensemble
+    python scripts/mib_intervals.py --n 64 --methods eap-ig-inputs --strategies top_n refined:2
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from circuits import Graph, attribute, load_model
 from circuits.attribution.methods import MethodName
 from circuits.faithfulness import PROTOCOLS, mib_scores
+from circuits.refinement import refined_selection
 from circuits.strategies import Selection, Selector, ensemble_scores, ratio_selection
 from circuits.uncertainty import bootstrap_scores, sign_consistent
 from tasks import ioi_pairs
@@ -46,15 +49,21 @@ def main() -> None:
     parser.add_argument("--ensemble", action="store_true", help="also the mean ensemble of the methods")
     parser.add_argument("--protocol", default="mib", choices=PROTOCOLS)
     args = parser.parse_args()
-    strategies: list[tuple[str, Selection | Selector]] = [
-        (name, ratio_selection(float(name.split(":")[1])) if name.startswith("ratio:") else name)
-        for name in args.strategies
-    ]
     model = load_model(args.model)
     task = ioi_pairs(model, 2 * args.n)
     if len(task.pairs) < 2 * args.n:
         raise SystemExit(f"only {len(task.pairs)} IOI pairs could be made")
     scoring, held_out = task.pairs[: args.n], task.pairs[args.n : 2 * args.n]
+
+    def strategy(name: str) -> Selection | Selector:
+        if name.startswith("ratio:"):
+            return ratio_selection(float(name.split(":")[1]))
+        if name.startswith("refined:"):  # refined on the scoring pairs, never on the held-out ones
+            rounds = int(name.split(":")[1])
+            return refined_selection(model, scoring, task.metric, rounds=rounds, batch_size=args.batch_size)
+        return name  # type: ignore[return-value]
+
+    strategies = [(name, strategy(name)) for name in args.strategies]
     print(
         f"{args.model}: {args.n} pairs to score, {args.n} held-out pairs to evaluate, {args.resamples} draws"
     )

@@ -41,16 +41,19 @@ def test_mask_gradient_at_the_full_model_is_minus_eap(layout):
     graph = Graph.from_model(layout)
     eap = attribute(layout, graph, pairs, method="eap", quiet=True).edge_scores
     assert eap is not None
-    mean, grad = mask_gradient(layout, graph, pairs, batch_size=2)
-    assert mean == pytest.approx(evaluate(layout, graph, pairs).full, abs=1e-5)
-    torch.testing.assert_close(grad.float(), -eap, atol=1e-4, rtol=1e-3)
+    at = mask_gradient(layout, graph, pairs, batch_size=2)
+    full = evaluate(layout, graph, pairs).full
+    assert at.circuit == pytest.approx(full, abs=1e-5) and at.full == pytest.approx(full, abs=1e-5)
+    torch.testing.assert_close(at.grad.float(), -eap, atol=1e-4, rtol=1e-3)
 
 
 def test_mask_gradient_matches_finite_differences_inside_a_circuit(llama):
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
     circuit = _random_circuit(graph, 0.5, seed=1)
-    _, grad = mask_gradient(llama, circuit, pairs)
+    at = mask_gradient(llama, circuit, pairs)
+    assert at.circuit == pytest.approx(evaluate(llama, circuit, pairs).circuit, abs=1e-5)
+    grad = at.grad
     ablated, _ = ablated_outputs(llama, graph, pairs, None)
     with torch.no_grad():
         clean = llama(pairs.clean, pairs.attention_mask)
