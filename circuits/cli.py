@@ -22,7 +22,7 @@ from circuits.faithfulness import PROTOCOLS
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.outputs import check_writable
 from circuits.quadrature import EDGE_QUADRATURES
-from circuits.strategies import SELECTIONS, ratio_selection
+from circuits.strategies import SELECTIONS, Selection, Selector, ratio_selection
 
 if TYPE_CHECKING:
     from circuits.graph import Graph
@@ -142,9 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--selection",
         default="top_n",
-        choices=[*SELECTIONS, "ratio"],
+        choices=[*SELECTIONS, "ratio", "refined"],
         help="how the circuit and the curves' circuits are chosen from the scores (circuits.strategies; "
-        "default top_n)",
+        "default top_n). refined: top_n, then gradient-guided edge swaps checked on the task's pairs "
+        "(circuits.refinement); the curves are measured on those same pairs, so they are optimistic: "
+        "for held-out numbers see scripts/mib_intervals.py",
+    )
+    d.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=2,
+        metavar="R",
+        help="refined selection: rounds of swaps per circuit (default 2)",
     )
     d.add_argument(
         "--positive-fraction",
@@ -263,7 +272,7 @@ def _discover(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_memory=args.max_memory,
         edges=args.edges,
-        selection=(ratio_selection(args.positive_fraction) if args.selection == "ratio" else args.selection),
+        selection=_selection(args, model, task),
         ensemble=args.ensemble,
         sign_consistency=args.sign_consistency,
         agreement=args.agreement,
@@ -285,6 +294,18 @@ def _discover(args: argparse.Namespace) -> int:
         print(found.stability)
     print("wrote " + ", ".join(str(f) for f in found.files))
     return 0
+
+
+def _selection(args: argparse.Namespace, model: HookedModel, task: TaskPairs) -> Selection | Selector:
+    if args.selection == "ratio":
+        return ratio_selection(args.positive_fraction)
+    if args.selection == "refined":
+        from circuits.refinement import refined_selection
+
+        return refined_selection(
+            model, task.pairs, task.metric, rounds=args.refine_rounds, batch_size=args.batch_size
+        )
+    return args.selection  # type: ignore[no-any-return]
 
 
 def _load_circuit(path: Path) -> Graph:

@@ -99,6 +99,7 @@ def refine(
     rounds: int = 4,
     shares: Sequence[float] = SWAP_SHARES,
     batch_size: int = 8,
+    quiet: bool = True,
 ) -> Graph:
     """A circuit within `budget` (counted by `weights`, default one per edge) at least as good as
     `circuit` on `pairs` by the objective (module docstring), found by at most `rounds` rounds of
@@ -110,7 +111,8 @@ def refine(
     if int(weights[circuit.in_graph & circuit.valid].sum()) > budget:
         raise InputError(f"the starting circuit already uses more than the budget of {budget}")
     best = circuit
-    for _ in range(rounds):
+    bar = tqdm(range(rounds), desc=f"refining a {budget}-edge circuit", disable=quiet or not is_main())
+    for _ in bar:
         at = mask_gradient(model, best, pairs, metric, batch_size=batch_size)
 
         def objective(mean: float, full: float = at.full) -> float:
@@ -126,6 +128,7 @@ def refine(
         if values[top] <= objective(at.circuit):
             break
         best = candidates[top]
+    bar.close()
     return best
 
 
@@ -201,11 +204,9 @@ def refined_selection(
     """A selection strategy: `base`'s circuit at each budget, then `refine`d on `pairs` (the scoring
     pairs, not the pairs the curve is evaluated on). Patching ablation, as MIB's protocol."""
     check_pairs(model, pairs)
-    bar = tqdm(desc="refining circuits", unit="budget", disable=quiet or not is_main())
 
     def select_refined(graph: Graph, budget: int, absolute: bool, seed: int, weights: Tensor) -> Graph:
         start = select(graph, budget, base, absolute, seed, weights)
-        bar.update(1)
         if budget == 0 or int(weights[start.in_graph & start.valid].sum()) == int(weights.sum()):
             return start
         return refine(
@@ -218,6 +219,7 @@ def refined_selection(
             absolute=absolute,
             rounds=rounds,
             batch_size=batch_size,
+            quiet=quiet,
         )
 
     select_refined.__name__ = f"refined({selection_name(base)}, {rounds} rounds)"

@@ -127,3 +127,24 @@ def test_discover_selection_options_match_the_api(tmp_path):
     torch.testing.assert_close(saved, ranked.scores, rtol=0, atol=1e-6)
     circuit = select(ranked, 25, ratio_selection(0.7))
     assert summary["circuit_edges"] == circuit.n_in_graph
+
+
+def test_discover_refined_selection_is_the_api_refinement(tmp_path):
+    from circuits import Graph, attribute
+    from circuits.refinement import refined_selection
+    from circuits.strategies import select
+    from circuits.testing import tiny_llama
+
+    out = tmp_path / "refined"
+    args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "eap"]
+    options = ["--selection", "refined", "--refine-rounds", "2", "--edges", "25", "--no-curve"]
+    assert main([*args, *options, "--resamples", "0", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selection"] == "refined(top_n, 2 rounds)"
+    model = tiny_llama()
+    task = _task(model, "ioi", 4, 0, None)
+    graph = Graph.from_model(model)
+    attribute(model, graph, task.pairs, task.metric, "eap", batch_size=2, quiet=True)
+    circuit = select(graph, 25, refined_selection(model, task.pairs, task.metric, rounds=2, batch_size=2))
+    saved = json.loads((out / "circuit.json").read_text())["edges"]
+    assert {e for e, v in saved.items() if v["in_graph"]} == set(circuit.edge_names(circuit.in_graph))

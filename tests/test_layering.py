@@ -19,7 +19,7 @@ LAYERS = [
     ["sources"],
     ["intervention"],
     ["attribution"],
-    ["evaluation", "uncertainty", "faithfulness", "mib", "layout", "viewer", "drawing"],
+    ["evaluation", "uncertainty", "faithfulness", "refinement", "mib", "layout", "viewer", "drawing"],
     ["neurons", "steering", "testing"],
     ["pipeline", "cli", "__main__"],
 ]
