@@ -150,13 +150,13 @@ def _swaps(
     add_order = add_order[per_unit[add_order] > 0]
     quiet_order = _ordered(per_unit.abs(), inside)
     harm_order = _ordered(per_unit, inside)
+    harmful = harm_order[per_unit[harm_order] < 0]
     free = budget - int(units[inside].sum())
     candidates: list[Graph] = []
     seen = {inside.numpy().tobytes()}
     for share in shares:
         add = add_order[: _count_within(units[add_order], share * budget)]
         need = int(units[add].sum()) - free
-        harmful = harm_order[per_unit[harm_order] < 0]
         for drop_order, least in (
             (quiet_order, 0),
             (harm_order, _count_within(units[harmful], share * budget)),
