@@ -8,7 +8,11 @@ import torch
 from circuits import Graph, attribute, evaluate
 from circuits.evaluation import ablated_outputs
 from circuits.faithfulness import faithfulness_curve
-from circuits.intervention import forward_with_ablation, forward_with_weighted_ablation
+from circuits.intervention import (
+    ablation_gradient,
+    forward_with_ablation,
+    forward_with_weighted_ablation,
+)
 from circuits.metrics import logit_diff
 from circuits.refinement import mask_gradient, refine, refined_selection
 from circuits.strategies import mib_edge_weights
@@ -34,6 +38,33 @@ def test_whole_weights_reproduce_the_exact_ablated_forward(layout):
             layout, graph, pairs.clean, pairs.attention_mask, ablated, ablate.float()
         )
     torch.testing.assert_close(weighted, exact, atol=1e-4, rtol=1e-4)
+
+
+def test_ablation_gradient_equals_autograd_through_the_weighted_forward(layout):
+    """The analytic gradient (sparse sums, weights without grad) against autograd with respect to the
+    weights of the dense weighted forward, at a circuit's 0/1 weights."""
+    pairs = make_pairs(layout)
+    graph = Graph.from_model(layout)
+    circuit = _random_circuit(graph, 0.3, seed=2)
+    ablated, _ = ablated_outputs(layout, graph, pairs, None)
+    ablate = graph.valid & ~circuit.in_graph
+    with torch.no_grad():
+        clean = layout(pairs.clean, pairs.attention_mask)
+
+    def measure(logits):
+        return logit_diff(logits, pairs, clean)
+
+    _, analytic = ablation_gradient(
+        layout, graph, pairs.clean, pairs.attention_mask, ablated, ablate, measure
+    )
+    weights = ablate.float().requires_grad_(True)
+    with torch.enable_grad():
+        logits = forward_with_weighted_ablation(
+            layout, graph, pairs.clean, pairs.attention_mask, ablated, weights
+        )
+        measure(logits).sum().backward()
+    assert weights.grad is not None
+    torch.testing.assert_close(analytic.float(), weights.grad * graph.valid, atol=1e-4, rtol=1e-3)
 
 
 def test_mask_gradient_at_the_full_model_is_minus_eap(layout):
