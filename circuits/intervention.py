@@ -119,7 +119,7 @@ def ablation_gradient(
     with torch.enable_grad(), model.hooks(hooks):
         values = measure(model(input_ids, attention_mask))
         grads = torch.autograd.grad(values.sum(), [x for _, x in inputs], allow_unused=True)
-    diff = sums.stacked().flatten(1)  # [n_sources, rows * P * d]
+    diff = sums.stacked()  # [n_sources, rows * P * d]
     prefix = graph.valid_prefixes()
     out = torch.zeros(graph.valid.shape, dtype=torch.float64)
     for (cols, _), g in zip(inputs, grads):
@@ -383,49 +383,57 @@ class _Shared(_Corrections):
 
 
 class _Weighted(_Corrections):
-    """Weighted ablation under autograd: the differences are kept per recorded block (never written in
-    place, so autograd may save them) and each destination block sums them weighted.
+    """Weighted ablation under autograd: the differences are kept source-major per recorded block
+    ([k, rows * P * d], never written in place, so autograd may save them) and each destination block
+    sums them weighted with one matmul per source block.
 
     With weights that need no gradient (ablation_gradient's 0/1 mask), each block's sum is taken from
     the sparser side, as in `_Shared`: sum_u w_u diff_u, or T + sum_u (w_u - 1) diff_u with T the running
     total of the differences, visiting only sources whose coefficient is not zero. The backward pass then
-    costs a few small gathers per block, not a copy of every source's difference."""
+    costs a few small matmuls per block, not a copy of every source's difference."""
 
     def __init__(self, graph: Graph, weights: Tensor, patch: Tensor) -> None:
         self.weights = weights  # [n_sources, n_destinations]
         self.sparse = not weights.requires_grad
         self.prefix = graph.valid_prefixes()
         self.patch = patch  # [1 or rows, P, n_sources, d]
-        self.blocks: list[tuple[Tensor, Tensor]] = []  # (source ids, diff [rows, P, n, d])
-        self.totals: list[Tensor] = []  # [rows, P, d]: sum of the differences up to each block
+        self.blocks: list[tuple[Tensor, Tensor]] = []  # (source ids, diff [k, rows * P * d])
+        self.totals: list[Tensor] = []  # [rows * P * d]: sum of the differences up to each block
+        self.shape: tuple[int, ...] = ()  # (rows, P, d)
 
     def wanted(self, ids: Tensor) -> Tensor:
         return torch.arange(ids.numel())
 
     def record(self, ids: Tensor, value: Tensor) -> None:
         patch = self.patch[:, :, ids.to(self.patch.device)]
-        diff = patch.to(value) - value
-        self.blocks.append((ids, diff))
+        diff = (patch.to(value) - value).permute(2, 0, 1, 3)  # [k, rows, P, d]
+        self.shape = tuple(diff.shape[1:])
+        flat = diff.reshape(diff.shape[0], -1)
+        self.blocks.append((ids, flat))
         if self.sparse:
-            self.totals.append(diff.sum(2) if not self.totals else self.totals[-1] + diff.sum(2))
+            self.totals.append(flat.sum(0) if not self.totals else self.totals[-1] + flat.sum(0))
 
     def correction(self, cols: slice) -> Tensor | None:
         n = self.prefix[cols.start]
         blocks = [(ids, diff) for ids, diff in self.blocks if int(ids[0]) < n]
         weights = self.weights[:n, cols]
         base = 1.0 if self.sparse and int((weights != 1).sum()) < int((weights != 0).sum()) else 0.0
-        out: Tensor | None = self.totals[len(blocks) - 1].unsqueeze(2) if base else None
+        out: Tensor | None = (
+            self.totals[len(blocks) - 1].repeat(weights.shape[1], 1) if base else None
+        )  # [n_block, rows * P * d], summed into in place
         for ids, diff in blocks:
             w = weights[ids.to(weights.device)].to(diff) - base  # [k, n_block]
             if self.sparse:
                 used = w.ne(0).any(1).nonzero()[:, 0]
                 if used.numel() == 0:
                     continue
-                diff, w = diff[:, :, used.to(diff.device)], w[used]
-            term = torch.einsum("bpkd,kn->bpnd", diff, w)
-            out = term if out is None else out + term
-        return out
+                if used.numel() < ids.numel():
+                    diff, w = diff[used.to(diff.device)], w[used]
+            out = w.T @ diff if out is None else out.addmm_(w.T, diff)
+        if out is None:
+            return None
+        return out.reshape(-1, *self.shape).permute(1, 2, 0, 3)  # [rows, P, n_block, d]
 
     def stacked(self) -> Tensor:
-        """[n_sources, rows, P, d] every recorded difference, detached."""
-        return torch.cat([diff.detach() for _, diff in self.blocks], 2).permute(2, 0, 1, 3)
+        """[n_sources, rows * P * d] every recorded difference, detached."""
+        return torch.cat([diff.detach() for _, diff in self.blocks])
