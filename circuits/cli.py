@@ -19,6 +19,7 @@ from circuits.attribution.methods import METHODS
 from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
 from circuits.faithfulness import PROTOCOLS
+from circuits.models.loading import DEVICE_MAP_PLANS
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.outputs import check_writable
 from circuits.quadrature import EDGE_QUADRATURES
@@ -37,16 +38,25 @@ OS_ERROR_EXIT = 8  # an operating-system error outside the library's own (disk f
 INTERRUPTED_EXIT = 130  # Ctrl-C, as shells report SIGINT
 
 
-def _model(name: str) -> HookedModel:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _model(args: argparse.Namespace) -> HookedModel:
+    import torch
+
     from circuits.models import load_model
 
-    if name.startswith("tiny-"):
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith("tiny-"):
         from circuits.testing import tiny_gpt2, tiny_llama
 
-        if name not in TINY_MODELS:
-            raise InputError(f"--model {name}: no such toy model; the toys are {', '.join(TINY_MODELS)}")
-        return {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[name]()
-    return load_model(name)
+        if args.model not in TINY_MODELS:
+            raise InputError(
+                f"--model {args.model}: no such toy model; the toys are {', '.join(TINY_MODELS)}"
+            )
+        build = {"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}[args.model]
+        return build(device=args.device, dtype=dtype, device_map=args.device_map)
+    return load_model(args.model, device=args.device, dtype=dtype, device_map=args.device_map)
 
 
 def _task(model: HookedModel, name: str, n: int, seed: int, data: Path | None) -> TaskPairs:
@@ -62,6 +72,18 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--model",
         default="smollm2-135m",
         help="'smollm2-135m' (embedded), a hub name or folder, or 'tiny-llama' / 'tiny-gpt2' (random toys)",
+    )
+    parser.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, ... (default cpu); under torchrun 'cuda' is each process's own GPU",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="the model's precision (scores are float32)"
+    )
+    parser.add_argument(
+        "--device-map",
+        choices=DEVICE_MAP_PLANS,
+        help="instead of --device: the model's layers placed over the visible devices (accelerate's plans)",
     )
 
 
@@ -260,7 +282,7 @@ def _discover(args: argparse.Namespace) -> int:
     from circuits.pipeline import discover
 
     check_writable(args.out)
-    model = _model(args.model)
+    model = _model(args)
     task = _task(model, args.task, args.n, args.seed, args.data)
     found = discover(
         model,
@@ -320,7 +342,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from circuits.uncertainty import faithfulness_interval
 
     circuit = _load_circuit(args.circuit)
-    model = _model(args.model)
+    model = _model(args)
     circuit.check_fits(model.spec)
     task = _task(model, args.task, args.n, args.seed, args.data)
     result = evaluate(model, circuit, task.pairs, task.metric, args.ablation, batch_size=args.batch_size)
@@ -395,7 +417,7 @@ def _tasks(args: argparse.Namespace) -> int:
     unknown = [t for t in args.baseline if t not in tasks]
     if unknown:
         raise InputError(f"unknown tasks {unknown}; choose from {sorted(tasks)}")
-    model = _model(args.model)
+    model = _model(args)
     for name in args.baseline or list(tasks):
         task = tasks[name](model, args.n)
         print(f"{name:14s} {baseline(model, task)}  ({len(task.pairs)} kept, {task.dropped} dropped)")

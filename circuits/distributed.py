@@ -1,12 +1,14 @@
 """Data parallelism over `torch.distributed`: scores, metrics and IG totals are sums over examples, so
 each process can take a shard of the prompt pairs, run the ordinary engine on it, and all-reduce the sums.
 
-Launched by `torchrun` (which sets RANK, WORLD_SIZE, MASTER_ADDR, ...), the first call that needs it
-joins the process group from those variables (gloo on CPU, nccl on CUDA); a process group the user
-initialised is used as it is. Without torchrun every function here is the identity: one process, the
-whole data. Shards are contiguous blocks in rank order, so a gather in rank order restores the order of
-the pairs, and sums are reduced in float64, so the result does not depend on the number of processes
-beyond float64 rounding.
+Launched by `torchrun` (which sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, ...), the first call that
+needs it joins the process group from those variables (gloo on CPU, nccl on CUDA, bound to this process's
+GPU); a process group the user initialised is used as it is. Under torchrun a CUDA device without an
+index means this process's own GPU, cuda:LOCAL_RANK (`process_device`), as NCCL needs one GPU per
+process. Without torchrun every function here is the identity: one process, the whole data. Shards are
+contiguous blocks in global rank order (RANK, across machines), so a gather in rank order restores the
+order of the pairs, and sums are reduced in float64, so the result does not depend on the number of
+processes beyond float64 rounding.
 """
 
 from __future__ import annotations
@@ -40,13 +42,46 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's index among the processes of its machine: torchrun's LOCAL_RANK, or 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes on this machine: torchrun's LOCAL_WORLD_SIZE, or 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def process_device(device: str | torch.device) -> torch.device:
+    """The device this process computes on: under torchrun (WORLD_SIZE > 1) "cuda" without an index is
+    this process's GPU, cuda:LOCAL_RANK; any other device is returned as given.
+
+    Raises `InputError` when torchrun started more processes on this machine than it has GPUs."""
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is not None or world_size() == 1:
+        return device
+    index = local_rank()
+    available = torch.cuda.device_count()
+    if index >= available:
+        raise InputError(
+            f"process {index} of this machine (LOCAL_RANK) has no GPU of its own: the machine has "
+            f"{available}; start at most {available} processes per machine (torchrun --nproc-per-node)"
+        )
+    return torch.device("cuda", index)
+
+
 def _join(device: torch.device) -> None:
-    """Join torchrun's process group the first time one is needed."""
+    """Join torchrun's process group the first time one is needed (nccl bound to this process's GPU)."""
     if dist.is_initialized():
         return
     if not dist.is_available():
         raise InputError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = process_device(device)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     atexit.register(_leave)
 
 

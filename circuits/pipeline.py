@@ -19,7 +19,7 @@ from circuits.attribution import METHODS, Attribution, RelPRules, attribute
 from circuits.attribution.methods import MethodName
 from circuits.baseline import Baseline, baseline
 from circuits.data import PromptPairs
-from circuits.distributed import is_main
+from circuits.distributed import is_main, world_size
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
@@ -273,6 +273,8 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         )
     summary: dict = {
         "model": model.spec.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "processes": world_size(),
         "task": found.task.task,
         "method": method,
         "ig_steps": steps if METHODS[method].uses_ig_steps else None,

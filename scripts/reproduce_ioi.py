@@ -8,6 +8,7 @@ page), faithfulness.png and summary.json to --out.
     python scripts/reproduce_ioi.py                          # gpt2 if the hub answers, else smollm2-135m
     python scripts/reproduce_ioi.py --model smollm2-135m --out outputs/ioi
     python scripts/reproduce_ioi.py --model random-gpt2-small --no-curve   # offline GPT-2-shaped check
+    python scripts/reproduce_ioi.py --model gpt2 --device cuda --n 512 --batch-size 64   # on a GPU
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def build_model(name: str) -> HookedModel:
+def build_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HookedModel:
     if name == "auto":
         name = "gpt2" if hub_reachable() else "smollm2-135m"
     if name == "random-gpt2-small":  # GPT-2 small's architecture with random weights, offline
         torch.manual_seed(0)
-        return load_model(GPT2LMHeadModel(GPT2Config()).eval(), tiny_tokenizer())
-    return load_model(name)
+        hf = GPT2LMHeadModel(GPT2Config()).eval()
+        return load_model(hf, tiny_tokenizer(), device=device, dtype=dtype)
+    return load_model(name, device=device, dtype=dtype)
 
 
 def report(found: Discovery, model: HookedModel) -> None:
@@ -92,10 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edges", type=int, default=300, help="edges kept in the circuit (before pruning)")
     parser.add_argument("--no-curve", action="store_true", help="skip the MIB faithfulness curves")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    model = build_model(args.model)
+    model = build_model(args.model, args.device, getattr(torch, args.dtype))
     print(f"Loaded {model} in {time.perf_counter() - start:.1f} s")
     task = ioi_pairs(model, args.n, seed=args.seed)
     found = discover(

@@ -148,3 +148,21 @@ def test_discover_refined_selection_is_the_api_refinement(tmp_path):
     circuit = select(graph, 25, refined_selection(model, task.pairs, task.metric, rounds=2, batch_size=2))
     saved = json.loads((out / "circuit.json").read_text())["edges"]
     assert {e for e, v in saved.items() if v["in_graph"]} == set(circuit.edge_names(circuit.in_graph))
+
+
+def test_discover_dtype_and_device_map_reach_the_model(tmp_path, capsys):
+    from circuits import Graph, attribute
+    from circuits.testing import tiny_llama
+
+    args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "eap"]
+    args += ["--edges", "20", "--no-curve", "--resamples", "0"]
+    assert main([*args, "--dtype", "bfloat16", "--device-map", "auto", "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["dtype"] == "bfloat16"
+    model = tiny_llama(dtype=torch.bfloat16)
+    task = _task(model, "ioi", 4, 0, None)
+    want = attribute(model, Graph.from_model(model), task.pairs, task.metric, "eap", batch_size=2, quiet=True)
+    saved = torch.load(tmp_path / "bf16" / "scores.pt")["edge_scores"]
+    assert want.edge_scores is not None and torch.equal(saved, want.edge_scores)
+    assert main([*args, "--device", "cpu", "--device-map", "auto", "--out", str(tmp_path / "both")]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists()

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from circuits.distributed import local_world_size, process_device
 from circuits.errors import CircuitsError, InputError, ModelLoadError, UnsupportedModelError
 from circuits.models.checks import check_additivity, check_bridge, check_heads_independent
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
 
 logger = logging.getLogger(__name__)
+DEVICE_MAP_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
 
 
 def load_model(
@@ -22,7 +24,7 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     *,
     prepend_bos: bool | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     device_map: str | dict[str, str | int] | None = None,
     check: bool = True,
@@ -35,7 +37,8 @@ def load_model(
         tokenizer: required with a model object; optional with a name.
         prepend_bos: put the BOS token in front of every prompt. Default: True for GPT-2-style models
             (as TransformerLens and EAP-IG do), else whatever the tokenizer does on its own.
-        device, dtype: where and in which precision the model runs.
+        device, dtype: where (default the CPU) and in which precision the model runs. Under torchrun,
+            "cuda" is each process's own GPU (cuda:LOCAL_RANK; `circuits.distributed.process_device`).
         device_map: instead of `device`, layers placed over several devices, as Hugging Face / accelerate
             take it (`"auto"`, `"balanced"`, or a dict from module names to devices); activations move
             between devices at the layer boundaries (accelerate's hooks), the engine's buffers and scores
@@ -43,9 +46,10 @@ def load_model(
         check: verify that the bridge computes the wrapped model (same logits) and that the model is the
             sum of its graph's parts (`circuits.models.checks`); refuse with `UnsupportedModelError` if not.
     """
+    _check_placement(device, device_map)
     hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype, device_map)
     if device_map is None:
-        hf_model = hf_model.to(device=device, dtype=dtype)  # type: ignore[call-arg]
+        hf_model = hf_model.to(device=process_device(device or "cpu"), dtype=dtype)  # type: ignore[call-arg]
     elif getattr(hf_model, "hf_device_map", None) is None:  # a model object, or the embedded model
         hf_model = _dispatched(hf_model.to(dtype=dtype), device_map)  # type: ignore[call-arg]
     hf_model = hf_model.eval()
@@ -87,16 +91,35 @@ def _dispatched(hf_model: PreTrainedModel, device_map: str | dict[str, str | int
     from accelerate import dispatch_model, infer_auto_device_map
 
     if isinstance(device_map, str):
-        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-            raise InputError(
-                f"device_map must be a dict or one of auto, balanced, balanced_low_0, sequential; got "
-                f"{device_map!r}"
-            )
         keep_whole = getattr(hf_model, "_no_split_modules", None) or []
         device_map = infer_auto_device_map(hf_model, no_split_module_classes=list(keep_whole))
-    if not isinstance(device_map, dict) or not device_map:
-        raise InputError(f"device_map must name where each module goes, got {device_map!r}")
     return dispatch_model(hf_model, device_map=device_map)
+
+
+def _check_placement(
+    device: str | torch.device | None, device_map: str | dict[str, str | int] | None
+) -> None:
+    """Refuse a device together with a device map, an unknown plan, an empty map, and a named plan that
+    several torchrun processes of one machine would each spread over all of its GPUs."""
+    if device_map is None:
+        return
+    if device is not None:
+        raise InputError(
+            f"give device ({device}) or device_map ({device_map}), not both: a device map places every layer"
+        )
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_PLANS:
+            raise InputError(
+                f"device_map must be a dict or one of {', '.join(DEVICE_MAP_PLANS)}; got {device_map!r}"
+            )
+        if local_world_size() > 1 and torch.cuda.is_available():
+            raise InputError(
+                f"device_map={device_map!r} under torchrun with {local_world_size()} processes on this "
+                "machine would spread every process over all of its GPUs: give each process its own GPUs "
+                "with a dict device_map, or start one process per machine (--nproc-per-node 1)"
+            )
+    elif not isinstance(device_map, dict) or not device_map:
+        raise InputError(f"device_map must name where each module goes, got {device_map!r}")
 
 
 def _resolve(

@@ -1,10 +1,13 @@
 """Data parallelism (circuits.distributed): two processes under torchrun (gloo, CPU) give the results of
-one process, for attribute (eap, eap-ig-inputs), evaluate_many, neuron IG and the CLI's discover."""
+one process, for attribute (eap, eap-ig-inputs), evaluate_many, neuron IG and the CLI's discover; on one
+machine, and as two machines of one process each (two torchrun launchers on localhost, so that RANK and
+LOCAL_RANK differ)."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +23,35 @@ pytestmark = pytest.mark.slow  # starts two torchrun processes per test
 ROOT = Path(__file__).resolve().parents[2]
 
 
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
 def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _two_machines(*args: str, timeout: int = 600) -> None:
+    """`args` under two torchrun launchers, as machine 0 and machine 1 of one process each."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1"]
+    launchers = [
+        subprocess.Popen(
+            [*TORCHRUN, *common, "--master-port", str(port), "--node-rank", str(node), *args],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node, launcher in enumerate(launchers):
+        _, err = launcher.communicate(timeout=timeout)
+        assert launcher.returncode == 0, f"machine {node}: {err[-4000:]}"
 
 
 def _torchrun_ok(*args: str) -> None:
@@ -37,15 +65,21 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
     assert err <= 1e-6 * scale, f"{what}: max difference {err:.3g} of {scale:.3g}"
 
 
-def test_two_processes_give_the_single_process_results(tmp_path):
-    _torchrun_ok("-m", "tests.distributed.worker", str(tmp_path / "two.pt"))
-    two = torch.load(tmp_path / "two.pt")
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, torch.Tensor]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same float reductions in each matmul
     try:
-        one = results()
+        return results()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("machines", [1, 2])
+def test_two_processes_give_the_single_process_results(tmp_path, one_process, machines):
+    launch = _torchrun_ok if machines == 1 else _two_machines
+    launch("-m", "tests.distributed.worker", str(tmp_path / "two.pt"))
+    two, one = torch.load(tmp_path / "two.pt"), dict(one_process)
     assert int(two.pop("world_size")) == 2 and int(one.pop("world_size")) == 1
     assert set(two) == set(one)
     for key, value in one.items():
