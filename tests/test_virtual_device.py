@@ -1,0 +1,162 @@
+"""The API with the model on a non-CPU device (tests/virtual_device.py: CPU data behind a device that, as
+CUDA, refuses to meet CPU tensors): every entry point runs without mixing devices and returns exactly the
+CPU results. This is the CI stand-in for a GPU run; it checks placement, not CUDA itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from circuits import Graph, attribute, load_model
+from circuits.evaluation import evaluate_many
+from circuits.faithfulness import mib_scores
+from circuits.models.hooked import HookedModel
+from circuits.neurons import context_neurons, last_activations, neuron_ig, reweight
+from circuits.refinement import refine
+from circuits.steering import contrastive_token_ig, steer, steering_vectors
+from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
+from tests.pairs import PAIRS, make_pairs
+from tests.virtual_device import on_virtual_device, to_cpu
+
+PROMPTS = [clean for clean, *_ in PAIRS]
+TARGETS = [answer for _, _, answer, _ in PAIRS]
+
+
+def _scores(method: str, **options) -> Callable[[HookedModel], object]:
+    def run(model: HookedModel) -> object:
+        found = attribute(
+            model, Graph.from_model(model), make_pairs(model), method=method, quiet=True, **options
+        )
+        return found.edge_scores if found.level == "edge" else found.node_scores
+
+    return run
+
+
+def _circuits(model: HookedModel) -> list[Graph]:
+    graph = Graph.from_model(model)
+    attribute(model, graph, make_pairs(model), method="eap", quiet=True)
+    return [graph.top_n(5), graph.top_n(20)]
+
+
+def _evaluations(ablation: str) -> Callable[[HookedModel], object]:
+    def run(model: HookedModel) -> object:
+        found = evaluate_many(model, _circuits(model), make_pairs(model), ablation=ablation)  # type: ignore[arg-type]
+        full = found[0].full_per_example
+        assert full is not None
+        return torch.stack([*(e.per_example for e in found), full])
+
+    return run
+
+
+def _mib(model: HookedModel) -> object:
+    graph = Graph.from_model(model)
+    attribute(model, graph, make_pairs(model), method="eap", quiet=True)
+    found = mib_scores(model, graph, make_pairs(model), quiet=True)
+    return torch.tensor([found.cpr, found.cmd])
+
+
+def _refined(model: HookedModel) -> object:
+    return refine(model, _circuits(model)[0], make_pairs(model), budget=8, rounds=2).in_graph
+
+
+def _neurons(ircan_baseline: bool = False, **options) -> Callable[[HookedModel], object]:
+    def run(model: HookedModel) -> object:
+        baseline = last_activations(model, PROMPTS) if ircan_baseline else "zero"
+        found = neuron_ig(model, PROMPTS, TARGETS, baseline=baseline, steps=4, quiet=True, **options)
+        return torch.cat([found.scores.flatten(), found.prob_delta.flatten()])
+
+    return run
+
+
+def _context_neurons(model: HookedModel) -> object:
+    without = ["John gave a drink to", "Bob gave a drink to", "said hello to"]
+    return context_neurons(model, PROMPTS, without, TARGETS, steps=3, quiet=True).top(3)
+
+
+def _token_ig(quadrature: str) -> Callable[[HookedModel], object]:
+    def run(model: HookedModel) -> object:
+        return contrastive_token_ig(
+            model, PAIRS[0][0], " Mary", " John", steps=5, quadrature=quadrature
+        ).scores
+
+    return run
+
+
+def _steered(model: HookedModel) -> object:
+    fit = [(PROMPTS[0], " Mary", " John"), (PROMPTS[1], " Alice", " Bob")]
+    vectors = steering_vectors(model, fit, [0, 1], k=1, steps=3, quiet=True)
+    ids = torch.tensor(model.to_ids(PROMPTS[:1]), device=model.device)
+    with torch.no_grad(), steer(model, vectors, 4.0, layers=[1]):
+        return model(ids)
+
+
+def _reweighted(model: HookedModel) -> object:
+    ids = torch.tensor(model.to_ids(PROMPTS[:1]), device=model.device)
+    with torch.no_grad(), reweight(model, torch.tensor([[0, 3], [1, 5]]), 2.0):
+        return model(ids)
+
+
+CASES: dict[str, Callable[[HookedModel], object]] = {
+    "eap": _scores("eap"),
+    "eap-ig-inputs": _scores("eap-ig-inputs"),
+    "eap-ig-activations": _scores("eap-ig-activations"),
+    "clean-corrupted": _scores("clean-corrupted"),
+    "relp": _scores("relp"),
+    "eap-ig-inputs, recomputed blocks, 1 row per pass": _scores("eap-ig-inputs", recompute=True, max_rows=1),
+    "exact, node level": _scores("exact", level="node"),
+    "exact, edge level": _scores("exact"),
+    "evaluate_many, patching": _evaluations("patching"),
+    "evaluate_many, mean": _evaluations("mean"),
+    "mib_scores": _mib,
+    "refine": _refined,
+    "neuron_ig": _neurons(),
+    "neuron_ig, full sequences": _neurons(implementation="full"),
+    "neuron_ig, IRCAN baseline, IDGI": _neurons(ircan_baseline=True, quadrature="idgi"),
+    "context_neurons": _context_neurons,
+    "contrastive_token_ig": _token_ig("gauss-legendre"),
+    "contrastive_token_ig, IDGI": _token_ig("idgi"),
+    "steer": _steered,
+    "reweight": _reweighted,
+}
+
+
+def _on_both(
+    build: Callable, case: Callable[[HookedModel], object], move_after_boot: bool = False
+) -> tuple[object, object]:
+    """The case's result with the model on the CPU and on the virtual device. TransformerLens refuses to
+    split a fused QKV projection (GPT-2) whose weights report the meta device, so such a model is moved
+    after the bridge is built (what `load_model(device=...)` does before it, `.to` does after)."""
+    want = case(load_model(build(), tiny_tokenizer()))
+    with on_virtual_device() as device:
+        if move_after_boot:
+            model = load_model(build(), tiny_tokenizer())
+            model.bridge.to(device)
+        else:
+            model = load_model(build(), tiny_tokenizer(), device=device)
+        assert model.device == device
+        got = case(model)
+    return want, to_cpu(got)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_entry_point_runs_on_another_device_with_the_cpu_results(name):
+    want, got = _on_both(tiny_llama_hf, CASES[name])
+    assert isinstance(got, torch.Tensor) and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["eap-ig-inputs", "exact, node level", "evaluate_many, patching"])
+def test_gpt2_layout_runs_on_another_device(name):
+    want, got = _on_both(tiny_gpt2_hf, CASES[name], move_after_boot=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_virtual_device_refuses_cpu_tensors_as_cuda_does():
+    with on_virtual_device() as device:
+        x = torch.ones(3, device=device)
+        assert x.device == device and torch.equal(to_cpu(x * torch.tensor(2.0)), torch.full((3,), 2.0))
+        with pytest.raises(RuntimeError, match="same device"):
+            x + torch.ones(3)
+        assert torch.equal(to_cpu(x[torch.tensor([0, 2])]), torch.ones(2))  # CPU indices are allowed
