@@ -160,3 +160,24 @@ def test_the_virtual_device_refuses_cpu_tensors_as_cuda_does():
         with pytest.raises(RuntimeError, match="same device"):
             x + torch.ones(3)
         assert torch.equal(to_cpu(x[torch.tensor([0, 2])]), torch.ones(2))  # CPU indices are allowed
+
+
+def test_cli_discover_on_another_device_writes_the_cpu_files(tmp_path):
+    import json
+
+    from circuits.cli import main
+
+    args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--edges", "30"]
+    args += ["--resamples", "50", "--stability", "2"]
+    assert main([*args, "--out", str(tmp_path / "cpu")]) == 0
+    with on_virtual_device() as device:
+        assert main([*args, "--device", str(device), "--out", str(tmp_path / "device")]) == 0
+    cpu, moved = (torch.load(tmp_path / name / "scores.pt") for name in ("cpu", "device"))
+    assert cpu.keys() == moved.keys()
+    for key, value in cpu.items():
+        if isinstance(value, torch.Tensor):
+            assert moved[key].device.type == "cpu" and torch.equal(moved[key], value), key
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("cpu", "device")]
+    for summary in summaries:
+        summary.pop("seconds")
+    assert summaries[0] == summaries[1]
