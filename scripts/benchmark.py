@@ -110,7 +110,8 @@ def random_model(
             | ({"num_key_value_heads": 2} if "num_key_value_heads" in sizes else {})
         )
     torch.manual_seed(0)
-    hf = model_class(config_class(**sizes)).eval()
+    with torch.device(device):  # weights drawn where they run: an 8B model is not built on the host first
+        hf = model_class(config_class(**sizes)).eval()
     return load_model(hf, tiny_tokenizer(), device=device, dtype=dtype)
 
 
