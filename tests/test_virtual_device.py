@@ -123,26 +123,30 @@ CASES: dict[str, Callable[[HookedModel], object]] = {
 
 
 def _on_both(
-    build: Callable, case: Callable[[HookedModel], object], move_after_boot: bool = False
+    build: Callable,
+    case: Callable[[HookedModel], object],
+    move_after_boot: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[object, object]:
     """The case's result with the model on the CPU and on the virtual device. TransformerLens refuses to
     split a fused QKV projection (GPT-2) whose weights report the meta device, so such a model is moved
     after the bridge is built (what `load_model(device=...)` does before it, `.to` does after)."""
-    want = case(load_model(build(), tiny_tokenizer()))
+    want = case(load_model(build(), tiny_tokenizer(), dtype=dtype))
     with on_virtual_device() as device:
         if move_after_boot:
-            model = load_model(build(), tiny_tokenizer())
+            model = load_model(build(), tiny_tokenizer(), dtype=dtype)
             model.bridge.to(device)
         else:
-            model = load_model(build(), tiny_tokenizer(), device=device)
+            model = load_model(build(), tiny_tokenizer(), device=device, dtype=dtype)
         assert model.device == device
         got = case(model)
     return want, to_cpu(got)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_entry_point_runs_on_another_device_with_the_cpu_results(name):
-    want, got = _on_both(tiny_llama_hf, CASES[name])
+def test_every_entry_point_runs_on_another_device_with_the_cpu_results(name, dtype):
+    want, got = _on_both(tiny_llama_hf, CASES[name], dtype=dtype)
     assert isinstance(got, torch.Tensor) and got.device.type == "cpu"
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
