@@ -20,6 +20,8 @@ from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 from tests.pairs import PAIRS, make_pairs
 from tests.virtual_device import on_virtual_device, to_cpu
 
+pytestmark = pytest.mark.slow  # about 50 s: every entry point twice, in two dtypes
+
 PROMPTS = [clean for clean, *_ in PAIRS]
 TARGETS = [answer for _, _, answer, _ in PAIRS]
 
