@@ -75,3 +75,20 @@ def test_smollm2_loads_checks_and_does_ioi(smollm2):
         logits = smollm2(ids)[0, -1]
     diff = logits[smollm2.single_token_id(" Mary")] - logits[smollm2.single_token_id(" John")]
     assert diff > 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_broken_bridge_is_refused_in_half_precision(dtype):
+    hf = tiny_llama_hf(seed=1)
+    hf.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: 1.5 * o)
+    with pytest.raises(UnsupportedModelError, match="logits differ .* epsilon of torch"):
+        load_model(hf, tiny_tokenizer(), dtype=dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_embedded_model_loads_in_half_precision(dtype):
+    # 30 layers: the bridge's and the plain model's roundings drift apart by ~1.6 epsilon (relative RMS),
+    # which a max-|logit| tolerance refused in bfloat16 (0.69 at |logit| 33)
+    model = load_model("smollm2-135m", dtype=dtype)
+    assert model.dtype == dtype
