@@ -81,7 +81,7 @@ def test_smollm2_loads_checks_and_does_ioi(smollm2):
 def test_a_broken_bridge_is_refused_in_half_precision(dtype):
     hf = tiny_llama_hf(seed=1)
     hf.model.layers[1].self_attn.o_proj.register_forward_hook(lambda m, i, o: 1.5 * o)
-    with pytest.raises(UnsupportedModelError, match="logits differ .* epsilon of torch"):
+    with pytest.raises(UnsupportedModelError, match=r"logits differ .* epsilon of torch"):
         load_model(hf, tiny_tokenizer(), dtype=dtype)
 
 
