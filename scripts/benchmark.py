@@ -48,6 +48,7 @@ from transformers import (
 from circuits import Graph, load_model
 from circuits.attribution import METHODS, MemoryPlan, attribute, estimate_bytes, plan_memory
 from circuits.attribution.methods import MethodName
+from circuits.cli import DTYPES
 from circuits.data import PromptPairs
 from circuits.evaluation import evaluate_many
 from circuits.metrics import Metric, get_metric, logit_diff, reads_last_position
@@ -113,9 +114,6 @@ def random_model(
     with torch.device(device):  # weights drawn where they run: an 8B model is not built on the host first
         hf = model_class(config_class(**sizes)).eval()
     return load_model(hf, tiny_tokenizer(), device=device, dtype=dtype)
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def random_pairs(model: HookedModel, n: int, length: int) -> PromptPairs:
@@ -352,7 +350,7 @@ def main() -> None:
     parser.add_argument("--sections", nargs="+", default=["edges", "selection", "neurons"])
     parser.add_argument("--neuron-prompts", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--shape", default="published", choices=["published", "small"])
     parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512], help="memory section")
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -382,10 +380,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name in args.models:
         if name == "smollm2":
-            model = load_model("smollm2-135m", device=args.device, dtype=DTYPES[args.dtype])
+            model = load_model("smollm2-135m", device=args.device, dtype=getattr(torch, args.dtype))
             pairs = ioi_pairs(model, args.n).pairs
         elif name in SHAPES:
-            model = random_model(name, args.shape, args.device, DTYPES[args.dtype])
+            model = random_model(name, args.shape, args.device, getattr(torch, args.dtype))
             pairs = random_pairs(model, args.n, 16)
         else:
             raise SystemExit(f"unknown model {name!r}: choose smollm2 or one of {', '.join(SHAPES)}")

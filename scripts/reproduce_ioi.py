@@ -22,6 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from circuits import load_model
+from circuits.cli import DTYPES
 from circuits.models.hooked import HookedModel
 from circuits.pipeline import WANG_2022_HEADS, Discovery, discover, head_class_overlap
 from circuits.testing import tiny_tokenizer
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-curve", action="store_true", help="skip the MIB faithfulness curves")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     args = parser.parse_args(argv)
 
     start = time.perf_counter()

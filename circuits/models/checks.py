@@ -67,8 +67,8 @@ def check_bridge(model: HookedModel, input_ids: Tensor | None = None) -> None:
                 "TransformerLens"
             ) from failure
         theirs = plain_model(model)(ids).logits.float()
-    err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
     if model.dtype == torch.float32:
+        err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
         agree, measured = err <= 1e-4 * max(scale, 1.0), f"up to {err:.3g} (largest |logit| {scale:.3g})"
     else:
         # The bridge and the plain model round the same function differently, and in half precision the
