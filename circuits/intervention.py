@@ -411,7 +411,8 @@ class _Weighted(_Corrections):
         flat = diff.reshape(diff.shape[0], -1)
         self.blocks.append((ids, flat))
         if self.sparse:
-            self.totals.append(flat.sum(0) if not self.totals else self.totals[-1] + flat.sum(0))
+            total = flat.sum(0)  # on the block's device; a model over several devices has blocks on each
+            self.totals.append(total if not self.totals else self.totals[-1].to(total.device) + total)
 
     def correction(self, cols: slice) -> Tensor | None:
         n = self.prefix[cols.start]
@@ -429,11 +430,17 @@ class _Weighted(_Corrections):
                     continue
                 if used.numel() < ids.numel():
                     diff, w = diff[used.to(diff.device)], w[used]
-            out = w.T @ diff if out is None else out.addmm_(w.T, diff)
+            if out is None:
+                out = w.T @ diff
+            elif out.device == diff.device:
+                out.addmm_(w.T, diff)
+            else:  # a block on another device than the first contribution
+                out += (w.T @ diff).to(out.device)
         if out is None:
             return None
         return out.reshape(-1, *self.shape).permute(1, 2, 0, 3)  # [rows, P, n_block, d]
 
     def stacked(self) -> Tensor:
-        """[n_sources, rows * P * d] every recorded difference, detached."""
-        return torch.cat([diff.detach() for _, diff in self.blocks])
+        """[n_sources, rows * P * d] every recorded difference, detached, on the first block's device."""
+        device = self.blocks[0][1].device
+        return torch.cat([diff.detach().to(device) for _, diff in self.blocks])

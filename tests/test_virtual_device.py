@@ -18,7 +18,7 @@ from circuits.refinement import refine
 from circuits.steering import contrastive_token_ig, steer, steering_vectors
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 from tests.pairs import PAIRS, make_pairs
-from tests.virtual_device import on_virtual_device, to_cpu
+from tests.virtual_device import on_virtual_device, split_over_devices, to_cpu
 
 pytestmark = pytest.mark.slow  # about 50 s: every entry point twice, in two dtypes
 
@@ -129,12 +129,19 @@ def _on_both(
     case: Callable[[HookedModel], object],
     move_after_boot: bool = False,
     dtype: torch.dtype = torch.float32,
+    split: bool = False,
 ) -> tuple[object, object]:
-    """The case's result with the model on the CPU and on the virtual device. TransformerLens refuses to
-    split a fused QKV projection (GPT-2) whose weights report the meta device, so such a model is moved
-    after the bridge is built (what `load_model(device=...)` does before it, `.to` does after)."""
+    """The case's result with the model on the CPU and on the virtual device, or with `split` over both
+    (`split_over_devices`). TransformerLens refuses to split a fused QKV projection (GPT-2) whose weights
+    report the meta device, so such a model is moved after the bridge is built (what
+    `load_model(device=...)` does before it, `.to` does after)."""
     want = case(load_model(build(), tiny_tokenizer(), dtype=dtype))
     with on_virtual_device() as device:
+        if split:
+            model = load_model(build(), tiny_tokenizer(), dtype=dtype)
+            split_over_devices(model)
+            assert {p.device.type for p in model.bridge.parameters()} == {"cpu", device.type}
+            return want, to_cpu(case(model))
         if move_after_boot:
             model = load_model(build(), tiny_tokenizer(), dtype=dtype)
             model.bridge.to(device)
@@ -156,6 +163,21 @@ def test_every_entry_point_runs_on_another_device_with_the_cpu_results(name, dty
 @pytest.mark.parametrize("name", ["eap-ig-inputs", "exact, node level", "evaluate_many, patching"])
 def test_gpt2_layout_runs_on_another_device(name):
     want, got = _on_both(tiny_gpt2_hf, CASES[name], move_after_boot=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_entry_point_runs_on_a_model_split_over_two_devices(name):
+    """Layers on two devices, as a device map places them: the engine's buffers on the embeddings' device
+    receive the later layers' outputs and gradients (this found q/k/v gradients queued in the wrong order)."""
+    want, got = _on_both(tiny_llama_hf, CASES[name], split=True)
+    assert isinstance(got, torch.Tensor) and got.device.type == "cpu"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["eap-ig-inputs", "exact, edge level", "evaluate_many, patching"])
+def test_gpt2_layout_runs_split_over_two_devices(name):
+    want, got = _on_both(tiny_gpt2_hf, CASES[name], split=True)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

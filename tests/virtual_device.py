@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
+from circuits.models.hooked import HookedModel
+
 DEVICE = torch.device("meta")
 FACTORIES = (
     "zeros",
@@ -112,6 +114,19 @@ class _Move(torch.autograd.Function):
         return grad.elem if isinstance(grad, OnDevice) else grad
 
 
+class _Leave(torch.autograd.Function):
+    """A virtual-device tensor moved to the CPU; its gradient flows back onto the virtual device (autograd's
+    own backward of the move would make a data-less meta tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.elem.clone() if isinstance(x, OnDevice) else x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad if isinstance(grad, OnDevice) else OnDevice(grad)
+
+
 def _factory(make: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
         if _on_device(kwargs.get("device")):
@@ -124,6 +139,9 @@ def _factory(make: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 def _to(to: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def move(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if isinstance(self, OnDevice):  # through the dispatcher, so that autograd records it
+            leaving = [a for a in [*args, kwargs.get("device")] if isinstance(a, str | torch.device)]
+            if self.requires_grad and leaving and torch.device(leaving[0]).type == "cpu":
+                return _Leave.apply(self).to(*args, **kwargs)
             return to(self, *args, **kwargs)
         target, rest = kwargs.get("device"), list(args)
         for i, a in enumerate(rest):
@@ -174,3 +192,32 @@ def on_virtual_device() -> Iterator[torch.device]:
 def to_cpu(x: Any) -> Any:
     """Results with the virtual device's tensors as plain CPU tensors."""
     return tree_map(lambda a: a.elem if isinstance(a, OnDevice) else a, x)
+
+
+def split_over_devices(model: HookedModel) -> None:
+    """Place the second half of `model`'s blocks, its final norm and its unembedding on the virtual device,
+    the rest on the CPU, as accelerate's `dispatch_model` does for a `device_map` over two GPUs: each
+    placed Hugging Face module gets a pre-hook moving its inputs to its device, and the model records the
+    map in `hf_device_map`. Call inside `on_virtual_device()`."""
+    bridge = model.bridge
+    n = len(bridge.blocks)
+    mapping = bridge.adapter.component_mapping
+    placed = {f"{mapping['blocks'].name}.{i}": bridge.blocks[i] for i in range(n)}
+    placed |= {mapping[name].name: getattr(bridge, name) for name in ("ln_final", "unembed")}
+    device_map = {mapping["embed"].name: "cpu"}
+    for i, (name, component) in enumerate(placed.items()):
+        device = DEVICE if i >= n // 2 else torch.device("cpu")
+        device_map[name] = str(device)
+        component.to(device)
+        component.original_component.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
+    bridge.original_model.hf_device_map = device_map
+
+
+def _inputs_to(device: torch.device) -> Callable[..., tuple[Any, Any]]:
+    def hook(module: torch.nn.Module, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        def move(a: Any) -> Any:
+            return a.to(device) if isinstance(a, torch.Tensor) else a
+
+        return tree_map(move, args), tree_map(move, kwargs)
+
+    return hook

@@ -208,8 +208,8 @@ class ScoreRecorder:
         grads = self.model.attn_input_grads(
             layer, resid, per_head, self.weights, out=on_layer, frozen_scale=self.frozen_scale
         )
-        if on_layer is None:
-            out.copy_(grads.reshape(out.shape))
+        if on_layer is None:  # [b, P, n, d] -> the queue's rows [n, b * P * d]
+            out.copy_(grads.permute(2, 0, 1, 3).reshape(out.shape))
         self._queued()
 
     def hooks(self) -> list[tuple[str, HookFn]]:

@@ -106,7 +106,7 @@ class HookedModel:
         self.mlp_shares_attn_norm = (
             spec.parallel_attn_mlp and not has(self.mlp_norm_in_hook(0)) and has("blocks.0.ln1.hook_in")
         )
-        self._plain_models: dict[str | None, nn.Module] = {}  # filled by circuits.models.plain
+        self._plain_models: dict[str | None, tuple[tuple[int, ...], nn.Module]] = {}  # circuits.models.plain
         self._batch_shape: tuple[int, ...] | None = None  # [batch, pos] of the forward pass running
         self.recomputing = False  # a block is running again in the backward pass (`models.recompute`)
 

@@ -50,7 +50,7 @@ class Replace:
             if layer not in self.patches:
                 return None
             index, values = self.patches[layer]
-            last = x[:, -1].index_copy(0, index, values.to(x.dtype))
+            last = x[:, -1].index_copy(0, index.to(x.device), values.to(x.device, x.dtype))
             return (torch.cat([x[:, :-1], last[:, None]], dim=1),)
 
         return pre
@@ -93,15 +93,20 @@ class LastPositions:
                 hidden = self._block(j, hidden)
             if j in layers:
                 down = projections[j]
-                moved = leaf[:, layers.index(j)].contiguous().to(hidden.dtype)  # [prompts, points, d_mlp]
-                clean = self.run.activations[:, j, None].to(hidden.dtype).contiguous()
+                device = _device_of(down)  # the layer's, when the model is spread over devices
+                moved = (
+                    leaf[:, layers.index(j)].contiguous().to(device, hidden.dtype)
+                )  # [prompts, points, d_mlp]
+                clean = self.run.activations[:, j, None].to(device, hidden.dtype).contiguous()
                 joining = self.run.block_outputs[j] + (down(moved) - down(clean))
                 hidden = torch.cat([hidden, joining], dim=1)
         return self.head(hidden).unflatten(1, (len(layers), points))
 
     def head(self, hidden: Tensor) -> Tensor:
-        """[..., d_model] last block outputs -> [..., d_vocab] logits (final norm, unembedding)."""
-        return plain_submodule(self.model, "unembed")(plain_submodule(self.model, "ln_final")(hidden))
+        """[..., d_model] last block outputs -> [..., d_vocab] logits (final norm, unembedding), on the
+        model's device."""
+        logits = plain_submodule(self.model, "unembed")(plain_submodule(self.model, "ln_final")(hidden))
+        return logits.to(self.model.device)
 
     def check(self) -> None:
         """Rows through the top block reproduce the model: its clean output and the logits (with
@@ -109,7 +114,8 @@ class LastPositions:
         top = len(self.calls) - 1
         n_prompts = self.run.top_input.shape[0]
         projections = down_projections(plain_model(self.model, PREFIX_ROWS))
-        clean = self.run.activations[:, top].to(self.run.top_input.dtype).contiguous()
+        clean = self.run.activations[:, top].to(_device_of(projections[top]), self.run.top_input.dtype)
+        clean = clean.contiguous()
         halved = clean / 2
         with torch.no_grad():
             with Replace(projections) as replace:
@@ -239,9 +245,13 @@ def run_prompts(model: HookedModel, prompts: list[list[int]]) -> PromptRun:
         torch.arange(n_prefix, device=device) < last[:, None],
         outputs,
         inputs[0],
-        torch.stack([replace.recorded[j] for j in range(len(blocks))], dim=1).float(),
-        logits.float(),
+        torch.stack([replace.recorded[j].to(device) for j in range(len(blocks))], dim=1).float(),
+        logits.float().to(device),
     )
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _at(x: Tensor, positions: Tensor | None) -> Tensor:

@@ -158,7 +158,7 @@ def token_ig(
             return torch.cat([leaf.to(x.dtype), x[:, n_prompt:]], dim=1)
 
         with model.hooks([(model.token_embed_hook, replace)]), torch.set_grad_enabled(grad):
-            out = f(model(batch.expand(len(points), -1)))
+            out = f(model(batch.expand(len(points), -1))).to(model.device)  # from the logits' device
             if not grad:
                 return out.detach(), None
             (g,) = torch.autograd.grad(out.sum(), leaf)

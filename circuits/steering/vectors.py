@@ -52,7 +52,7 @@ def _last_residuals(model: HookedModel, ids: list[int], layers: list[int]) -> Te
 
     def grab(layer: int) -> HookFn:
         def hook(x: Tensor) -> None:
-            captured[layer] = x[0, -1].detach().float()
+            captured[layer] = x[0, -1].detach().float().to(model.device)  # from the layer's device
 
         return hook
 
