@@ -22,7 +22,7 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.sources import ABLATIONS, Ablation, source_buffer, source_hooks, source_means
+from circuits.sources import ABLATIONS, Ablation, SourceOutputs, on_one_device, source_hooks, source_means
 
 
 @dataclass
@@ -176,7 +176,7 @@ def ablated_outputs(
     [1, P, ...] means / zeros and None."""
     if means is not None:
         return means[:, : batch.n_positions], None
-    acts = source_buffer(graph, len(batch), batch.n_positions, model.device)
+    acts = SourceOutputs.empty(graph, len(batch), batch.n_positions, on_one_device(graph, model.device))
     with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
         logits = model(batch.corrupted.to(model.device), batch.attention_mask.to(model.device))
-    return acts, logits
+    return acts.whole(), logits

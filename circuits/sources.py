@@ -4,12 +4,14 @@ an ablated edge carries instead (the corrupted run's outputs, a mean over refere
 Source outputs live in a source-major buffer `[n_sources, B, P, d_model]` (exposed to hooks as the view
 `[B, P, n_sources, d_model]`), so that the rows of any prefix of sources form one contiguous matrix
 `[n, B * P * d_model]`: the edge scorer (`attribution/recorder.py`) multiplies those rows with gradients,
-and circuit evaluation (`intervention.py`) sums them per destination.
+and circuit evaluation (`intervention.py`) sums them per destination. For a model spread over devices,
+`SourceOutputs` keeps such a buffer in shards, each beside the layers whose outputs it holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,10 +26,105 @@ Ablation = Literal["patching", "mean", "zero"]
 ABLATIONS: tuple[Ablation, ...] = ("patching", "mean", "zero")
 
 
-def source_buffer(graph: Graph, rows: int, n_pos: int, device: torch.device) -> Tensor:
-    """Uninitialised source outputs, a [rows, P, n_sources, d] view of source-major storage."""
-    storage = torch.empty(graph.n_sources, rows, n_pos, graph.spec.d_model, device=device)
-    return storage.permute(1, 2, 0, 3)
+def source_buffer(graph: Graph, rows: int, n_pos: int, device: torch.device, n: int | None = None) -> Tensor:
+    """Uninitialised outputs of `n` sources (default all), a [rows, P, n, d] view of source-major storage."""
+    n = graph.n_sources if n is None else n
+    return torch.empty(n, rows, n_pos, graph.spec.d_model, device=device).permute(1, 2, 0, 3)
+
+
+Placement = list[tuple[slice, torch.device]]  # contiguous sources and the device they are kept on
+
+
+def source_placement(model: HookedModel, graph: Graph) -> Placement:
+    """Where each source's outputs are kept: beside the layer that writes them (the input: with the
+    embeddings), consecutive sources on one device grouped; one entry for a model on one device."""
+    devices = [model.device]
+    for layer in range(graph.spec.n_layers):
+        devices += [model.layer_device(layer)] * (graph.mlp_source(layer) + 1 - len(devices))
+    placement: Placement = []
+    for index, device in enumerate(devices):
+        if placement and placement[-1][1] == device:
+            placement[-1] = (slice(placement[-1][0].start, index + 1), device)
+        else:
+            placement.append((slice(index, index + 1), device))
+    return placement
+
+
+def on_one_device(graph: Graph, device: torch.device) -> Placement:
+    """Every source's outputs on `device`."""
+    return [(slice(0, graph.n_sources), device)]
+
+
+@dataclass
+class SourceOutputs:
+    """Source outputs [B, P, n_sources, d_model] in shards of contiguous sources, each a [B, P, n, d] view
+    of source-major storage (`source_buffer`) on its own device. A model on one device has one shard."""
+
+    shards: list[tuple[slice, Tensor]]
+
+    @classmethod
+    def empty(cls, graph: Graph, rows: int, n_pos: int, placement: Placement) -> SourceOutputs:
+        """Uninitialised outputs for `rows` rows of `n_pos` positions, sharded as `placement` says."""
+        return cls(
+            [
+                (sources, source_buffer(graph, rows, n_pos, device, sources.stop - sources.start))
+                for sources, device in placement
+            ]
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        b, p, _, d = self.shards[0][1].shape
+        return b, p, self.shards[-1][0].stop, d
+
+    @property
+    def placement(self) -> Placement:
+        return [(sources, t.device) for sources, t in self.shards]
+
+    def whole(self) -> Tensor:
+        """[B, P, n_sources, d] as one tensor: only for outputs kept on one device."""
+        if len(self.shards) != 1:
+            raise AssertionError("outputs kept over several devices have no single tensor")
+        return self.shards[0][1]
+
+    def select(self, index: int | slice) -> Tensor:
+        """Source `index` [B, P, d] or sources `index` [B, P, n, d] (within one layer's shard): a view."""
+        start = index if isinstance(index, int) else index.start
+        stop = start + 1 if isinstance(index, int) else index.stop
+        for sources, t in self.shards:
+            if sources.start <= start and stop <= sources.stop:
+                if isinstance(index, int):
+                    return t[:, :, index - sources.start]
+                return t[:, :, start - sources.start : stop - sources.start]
+        raise AssertionError(f"sources {index} are kept on more than one device")
+
+    def matrices(self, rows: slice) -> Iterator[tuple[slice, Tensor]]:
+        """For each shard's part of sources `rows`: those sources and their [n, B * P * d] rows."""
+        for sources, t in self.shards:
+            start, stop = max(rows.start, sources.start), min(rows.stop, sources.stop)
+            if start < stop:
+                yield slice(start, stop), source_major(t[:, :, start - sources.start : stop - sources.start])
+
+    def rows(self, start: int, stop: int) -> SourceOutputs:
+        """Rows start..stop of every shard (views)."""
+        return SourceOutputs([(sources, t[start:stop]) for sources, t in self.shards])
+
+    def fill(self, values: Tensor) -> SourceOutputs:
+        """Copy in `values` [1 or B, P', n_sources, d] (P' >= P positions; broadcast over rows)."""
+        for sources, t in self.shards:
+            t.copy_(values[:, : t.shape[1], sources].to(t.device).expand_as(t))
+        return self
+
+    def sub_(self, other: SourceOutputs) -> SourceOutputs:
+        for (_, t), (_, o) in zip(self.shards, other.shards, strict=True):
+            t.sub_(o)
+        return self
+
+    def difference(self, minuend: SourceOutputs, subtrahend: SourceOutputs) -> SourceOutputs:
+        """Write minuend - subtrahend into these outputs (all three sharded alike)."""
+        for (_, t), (_, a), (_, b) in zip(self.shards, minuend.shards, subtrahend.shards, strict=True):
+            torch.sub(a, b, out=t)
+        return self
 
 
 def source_major(acts: Tensor) -> Tensor:
@@ -46,26 +143,27 @@ def source_groups(graph: Graph) -> list[slice]:
 
 
 def source_hooks(
-    model: HookedModel, graph: Graph, out: Tensor, subtract: bool = False
+    model: HookedModel, graph: Graph, out: SourceOutputs, subtract: bool = False
 ) -> list[tuple[str, HookFn]]:
-    """Hooks writing every source's output into `out` [B, P, n_sources, d_model] (no grad), or, with
-    `subtract`, subtracting it from what `out` holds (turning ablated outputs into ablated - current).
+    """Hooks writing every source's output into `out` (no grad), or, with `subtract`, subtracting it from
+    what `out` holds (turning ablated outputs into ablated - current).
 
-    A layer's head results z_h W_O[h] (`HookedModel.head_results`) are computed straight into `out` when it
-    is source-major storage (`source_buffer`) covering all positions: one batched matmul per layer, the
-    subtraction fused into it.
+    A layer's head results z_h W_O[h] (`HookedModel.head_results`) are computed straight into `out` when
+    its shard covers all positions: one batched matmul per layer, the subtraction fused into it.
     """
 
     def write(index: int | slice, transform: Callable[[Tensor], Tensor] | None = None) -> HookFn:
+        target = out.select(index)  # [B, P, d] or [B, P, n, d]
+
         def fn(x: Tensor) -> None:
             if model.recomputing:  # written in the first run of the block
                 return
             with torch.no_grad():
-                value = (transform(x) if transform else x).to(out)  # out's device too
+                value = (transform(x) if transform else x).to(target)  # the shard's device too
                 if subtract:
-                    out[:, : x.shape[1], index] -= value
+                    target[:, : x.shape[1]] -= value
                 else:
-                    out[:, : x.shape[1], index] = value
+                    target[:, : x.shape[1]] = value
 
         return fn
 
@@ -73,27 +171,28 @@ def source_hooks(
         heads = graph.head_sources(layer)
         w_o = model.W_O(layer)
         generic = write(heads, lambda z: model.head_results(layer, z))
+        target = out.select(heads)  # [B, P, n_heads, d]
 
         def fn(z: Tensor) -> None:
             if model.recomputing:
                 return
-            storage = out.permute(2, 0, 1, 3)[heads]  # [n_heads, B, P, d] for source-major storage
+            storage = target.permute(2, 0, 1, 3)  # [n_heads, B, P, d] for source-major storage
             if (
                 not storage.is_contiguous()
-                or z.shape[:2] != out.shape[:2]
-                or z.dtype != out.dtype
-                or z.device != out.device
+                or z.shape[:2] != target.shape[:2]
+                or z.dtype != target.dtype
+                or z.device != target.device
             ):
                 generic(z)
                 return
             with torch.no_grad():
                 n, rows = w_o.shape[0], z.shape[0] * z.shape[1]
                 z_heads = z.reshape(rows, n, -1).transpose(0, 1)  # [n_heads, B * P, d_head]
-                target = storage.view(n, rows, -1)
+                view = storage.view(n, rows, -1)
                 if subtract:
-                    target.baddbmm_(z_heads, w_o.to(z.dtype), alpha=-1.0)
+                    view.baddbmm_(z_heads, w_o.to(z.dtype), alpha=-1.0)
                 else:
-                    torch.bmm(z_heads, w_o.to(z.dtype), out=target)
+                    torch.bmm(z_heads, w_o.to(z.dtype), out=view)
 
         return fn
 
@@ -134,7 +233,8 @@ def source_means(
     for batch in reference.batches(batch_size):
         acts = torch.zeros(len(batch), batch.n_positions, graph.n_sources, d, device=model.device)
         ids = batch.clean.to(model.device)
-        with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
+        recorded = SourceOutputs([(slice(0, graph.n_sources), acts)])
+        with torch.no_grad(), model.hooks(source_hooks(model, graph, recorded)):
             model(ids, batch.attention_mask.to(model.device))
         real = batch.attention_mask.to(model.device)[:, :, None, None].float()
         if per_position:

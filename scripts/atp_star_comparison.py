@@ -22,10 +22,10 @@ from torch import Tensor
 
 from circuits import Graph, attribute, load_model
 from circuits.data import PromptPairs
+from circuits.evaluation import ablated_outputs
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import logit_diff
 from circuits.models import HookedModel
-from circuits.sources import source_buffer, source_hooks
 from tasks import ioi_pairs
 
 
@@ -41,10 +41,8 @@ def recall(truth: Tensor, estimate: Tensor, k: int) -> float:
 
 def exact_edges(model: HookedModel, graph: Graph, pairs: PromptPairs, edges: list[tuple[int, int]]) -> Tensor:
     """M(only that edge patched to its corrupted value) - M(clean), mean over examples, per edge."""
-    b, n_pos = pairs.clean.shape
-    corrupted = source_buffer(graph, b, n_pos, model.device)
-    with torch.no_grad(), model.hooks(source_hooks(model, graph, corrupted)):
-        model(pairs.corrupted, pairs.attention_mask)
+    b = len(pairs)
+    corrupted, _ = ablated_outputs(model, graph, pairs, None)
     with torch.no_grad():
         base = logit_diff(model(pairs.clean, pairs.attention_mask), pairs)
     out = torch.zeros(len(edges))

@@ -20,7 +20,7 @@ from circuits.metrics import Metric, get_metric, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_steps
-from circuits.sources import ABLATIONS, Ablation, source_means
+from circuits.sources import ABLATIONS, Ablation, SourceOutputs, source_means
 
 __all__ = [
     "METHODS",
@@ -180,6 +180,7 @@ def attribute(
     local = pairs[mine.start : mine.stop]
     bar = tqdm(total=len(local), desc=f"{method} ({level})", unit="pair", disable=quiet or not is_main())
     workspace: dict[str, Tensor] = {}
+    outputs: dict[str, SourceOutputs] = {}
     for i, batch in enumerate(local.batches(batch_size)):
         first = mine.start + i * batch_size
         where = f"batch {i} (pairs {first}-{first + len(batch) - 1})"
@@ -197,6 +198,7 @@ def attribute(
             where,
             backward,
             recompute,
+            outputs,
         )
         _accumulate(totals, spec.run(job))
         bar.update(len(batch))

@@ -42,7 +42,7 @@ from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.recompute import recomputed_blocks
 from circuits.models.relp import RelPBackward
 from circuits.quadrature import Quadrature, quadrature
-from circuits.sources import source_buffer, source_groups, source_hooks
+from circuits.sources import SourceOutputs, on_one_device, source_groups, source_hooks, source_placement
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Job:
     where: str = "the batch"  # which batch and pairs, for error messages
     rules: RelPBackward | None = None  # RelP's modified backward, if the method runs with it
     recompute: bool = False  # checkpoint the blocks of passes with gradients (`models.recompute`)
+    outputs: dict[str, SourceOutputs] = field(default_factory=dict)  # source outputs reused likewise
 
 
 @dataclass
@@ -116,17 +117,23 @@ def register(
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _acts(job: Job, rows: int, role: str) -> Tensor:
-    """Uninitialised source-output buffer [rows, P, n_sources, d] (source-major storage) for `role`.
+def _acts(job: Job, rows: int, role: str, one_device: bool = False) -> SourceOutputs:
+    """Uninitialised source outputs [rows, P, n_sources, d] (source-major storage) for `role`, each source's
+    beside the layer that writes it (or all on the model's device, for methods that need one tensor).
 
     Buffers are kept in the job's workspace and reused by the next batch of the same shape: fresh ones
     cost a page fault per 4 KiB on first touch, a sizeable part of a pass at these sizes.
     """
-    shape = (job.graph.n_sources, rows, job.pairs.n_positions, job.graph.spec.d_model)
-    cached = job.workspace.get(role)
-    if cached is None or cached.permute(2, 0, 1, 3).shape != shape:
-        cached = source_buffer(job.graph, rows, job.pairs.n_positions, job.model.device)
-        job.workspace[role] = cached
+    graph, n_pos = job.graph, job.pairs.n_positions
+    placement = on_one_device(graph, job.model.device) if one_device else source_placement(job.model, graph)
+    cached = job.outputs.get(role)
+    if (
+        cached is None
+        or cached.shape != (rows, n_pos, graph.n_sources, graph.spec.d_model)
+        or cached.placement != placement
+    ):
+        cached = SourceOutputs.empty(graph, rows, n_pos, placement)
+        job.outputs[role] = cached
     return cached
 
 
@@ -146,9 +153,9 @@ def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
     return edges, torch.zeros(len(job.pairs), graph.n_sources, device=device)
 
 
-def _difference(job: Job, ablated: Tensor, clean: Tensor) -> Tensor:
+def _difference(job: Job, ablated: SourceOutputs, clean: SourceOutputs) -> SourceOutputs:
     """ablated - clean, written into a source-major buffer (what the score matmuls want)."""
-    return torch.sub(ablated, clean, out=_acts(job, clean.shape[0], "delta"))
+    return _acts(job, clean.shape[0], "delta").difference(ablated, clean)
 
 
 def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> Tensor:
@@ -183,7 +190,7 @@ def _recorder(
     weights: Tensor,
     edges: Tensor | None,
     nodes: Tensor,
-    delta: Tensor | None = None,
+    delta: SourceOutputs | None = None,
     sources: slice = slice(None),
 ) -> ScoreRecorder:
     """The score recorder, its norm pull-back matching the model's backward (RelP's LN rule)."""
@@ -198,27 +205,27 @@ def _grad_leaf(x: Tensor) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
-def _forward_sources(job: Job, ids: Tensor, role: str) -> tuple[Tensor, Tensor]:
+def _forward_sources(
+    job: Job, ids: Tensor, role: str, one_device: bool = False
+) -> tuple[SourceOutputs, Tensor]:
     """No-grad forward recording source outputs; returns (activations [b, P, n_src, d], logits)."""
-    acts = _acts(job, ids.shape[0], role)
+    acts = _acts(job, ids.shape[0], role, one_device)
     logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False)
     return acts, logits
 
 
-def _ablated_acts(job: Job) -> tuple[Tensor, Tensor | None]:
+def _ablated_acts(job: Job, one_device: bool = False) -> tuple[SourceOutputs, Tensor | None]:
     """Ablated source outputs [b, P, n_src, d] in the "delta" buffer and, for patching, the corrupted logits.
 
     The buffer is meant to be turned into ablated - clean in place by a `subtract` forward on the clean
     prompts.
     """
     if job.ablated is None:
-        return _forward_sources(job, job.pairs.corrupted.to(job.model.device), "delta")
-    acts = _acts(job, len(job.pairs), "delta")
-    acts.copy_(job.ablated[:, : job.pairs.n_positions].expand_as(acts))
-    return acts, None
+        return _forward_sources(job, job.pairs.corrupted.to(job.model.device), "delta", one_device)
+    return _acts(job, len(job.pairs), "delta", one_device).fill(job.ablated), None
 
 
-def _clean_and_delta(job: Job) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+def _clean_and_delta(job: Job) -> tuple[Tensor, SourceOutputs, Tensor, SourceOutputs, Tensor | None]:
     """Clean ids, clean source outputs and logits, ablated - clean source outputs, corrupted logits."""
     clean_ids = job.pairs.clean.to(job.model.device)
     clean_acts, clean_logits = _forward_sources(job, clean_ids, "clean")
@@ -291,7 +298,7 @@ def atp_star(job: Job) -> BatchResult:
         raise InputError(
             "GradDrop averages over the other L - 1 layers: it needs a model of 2 layers or more"
         )
-    delta, corrupted_logits = _ablated_acts(job)
+    delta, corrupted_logits = _ablated_acts(job, one_device=True)  # the QK fix reads it as one tensor
     edges, nodes = _accumulators(job)
     recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
     capture = QKCapture(model, graph)
@@ -312,7 +319,7 @@ def atp_star(job: Job) -> BatchResult:
             recorder.nodes = torch.zeros_like(nodes)
             recorder.backward(values.sum(), retain_graph=True)
             per_pass.append(recorder.nodes)
-        corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
+        corrections, _ = qk_corrections(model, graph, capture, delta.whole())  # [passes, n_src, b, n_dst]
     finally:
         capture.release()
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
@@ -344,7 +351,7 @@ def clean_corrupted(job: Job) -> BatchResult:
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
     values = _differentiable(job, _metric(job, logits, clean_logits, repeat=2))
-    recorder.delta = _difference(job, acts[b:], acts[:b])
+    recorder.delta = _difference(job, acts.rows(b, 2 * b), acts.rows(0, b))
     recorder.backward(values.sum())
     return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
 
@@ -354,10 +361,10 @@ def eap_ig_inputs(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)
     assert corrupted_logits is not None, "eap-ig-inputs interpolates towards the corrupted prompts"
-    e_corr = delta[:, :, 0].clone()
+    e_corr = delta.select(0).clone()
     hooks = source_hooks(model, graph, delta, subtract=True)
     clean_logits = _run(job, job.pairs.clean.to(model.device), hooks, grad=False)  # delta = corr - clean
-    e_clean = e_corr - delta[:, :, 0]
+    e_clean = e_corr - delta.select(0)
     edges, nodes = _accumulators(job)
     for alphas, weights in _step_chunks(job):
         m = alphas.shape[0]
@@ -409,17 +416,17 @@ def eap_ig_activations(job: Job) -> BatchResult:
 
 
 def _group_output(
-    model: HookedModel, graph: Graph, group: int, clean: Tensor, delta: Tensor, members: slice
+    model: HookedModel, graph: Graph, group: int, clean: SourceOutputs, delta: SourceOutputs, members: slice
 ) -> tuple[str, Tensor, Tensor]:
     """Hook carrying a source group's summed output, its clean value and its ablation difference."""
     if group == 0:
-        return model.input_hook, clean[:, :, 0], delta[:, :, 0]
+        return model.input_hook, clean.select(0), delta.select(0)
     layer = (group - 1) // 2
     hook = model.attn_out_hook(layer) if group % 2 == 1 else model.mlp_out_hook(layer)
-    clean_sum = clean[:, :, members].sum(2)
+    clean_sum = clean.select(members).sum(2)
     if group % 2 == 1 and graph.spec.per_head_sources and model.b_O(layer) is not None:
         clean_sum = clean_sum + model.b_O(layer)  # type: ignore[operator]
-    return hook, clean_sum, delta[:, :, members].sum(2)
+    return hook, clean_sum, delta.select(members).sum(2)
 
 
 @register("exact", backward="none")
@@ -428,7 +435,8 @@ def exact(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids = job.pairs.clean.to(model.device)
     clean_logits = _run(job, clean_ids, [], grad=False)
-    ablated, corrupted_logits = _ablated_acts(job)
+    outputs, corrupted_logits = _ablated_acts(job, one_device=True)
+    ablated = outputs.whole()  # [b, P, n_sources, d]
     base = _metric(job, clean_logits, clean_logits)
     # [n_units, 2] (source, destination) edges, or [n_units, 1] source nodes
     units = graph.valid.nonzero() if job.level == "edge" else torch.arange(graph.n_sources)[:, None]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn
-from circuits.sources import source_groups, source_major
+from circuits.sources import SourceOutputs, source_groups
 
 
 class ScoreRecorder:
@@ -29,8 +29,9 @@ class ScoreRecorder:
 
     Args:
         weights: [steps] quadrature weights; the forward batch holds steps x b rows, step-major.
-        delta: [b, P, n_sources, d] ablated minus clean source outputs; may be set after construction (before
-            the backward pass), e.g. when it comes from the same forward pass.
+        delta: [b, P, n_sources, d] ablated minus clean source outputs (kept beside the layers that wrote
+            them); may be set after construction (before the backward pass), e.g. when it comes from the
+            same forward pass.
         edges: accumulator, or None for node scores only.
         sources: the contiguous range of sources to score (all by default).
         frozen_scale: pull q/k/v (and shared-norm MLP) gradients back through the attention norm with its
@@ -46,7 +47,7 @@ class ScoreRecorder:
         weights: Tensor,
         edges: Tensor | None,
         nodes: Tensor,
-        delta: Tensor | None = None,
+        delta: SourceOutputs | None = None,
         sources: slice = slice(None),
         frozen_scale: bool = False,
         flush_columns: int = 64,
@@ -117,9 +118,11 @@ class ScoreRecorder:
         rows = slice(self.start, min(max(self._prefix[f] for f in firsts), self.stop))
         if rows.stop <= rows.start:
             return
-        delta = source_major(self.delta[:, :, rows])  # [n, b * P * d]
-        valid = self.graph.valid[rows][:, cols].to(delta.device)
-        self.edges[rows, cols.to(self.edges.device)] += ((delta @ grads.T) * valid).to(self.edges.device)
+        targets = cols.to(self.edges.device)
+        for sources, delta in self.delta.matrices(rows):  # [n, b * P * d] per device the sources are kept on
+            valid = self.graph.valid[sources][:, cols].to(delta.device)
+            scores = (delta @ grads.T.to(delta.device)) * valid
+            self.edges[sources, targets] += scores.to(self.edges.device)
 
     def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Run the backward pass of `loss` through the hooks, then score what is still queued."""
@@ -134,7 +137,7 @@ class ScoreRecorder:
             return
         assert self.delta is not None, "delta must be set before the backward pass"
         b = g.shape[0]
-        delta = self.delta[:, :, rows].permute(0, 2, 1, 3).reshape(b, rows.stop - rows.start, -1)
+        delta = self.delta.select(rows).permute(0, 2, 1, 3).reshape(b, rows.stop - rows.start, -1)
         scores = torch.bmm(delta, g.reshape(b, -1, 1).to(delta))[:, :, 0]  # [b, n]
         self.nodes[:, rows] += scores.to(self.nodes.device)
 

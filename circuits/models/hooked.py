@@ -223,6 +223,10 @@ class HookedModel:
     def device(self) -> torch.device:
         return next(self.bridge.parameters()).device
 
+    def layer_device(self, layer: int) -> torch.device:
+        """Where block `layer` runs (its parameters' device; differs by layer under a device map)."""
+        return next(self._block(layer).parameters()).device
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.bridge.parameters()).dtype

@@ -235,7 +235,7 @@ def test_edge_level_node_scores_equal_node_level(layout, method):
 @pytest.mark.parametrize("subtract", [False, True])
 def test_source_recording_layouts_agree(tiny, subtract):
     """Head results computed straight into source-major storage equal the generic per-head write."""
-    from circuits.sources import source_buffer, source_hooks
+    from circuits.sources import SourceOutputs, source_buffer, source_hooks
 
     pairs = make_pairs(tiny)
     graph = Graph.from_model(tiny)
@@ -246,7 +246,8 @@ def test_source_recording_layouts_agree(tiny, subtract):
     fast.copy_(start)
     generic.copy_(start)
     for out in (fast, generic):
-        with torch.no_grad(), tiny.hooks(source_hooks(tiny, graph, out, subtract=subtract)):
+        outputs = SourceOutputs([(slice(0, graph.n_sources), out)])
+        with torch.no_grad(), tiny.hooks(source_hooks(tiny, graph, outputs, subtract=subtract)):
             tiny(pairs.clean, pairs.attention_mask)
     assert not torch.equal(fast, start)
     torch.testing.assert_close(fast, generic, rtol=1e-5, atol=1e-6)
