@@ -22,7 +22,7 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.sources import ABLATIONS, Ablation, SourceOutputs, on_one_device, source_hooks, source_means
+from circuits.sources import ABLATIONS, Ablation, SourceOutputs, source_hooks, source_means, source_placement
 
 
 @dataclass
@@ -171,12 +171,12 @@ def _ablation_mask(circuit: Graph, complement: bool) -> Tensor:
 
 def ablated_outputs(
     model: HookedModel, graph: Graph, batch: PromptPairs, means: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """[b, P, n_sources, d] corrupted source outputs and the corrupted logits (patching), or the
-    [1, P, ...] means / zeros and None."""
+) -> tuple[SourceOutputs, Tensor | None]:
+    """Corrupted source outputs [b, P, n_sources, d], each kept beside the layer that writes it, and the
+    corrupted logits (patching); or the [1, P, ...] means / zeros and None."""
     if means is not None:
-        return means[:, : batch.n_positions], None
-    acts = SourceOutputs.empty(graph, len(batch), batch.n_positions, on_one_device(graph, model.device))
+        return SourceOutputs.of(means[:, : batch.n_positions]), None
+    acts = SourceOutputs.empty(graph, len(batch), batch.n_positions, source_placement(model, graph))
     with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
         logits = model(batch.corrupted.to(model.device), batch.attention_mask.to(model.device))
-    return acts.whole(), logits
+    return acts, logits

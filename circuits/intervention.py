@@ -16,6 +16,9 @@ Two ways to sum the differences, picked by the mask's form:
   are kept source-major with their running total T, and each destination block sums over whichever side
   is smaller: the ablated sources directly, or T minus the kept (circuit) sources. Small and large
   circuits both cost a few gathers per block instead of a pass over every source.
+
+Ablated outputs may come as one tensor or as `SourceOutputs` kept beside the layers that write them (a
+model over several devices, `sources.source_placement`); the differences are kept beside those layers too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import QKV, QKV_LETTERS, HookedModel, HookFn
+from circuits.sources import Placement, SourceOutputs, source_major, source_placement
 
 
 def forward_with_ablation(
@@ -35,7 +39,7 @@ def forward_with_ablation(
     graph: Graph,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    ablated: Tensor,
+    ablated: Tensor | SourceOutputs,
     ablation_mask: Tensor,
 ) -> Tensor:
     """Logits [rows, P, d_vocab] with the edges in `ablation_mask` carrying `ablated` source outputs.
@@ -47,15 +51,15 @@ def forward_with_ablation(
         ablation_mask: bool [rows, n_sources, n_destinations] or [n_sources, n_destinations].
     """
     rows, n_pos = input_ids.shape
-    if rows % ablated.shape[0]:
-        raise InputError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
+    patch = _rows_dividing(ablated, rows, n_pos)
     mask = ablation_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
     if not bool(mask.any()):
         with torch.no_grad():
             return model(input_ids, attention_mask)
-    patch = ablated[:, :n_pos]
     sums: _Corrections = (
-        _PerRow(graph, mask, patch, rows) if mask.dim() == 3 else _Shared(graph, mask, patch, rows)
+        _PerRow(graph, mask, patch, rows)
+        if mask.dim() == 3
+        else _Shared(graph, mask, patch, rows, source_placement(model, graph))
     )
     with torch.no_grad(), model.hooks(_ablation_hooks(model, graph, sums)):
         return model(input_ids, attention_mask)
@@ -66,7 +70,7 @@ def forward_with_weighted_ablation(
     graph: Graph,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    ablated: Tensor,
+    ablated: Tensor | SourceOutputs,
     weights: Tensor,
 ) -> Tensor:
     """Logits [rows, P, d_vocab] with each edge u->v ablated by the fraction `weights[u, v]`:
@@ -77,13 +81,11 @@ def forward_with_weighted_ablation(
         ablated: [r, P, n_sources, d_model] with r dividing rows.
         weights: float [n_sources, n_destinations]; entries outside `graph.valid` are ignored.
     """
-    rows = input_ids.shape[0]
-    if rows % ablated.shape[0]:
-        raise InputError(f"ablated has {ablated.shape[0]} rows, which does not divide the batch's {rows}")
+    patch = _rows_dividing(ablated, *input_ids.shape)
     if weights.shape != graph.valid.shape or not weights.is_floating_point():
         raise InputError(f"weights must be float {tuple(graph.valid.shape)}, got {tuple(weights.shape)}")
     valid = graph.valid.to(weights.device)
-    sums = _Weighted(graph, weights * valid, ablated[:, : input_ids.shape[1]])
+    sums = _Weighted(graph, weights * valid, patch)
     with model.hooks(_ablation_hooks(model, graph, sums)):
         return model(input_ids, attention_mask)
 
@@ -93,7 +95,7 @@ def ablation_gradient(
     graph: Graph,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    ablated: Tensor,
+    ablated: Tensor | SourceOutputs,
     ablation_mask: Tensor,
     measure: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, Tensor]:
@@ -110,24 +112,37 @@ def ablation_gradient(
         measurements [rows] (detached) and float64 [n_sources, n_destinations] (0 off `graph.valid`).
     """
     rows, n_pos = input_ids.shape
-    if ablated.shape[0] not in (1, rows):
-        raise InputError(f"ablated has {ablated.shape[0]} rows; need 1 or the batch's {rows}")
+    patch = SourceOutputs.of(ablated).map(lambda t: t[:, :n_pos])
+    if patch.shape[0] not in (1, rows):
+        raise InputError(f"ablated has {patch.shape[0]} rows; need 1 or the batch's {rows}")
     mask = ablation_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
-    sums = _Weighted(graph, mask.float(), ablated[:, :n_pos])
+    sums = _Weighted(graph, mask.float(), patch)
     inputs: list[tuple[slice, Tensor]] = []
     hooks = [(model.input_hook, _requiring_grad), *_ablation_hooks(model, graph, sums, inputs)]
     with torch.enable_grad(), model.hooks(hooks):
         values = measure(model(input_ids, attention_mask))
         grads = torch.autograd.grad(values.sum(), [x for _, x in inputs], allow_unused=True)
-    diff = sums.stacked()  # [n_sources, rows * P * d]
+    stacked = sums.stacked()  # (first source, [k, rows * P * d]) per device
     prefix = graph.valid_prefixes()
     out = torch.zeros(graph.valid.shape, dtype=torch.float64)
     for (cols, _), g in zip(inputs, grads):
-        if g is not None:
-            n = prefix[cols.start]
-            per_dst = g.detach().to(diff).permute(2, 0, 1, 3).flatten(1)  # [n_block, rows * P * d]
-            out[:n, cols] = (diff[:n] @ per_dst.T).double().cpu()
+        if g is None:
+            continue
+        n = prefix[cols.start]
+        per_dst = g.detach().permute(2, 0, 1, 3).flatten(1)  # [n_block, rows * P * d]
+        for first, diff in stacked:
+            if first < n:
+                block = diff[: n - first]
+                out[first : first + block.shape[0], cols] = (block @ per_dst.T.to(diff)).double().cpu()
     return values.detach(), out * graph.valid
+
+
+def _rows_dividing(ablated: Tensor | SourceOutputs, rows: int, n_pos: int) -> SourceOutputs:
+    """`ablated` at the first `n_pos` positions, checked to have a number of rows dividing `rows`."""
+    patch = SourceOutputs.of(ablated).map(lambda t: t[:, :n_pos])
+    if rows % patch.shape[0]:
+        raise InputError(f"ablated has {patch.shape[0]} rows, which does not divide the batch's {rows}")
+    return patch
 
 
 def _requiring_grad(x: Tensor) -> Tensor:
@@ -227,7 +242,7 @@ def forward_with_node_ablation(
     graph: Graph,
     input_ids: Tensor,
     attention_mask: Tensor | None,
-    ablated: Tensor,
+    ablated: Tensor | SourceOutputs,
     nodes: Tensor,
 ) -> Tensor:
     """Logits [rows, P, d_vocab] with source node `nodes[i]` ablated in row i (every edge out of it).
@@ -240,12 +255,12 @@ def forward_with_node_ablation(
         nodes: [rows] source index per row (0 = input, heads, MLPs).
     """
     rows, n_pos = input_ids.shape
-    if rows % ablated.shape[0] or nodes.shape != (rows,):
-        raise InputError(f"need nodes [rows={rows}] and ablated rows dividing {rows}")
+    if nodes.shape != (rows,):
+        raise InputError(f"need nodes [rows={rows}], got {tuple(nodes.shape)}")
+    outputs = _rows_dividing(ablated, rows, n_pos)
     spec = graph.spec
     row_of = torch.arange(rows)
-    example = row_of % ablated.shape[0]
-    patch = ablated[example, :n_pos, nodes.cpu()]  # [rows, P, d]: each row's node, ablated
+    patch = outputs.per_row(row_of % outputs.shape[0], nodes, input_ids.device)  # [rows, P, d]: ablated
     head_delta: dict[int, Tensor] = {}
 
     def replace_rows(selected: Tensor) -> HookFn:
@@ -313,12 +328,13 @@ class _Corrections:
 class _PerRow(_Corrections):
     """Per-row masks: only the sources with an ablated edge in some row are recorded."""
 
-    def __init__(self, graph: Graph, mask: Tensor, patch: Tensor, rows: int) -> None:
+    def __init__(self, graph: Graph, mask: Tensor, patch: SourceOutputs, rows: int) -> None:
         self.sources = mask.amax(2).amax(0).nonzero()[:, 0]
         self.slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
         self.slot[self.sources.cpu()] = torch.arange(self.sources.numel())
         self.weights = mask[:, self.sources].float()  # [rows, k, n_dst]
-        self.patch = patch[:, :, self.sources].repeat(rows // patch.shape[0], 1, 1, 1)  # [rows, P, k, d]
+        picked = patch.gather(self.sources, mask.device)  # [r, P, k, d]
+        self.patch = picked.repeat(rows // picked.shape[0], 1, 1, 1)  # [rows, P, k, d]
         self.current = torch.zeros_like(self.patch)
 
     def wanted(self, ids: Tensor) -> Tensor:
@@ -337,34 +353,44 @@ class _PerRow(_Corrections):
 
 
 class _Shared(_Corrections):
-    """One mask for all rows: every difference kept source-major, with their running total."""
+    """One mask for all rows: every difference kept source-major (beside the layer that wrote it, as
+    `placement` says), with their running total."""
 
-    def __init__(self, graph: Graph, mask: Tensor, patch: Tensor, rows: int) -> None:
+    def __init__(
+        self, graph: Graph, mask: Tensor, patch: SourceOutputs, rows: int, placement: Placement
+    ) -> None:
         self.ablate = mask
         self.kept = graph.valid.to(mask.device) & ~mask
         self.prefix = graph.valid_prefixes()
         self.patch = patch  # [1 or rows, P, n_sources, d]
-        n_pos, d = patch.shape[1], patch.shape[3]
-        self.diff = torch.empty(graph.n_sources, rows, n_pos, d, device=patch.device)
-        self.total = torch.zeros(rows, n_pos, d, device=patch.device)
+        n_pos = patch.shape[1]
+        self.diff = SourceOutputs.empty(graph, rows, n_pos, placement)
+        self.total = torch.zeros(rows, n_pos, graph.spec.d_model, device=placement[0][1])
         self.recorded = 0  # sources arrive in order: [0, recorded) are in `diff`
 
     def wanted(self, ids: Tensor) -> Tensor:
         return torch.arange(ids.numel())
 
     def record(self, ids: Tensor, value: Tensor) -> None:
-        diff = self.patch[:, :, ids.to(self.patch.device)] - value.to(self.patch)  # [rows, P, n, d]
-        self.diff[ids] = diff.permute(2, 0, 1, 3)
+        span = slice(int(ids[0]), int(ids[-1]) + 1)  # one layer's heads, its MLP, or the input
+        target = self.diff.select(span)  # [rows, P, n, d]
+        diff = torch.sub(self.patch.select(span).to(target), value.to(target), out=target)
+        self.total = self.total.to(target.device)  # follows the layers over their devices
         self.total += diff.sum(2)
-        self.recorded = int(ids.max()) + 1
+        self.recorded = span.stop
 
     def _weighted(self, sources: Tensor, weights: Tensor) -> Tensor:
-        """sum_u weights[u, n] diff_u over `sources` -> [rows, P, n, d]."""
+        """sum_u weights[u, n] diff_u over `sources` -> [rows, P, n, d], on the running total's device."""
         rows, n_pos, d = self.total.shape
-        if sources.numel() == 0:
+        out: Tensor | None = None  # [n, rows * P * d]
+        for kept, shard in self.diff.shards:
+            inside = sources[(sources >= kept.start) & (sources < kept.stop)]
+            if inside.numel():
+                diff = source_major(shard)[(inside - kept.start).to(shard.device)]  # [m, rows * P * d]
+                part = weights[inside].float().T.to(diff) @ diff
+                out = part.to(self.total.device) if out is None else out + part.to(out)
+        if out is None:
             return self.total.new_zeros(rows, n_pos, weights.shape[1], d)
-        diff = self.diff[sources].reshape(sources.numel(), -1)  # [m, rows * P * d]
-        out = weights[sources].float().T @ diff  # [n, rows * P * d]
         return out.reshape(-1, rows, n_pos, d).permute(1, 2, 0, 3)
 
     def correction(self, cols: slice) -> Tensor | None:
@@ -378,7 +404,9 @@ class _Shared(_Corrections):
         kept_sources = kept.amax(1).nonzero()[:, 0]
         if ablated_sources.numel() <= kept_sources.numel() + 1:
             return self._weighted(ablated_sources, ablate)
-        total = self.total if self.recorded == n else self.total - self.diff[n : self.recorded].sum(0)
+        total = self.total
+        for _, diff in self.diff.matrices(slice(n, self.recorded)):  # recorded after these destinations
+            total = total - diff.sum(0).view_as(total).to(total)
         return total.unsqueeze(2) - self._weighted(kept_sources, kept)
 
 
@@ -392,7 +420,7 @@ class _Weighted(_Corrections):
     total of the differences, visiting only sources whose coefficient is not zero. The backward pass then
     costs a few small matmuls per block, not a copy of every source's difference."""
 
-    def __init__(self, graph: Graph, weights: Tensor, patch: Tensor) -> None:
+    def __init__(self, graph: Graph, weights: Tensor, patch: SourceOutputs) -> None:
         self.weights = weights  # [n_sources, n_destinations]
         self.sparse = not weights.requires_grad
         self.prefix = graph.valid_prefixes()
@@ -405,7 +433,7 @@ class _Weighted(_Corrections):
         return torch.arange(ids.numel())
 
     def record(self, ids: Tensor, value: Tensor) -> None:
-        patch = self.patch[:, :, ids.to(self.patch.device)]
+        patch = self.patch.select(slice(int(ids[0]), int(ids[-1]) + 1))  # one layer's sources
         diff = (patch.to(value) - value).permute(2, 0, 1, 3)  # [k, rows, P, d]
         self.shape = tuple(diff.shape[1:])
         flat = diff.reshape(diff.shape[0], -1)
@@ -440,7 +468,13 @@ class _Weighted(_Corrections):
             return None
         return out.reshape(-1, *self.shape).permute(1, 2, 0, 3)  # [rows, P, n_block, d]
 
-    def stacked(self) -> Tensor:
-        """[n_sources, rows * P * d] every recorded difference, detached, on the first block's device."""
-        device = self.blocks[0][1].device
-        return torch.cat([diff.detach().to(device) for _, diff in self.blocks])
+    def stacked(self) -> list[tuple[int, Tensor]]:
+        """Every recorded difference, detached: (first source, [k, rows * P * d]) for each run of blocks
+        kept on one device (one entry for a model on one device)."""
+        runs: list[tuple[int, list[Tensor]]] = []
+        for ids, diff in self.blocks:
+            if runs and runs[-1][1][0].device == diff.device:
+                runs[-1][1].append(diff.detach())
+            else:
+                runs.append((int(ids[0]), [diff.detach()]))
+        return [(first, torch.cat(diffs)) for first, diffs in runs]

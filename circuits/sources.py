@@ -72,6 +72,11 @@ class SourceOutputs:
             ]
         )
 
+    @classmethod
+    def of(cls, outputs: Tensor | SourceOutputs) -> SourceOutputs:
+        """`outputs` as it is, or a tensor [B, P, n_sources, d] as outputs kept on its one device."""
+        return outputs if isinstance(outputs, SourceOutputs) else cls([(slice(0, outputs.shape[2]), outputs)])
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         b, p, _, d = self.shards[0][1].shape
@@ -105,9 +110,32 @@ class SourceOutputs:
             if start < stop:
                 yield slice(start, stop), source_major(t[:, :, start - sources.start : stop - sources.start])
 
-    def rows(self, start: int, stop: int) -> SourceOutputs:
-        """Rows start..stop of every shard (views)."""
-        return SourceOutputs([(sources, t[start:stop]) for sources, t in self.shards])
+    def map(self, view: Callable[[Tensor], Tensor]) -> SourceOutputs:
+        """`view` applied to every shard [B, P, n, d] (e.g. `lambda t: t[:, :P]`; rows or positions only)."""
+        return SourceOutputs([(sources, view(t)) for sources, t in self.shards])
+
+    def gather(self, ids: Tensor, device: torch.device) -> Tensor:
+        """Sources `ids` (any order) as one tensor [B, P, len(ids), d] on `device`."""
+        b, p, _, d = self.shape
+        first = self.shards[0][1]
+        out = torch.empty(b, p, ids.numel(), d, dtype=first.dtype, device=device)
+        ids = ids.cpu()
+        for sources, t in self.shards:
+            inside = ((ids >= sources.start) & (ids < sources.stop)).nonzero()[:, 0]
+            if inside.numel():
+                out[:, :, inside] = t[:, :, ids[inside] - sources.start].to(device)
+        return out
+
+    def per_row(self, examples: Tensor, ids: Tensor, device: torch.device) -> Tensor:
+        """[k, P, d] on `device`: row i is source `ids[i]` of example `examples[i]` (both [k])."""
+        _, p, _, d = self.shape
+        out = torch.empty(ids.numel(), p, d, dtype=self.shards[0][1].dtype, device=device)
+        examples, ids = examples.cpu(), ids.cpu()
+        for sources, t in self.shards:
+            inside = ((ids >= sources.start) & (ids < sources.stop)).nonzero()[:, 0]
+            if inside.numel():
+                out[inside] = t[examples[inside], :, ids[inside] - sources.start].to(device)
+        return out
 
     def fill(self, values: Tensor) -> SourceOutputs:
         """Copy in `values` [1 or B, P', n_sources, d] (P' >= P positions; broadcast over rows)."""
@@ -233,7 +261,7 @@ def source_means(
     for batch in reference.batches(batch_size):
         acts = torch.zeros(len(batch), batch.n_positions, graph.n_sources, d, device=model.device)
         ids = batch.clean.to(model.device)
-        recorded = SourceOutputs([(slice(0, graph.n_sources), acts)])
+        recorded = SourceOutputs.of(acts)
         with torch.no_grad(), model.hooks(source_hooks(model, graph, recorded)):
             model(ids, batch.attention_mask.to(model.device))
         real = batch.attention_mask.to(model.device)[:, :, None, None].float()

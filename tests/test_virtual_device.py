@@ -192,10 +192,23 @@ def test_gpt2_layout_runs_split_over_two_devices(name):
     _same_as_on_one_device(name, got, want)
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"])
-def test_source_outputs_are_kept_beside_the_layers_that_write_them(method, monkeypatch):
-    """On a model split over two devices, every source-output buffer the engine makes is in two shards:
-    the input's and the first half's sources on the CPU, the second half's on the other device."""
+@pytest.mark.parametrize(
+    "name",
+    [
+        "eap",
+        "eap-ig-inputs",
+        "eap-ig-activations",
+        "clean-corrupted",
+        "exact, edge level",
+        "exact, node level",
+        "evaluate_many, patching",
+        "refine",
+    ],
+)
+def test_source_outputs_are_kept_beside_the_layers_that_write_them(name, monkeypatch):
+    """On a model split over two devices, every source-output buffer that attribution, evaluation and
+    refinement make is in two shards: the input's and the first half's sources on the CPU, the second
+    half's on the other device."""
     made: list[SourceOutputs] = []
     empty = SourceOutputs.empty
 
@@ -214,7 +227,7 @@ def test_source_outputs_are_kept_beside_the_layers_that_write_them(method, monke
             (slice(0, first_on_device), cpu),
             (slice(first_on_device, graph.n_sources), device),
         ]
-        attribute(model, graph, make_pairs(model), method=method, quiet=True)
+        CASES[name](model)
     assert made
     for outputs in made:
         assert [(sources, t.device) for sources, t in outputs.shards] == source_placement(model, graph)

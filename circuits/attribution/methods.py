@@ -351,7 +351,7 @@ def clean_corrupted(job: Job) -> BatchResult:
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
     values = _differentiable(job, _metric(job, logits, clean_logits, repeat=2))
-    recorder.delta = _difference(job, acts.rows(b, 2 * b), acts.rows(0, b))
+    recorder.delta = _difference(job, acts.map(lambda t: t[b:]), acts.map(lambda t: t[:b]))
     recorder.backward(values.sum())
     return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
 
@@ -435,8 +435,7 @@ def exact(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids = job.pairs.clean.to(model.device)
     clean_logits = _run(job, clean_ids, [], grad=False)
-    outputs, corrupted_logits = _ablated_acts(job, one_device=True)
-    ablated = outputs.whole()  # [b, P, n_sources, d]
+    ablated, corrupted_logits = _ablated_acts(job)  # [b, P, n_sources, d]
     base = _metric(job, clean_logits, clean_logits)
     # [n_units, 2] (source, destination) edges, or [n_units, 1] source nodes
     units = graph.valid.nonzero() if job.level == "edge" else torch.arange(graph.n_sources)[:, None]

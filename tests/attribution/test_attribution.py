@@ -246,7 +246,7 @@ def test_source_recording_layouts_agree(tiny, subtract):
     fast.copy_(start)
     generic.copy_(start)
     for out in (fast, generic):
-        outputs = SourceOutputs([(slice(0, graph.n_sources), out)])
+        outputs = SourceOutputs.of(out)
         with torch.no_grad(), tiny.hooks(source_hooks(tiny, graph, outputs, subtract=subtract)):
             tiny(pairs.clean, pairs.attention_mask)
     assert not torch.equal(fast, start)
