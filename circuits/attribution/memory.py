@@ -16,7 +16,9 @@ d = d_model, e = the model's bytes per element):
 
 The estimate is of the process's peak resident memory. The constants are fitted to SmolLM2-135M, EAP-IG
 (docs/benchmarks.md, "Memory against prompt length"): at 512 to 2048 tokens the model is within 10% of
-the measured peak without recomputation, and from 25% under to 2% over it with recomputation.
+the measured peak without recomputation, and from 25% under to 2% over it with recomputation. For a
+model placed over several devices it is the sum over them (the source buffers are spread as the layers
+are, `circuits.sources.source_placement`).
 """
 
 from __future__ import annotations
