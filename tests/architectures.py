@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from circuits.testing import tiny_tokenizer
@@ -27,10 +29,23 @@ class Architecture:
     refusal: str = ""  # for refused ones: a fragment of the UnsupportedModelError message
     why: str = ""  # for refused ones: the reason in words (the README's column)
     label: str = ""  # the README's name when one model type appears in several styles
+    exact_since: str = ""  # the transformers version from which it is exact; refused as above before it
 
     @property
     def name(self) -> str:
         return self.label or self.model_type
+
+    @property
+    def refused(self) -> bool:
+        """Refused with the installed transformers."""
+        return bool(self.refusal) and not (
+            self.exact_since and Version(transformers.__version__) >= Version(self.exact_since)
+        )
+
+    @property
+    def exact_with_newest_transformers(self) -> bool:
+        """Exact with the newest transformers (the README's column)."""
+        return not self.refusal or bool(self.exact_since)
 
     def build(self) -> PreTrainedModel:
         """The tiny random model: 2 layers, 4 heads, d_model 64, weights drawn with std 0.1 (large enough
@@ -106,6 +121,15 @@ ARCHITECTURES = [
         PARALLEL_SHARED,
         label="falcon (7b style)",
     ),
+    Architecture(
+        "falcon",
+        dict(alibi=True, new_decoder_architecture=False, parallel_attn=False, multi_query=False),
+        refusal="bridge's logits differ",
+        why="before transformers 5.25 the bridge's logits differ from the model's (alibi is not applied as "
+        "Falcon does); from 5.25 on Falcon adds alibi to the attention mask, and the model is exact",
+        label="falcon (rw style, alibi)",
+        exact_since="5.25",
+    ),
     Architecture("nemotron", GQA16),
     Architecture("gpt_oss", dict(num_local_experts=4, **GQA16)),
     Architecture("glm", dict(**GQA16, **PAD)),
@@ -125,13 +149,6 @@ ARCHITECTURES = [
     Architecture("granite", dict(**GQA, **MULTIPLIERS), how=SCALED),
     Architecture("granitemoe", dict(num_local_experts=4, **GQA, **MULTIPLIERS), how=SCALED),
     # ------------------------------------------------------------------------------------ refused
-    Architecture(
-        "falcon",
-        dict(alibi=True, new_decoder_architecture=False, parallel_attn=False, multi_query=False),
-        refusal="bridge's logits differ",
-        why="the bridge's logits differ from the model's (alibi is not applied as Falcon does)",
-        label="falcon (rw style, alibi)",
-    ),
     Architecture("olmo2", refusal="mixes heads", why=COUPLED),
     Architecture("olmo3", refusal="mixes heads", why=COUPLED),
     Architecture("olmoe", dict(num_experts=4, num_experts_per_tok=2), refusal="mixes heads", why=COUPLED),
