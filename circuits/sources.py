@@ -117,25 +117,27 @@ class SourceOutputs:
     def gather(self, ids: Tensor, device: torch.device) -> Tensor:
         """Sources `ids` (any order) as one tensor [B, P, len(ids), d] on `device`."""
         b, p, _, d = self.shape
-        first = self.shards[0][1]
-        out = torch.empty(b, p, ids.numel(), d, dtype=first.dtype, device=device)
-        ids = ids.cpu()
-        for sources, t in self.shards:
-            inside = ((ids >= sources.start) & (ids < sources.stop)).nonzero()[:, 0]
-            if inside.numel():
-                out[:, :, inside] = t[:, :, ids[inside] - sources.start].to(device)
+        out = torch.empty(b, p, ids.numel(), d, dtype=self.shards[0][1].dtype, device=device)
+        for t, inside, local in self._split(ids):
+            out[:, :, inside] = t[:, :, local].to(device)
         return out
 
     def per_row(self, examples: Tensor, ids: Tensor, device: torch.device) -> Tensor:
         """[k, P, d] on `device`: row i is source `ids[i]` of example `examples[i]` (both [k])."""
         _, p, _, d = self.shape
         out = torch.empty(ids.numel(), p, d, dtype=self.shards[0][1].dtype, device=device)
-        examples, ids = examples.cpu(), ids.cpu()
+        examples = examples.cpu()
+        for t, inside, local in self._split(ids):
+            out[inside] = t[examples[inside], :, local].to(device)
+        return out
+
+    def _split(self, ids: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """For each shard holding some of `ids`: the shard, where in `ids` they stand, their index in it."""
+        ids = ids.cpu()
         for sources, t in self.shards:
             inside = ((ids >= sources.start) & (ids < sources.stop)).nonzero()[:, 0]
             if inside.numel():
-                out[inside] = t[examples[inside], :, ids[inside] - sources.start].to(device)
-        return out
+                yield t, inside, ids[inside] - sources.start
 
     def fill(self, values: Tensor) -> SourceOutputs:
         """Copy in `values` [1 or B, P', n_sources, d] (P' >= P positions; broadcast over rows)."""
