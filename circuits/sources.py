@@ -50,11 +50,6 @@ def source_placement(model: HookedModel, graph: Graph) -> Placement:
     return placement
 
 
-def on_one_device(graph: Graph, device: torch.device) -> Placement:
-    """Every source's outputs on `device`."""
-    return [(slice(0, graph.n_sources), device)]
-
-
 @dataclass
 class SourceOutputs:
     """Source outputs [B, P, n_sources, d_model] in shards of contiguous sources, each a [B, P, n, d] view
@@ -85,12 +80,6 @@ class SourceOutputs:
     @property
     def placement(self) -> Placement:
         return [(sources, t.device) for sources, t in self.shards]
-
-    def whole(self) -> Tensor:
-        """[B, P, n_sources, d] as one tensor: only for outputs kept on one device."""
-        if len(self.shards) != 1:
-            raise AssertionError("outputs kept over several devices have no single tensor")
-        return self.shards[0][1]
 
     def select(self, index: int | slice) -> Tensor:
         """Source `index` [B, P, d] or sources `index` [B, P, n, d] (within one layer's shard): a view."""

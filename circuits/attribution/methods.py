@@ -42,7 +42,7 @@ from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.recompute import recomputed_blocks
 from circuits.models.relp import RelPBackward
 from circuits.quadrature import Quadrature, quadrature
-from circuits.sources import SourceOutputs, on_one_device, source_groups, source_hooks, source_placement
+from circuits.sources import SourceOutputs, source_groups, source_hooks, source_placement
 
 
 @dataclass
@@ -117,15 +117,15 @@ def register(
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _acts(job: Job, rows: int, role: str, one_device: bool = False) -> SourceOutputs:
+def _acts(job: Job, rows: int, role: str) -> SourceOutputs:
     """Uninitialised source outputs [rows, P, n_sources, d] (source-major storage) for `role`, each source's
-    beside the layer that writes it (or all on the model's device, for methods that need one tensor).
+    beside the layer that writes it.
 
     Buffers are kept in the job's workspace and reused by the next batch of the same shape: fresh ones
     cost a page fault per 4 KiB on first touch, a sizeable part of a pass at these sizes.
     """
     graph, n_pos = job.graph, job.pairs.n_positions
-    placement = on_one_device(graph, job.model.device) if one_device else source_placement(job.model, graph)
+    placement = source_placement(job.model, graph)
     cached = job.outputs.get(role)
     if (
         cached is None
@@ -205,24 +205,22 @@ def _grad_leaf(x: Tensor) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
-def _forward_sources(
-    job: Job, ids: Tensor, role: str, one_device: bool = False
-) -> tuple[SourceOutputs, Tensor]:
+def _forward_sources(job: Job, ids: Tensor, role: str) -> tuple[SourceOutputs, Tensor]:
     """No-grad forward recording source outputs; returns (activations [b, P, n_src, d], logits)."""
-    acts = _acts(job, ids.shape[0], role, one_device)
+    acts = _acts(job, ids.shape[0], role)
     logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False)
     return acts, logits
 
 
-def _ablated_acts(job: Job, one_device: bool = False) -> tuple[SourceOutputs, Tensor | None]:
+def _ablated_acts(job: Job) -> tuple[SourceOutputs, Tensor | None]:
     """Ablated source outputs [b, P, n_src, d] in the "delta" buffer and, for patching, the corrupted logits.
 
     The buffer is meant to be turned into ablated - clean in place by a `subtract` forward on the clean
     prompts.
     """
     if job.ablated is None:
-        return _forward_sources(job, job.pairs.corrupted.to(job.model.device), "delta", one_device)
-    return _acts(job, len(job.pairs), "delta", one_device).fill(job.ablated), None
+        return _forward_sources(job, job.pairs.corrupted.to(job.model.device), "delta")
+    return _acts(job, len(job.pairs), "delta").fill(job.ablated), None
 
 
 def _clean_and_delta(job: Job) -> tuple[Tensor, SourceOutputs, Tensor, SourceOutputs, Tensor | None]:
@@ -298,7 +296,7 @@ def atp_star(job: Job) -> BatchResult:
         raise InputError(
             "GradDrop averages over the other L - 1 layers: it needs a model of 2 layers or more"
         )
-    delta, corrupted_logits = _ablated_acts(job, one_device=True)  # the QK fix reads it as one tensor
+    delta, corrupted_logits = _ablated_acts(job)
     edges, nodes = _accumulators(job)
     recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
     capture = QKCapture(model, graph)
@@ -319,7 +317,7 @@ def atp_star(job: Job) -> BatchResult:
             recorder.nodes = torch.zeros_like(nodes)
             recorder.backward(values.sum(), retain_graph=True)
             per_pass.append(recorder.nodes)
-        corrections, _ = qk_corrections(model, graph, capture, delta.whole())  # [passes, n_src, b, n_dst]
+        corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
     finally:
         capture.release()
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)

@@ -27,6 +27,7 @@ from circuits.graph import Graph
 from circuits.models.checks import pattern_problem, probe_ids, probed
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.norms import NormForm, norm_form, norm_jvp
+from circuits.sources import SourceOutputs
 
 
 @dataclass
@@ -325,12 +326,13 @@ def _agree(got: Tensor, want: Tensor, where: Tensor) -> bool:
 
 
 def qk_corrections(
-    model: HookedModel, graph: Graph, capture: QKCapture, delta: Tensor, chunk: int = 16
+    model: HookedModel, graph: Graph, capture: QKCapture, delta: SourceOutputs, chunk: int = 16
 ) -> tuple[Tensor, list[tuple[int, slice, slice]]]:
     """Per backward pass, source, example and q/k destination: sum G . (dA_exact - dA_linear).
 
     Args:
-        delta: [b, P, n_sources, d] ablated - clean source outputs.
+        delta: [b, P, n_sources, d] ablated - clean source outputs (each chunk of sources is taken to the
+            layer it reaches).
     Returns:
         corrections [n_passes, n_sources, b, n_destinations] (zero outside the q/k columns) and, per layer,
         (number of sources reaching it, its q destinations, its k destinations).
@@ -338,11 +340,11 @@ def qk_corrections(
     spec = graph.spec
     n_passes = len(capture.layers[0].grads)
     b = delta.shape[0]
-    out = torch.zeros(n_passes, graph.n_sources, b, graph.n_destinations, device=delta.device)
+    out = torch.zeros(n_passes, graph.n_sources, b, graph.n_destinations, device=model.device)
     prefix = graph.valid_prefixes()
     placed = []
     rep = spec.n_heads // spec.n_kv_heads
-    group = torch.arange(spec.n_heads, device=delta.device) // rep
+    group = torch.arange(spec.n_heads) // rep
     for layer, state in enumerate(capture.layers):
         assert state.scores is not None and state.pattern is not None and state.resid is not None
         j_q, j_k = score_jacobians(state, spec.n_heads, spec.n_kv_heads)
@@ -354,18 +356,17 @@ def qk_corrections(
         paths = {letter: _path(model, layer, letter) for letter in ("q", "k")}
         for start in range(0, n_pre, chunk):
             stop = min(start + chunk, n_pre)
-            d = delta[:, :, start:stop].permute(2, 0, 1, 3).float()  # [c, b, P, d]
+            d = delta.gather(torch.arange(start, stop), state.resid.device).permute(2, 0, 1, 3).float()
             dq, dq_lin = _moves(paths["q"], state.resid, state.proj["q"], d)  # [c, b, H, P, e]
             ds = torch.einsum("cbhte,bhtje->cbhtj", dq, j_q)
             ds_lin = torch.einsum("cbhte,bhtje->cbhtj", dq_lin, j_q)
             change = _pattern_changes(scores, pattern, ds, ds_lin)
-            out[:, start:stop, :, q_cols] = torch.einsum("cbhtj,nbhtj->ncbh", change, grads)
+            out[:, start:stop, :, q_cols] = torch.einsum("cbhtj,nbhtj->ncbh", change, grads).to(out)
             dk, dk_lin = _moves(paths["k"], state.resid, state.proj["k"], d)  # [c, b, G, P, e]
             ds = torch.einsum("cbhje,bhtje->cbhtj", dk[:, :, group], j_k)
             ds_lin = torch.einsum("cbhje,bhtje->cbhtj", dk_lin[:, :, group], j_k)
             change = _pattern_changes(scores, pattern, ds, ds_lin)
             per_head = torch.einsum("cbhtj,nbhtj->ncbh", change, grads)
-            out[:, start:stop, :, k_cols] = per_head.reshape(*per_head.shape[:3], spec.n_kv_heads, rep).sum(
-                -1
-            )
+            per_kv_head = per_head.reshape(*per_head.shape[:3], spec.n_kv_heads, rep).sum(-1)
+            out[:, start:stop, :, k_cols] = per_kv_head.to(out)
     return out, placed
