@@ -354,9 +354,8 @@ def qk_corrections(
         grads = torch.stack(state.grads) if state.grads else torch.zeros(n_passes, *state.pattern.shape)
         scores, pattern = state.scores.detach().float(), state.pattern.float()
         paths = {letter: _path(model, layer, letter) for letter in ("q", "k")}
-        for start in range(0, n_pre, chunk):
-            stop = min(start + chunk, n_pre)
-            d = delta.gather(torch.arange(start, stop), state.resid.device).permute(2, 0, 1, 3).float()
+        for start, stop in _chunks(delta, n_pre, chunk):
+            d = delta.select(slice(start, stop)).to(state.resid.device).permute(2, 0, 1, 3).float()
             dq, dq_lin = _moves(paths["q"], state.resid, state.proj["q"], d)  # [c, b, H, P, e]
             ds = torch.einsum("cbhte,bhtje->cbhtj", dq, j_q)
             ds_lin = torch.einsum("cbhte,bhtje->cbhtj", dq_lin, j_q)
@@ -370,3 +369,12 @@ def qk_corrections(
             per_kv_head = per_head.reshape(*per_head.shape[:3], spec.n_kv_heads, rep).sum(-1)
             out[:, start:stop, :, k_cols] = per_kv_head.to(out)
     return out, placed
+
+
+def _chunks(delta: SourceOutputs, n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges of at most `size` of the first `n` sources, none crossing a shard of `delta`."""
+    return [
+        (start, min(start + size, sources.stop, n))
+        for sources, _ in delta.shards
+        for start in range(sources.start, min(sources.stop, n), size)
+    ]
