@@ -16,9 +16,12 @@ that one only (an extra EAP row shows the ratio with every position unembedded).
         --models smollm2 qwen2.5-0.5b-random llama-3.1-8b-random \
         --methods eap eap-ig-inputs clean-corrupted exact
     python scripts/benchmark.py --shape small --models llama-3.1-8b-random --n 4   # tiny shapes, same rows
+    python scripts/benchmark.py --sections edges --exact-n 8 --json rows.json   # exact on 8 pairs; JSON too
 
 `--device cuda` synchronises before each clock reading and reports peak GPU memory; `exact` is timed at
 node level, and every model also gets one `evaluate_many` of 10 circuits (no pass-count limit for either).
+scripts/gpu_check.sh runs the edges section on a GPU beside the EAP-IG reference
+(scripts/eap_ig_reference.py).
 
 Also times selection + pruning on Llama-3-8B-sized graphs and neuron IG (cached one-position path against
 the full-sequence path) on SmolLM2 with MemoTrap prompts.
@@ -27,23 +30,19 @@ the full-sequence path) on SmolLM2 with MemoTrap prompts.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from clock import best_of, peak_gpu_mb
+from shapes import PAIR_LENGTH, SHAPES, random_hf, random_token_pairs
 
 from circuits import Graph, load_model
 from circuits.attribution import METHODS, MemoryPlan, attribute, estimate_bytes, plan_memory
@@ -60,69 +59,17 @@ from tasks import ioi_pairs
 from tasks.context import first_token, memotrap
 from tasks.paths import shared_data
 
-# Published shapes (config.json of each model), random weights; `--shape small` keeps the architecture
-# and shrinks the sizes, to check the rows on a CPU.
-SHAPES = {
-    "gpt2-small-random": (GPT2Config, GPT2LMHeadModel, {}),  # 12 layers, 12 heads, d_model 768
-    "qwen2.5-0.5b-random": (
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-            rope_theta=1000000.0,
-        ),
-    ),
-    "llama-3.1-8b-random": (
-        LlamaConfig,
-        LlamaForCausalLM,
-        dict(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            rope_theta=500000.0,
-        ),
-    ),
-}
-SMALL = {  # the sizes of `--shape small`, by the config classes' field names
-    GPT2Config: dict(n_layer=2, n_head=4, n_embd=64),
-    Qwen2Config: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-    LlamaConfig: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-}
-
 
 def random_model(
     name: str, shape: str = "published", device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> HookedModel:
     """A model of a published shape with random weights (the tiny tokenizer: the vocabulary stays)."""
-    config_class, model_class, sizes = SHAPES[name]
-    if shape == "small":
-        sizes = (
-            sizes
-            | SMALL[config_class]
-            | ({"num_key_value_heads": 2} if "num_key_value_heads" in sizes else {})
-        )
-    torch.manual_seed(0)
-    with torch.device(device):  # weights drawn where they run: an 8B model is not built on the host first
-        hf = model_class(config_class(**sizes)).eval()
-    return load_model(hf, tiny_tokenizer(), device=device, dtype=dtype)
+    return load_model(random_hf(name, shape, device), tiny_tokenizer(), device=device, dtype=dtype)
 
 
-def random_pairs(model: HookedModel, n: int, length: int) -> PromptPairs:
-    gen = torch.Generator().manual_seed(0)
-    clean = torch.randint(0, model.d_vocab, (n, length), generator=gen)
-    corrupted = clean.clone()
-    corrupted[:, length // 2] = torch.randint(0, model.d_vocab, (n,), generator=gen)
-    answer = torch.randint(0, model.d_vocab, (n,), generator=gen)
-    return PromptPairs(clean, corrupted, torch.full((n,), length), answer, (answer + 1) % model.d_vocab)
+def random_pairs(model: HookedModel, n: int, length: int = PAIR_LENGTH) -> PromptPairs:
+    clean, corrupted, answer, wrong = random_token_pairs(model.d_vocab, n, length)
+    return PromptPairs(clean, corrupted, torch.full((n,), length), answer, wrong)
 
 
 def plain_pass_times(
@@ -146,43 +93,43 @@ def plain_pass_times(
     return best_of(forward, repeats), best_of(forward_backward, repeats)
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(device: str) -> str:
-    """Process RSS high-water mark, and on CUDA the peak GPU memory allocated since the last reading."""
-    rss = f"{peak_rss_mb():.0f} MB"
-    if not device.startswith("cuda"):
-        return rss
-    gpu = torch.cuda.max_memory_allocated() / 2**20
-    torch.cuda.reset_peak_memory_stats()
-    return f"{rss}; GPU {gpu:.0f} MB"
+def record(name: str, label: str, seconds: float, n: int, limit: str, device: str, **extra: Any) -> dict:
+    """One benchmark row, printed as markdown as soon as it is measured (see `markdown_row`)."""
+    row = dict(model=name, method=label, seconds=seconds, pairs=n, seconds_per_pair=seconds / n, limit=limit)
+    row |= dict(peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb(device)) | extra
+    print(markdown_row(row), flush=True)
+    return row
 
 
-def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodName], args) -> list[str]:
+def markdown_row(row: dict) -> str:
+    memory = f"{row['peak_rss_mb']:.0f} MB" if row.get("peak_rss_mb") is not None else ""
+    if row.get("peak_gpu_mb") is not None:
+        memory += f"; GPU {row['peak_gpu_mb']:.0f} MB"
+    return (
+        f"| {row['model']} | {row['method']} | {row['seconds']:.2f} s | {row['pairs']} | {row['limit']} "
+        f"| {memory} |"
+    )
+
+
+MARKDOWN_HEADER = (
+    "| model | method | wall time | pairs | ratio to pass-count limit | peak memory |\n"
+    "|---|---|---|---|---|---|"
+)
+
+
+def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodName], args) -> list[dict]:
+    """Plain passes, each method's `attribute` and one `evaluate_many` of 10 circuits on `pairs`; exact
+    patching (node level) on the first `args.exact_n` pairs."""
     graph = Graph.from_model(model)
+    n = len(pairs)
     t_f, t_fb = plain_pass_times(model, pairs, args.batch_size, args.repeats)
     rows = [
-        f"| {name} | plain forward | {t_f:.2f} s | | |",
-        f"| {name} | plain forward+backward | {t_fb:.2f} s | | |",
+        record(name, "plain forward", t_f, n, "", args.device),
+        record(name, "plain forward+backward", t_fb, n, "", args.device),
     ]
     runs: list[tuple[MethodName, str, str | Metric]] = [(method, method, "logit_diff") for method in methods]
     if "eap" in methods:  # the same, the metric seen as an opaque callable: every position unembedded
@@ -190,12 +137,13 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodN
     for method, label, metric in runs:
         count = METHODS[method].pass_count(args.steps, model.spec.n_layers)
         level = "node" if method == "exact" else "edge"  # exact edge patching: one pass per edge
+        subset = pairs[: args.exact_n] if method == "exact" and args.exact_n else pairs
 
-        def go(method: MethodName = method, metric=metric, level=level) -> None:
+        def go(method: MethodName = method, metric=metric, level=level, subset=subset) -> None:
             attribute(
                 model,
                 graph,
-                pairs,
+                subset,
                 metric=metric,
                 method=method,
                 ig_steps=args.steps,
@@ -206,23 +154,19 @@ def run(name: str, model: HookedModel, pairs: PromptPairs, methods: list[MethodN
 
         seconds = best_of(go, args.repeats)
         if count is None:
-            ratio = f"(node level: {graph.n_sources} patched runs per batch)"
+            limit = f"(node level: {graph.n_sources} patched runs per batch)"
         else:
             forwards, fbs = count
-            ratio = f"{seconds / (forwards * t_f + fbs * t_fb):.2f}x ({forwards} fwd + {fbs} fwd/bwd)"
+            limit = f"{seconds / (forwards * t_f + fbs * t_fb):.2f}x ({forwards} fwd + {fbs} fwd/bwd)"
         label = f"{label} (node level)" if level == "node" else label
-        rows.append(f"| {name} | {label} | {seconds:.2f} s | {ratio} | {peak_memory(args.device)} |")
-        print(rows[-1], flush=True)
+        rows.append(record(name, label, seconds, len(subset), limit, args.device))
     if graph.scores.abs().sum() == 0:  # circuits need scores: take EAP's
         attribute(model, graph, pairs, method="eap", batch_size=args.batch_size, quiet=True)
     circuits = [graph.top_n(max(1, graph.n_edges * k // 100)) for k in range(1, 11)]
     seconds = best_of(lambda: evaluate_many(model, circuits, pairs, batch_size=args.batch_size), args.repeats)
-    limit = t_f * (2 + len(circuits))  # clean + corrupted + one ablated forward per circuit
-    rows.append(
-        f"| {name} | evaluate_many, 10 circuits (1-10 % of edges) | {seconds:.2f} s | "
-        f"{seconds / limit:.2f}x (12 fwd) | {peak_memory(args.device)} |"
-    )
-    print(rows[-1], flush=True)
+    ratio = seconds / (t_f * (2 + len(circuits)))  # clean + corrupted + one ablated forward per circuit
+    label = "evaluate_many, 10 circuits (1-10 % of edges)"
+    rows.append(record(name, label, seconds, n, f"{ratio:.2f}x (12 fwd)", args.device))
     return rows
 
 
@@ -242,9 +186,9 @@ def selection_rows() -> None:
             torch.randn(graph.valid.shape, generator=torch.Generator().manual_seed(0)) * graph.valid
         )
         n = graph.n_edges // 100
-        t_top = best_of(lambda g=graph, n=n: g.top_n(n), 3)
-        t_threshold = best_of(lambda g=graph: g.threshold(2.5), 3)
-        t_greedy = best_of(lambda g=graph: g.greedy(g.n_edges // 1000), 1)
+        t_top = best_of(lambda: graph.top_n(n), 3)  # noqa: B023 (called before the loop moves on)
+        t_threshold = best_of(lambda: graph.threshold(2.5), 3)  # noqa: B023
+        t_greedy = best_of(lambda: graph.greedy(graph.n_edges // 1000), 1)  # noqa: B023
         print(f"| {label} | {graph.n_edges:,} | {t_top:.3f} s | {t_threshold:.3f} s | {t_greedy:.3f} s |")
 
 
@@ -356,18 +300,28 @@ def main() -> None:
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-rows", type=int, default=64, help="memory section: rows per pass")
     parser.add_argument("--max-memory", type=float, help="memory section: attribute's max_memory (GiB)")
+    parser.add_argument("--exact-n", type=int, help="exact patching on the first N pairs only (default: all)")
+    parser.add_argument("--json", help="edges section: also write the environment and rows to this file")
     args = parser.parse_args()
     if "memory-one" in args.sections:
         memory_one(args.length, args.steps, args.max_rows, args.max_memory)
         return
     torch.manual_seed(0)
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    print(
-        f"torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{platform.processor() or platform.machine()},"
-        f" {torch.get_num_threads()} threads, {device}, {args.dtype}, {args.shape} shapes; n={args.n}, "
-        f"batch {args.batch_size}, IG steps {args.steps}"
+    environment = dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        processor=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        device=device,
+        dtype=args.dtype,
+        shape=args.shape,
+        n=args.n,
+        batch_size=args.batch_size,
+        ig_steps=args.steps,
+        exact_n=args.exact_n,
     )
+    print(", ".join(f"{key} {value}" for key, value in environment.items()))
     if "selection" in args.sections:
         selection_rows()
     if "neurons" in args.sections:
@@ -376,19 +330,23 @@ def main() -> None:
         memory_rows(args.lengths, args.steps, args.max_rows, args.max_memory)
     if "edges" not in args.sections:
         return
-    print("\n| model | method | wall time | ratio to pass-count limit | peak memory |")
-    print("|---|---|---|---|---|")
+    print(f"\n{MARKDOWN_HEADER}")
+    rows = []
     for name in args.models:
         if name == "smollm2":
             model = load_model("smollm2-135m", device=args.device, dtype=getattr(torch, args.dtype))
             pairs = ioi_pairs(model, args.n).pairs
         elif name in SHAPES:
             model = random_model(name, args.shape, args.device, getattr(torch, args.dtype))
-            pairs = random_pairs(model, args.n, 16)
+            pairs = random_pairs(model, args.n)
         else:
             raise SystemExit(f"unknown model {name!r}: choose smollm2 or one of {', '.join(SHAPES)}")
-        for row in run(name, model, pairs, args.methods, args)[:2]:
-            print(row)
+        rows += run(name, model, pairs, args.methods, args)
+        del model
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(environment=environment, rows=rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def test_benchmark_rows_for_the_scale_models():
     ]
     for model in ("llama-3.1-8b-random", "qwen2.5-0.5b-random"):
         labels = [row.split(" | ")[1] for row in rows if row.startswith(f"| {model} ")]
+        assert labels[:2] == ["plain forward", "plain forward+backward"], labels
+        labels = labels[2:]
         assert labels[:3] == ["eap", "eap-ig-inputs", "exact (node level)"], labels
         assert any(label.startswith("evaluate_many, 10 circuits") for label in labels)
     assert "bfloat16" in done.stdout

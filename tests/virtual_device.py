@@ -13,6 +13,7 @@ supported (AtP*'s batched Jacobians use it).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from circuits.models.hooked import HookedModel
 
 DEVICE = torch.device("meta")
+REAL_DEVICE_VARIABLE = "CIRCUITS_TEST_DEVICE"  # e.g. "cuda": the same tests on a real accelerator
 FACTORIES = (
     "zeros",
     "ones",
@@ -189,16 +191,39 @@ def on_virtual_device() -> Iterator[torch.device]:
         torch.Tensor.to = saved_to  # type: ignore[method-assign]
 
 
+def real_device() -> torch.device | None:
+    """The accelerator named by `CIRCUITS_TEST_DEVICE` (scripts/gpu_check.sh sets it), or None."""
+    name = os.environ.get(REAL_DEVICE_VARIABLE)
+    return torch.device(name) if name else None
+
+
+@contextlib.contextmanager
+def device_under_test() -> Iterator[torch.device]:
+    """The real accelerator where `CIRCUITS_TEST_DEVICE` names one, else the virtual device."""
+    real = real_device()
+    if real is not None:
+        yield real
+        return
+    with on_virtual_device() as device:
+        yield device
+
+
 def to_cpu(x: Any) -> Any:
-    """Results with the virtual device's tensors as plain CPU tensors."""
-    return tree_map(lambda a: a.elem if isinstance(a, OnDevice) else a, x)
+    """Results with the virtual or real device's tensors as plain CPU tensors."""
+
+    def cpu(a: Any) -> Any:
+        if isinstance(a, OnDevice):
+            return a.elem
+        return a.cpu() if isinstance(a, torch.Tensor) else a
+
+    return tree_map(cpu, x)
 
 
-def split_over_devices(model: HookedModel) -> None:
+def split_over_devices(model: HookedModel, device: torch.device = DEVICE) -> None:
     """Place the second half of `model`'s blocks, its final norm and its unembedding on the virtual device,
     the rest on the CPU, as accelerate's `dispatch_model` does for a `device_map` over two GPUs: each
     placed Hugging Face module gets a pre-hook moving its inputs to its device, and the model records the
-    map in `hf_device_map`. Call inside `on_virtual_device()`."""
+    map in `hf_device_map`. Call inside `device_under_test()` with the device it yields."""
     bridge = model.bridge
     n = len(bridge.blocks)
     mapping = bridge.adapter.component_mapping
@@ -206,10 +231,10 @@ def split_over_devices(model: HookedModel) -> None:
     placed |= {mapping[name].name: getattr(bridge, name) for name in ("ln_final", "unembed")}
     device_map = {mapping["embed"].name: "cpu"}
     for i, (name, component) in enumerate(placed.items()):
-        device = DEVICE if i >= n // 2 else torch.device("cpu")
-        device_map[name] = str(device)
-        component.to(device)
-        component.original_component.register_forward_pre_hook(_inputs_to(device), with_kwargs=True)
+        placement = device if i >= n // 2 else torch.device("cpu")
+        device_map[name] = str(placement)
+        component.to(placement)
+        component.original_component.register_forward_pre_hook(_inputs_to(placement), with_kwargs=True)
     bridge.original_model.hf_device_map = device_map
 
 
