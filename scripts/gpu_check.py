@@ -77,11 +77,20 @@ class Step:
     results: dict = field(default_factory=dict)
 
 
+DEADLINE = [float("inf")]  # perf_counter time by which every step must have ended (--budget)
+
+
 def run_step(step: Step, out: Path, timeout: float, env: dict[str, str] | None = None) -> Step:
-    """Run `step.command` in the repository, its output to out/<name>.log; never raises."""
+    """Run `step.command` in the repository, its output to out/<name>.log, within `timeout` and what is
+    left of the budget; never raises."""
     log = out / f"{step.name}.log"
-    print(f"== {step.name}: {' '.join(step.command)}", flush=True)
     start = time.perf_counter()
+    timeout = min(timeout, DEADLINE[0] - start)
+    if timeout < 10:
+        step.summary = "skipped: the time budget is spent"
+        print(f"== {step.name}: {step.summary}", flush=True)
+        return step
+    print(f"== {step.name}: {' '.join(step.command)}", flush=True)
     with log.open("w") as handle:
         try:
             done = subprocess.run(
@@ -224,7 +233,9 @@ def main() -> int:
     parser.add_argument("--test-timeout", type=float, default=240)
     parser.add_argument("--benchmark-timeout", type=float, default=200)
     parser.add_argument("--reference-timeout", type=float, default=150)
+    parser.add_argument("--budget", type=float, default=540, help="seconds for all steps together")
     args = parser.parse_args()
+    DEADLINE[0] = time.perf_counter() + args.budget
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = environment(args.device)
