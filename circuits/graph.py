@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -27,11 +28,21 @@ from torch import Tensor
 from circuits import selection
 from circuits.errors import FileFormatError, GraphMismatchError, InputError
 from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.models.wiring import Block, DestinationKind, SourceKind, blocks
 from circuits.textfiles import read_text
 
 _DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
 NodeKind = Literal["input", "head", "attention", "mlp", "logits"]
-_LETTERS = ("q", "k", "v")
+_NAMES: dict[str, Callable[[int, int], str]] = {  # a block's node names, by kind: (layer, i) -> name
+    "input": lambda _layer, _i: "input",
+    "heads": lambda layer, h: f"a{layer}.h{h}",
+    "attention": lambda layer, _i: f"a{layer}",
+    "mlp": lambda layer, _i: f"m{layer}",
+    "q": lambda layer, h: f"a{layer}.h{h}<q>",
+    "k": lambda layer, h: f"a{layer}.h{h}<k>",
+    "v": lambda layer, h: f"a{layer}.h{h}<v>",
+    "logits": lambda _layer, _i: "logits",
+}
 
 
 class Graph:
@@ -39,24 +50,13 @@ class Graph:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.sources: list[str] = ["input"]
-        self._src_order: list[int] = [0]
-        self.destinations: list[str] = []
-        self._dst_order: list[int] = []
-        for layer in range(spec.n_layers):
-            heads = (
-                [f"a{layer}.h{h}" for h in range(spec.n_heads)] if spec.per_head_sources else [f"a{layer}"]
-            )
-            self.sources += [*heads, f"m{layer}"]
-            self._src_order += [2 * layer + 1] * len(heads) + [2 * layer + 2]
-            for letter in _LETTERS:
-                n = spec.n_qkv_heads(letter)  # type: ignore[arg-type]
-                self.destinations += [f"a{layer}.h{h}<{letter}>" for h in range(n)]
-                self._dst_order += [2 * layer + 1] * n
-            self.destinations.append(f"m{layer}")
-            self._dst_order.append(2 * layer + 1 if spec.parallel_attn_mlp else 2 * layer + 2)
-        self.destinations.append("logits")
-        self._dst_order.append(2 * spec.n_layers + 1)
+        self.source_blocks, self.destination_blocks = blocks(spec)
+        self.sources = [_NAMES[b.kind](b.layer, i) for b in self.source_blocks for i in range(len(b))]
+        self.destinations = [
+            _NAMES[b.kind](b.layer, i) for b in self.destination_blocks for i in range(len(b))
+        ]
+        self._source_block = {(b.kind, b.layer): b for b in self.source_blocks}
+        self._destination_block = {(b.kind, b.layer): b for b in self.destination_blocks}
 
         self._where: dict[str, tuple[NodeKind, int | None, int | None]] = {"input": ("input", None, None)}
         for layer in range(spec.n_layers):
@@ -67,8 +67,8 @@ class Graph:
         self._where["logits"] = ("logits", None, None)
         self.src_index = {name: i for i, name in enumerate(self.sources)}
         self.dst_index = {name: i for i, name in enumerate(self.destinations)}
-        src_order = torch.tensor(self._src_order)
-        dst_order = torch.tensor(self._dst_order)
+        src_order = torch.tensor([b.order for b in self.source_blocks for _ in range(len(b))])
+        dst_order = torch.tensor([b.order for b in self.destination_blocks for _ in range(len(b))])
         self.valid: Tensor = src_order[:, None] < dst_order[None, :]
         self.scores: Tensor = torch.zeros(self.valid.shape, dtype=torch.float32)
         self.in_graph: Tensor = self.valid.clone()
@@ -157,27 +157,40 @@ class Graph:
             raise AssertionError("the sources reaching a destination are not a prefix of the source list")
         return counts.tolist()
 
+    def source_block(self, kind: SourceKind, layer: int = -1) -> Block:
+        """The sources a component owns: `source_block("heads", 3)`, `source_block("input")`."""
+        return self._lookup(self._source_block, "source", kind, layer)
+
+    def destination_block(self, kind: DestinationKind, layer: int | None = None) -> Block:
+        """The destinations a component owns: `destination_block("q", 3)`, `destination_block("logits")`."""
+        layer = self.spec.n_layers if layer is None else layer
+        return self._lookup(self._destination_block, "destination", kind, layer)
+
+    def _lookup(self, found: dict[tuple[Any, int], Block], side: str, kind: str, layer: int) -> Block:
+        try:
+            return found[(kind, layer)]
+        except KeyError:
+            raise GraphMismatchError(
+                f"this graph ({self.spec.name}) has no {kind} {side}s at {layer}"
+            ) from None
+
     def head_sources(self, layer: int) -> slice:
         """Source indices of layer `layer`'s attention: its heads, or its one `a{l}` source."""
-        n = self.spec.n_attn_sources
-        start = 1 + layer * (n + 1)
-        return slice(start, start + n)
+        return self.source_block("heads" if self.spec.per_head_sources else "attention", layer).indices
 
     def mlp_source(self, layer: int) -> int:
-        n = self.spec.n_attn_sources
-        return 1 + layer * (n + 1) + n
+        return self.source_block("mlp", layer).indices.start
 
     def qkv_destinations(self, layer: int, letter: str) -> slice:
         """Destination indices of layer `layer`'s q, k or v inputs (one per query / key-value head)."""
-        start = self.dst_index[f"a{layer}.h0<{letter}>"]
-        return slice(start, start + self.spec.n_qkv_heads(letter))  # type: ignore[arg-type]
+        return self.destination_block(letter, layer).indices  # type: ignore[arg-type]
 
     def mlp_destination(self, layer: int) -> int:
-        return self.dst_index[f"m{layer}"]
+        return self.destination_block("mlp", layer).indices.start
 
     @property
     def logits_destination(self) -> int:
-        return self.n_destinations - 1
+        return self.destination_block("logits").indices.start
 
     def edge_names(self, mask: Tensor | None = None) -> list[str]:
         """Names `src->dst` of the valid edges (restricted to `mask` if given), row-major order."""

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from circuits.errors import InputError
 from circuits.graph import Graph
-from circuits.models.hooked import QKV, QKV_LETTERS, HookedModel, HookFn
+from circuits.models.hooked import QKV, HookedModel, HookFn
+from circuits.models.wiring import DestinationSite, wiring
 from circuits.sources import Placement, SourceOutputs, source_major, source_placement
 
 
@@ -157,7 +158,6 @@ def _ablation_hooks(
     """Hooks that record the sources' outputs into `sums` and add its corrections to every destination.
     With `inputs`, every destination block's corrected input [rows, P, n, d_model] is appended to it with
     its destination slice (blocks with nothing ablated included), for gradients with respect to them."""
-    spec = graph.spec
     resid: dict[int, Tensor] = {}
 
     def corrected(cols: slice, base: Tensor) -> Tensor | None:
@@ -170,7 +170,7 @@ def _ablation_hooks(
             inputs.append((cols, x))
         return x
 
-    def record(index: int | slice, layer: int | None = None) -> HookFn | None:
+    def record(index: slice, layer: int | None = None) -> HookFn | None:
         ids = torch.arange(graph.n_sources)[index].reshape(-1)
         keep = sums.wanted(ids)
         if keep.numel() == 0:
@@ -189,12 +189,12 @@ def _ablation_hooks(
 
         return hook
 
-    def renorm_mlp_input(layer: int) -> HookFn:
+    def renorm_mlp_input(site: DestinationSite) -> HookFn:
         """An MLP sharing the attention norm reads norm(resid + D): rebuilt from the saved residual."""
-        dst = graph.mlp_destination(layer)
+        cols, layer = site.destinations, site.layer
 
         def hook(_x: Tensor) -> Tensor | None:
-            y = corrected(slice(dst, dst + 1), resid[layer].unsqueeze(2))
+            y = corrected(cols, resid[layer].unsqueeze(2))
             return None if y is None else model.attn_norm(layer)(y[:, :, 0])
 
         return hook
@@ -205,35 +205,31 @@ def _ablation_hooks(
 
         return hook
 
-    def rebuild_qkv(layer: int, letter: QKV) -> HookFn:
-        dst = graph.qkv_destinations(layer, letter)
+    def rebuild_qkv(site: DestinationSite, letter: QKV) -> HookFn:
+        cols, layer = site.destinations, site.layer
 
         def hook(x: Tensor) -> Tensor | None:
-            n = dst.stop - dst.start
-            heads = corrected(dst, resid[layer].unsqueeze(2).expand(-1, -1, n, -1))  # [rows, P, n, d_model]
+            n = cols.stop - cols.start
+            heads = corrected(cols, resid[layer].unsqueeze(2).expand(-1, -1, n, -1))  # [rows, P, n, d_model]
             return None if heads is None else model.qkv_from_residual(layer, letter, heads).reshape(x.shape)
 
         return hook
 
-    recorders = [(model.input_hook, record(0))]
-    for layer in range(spec.n_layers):
-        if spec.per_head_sources:
-            recorders.append((model.head_z_hook(layer), record(graph.head_sources(layer), layer)))
-        else:
-            recorders.append((model.attn_out_hook(layer), record(graph.head_sources(layer))))
-        recorders.append((model.mlp_out_hook(layer), record(graph.mlp_source(layer))))
+    sites = wiring(model, graph.spec)
+    recorders = [
+        (src.hook, record(src.sources, src.layer if src.per_head else None)) for src in sites.sources
+    ]
     hooks: list[tuple[str, HookFn]] = [(name, fn) for name, fn in recorders if fn is not None]
-    for layer in range(spec.n_layers):
-        hooks.append((model.attn_norm_in_hook(layer), save_resid(layer)))
-        for letter in QKV_LETTERS:
-            hooks.append((model.qkv_out_hook(layer, letter), rebuild_qkv(layer, letter)))
-        mlp_hook = (
-            renorm_mlp_input(layer)
-            if model.mlp_shares_attn_norm
-            else add_to_input(graph.mlp_destination(layer))
-        )
-        hooks.append((model.mlp_destination_hook(layer), mlp_hook))
-    hooks.append((model.final_norm_in_hook, add_to_input(graph.logits_destination)))
+    for dst in sites.destinations:
+        match dst.kind:
+            case "q" | "k" | "v":
+                if dst.kind == "q":  # the residual the layer's q, k and v inputs are rebuilt from
+                    hooks.append((dst.residual_hook, save_resid(dst.layer)))  # type: ignore[arg-type]
+                hooks.append((dst.hook, rebuild_qkv(dst, dst.kind)))
+            case "mlp" if dst.residual_hook is not None:
+                hooks.append((dst.hook, renorm_mlp_input(dst)))
+            case "mlp" | "logits":
+                hooks.append((dst.hook, add_to_input(dst.destinations.start)))
     return hooks
 
 
@@ -258,7 +254,6 @@ def forward_with_node_ablation(
     if nodes.shape != (rows,):
         raise InputError(f"need nodes [rows={rows}], got {tuple(nodes.shape)}")
     outputs = _rows_dividing(ablated, rows, n_pos)
-    spec = graph.spec
     row_of = torch.arange(rows)
     patch = outputs.per_row(row_of % outputs.shape[0], nodes, input_ids.device)  # [rows, P, d]: ablated
     head_delta: dict[int, Tensor] = {}
@@ -291,20 +286,19 @@ def forward_with_node_ablation(
 
         return hook
 
-    hooks: list[tuple[str, HookFn]] = [(model.input_hook, replace_rows(row_of[nodes == 0]))]
-    for layer in range(spec.n_layers):
-        sl = graph.head_sources(layer)
-        in_layer = (nodes >= sl.start) & (nodes < sl.stop)
-        selected = row_of[in_layer]
-        if selected.numel() and not spec.per_head_sources:
-            hooks.append((model.attn_out_hook(layer), replace_rows(selected)))
-        elif selected.numel():
-            heads = nodes[in_layer] - sl.start
-            hooks.append((model.head_z_hook(layer), head_results(layer, selected, heads)))
-            hooks.append((model.attn_out_hook(layer), add_head_delta(layer, selected)))
-        mlp_rows = row_of[nodes == graph.mlp_source(layer)]
-        if mlp_rows.numel():
-            hooks.append((model.mlp_out_hook(layer), replace_rows(mlp_rows)))
+    hooks: list[tuple[str, HookFn]] = []
+    for site in wiring(model, graph.spec).sources:
+        inside = (nodes >= site.sources.start) & (nodes < site.sources.stop)
+        selected = row_of[inside]
+        if not selected.numel():
+            continue
+        match site.kind:
+            case "heads":  # each selected row's head output replaced inside the layer's summed output
+                heads = nodes[inside] - site.sources.start
+                hooks.append((site.hook, head_results(site.layer, selected, heads)))
+                hooks.append((site.output_hook, add_head_delta(site.layer, selected)))
+            case "input" | "attention" | "mlp":
+                hooks.append((site.hook, replace_rows(selected)))
     with torch.no_grad(), model.hooks(hooks):
         return model(input_ids, attention_mask)
 

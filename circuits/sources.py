@@ -21,6 +21,7 @@ from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn, uses_model
+from circuits.models.wiring import wiring
 
 Ablation = Literal["patching", "mean", "zero"]
 ABLATIONS: tuple[Ablation, ...] = ("patching", "mean", "zero")
@@ -38,9 +39,10 @@ Placement = list[tuple[slice, torch.device]]  # contiguous sources and the devic
 def source_placement(model: HookedModel, graph: Graph) -> Placement:
     """Where each source's outputs are kept: beside the layer that writes them (the input: with the
     embeddings), consecutive sources on one device grouped; one entry for a model on one device."""
-    devices = [model.device]
-    for layer in range(graph.spec.n_layers):
-        devices += [model.layer_device(layer)] * (graph.mlp_source(layer) + 1 - len(devices))
+    devices = []
+    for site in wiring(model, graph.spec).sources:
+        device = model.device if site.kind == "input" else model.layer_device(site.layer)
+        devices += [device] * (site.sources.stop - site.sources.start)
     placement: Placement = []
     for index, device in enumerate(devices):
         if placement and placement[-1][1] == device:
@@ -151,16 +153,6 @@ def source_major(acts: Tensor) -> Tensor:
     return acts.permute(2, 0, 1, 3).reshape(acts.shape[2], -1)
 
 
-def source_groups(graph: Graph) -> list[slice]:
-    """The sources sharing one gradient: input, then per layer its heads and its MLP."""
-    groups = [slice(0, 1)]
-    for layer in range(graph.spec.n_layers):
-        groups.append(graph.head_sources(layer))
-        mlp = graph.mlp_source(layer)
-        groups.append(slice(mlp, mlp + 1))
-    return groups
-
-
 def source_hooks(
     model: HookedModel, graph: Graph, out: SourceOutputs, subtract: bool = False
 ) -> list[tuple[str, HookFn]]:
@@ -186,8 +178,7 @@ def source_hooks(
 
         return fn
 
-    def write_heads(layer: int) -> HookFn:
-        heads = graph.head_sources(layer)
+    def write_heads(layer: int, heads: slice) -> HookFn:
         w_o = model.W_O(layer)
         generic = write(heads, lambda z: model.head_results(layer, z))
         target = out.select(heads)  # [B, P, n_heads, d]
@@ -215,13 +206,13 @@ def source_hooks(
 
         return fn
 
-    hooks = [(model.input_hook, write(0))]
-    for layer in range(graph.spec.n_layers):
-        if graph.spec.per_head_sources:
-            hooks.append((model.head_z_hook(layer), write_heads(layer)))
-        else:  # post-norm blocks: the layer's normed attention output is the source
-            hooks.append((model.attn_out_hook(layer), write(graph.head_sources(layer).start)))
-        hooks.append((model.mlp_out_hook(layer), write(graph.mlp_source(layer))))
+    hooks = []
+    for site in wiring(model, graph.spec).sources:
+        match site.kind:
+            case "heads":
+                hooks.append((site.hook, write_heads(site.layer, site.sources)))
+            case "input" | "attention" | "mlp":  # one source: the hook carries its output
+                hooks.append((site.hook, write(site.sources.start)))
     return hooks
 
 

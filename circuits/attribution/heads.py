@@ -71,15 +71,10 @@ def head_patching(
 
 def _head_inputs(model: HookedModel, ids: Tensor, mask: Tensor) -> dict[int, Tensor]:
     """Every layer's z (the output projection's input) [b, P, n_heads * d_head] in a plain forward pass."""
-    captured: dict[int, Tensor] = {}
-
-    def keep(layer: int) -> HookFn:
-        return lambda z: captured.__setitem__(layer, z.detach().clone())
-
-    hooks = [(model.head_z_hook(layer), keep(layer)) for layer in range(model.spec.n_layers)]
-    with torch.no_grad(), model.hooks(hooks):
+    names = {layer: model.head_z_hook(layer) for layer in range(model.spec.n_layers)}
+    with torch.no_grad(), model.capture(list(names.values()), clone=True) as captured:
         model(ids, mask.to(ids.device))
-    return captured
+    return {layer: captured[name] for layer, name in names.items()}
 
 
 def _patch_heads(chunk: list[tuple[int, int]], layer: int, corrupted: Tensor, d_head: int) -> HookFn:

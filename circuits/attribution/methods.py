@@ -41,8 +41,9 @@ from circuits.metrics import Metric, check_values, reads_last_position
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.recompute import recomputed_blocks
 from circuits.models.relp import RelPBackward
+from circuits.models.wiring import SourceSite, wiring
 from circuits.quadrature import Quadrature, quadrature
-from circuits.sources import SourceOutputs, source_groups, source_hooks, source_placement
+from circuits.sources import SourceOutputs, source_hooks, source_placement
 
 
 @dataclass
@@ -392,8 +393,9 @@ def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids, clean_acts, clean_logits, delta, corrupted_logits = _clean_and_delta(job)
     edges, nodes = _accumulators(job)
-    for group, members in enumerate(source_groups(graph)):
-        hook_name, clean_out, delta_out = _group_output(model, graph, group, clean_acts, delta, members)
+    for site in wiring(model, graph.spec).sources:
+        members = site.sources
+        hook_name, clean_out, delta_out = _site_output(model, site, clean_acts, delta)
         for alphas, weights in _step_chunks(job):
             m = alphas.shape[0]
             a = alphas.to(clean_out.device).repeat_interleave(b)[:, None, None]
@@ -413,18 +415,16 @@ def eap_ig_activations(job: Job) -> BatchResult:
     )
 
 
-def _group_output(
-    model: HookedModel, graph: Graph, group: int, clean: SourceOutputs, delta: SourceOutputs, members: slice
+def _site_output(
+    model: HookedModel, site: SourceSite, clean: SourceOutputs, delta: SourceOutputs
 ) -> tuple[str, Tensor, Tensor]:
-    """Hook carrying a source group's summed output, its clean value and its ablation difference."""
-    if group == 0:
-        return model.input_hook, clean.select(0), delta.select(0)
-    layer = (group - 1) // 2
-    hook = model.attn_out_hook(layer) if group % 2 == 1 else model.mlp_out_hook(layer)
-    clean_sum = clean.select(members).sum(2)
-    if group % 2 == 1 and graph.spec.per_head_sources and model.b_O(layer) is not None:
-        clean_sum = clean_sum + model.b_O(layer)  # type: ignore[operator]
-    return hook, clean_sum, delta.select(members).sum(2)
+    """Hook carrying a source site's summed output, its clean value and its ablation difference."""
+    if site.kind == "input":
+        return site.output_hook, clean.select(0), delta.select(0)
+    clean_sum = clean.select(site.sources).sum(2)
+    if site.per_head and model.b_O(site.layer) is not None:
+        clean_sum = clean_sum + model.b_O(site.layer)  # type: ignore[operator]
+    return site.output_hook, clean_sum, delta.select(site.sources).sum(2)
 
 
 @register("exact", backward="none")

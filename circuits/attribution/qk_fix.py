@@ -27,6 +27,7 @@ from circuits.graph import Graph
 from circuits.models.checks import pattern_problem, probe_ids, probed
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.norms import NormForm, norm_form, norm_jvp
+from circuits.models.wiring import wiring
 from circuits.sources import SourceOutputs
 
 
@@ -69,17 +70,26 @@ class QKCapture:
             state.__init__()  # type: ignore[misc]
 
     def hooks(self) -> list[tuple[str, HookFn]]:
+        """At each layer's q and k destinations: the residual and the projections (and what the scores
+        read, after any q/k norm), then the scores and the pattern; at each layer's source outputs, the
+        GradDrop switch."""
         model = self.model
+        sites = wiring(model, self.graph.spec)
         hooks: list[tuple[str, HookFn]] = []
-        for layer, state in enumerate(self.layers):
-            hooks.append((model.attn_norm_in_hook(layer), self._keep_resid(state)))
-            for letter in ("q", "k"):
-                hooks.append((model.qkv_out_hook(layer, letter), self._keep_proj(state, letter)))  # type: ignore[arg-type]
-                hooks.append((model.qk_score_input_hook(layer, letter), self._keep_leaf(state, letter)))  # type: ignore[arg-type]
-            hooks.append((model.attn_scores_hook(layer), self._keep_scores(state)))
-            hooks.append((model.attn_pattern_hook(layer), self._keep_pattern(state)))
-            hooks.append((model.attn_out_hook(layer), self._dropped(layer)))
-            hooks.append((model.mlp_out_hook(layer), self._dropped(layer)))
+        for dst in sites.destinations:
+            if dst.kind not in ("q", "k"):
+                continue
+            layer, letter, state = dst.layer, dst.kind, self.layers[dst.layer]
+            if letter == "q":
+                hooks.append((dst.residual_hook, self._keep_resid(state)))  # type: ignore[arg-type]
+            hooks.append((dst.hook, self._keep_proj(state, letter)))
+            hooks.append((model.qk_score_input_hook(layer, letter), self._keep_leaf(state, letter)))
+            if letter == "k":
+                hooks.append((model.attn_scores_hook(layer), self._keep_scores(state)))
+                hooks.append((model.attn_pattern_hook(layer), self._keep_pattern(state)))
+        for src in sites.sources:
+            if src.kind != "input":
+                hooks.append((src.output_hook, self._dropped(src.layer)))
         return hooks
 
     @staticmethod

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn
-from circuits.sources import SourceOutputs, source_groups
+from circuits.models.wiring import DestinationSite, wiring
+from circuits.sources import SourceOutputs
 
 
 class ScoreRecorder:
@@ -160,10 +161,10 @@ class ScoreRecorder:
     def _node_hook(self, group: slice) -> HookFn:
         return self._on_grad(lambda g: self._score_nodes(group, self._fold(g)))
 
-    def _mlp_hook(self, layer: int) -> HookFn:
+    def _mlp_hook(self, site: DestinationSite) -> HookFn:
         """The MLP destination's gradient: as it is, or pulled back through the attention norm it shares."""
-        cols = self.graph.mlp_destination(layer)
-        if not self.model.mlp_shares_attn_norm:
+        cols, layer = site.destinations.start, site.layer
+        if site.residual_hook is None:
             return self._edge_hook(cols)
         pull_back = self.model.shared_norm_grads
         return self._on_grad(
@@ -216,19 +217,21 @@ class ScoreRecorder:
         self._queued()
 
     def hooks(self) -> list[tuple[str, HookFn]]:
-        model, graph = self.model, self.graph
+        sites = wiring(self.model, self.graph.spec)
         hooks: list[tuple[str, HookFn]] = []
-        if self.edges is not None:
-            for layer in range(graph.spec.n_layers):
-                hooks.append((model.attn_norm_in_hook(layer), self._attn_norm_hook(layer)))
-                for letter in ("q", "k", "v"):
-                    hooks.append((model.qkv_out_hook(layer, letter), self._qkv_hook(layer, letter)))  # type: ignore[arg-type]
-                hooks.append((model.mlp_destination_hook(layer), self._mlp_hook(layer)))
-            hooks.append((model.final_norm_in_hook, self._edge_hook(graph.logits_destination)))
-        groups = source_groups(graph)
-        hooks.append((model.input_hook, self._node_hook(groups[0])))  # per example: IG completeness
-        if self.edges is None:  # at edge level, node scores are edge scores summed over destinations
-            for layer in range(graph.spec.n_layers):
-                hooks.append((model.attn_out_hook(layer), self._node_hook(groups[1 + 2 * layer])))
-                hooks.append((model.mlp_out_hook(layer), self._node_hook(groups[2 + 2 * layer])))
+        for dst in sites.destinations if self.edges is not None else ():
+            match dst.kind:
+                case "q" | "k" | "v":
+                    if dst.kind == "q":  # the norm's hook scores the layer's q, k and v together
+                        hooks.append((dst.residual_hook, self._attn_norm_hook(dst.layer)))  # type: ignore[arg-type]
+                    hooks.append((dst.hook, self._qkv_hook(dst.layer, dst.kind)))  # type: ignore[arg-type]
+                case "mlp":
+                    hooks.append((dst.hook, self._mlp_hook(dst)))
+                case "logits":
+                    hooks.append((dst.hook, self._edge_hook(dst.destinations.start)))
+        for src in sites.sources:
+            # the input's node scores per example (IG completeness); at edge level the others' node scores
+            # are edge scores summed over destinations
+            if src.kind == "input" or self.edges is None:
+                hooks.append((src.output_hook, self._node_hook(src.sources)))
         return hooks

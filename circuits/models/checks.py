@@ -25,6 +25,7 @@ from torch import Tensor
 from circuits.errors import UnsupportedModelError
 from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
 from circuits.models.plain import plain_model
+from circuits.models.wiring import wiring
 
 HALF_PRECISION_EPS = 8  # check_bridge: relative RMS difference allowed in half precision, in epsilon
 
@@ -106,18 +107,12 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
 
         return fn
 
-    names = [model.final_norm_in_hook]
-    for layer in range(spec.n_layers):
-        names += [
-            model.resid_pre_hook(layer),
-            model.resid_post_hook(layer),
-            model.attn_out_hook(layer),
-            model.mlp_out_hook(layer),
-            model.head_z_hook(layer),
-            model.attn_norm_in_hook(layer),
-            model.mlp_destination_hook(layer),
-            *(model.qkv_out_hook(layer, letter) for letter in "qkv"),  # type: ignore[arg-type]
-        ]
+    sites = wiring(model)  # every hook the graph reads, and the residual stream around each block
+    names = [model.resid_pre_hook(layer) for layer in range(spec.n_layers)]
+    names += [model.resid_post_hook(layer) for layer in range(spec.n_layers)]
+    names += [hook for src in sites.sources for hook in (src.hook, src.output_hook)]
+    names += [hook for dst in sites.destinations for hook in (dst.hook, dst.residual_hook) if hook]
+    names = list(dict.fromkeys(names))  # one hook each
 
     def make_leaf(x: Tensor) -> Tensor:
         return x.detach().requires_grad_(True)
@@ -239,19 +234,14 @@ def pattern_problem(model: HookedModel) -> str | None:
     if not all(model.has_hook(name) for name in names):
         return "the bridge has no attention pattern hook"
     ids = probe_ids(model).to(model.device)
-    z: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Callable[[Tensor], None]:
-        return lambda x: z.__setitem__(name, x.detach().clone())
-
     heads = [model.head_z_hook(layer) for layer in range(model.spec.n_layers)]
-    with torch.no_grad(), model.hooks([(h, keep(h + ":clean")) for h in heads]):
+    with torch.no_grad(), model.capture(heads, clone=True) as clean:
         model(ids)
     flat = [(n, lambda p: torch.full_like(p, 1.0 / p.shape[-1])) for n in names]
-    with torch.no_grad(), model.hooks([*flat, *[(h, keep(h + ":flat")) for h in heads]]):
+    with torch.no_grad(), model.hooks(flat), model.capture(heads, clone=True) as flattened:
         model(ids)
     for head in heads:
-        if torch.allclose(z[head + ":clean"], z[head + ":flat"]):
+        if torch.allclose(clean[head], flattened[head]):
             return (
                 f"the attention pattern hook does not feed {head} (the bridge computes attention elsewhere)"
             )

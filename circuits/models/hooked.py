@@ -413,6 +413,22 @@ class HookedModel:
                 handle.hook.remove()
                 point.fwd_hooks.remove(handle)
 
+    @contextmanager
+    def capture(self, names: Sequence[str], clone: bool = False) -> Iterator[dict[str, Tensor]]:
+        """Run with hooks keeping the activation at each hook point of `names`, detached (and cloned, for
+        one that is changed in place later), in the dict yielded: `with model.capture([name]) as acts:`.
+        A hook point that fires more than once keeps its last value."""
+        captured: dict[str, Tensor] = {}
+
+        def keep(name: str) -> HookFn:
+            def hook(x: Tensor) -> None:
+                captured[name] = x.detach().clone() if clone else x.detach()
+
+            return hook
+
+        with self.hooks([(name, keep(name)) for name in names]):
+            yield captured
+
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, pos, d_vocab] (no key-value cache is kept)."""
         self._batch_shape = tuple(input_ids.shape)

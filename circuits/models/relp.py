@@ -18,7 +18,6 @@ refused with `UnsupportedModelError` naming the place; turn that rule off to go 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,14 +196,9 @@ def _check_mlps(model: HookedModel, mlps: list[_Mlp]) -> str | None:
     after reading the new one, so that every layer sees its recorded input: h must come out permuted (and
     doubled)."""
     ids = probe_ids(model).to(model.device)
-    record: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Callable[[Tensor], None]:
-        return lambda x: record.__setitem__(name, x.detach().clone())
-
     names = [n for mlp in mlps for n in (mlp.z, mlp.u, mlp.h) if n is not None]
     try:
-        with torch.no_grad(), model.hooks([(n, keep(n)) for n in names]):
+        with torch.no_grad(), model.capture(names, clone=True) as record:
             model(ids)
     except Exception as failure:  # a hook point the bridge does not run
         return f"the MLP hook points fail ({type(failure).__name__}: {failure})"

@@ -78,14 +78,9 @@ class TokenAttribution:
 
 def token_embeddings(model: HookedModel, ids: list[int]) -> Tensor:
     """[len(ids), d_model] the model's token embeddings of `ids` (e.g. to build a baseline)."""
-    captured: dict[str, Tensor] = {}
-
-    def grab(x: Tensor) -> None:
-        captured["e"] = x.detach()
-
-    with torch.no_grad(), model.hooks([(model.token_embed_hook, grab)]):
+    with torch.no_grad(), model.capture([model.token_embed_hook]) as captured:
         model(torch.tensor([ids], device=model.device))
-    return captured["e"][0]
+    return captured[model.token_embed_hook][0]
 
 
 @uses_model

@@ -48,17 +48,11 @@ def pc1_aligned(diffs: Tensor) -> Tensor:
 
 def _last_residuals(model: HookedModel, ids: list[int], layers: list[int]) -> Tensor:
     """[len(layers), d_model] residual stream after each layer at the last position."""
-    captured: dict[int, Tensor] = {}
-
-    def grab(layer: int) -> HookFn:
-        def hook(x: Tensor) -> None:
-            captured[layer] = x[0, -1].detach().float().to(model.device)  # from the layer's device
-
-        return hook
-
-    with torch.no_grad(), model.hooks([(model.resid_post_hook(layer), grab(layer)) for layer in layers]):
+    names = [model.resid_post_hook(layer) for layer in layers]
+    with torch.no_grad(), model.capture(names) as captured:
         model(torch.tensor([ids], device=model.device))
-    return torch.stack([captured[layer] for layer in layers])
+    # from each layer's device
+    return torch.stack([captured[name][0, -1].float().to(model.device) for name in names])
 
 
 def _check_layers(model: HookedModel, layers: Sequence[int]) -> list[int]:
