@@ -28,7 +28,6 @@ import torch
 
 from circuits import Graph, attribute, load_model
 from circuits.attribution.methods import MethodName
-from circuits.data import PromptPairs
 from circuits.errors import CircuitsError
 from circuits.evaluation import evaluate, evaluate_many
 from circuits.faithfulness import mib_scores
@@ -37,27 +36,12 @@ from circuits.neurons import neuron_ig
 from circuits.refinement import refine
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 
-PAIRS = [
-    (
-        "When Mary and John went to the store, John gave a drink to",
-        "When Mary and John went to the store, Alice gave a drink to",
-        " Mary",
-        " John",
-    ),
-    (
-        "When Alice and Bob went to the store, Bob gave a drink to",
-        "When Alice and Bob went to the store, Tom gave a drink to",
-        " Alice",
-        " Bob",
-    ),
-    ("Then Tom said hello to", "Then Anna said hello to", " Tom", " Anna"),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.architectures import ARCHITECTURES  # the block layouts the engine tells apart
+from tests.pairs import PAIRS, make_pairs
 
 
 def models() -> dict[str, HookedModel]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.architectures import ARCHITECTURES  # the block layouts the engine handles differently
-
     found = {"llama": tiny_llama_hf(), "gpt2": tiny_gpt2_hf()}
     for name in ("gemma2", "phi", "granite", "opt"):
         found[name] = next(a for a in ARCHITECTURES if a.name == name).build()
@@ -65,8 +49,8 @@ def models() -> dict[str, HookedModel]:
 
 
 def results(model: HookedModel) -> dict[str, Any]:
-    clean, corrupted, answers, wrong = zip(*PAIRS)
-    pairs = PromptPairs.from_strings(model, clean, corrupted, answers, wrong)
+    pairs = make_pairs(model)
+    clean, _, answers, _ = zip(*PAIRS)
     found: dict[str, Any] = {}
     eap_graph = None
     for method in typing.get_args(MethodName):
