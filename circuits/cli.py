@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from circuits.attribution.methods import METHODS
+from circuits.attribution.methods import DEFAULT_METHOD, METHODS
 from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
 from circuits.faithfulness import PROTOCOLS
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(d)
     _add_task_args(d)
-    d.add_argument("--method", default="eap-ig-inputs", choices=sorted(METHODS))
+    d.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     d.add_argument("--steps", type=int, default=5, help="IG steps (default 5)")
     d.add_argument("--quadrature", default="left", choices=EDGE_QUADRATURES)
     d.add_argument(

@@ -15,8 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from circuits.attribution import METHODS, Attribution, RelPRules, attribute
-from circuits.attribution.methods import MethodName
+from circuits.attribution import DEFAULT_METHOD, METHODS, Attribution, MethodName, RelPRules, attribute
 from circuits.baseline import Baseline, baseline
 from circuits.data import PromptPairs
 from circuits.distributed import is_main, world_size
@@ -108,7 +107,7 @@ def discover(
     model: HookedModel,
     task: TaskPairs,
     *,
-    method: MethodName = "eap-ig-inputs",
+    method: MethodName = DEFAULT_METHOD,
     steps: int = 5,
     quadrature: Quadrature = "left",
     rules: RelPRules | None = None,

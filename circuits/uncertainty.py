@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuits.attribution import MethodName, attribute
+from circuits.attribution import DEFAULT_METHOD, MethodName, attribute
 from circuits.data import PromptPairs
 from circuits.errors import InputError, NumericalError
 from circuits.evaluation import Evaluation
@@ -152,7 +152,7 @@ def bootstrap_scores(
     model: HookedModel,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: MethodName = "eap-ig-inputs",
+    method: MethodName = DEFAULT_METHOD,
     *,
     resamples: int = 10,
     seed: int = 0,
@@ -173,7 +173,7 @@ def circuit_stability(
     circuit: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: MethodName = "eap-ig-inputs",
+    method: MethodName = DEFAULT_METHOD,
     *,
     n_edges: int,
     resamples: int = 10,

@@ -10,8 +10,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
-from circuits.attribution.memory import RECOMPUTABLE, MemoryPlan, estimate_bytes, plan_memory
-from circuits.attribution.methods import METHODS, BatchResult, Job, MethodName, MethodSpec
+from circuits.attribution.memory import MemoryPlan, estimate_bytes, plan_memory
+from circuits.attribution.methods import DEFAULT_METHOD, METHODS, BatchResult, Job, MethodName, MethodSpec
 from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.distributed import is_main, shard_range, sum_floats, sum_tensor
 from circuits.errors import InputError, NumericalError
@@ -23,10 +23,12 @@ from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_
 from circuits.sources import ABLATIONS, Ablation, SourceOutputs, source_means
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "Attribution",
     "Completeness",
     "MemoryPlan",
+    "MethodName",
     "MethodSpec",
     "RelPRules",
     "attribute",
@@ -76,7 +78,7 @@ def attribute(
     graph: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: MethodName = "eap-ig-inputs",
+    method: MethodName = DEFAULT_METHOD,
     *,
     ig_steps: int = 5,
     quadrature: Quadrature = "left",
@@ -143,9 +145,10 @@ def attribute(
     check_steps(ig_steps)
     check_count(batch_size, "batch_size")
     check_count(max_rows, "max_rows")
-    if recompute and method not in RECOMPUTABLE:
+    if recompute and not spec.recomputable:
+        recomputable = [name for name, other in METHODS.items() if other.recomputable]
         raise InputError(
-            f"{method} cannot recompute blocks in its backward pass (choose one of {', '.join(RECOMPUTABLE)})"
+            f"{method} cannot recompute blocks in its backward pass (choose one of {', '.join(recomputable)})"
         )
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")

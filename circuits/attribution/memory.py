@@ -32,8 +32,6 @@ from circuits.models.hooked import HookedModel
 
 GIB = 2**30
 PROCESS_BYTES = GIB // 2  # Python, torch and the tokenizer
-_BUFFERS = {"eap-ig-activations": 2, "exact": 2, "clean-corrupted": 3}
-RECOMPUTABLE = ("eap", "relp", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 
 
 @dataclass(frozen=True)
@@ -54,11 +52,14 @@ class MemoryPlan:
 
 def rows_per_pass(spec: MethodSpec, batch_size: int, max_rows: int, steps: int) -> int:
     """Rows of the largest forward pass a batch of `batch_size` pairs runs."""
-    if spec.name == "clean-corrupted":
-        return 2 * batch_size
-    if spec.uses_ig_steps or spec.name == "exact":
-        stacked = max(1, max_rows // batch_size)
-        return batch_size * (min(steps, stacked) if spec.uses_ig_steps else stacked)
+    stacked = max(1, max_rows // batch_size)
+    match spec.rows:
+        case "clean and corrupted":
+            return 2 * batch_size
+        case "IG steps":
+            return batch_size * min(steps, stacked)
+        case "units":
+            return batch_size * stacked
     return batch_size
 
 
@@ -81,7 +82,7 @@ def estimate_bytes(
     rows = rows_per_pass(spec, b, max_rows, steps)
     weights = model.parameter_bytes
     per_source = b * P * s.d_model * 4
-    buffers = _BUFFERS.get(spec.name, 1) * graph.n_sources * per_source
+    buffers = spec.buffers * graph.n_sources * per_source
     if level == "edge" and spec.backward != "none":
         buffers += (64 + s.n_heads + 2 * s.n_kv_heads) * per_source
     attention = e * s.n_heads * P * P
@@ -120,7 +121,7 @@ def plan_memory(
     if not budget_gib > 0:
         raise InputError(f"max_memory must be a positive number of GiB, got {budget_gib!r}")
     budget = int(budget_gib * GIB)
-    recomputes = (False, True) if spec.name in RECOMPUTABLE else (False,)
+    recomputes = (False, True) if spec.recomputable else (False,)
     candidates: list[MemoryPlan] = []
     for b in _halvings(batch_size):
         for recompute in recomputes:

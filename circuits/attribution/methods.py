@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -78,20 +78,28 @@ class BatchResult:
 
 
 Method = Callable[[Job], BatchResult]
+# The registry's keys (METHODS), spelled out for type checkers; tests/attribution hold the two equal.
 MethodName = Literal["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted", "relp", "atp*", "exact"]
+DEFAULT_METHOD: MethodName = "eap-ig-inputs"  # of `attribute`, `discover`, the bootstrap and the CLI
 PassCount = Callable[[int, int], tuple[int, int]]  # (IG steps, layers) -> (forwards, forward+backwards)
+Backward = Literal["plain", "relp", "own", "none"]
+Rows = Literal["batch", "clean and corrupted", "IG steps", "units"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered scoring method and the facts the API, the CLI and the benchmark read from it."""
+    """A registered scoring method and the facts the API, the CLI, the memory planner and the benchmark
+    read from it."""
 
-    name: str
+    name: MethodName
     run: Method
-    needs_corrupted: bool  # interpolates towards the corrupted prompts itself: patching ablation only
-    uses_ig_steps: bool
-    passes: PassCount | None  # plain passes per batch it costs at best (None: one pass per edge / node)
-    backward: str  # "plain", "relp" (RelP's rules by default), "own" (a fixed backward) or "none"
+    needs_corrupted: bool = False  # interpolates towards the corrupted prompts itself: patching only
+    uses_ig_steps: bool = False
+    passes: PassCount | None = None  # plain passes per batch it costs at best (None: one per edge / node)
+    backward: Backward = "plain"  # "relp": RelP's rules by default; "own": a fixed backward
+    buffers: int = 1  # source-output buffers [n_sources, b, P, d] it keeps for a batch
+    recomputable: bool = True  # its backward passes can recompute blocks (`models.recompute`)
+    rows: Rows = "batch"  # what its largest pass stacks: the batch, both sides, IG steps, ablated units
 
     def pass_count(self, steps: int, n_layers: int) -> tuple[int, int] | None:
         return None if self.passes is None else self.passes(steps, n_layers)
@@ -100,18 +108,13 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(
-    name: str,
-    *,
-    needs_corrupted: bool = False,
-    uses_ig_steps: bool = False,
-    passes: PassCount | None = None,
-    backward: str = "plain",
-) -> Callable[[Method], Method]:
+def register(name: MethodName, **facts: Any) -> Callable[[Method], Method]:
+    """Add the decorated function to `METHODS` under `name`, with `facts` (`MethodSpec`'s fields)."""
+
     def add(fn: Method) -> Method:
         if name in METHODS:
             raise InputError(f"method {name!r} registered twice")
-        METHODS[name] = MethodSpec(name, fn, needs_corrupted, uses_ig_steps, passes, backward)
+        METHODS[name] = MethodSpec(name, fn, **facts)
         return fn
 
     return add
@@ -283,7 +286,7 @@ def eap(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
 
 
-@register("atp*", passes=lambda _m, _layers: (1, 1), backward="own")
+@register("atp*", passes=lambda _m, _layers: (1, 1), backward="own", recomputable=False)
 def atp_star(job: Job) -> BatchResult:
     """AtP*: EAP's scores with the QK fix on q/k edges; at node level, GradDrop over the layers.
 
@@ -334,7 +337,13 @@ def atp_star(job: Job) -> BatchResult:
     return BatchResult(None, grad_drop.sum(0), values.detach(), metric_corrupted, None)
 
 
-@register("clean-corrupted", needs_corrupted=True, passes=lambda _m, _layers: (0, 2))
+@register(
+    "clean-corrupted",
+    needs_corrupted=True,
+    passes=lambda _m, _layers: (0, 2),
+    buffers=3,
+    rows="clean and corrupted",
+)
 def clean_corrupted(job: Job) -> BatchResult:
     b = len(job.pairs)
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
@@ -355,7 +364,13 @@ def clean_corrupted(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
 
 
-@register("eap-ig-inputs", needs_corrupted=True, uses_ig_steps=True, passes=lambda m, _layers: (2, m))
+@register(
+    "eap-ig-inputs",
+    needs_corrupted=True,
+    uses_ig_steps=True,
+    passes=lambda m, _layers: (2, m),
+    rows="IG steps",
+)
 def eap_ig_inputs(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)
@@ -388,7 +403,13 @@ def eap_ig_inputs(job: Job) -> BatchResult:
     )
 
 
-@register("eap-ig-activations", uses_ig_steps=True, passes=lambda m, n_layers: (2, m * (2 * n_layers + 1)))
+@register(
+    "eap-ig-activations",
+    uses_ig_steps=True,
+    passes=lambda m, n_layers: (2, m * (2 * n_layers + 1)),
+    buffers=2,
+    rows="IG steps",
+)
 def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids, clean_acts, clean_logits, delta, corrupted_logits = _clean_and_delta(job)
@@ -427,7 +448,7 @@ def _site_output(
     return site.output_hook, clean_sum, delta.select(site.sources).sum(2)
 
 
-@register("exact", backward="none")
+@register("exact", backward="none", buffers=2, recomputable=False, rows="units")
 def exact(job: Job) -> BatchResult:
     """Ablate one edge (or node) at a time, many side by side in the batch dimension."""
     model, graph, b = job.model, job.graph, len(job.pairs)

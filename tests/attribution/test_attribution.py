@@ -271,3 +271,13 @@ def test_last_position_shortcut_matches_full_logits(tiny, method, metric):
     full = attribute(tiny, Graph.from_model(tiny), pairs, metric=unmarked, **kwargs)
     torch.testing.assert_close(short.edge_scores, full.edge_scores, rtol=1e-4, atol=1e-6)
     assert short.metric_clean == pytest.approx(full.metric_clean, rel=1e-5, abs=1e-7)
+
+
+def test_the_method_names_are_the_registrys():
+    import typing
+
+    from circuits.attribution import DEFAULT_METHOD, METHODS, MethodName
+
+    assert set(typing.get_args(MethodName)) == set(METHODS)
+    assert DEFAULT_METHOD in METHODS
+    assert {name for name, spec in METHODS.items() if spec.backward == "none"} == {"exact"}
