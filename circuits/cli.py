@@ -288,7 +288,7 @@ def _discover(args: argparse.Namespace) -> int:
         model,
         task,
         method=args.method,
-        steps=args.steps,
+        ig_steps=args.steps,
         quadrature=args.quadrature,
         rules=None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES}),
         batch_size=args.batch_size,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from circuits.distributed import process_chunks
 from circuits.errors import CircuitsWarning, InputError
 from circuits.models.hooked import HookedModel
 
@@ -112,6 +113,15 @@ class PromptPairs:
         check_count(batch_size, "batch_size")
         for start in range(0, len(self), batch_size):
             yield self[start : start + batch_size]
+
+    def process_batches(
+        self, batch_size: int, device: torch.device, desc: str, quiet: bool = False
+    ) -> Iterator[tuple[str, PromptPairs]]:
+        """This process's batches (all of them, unless under torchrun), each with where it stands
+        ("batch 3 (pairs 24-31)", for error messages), and a progress bar on the main process."""
+        check_count(batch_size, "batch_size")
+        for index, chunk in enumerate(process_chunks(len(self), batch_size, device, desc=desc, quiet=quiet)):
+            yield f"batch {index} (pairs {chunk.start}-{chunk.stop - 1})", self[chunk.start : chunk.stop]
 
     def repeat(self, times: int) -> PromptPairs:
         """The pairs tiled `times` times along the batch (row r * N + i is pair i), e.g. for IG steps."""

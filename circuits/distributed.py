@@ -16,10 +16,12 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from circuits.errors import InputError
 
@@ -111,6 +113,20 @@ def shard_range(n: int, device: torch.device, what: str = "pairs") -> range:
     r = rank()
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
+
+
+def process_chunks(
+    n: int, size: int, device: torch.device, *, desc: str, unit: str = "pair", quiet: bool = False
+) -> Iterator[range]:
+    """This process's share of range(n) (all of it, unless under torchrun; `shard_range`) in consecutive
+    chunks of at most `size`, with a progress bar in `unit`s on the main process (none when `quiet`).
+    Every loop over a process's data goes through here."""
+    mine = shard_range(n, device, f"{unit}s")
+    with tqdm(total=len(mine), desc=desc, unit=unit, disable=quiet or not is_main()) as bar:
+        for start in range(mine.start, mine.stop, size):
+            chunk = range(start, min(start + size, mine.stop))
+            yield chunk
+            bar.update(len(chunk))
 
 
 def _collective_device(device: torch.device) -> torch.device:

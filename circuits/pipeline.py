@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from circuits.attribution import DEFAULT_METHOD, METHODS, Attribution, MethodName, RelPRules, attribute
+from circuits.attribution import Attribution, MethodName, ScoringOptions, attribute
 from circuits.baseline import Baseline, baseline
 from circuits.data import PromptPairs
 from circuits.distributed import is_main, world_size
@@ -26,7 +25,6 @@ from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, Protocol, mib_scor
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
-from circuits.quadrature import Quadrature
 from circuits.strategies import Selection, Selector, ensemble_scores, select, selection_name
 from circuits.task import TaskPairs
 from circuits.uncertainty import (
@@ -84,8 +82,10 @@ def head_class_overlap(heads: list[str]) -> dict[str, list[str]]:
     return {name: [h for h in members if h in heads] for name, members in WANG_2022_HEADS.items()}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Discovery:
+    """What `discover` found, built whole (the files it wrote, if any, included)."""
+
     task: TaskPairs
     graph: Graph
     baseline: Baseline
@@ -94,6 +94,7 @@ class Discovery:
     evaluation: Evaluation
     curves: MIBScores | None
     heads: list[HeadScore]
+    scoring: ScoringOptions  # how `attribution` was computed
     faithfulness_interval: Interval | None = None  # bootstrap over the pairs (circuits.uncertainty)
     stability: Stability | None = None  # the circuit across bootstrap resamples, when asked for
     selection: dict[str, Any] = field(
@@ -103,112 +104,153 @@ class Discovery:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DiscoveryOptions:
+    """How `discover` turns scores into a circuit and reports on it (the scoring itself: `ScoringOptions`).
+
+    Attributes:
+        edges: the circuit's size (at most the graph's edges), chosen by `selection` (`circuits.strategies`).
+        ensemble: more methods whose max-normalised scores are averaged with the main method's.
+        sign_consistency, agreement: re-score that many bootstrap resamples and zero every edge whose sign
+            agrees on fewer than `agreement` of them before selecting (0: no filter).
+        curves, protocol, percentages: faithfulness curves over those budgets (MIB's CPR / CMD).
+        resamples: bootstrap draws for the 95% intervals of faithfulness, CPR and CMD (0: none).
+        stability: re-score that many bootstrap resamples and report the Jaccard index of their circuits
+            with this one (0: skip).
+    """
+
+    edges: int = 300
+    selection: Selection | Selector = "top_n"
+    ensemble: tuple[MethodName, ...] = ()
+    sign_consistency: int = 0
+    agreement: float = 0.9
+    curves: bool = True
+    protocol: Protocol = "mib"
+    percentages: tuple[float, ...] = MIB_PERCENTAGES
+    resamples: int = RESAMPLES
+    stability: int = 0
+
+
 def discover(
     model: HookedModel,
     task: TaskPairs,
+    scoring: ScoringOptions | None = None,
+    options: DiscoveryOptions | None = None,
     *,
-    method: MethodName = DEFAULT_METHOD,
-    steps: int = 5,
-    quadrature: Quadrature = "left",
-    rules: RelPRules | None = None,
-    batch_size: int = 8,
-    max_memory: float | None = None,
-    edges: int = 300,
-    selection: Selection | Selector = "top_n",
-    ensemble: Sequence[MethodName] = (),
-    sign_consistency: int = 0,
-    agreement: float = 0.9,
-    curves: bool = True,
-    protocol: Protocol = "mib",
-    percentages: tuple[float, ...] = MIB_PERCENTAGES,
-    resamples: int = RESAMPLES,
-    stability: int = 0,
     out: str | Path | None = None,
     quiet: bool = False,
+    **settings: Any,
 ) -> Discovery:
-    """Score `task` on `model`, keep the best `edges` edges (pruned), evaluate, and optionally write files
-    (`out` is checked for writability before any work, and replaced whole at the end: see `outputs`).
-    `rules`: RelP's backward rules for the gradient methods, `max_memory`: the scoring's memory budget
-    in GiB (see `attribute`). The circuit and the curves are chosen by `selection` (`circuits.strategies`)
-    from the method's scores, or from a score ensemble with the methods in `ensemble` (mean of
-    max-normalised scores), with edges whose sign agrees on fewer than `agreement` of `sign_consistency`
-    bootstrap re-scorings zeroed first (0: no filter). `resamples`: bootstrap draws
-    for the 95% intervals of faithfulness, CPR and CMD (0: none); `stability`: re-score that many bootstrap
-    resamples of the pairs and report the Jaccard index of their circuits with this one (0: skip)."""
+    """Score `task` on `model`, keep the best edges (pruned), evaluate, and optionally write files (`out`
+    is checked for writability before any work, and replaced whole at the end: see `outputs`).
+
+    `scoring` says how edges are scored and `options` what is made of the scores; any field of either
+    given as a keyword (`method="eap"`, `edges=200`, `max_memory=8`) takes precedence."""
+    scoring, options = _discovery_settings(scoring, options, settings)
     if out is not None:
         check_writable(Path(out))
     seconds: dict[str, float] = {}
     graph = Graph.from_model(model)
     start = time.perf_counter()
     base = baseline(model, task)
-    scoring: dict[str, Any] = {
-        "ig_steps": steps,
-        "quadrature": quadrature,
-        "rules": rules,
-        "batch_size": batch_size,
-        "max_memory": max_memory,
-    }
-    attribution = attribute(model, graph, task.pairs, task.metric, method, quiet=quiet, **scoring)
-    if ensemble:
-        members = [graph]
-        for other in ensemble:
-            members.append(Graph.from_model(model))
-            attribute(model, members[-1], task.pairs, task.metric, other, quiet=quiet, **scoring)
-        graph = ensemble_scores(members)
-    if sign_consistency:
-        resampled = bootstrap_scores(
-            model, task.pairs, task.metric, method, resamples=sign_consistency, **scoring
-        )
-        graph = sign_consistent(graph, resampled, agreement)
+    attribution = attribute(model, graph, task.pairs, task.metric, options=scoring, quiet=quiet)
+    graph = _selection_scores(model, task, graph, scoring, options, quiet)
     seconds["attribution"] = time.perf_counter() - start
-    circuit = select(graph, min(edges, graph.n_edges), selection, absolute=True)
-    evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=batch_size)
+    n_edges = min(options.edges, graph.n_edges)
+    circuit = select(graph, n_edges, options.selection, absolute=True)
+    evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=scoring.batch_size)
     start = time.perf_counter()
-    scores = (
-        mib_scores(
+    scores = None
+    if options.curves:
+        scores = mib_scores(
             model,
             graph,
             task.pairs,
             task.metric,
-            percentages=percentages,
-            protocol=protocol,
-            selection=selection,
-            batch_size=batch_size,
-            resamples=resamples,
+            percentages=options.percentages,
+            protocol=options.protocol,
+            selection=options.selection,
+            batch_size=scoring.batch_size,
+            resamples=options.resamples,
             quiet=quiet,
         )
-        if curves
-        else None
-    )
     seconds["curves"] = time.perf_counter() - start
     heads = top_heads(graph, attribution, 12) if attribution.node_scores is not None else []
-    found = Discovery(task, graph, base, attribution, circuit, evaluation, scores, heads, seconds=seconds)
-    found.selection = {
-        "selection": selection_name(selection),
-        "ensemble": [method, *ensemble] if ensemble else None,
-        "sign_consistency": {"resamples": sign_consistency, "agreement": agreement}
-        if sign_consistency
-        else None,
-        "protocol": protocol,
-    }
-    if resamples:
-        found.faithfulness_interval = faithfulness_interval(evaluation, resamples)
-    if stability:
+    stability = None
+    if options.stability:  # each resample is scored as the pairs were
         start = time.perf_counter()
-        found.stability = circuit_stability(
-            model,
-            circuit,
-            task.pairs,
-            task.metric,
-            method,
-            n_edges=min(edges, graph.n_edges),
-            resamples=stability,
-            **scoring,  # each resample is scored as the pairs were
+        stability = circuit_stability(
+            model, circuit, task.pairs, task.metric, scoring, n_edges=n_edges, resamples=options.stability
         )
         seconds["stability"] = time.perf_counter() - start
+    found = Discovery(
+        task,
+        graph,
+        base,
+        attribution,
+        circuit,
+        evaluation,
+        scores,
+        heads,
+        scoring,
+        faithfulness_interval(evaluation, options.resamples) if options.resamples else None,
+        stability,
+        _selection_record(scoring, options),
+        seconds=seconds,
+    )
     if out is not None and is_main():  # under torchrun every process has the same results; one writes
-        found.files = write(found, Path(out), model, method, steps)
+        found = replace(found, files=write(found, Path(out), model))
     return found
+
+
+def _selection_record(scoring: ScoringOptions, options: DiscoveryOptions) -> dict[str, Any]:
+    """How the circuit was chosen, as summary.json records it."""
+    consistency = {"resamples": options.sign_consistency, "agreement": options.agreement}
+    return {
+        "selection": selection_name(options.selection),
+        "ensemble": [scoring.method, *options.ensemble] if options.ensemble else None,
+        "sign_consistency": consistency if options.sign_consistency else None,
+        "protocol": options.protocol,
+    }
+
+
+def _discovery_settings(
+    scoring: ScoringOptions | None, options: DiscoveryOptions | None, settings: dict[str, Any]
+) -> tuple[ScoringOptions, DiscoveryOptions]:
+    """`scoring` and `options` (or their defaults) with the keyword `settings` given to `discover`."""
+    discovery_fields = {f.name for f in fields(DiscoveryOptions)}
+    mine = {k: v for k, v in settings.items() if k in discovery_fields}
+    scoring = (scoring or ScoringOptions()).with_settings(
+        **{k: v for k, v in settings.items() if k not in discovery_fields}
+    )
+    options = replace(options or DiscoveryOptions(), **mine)
+    if isinstance(options.ensemble, list):
+        options = replace(options, ensemble=tuple(options.ensemble))
+    return scoring, options
+
+
+def _selection_scores(
+    model: HookedModel,
+    task: TaskPairs,
+    graph: Graph,
+    scoring: ScoringOptions,
+    options: DiscoveryOptions,
+    quiet: bool,
+) -> Graph:
+    """The scores the circuit is chosen from: the method's, averaged with the ensemble's, with the edges of
+    inconsistent sign zeroed."""
+    if options.ensemble:
+        members = [graph]
+        for other in options.ensemble:
+            members.append(Graph.from_model(model))
+            attribute(model, members[-1], task.pairs, task.metric, other, options=scoring, quiet=quiet)
+        graph = ensemble_scores(members)
+    if options.sign_consistency:
+        resampled = bootstrap_scores(
+            model, task.pairs, task.metric, scoring, resamples=options.sign_consistency
+        )
+        graph = sign_consistent(graph, resampled, options.agreement)
+    return graph
 
 
 OUTPUT_FILES = (
@@ -221,12 +263,12 @@ OUTPUT_FILES = (
 )
 
 
-def write(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
+def write(found: Discovery, out: Path, model: HookedModel) -> list[Path]:
     """scores.pt, circuit.json, circuit.svg, circuit.html, faithfulness.png (with curves), summary.json,
     written into a
     staging folder that replaces `out` once all are written."""
     with replacing_folder(out, OUTPUT_FILES) as staging:
-        files = _write_files(found, staging, model, method, steps)
+        files = _write_files(found, staging, model)
     return [out / f.name for f in files]
 
 
@@ -244,7 +286,7 @@ def _prompts(model: HookedModel, pairs: PromptPairs, n: int = 10) -> list[str]:
     ]
 
 
-def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, steps: int) -> list[Path]:
+def _write_files(found: Discovery, out: Path, model: HookedModel) -> list[Path]:
     graph, circuit = found.graph, found.circuit
     torch.save(
         {
@@ -275,8 +317,8 @@ def _write_files(found: Discovery, out: Path, model: HookedModel, method: str, s
         "dtype": str(model.dtype).removeprefix("torch."),
         "processes": world_size(),
         "task": found.task.task,
-        "method": method,
-        "ig_steps": steps if METHODS[method].uses_ig_steps else None,
+        "method": found.scoring.method,
+        "ig_steps": found.scoring.ig_steps if found.scoring.spec.uses_ig_steps else None,
         "n_pairs": len(found.task.pairs),
         "baseline": vars(found.baseline),
         "completeness": None

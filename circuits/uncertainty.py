@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuits.attribution import DEFAULT_METHOD, MethodName, attribute
+from circuits.attribution import ScoringOptions, attribute
 from circuits.data import PromptPairs
 from circuits.errors import InputError, NumericalError
 from circuits.evaluation import Evaluation
@@ -152,17 +152,17 @@ def bootstrap_scores(
     model: HookedModel,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: MethodName = DEFAULT_METHOD,
+    scoring: ScoringOptions | None = None,
     *,
     resamples: int = 10,
     seed: int = 0,
-    **attribute_options: Any,
 ) -> Tensor:
-    """Edge scores [resamples, n_sources, n_destinations] of `method` on bootstrap resamples of `pairs`."""
+    """Edge scores [resamples, n_sources, n_destinations] on bootstrap resamples of `pairs`, each scored
+    as `scoring` says (default `ScoringOptions()`)."""
     scores = []
     for row in resample_indices(len(pairs), resamples, seed):
         graph = Graph.from_model(model)
-        attribute(model, graph, pairs.take(row), metric, method, quiet=True, **attribute_options)
+        attribute(model, graph, pairs.take(row), metric, options=scoring, quiet=True)
         scores.append(graph.scores)
     return torch.stack(scores)
 
@@ -173,19 +173,17 @@ def circuit_stability(
     circuit: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: MethodName = DEFAULT_METHOD,
+    scoring: ScoringOptions | None = None,
     *,
     n_edges: int,
     resamples: int = 10,
     seed: int = 0,
-    **attribute_options: Any,
 ) -> Stability:
-    """Re-score `resamples` bootstrap resamples of `pairs` with `method` and keep the top `n_edges` edges of
-    each (pruned, as `Graph.top_n`); compare their edge sets with `circuit` (the circuit of all pairs)."""
+    """Re-score `resamples` bootstrap resamples of `pairs` as `scoring` says and keep the top `n_edges`
+    edges of each (pruned, as `Graph.top_n`); compare their edge sets with `circuit` (the circuit of all
+    pairs)."""
     masks = []
-    for scores in bootstrap_scores(
-        model, pairs, metric, method, resamples=resamples, seed=seed, **attribute_options
-    ):
+    for scores in bootstrap_scores(model, pairs, metric, scoring, resamples=resamples, seed=seed):
         graph = Graph.from_model(model)
         graph.scores = scores
         found = graph.top_n(min(n_edges, graph.n_edges))

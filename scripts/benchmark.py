@@ -45,7 +45,7 @@ from clock import best_of, peak_gpu_mb
 from shapes import PAIR_LENGTH, SHAPES, random_hf, random_token_pairs
 
 from circuits import Graph, load_model
-from circuits.attribution import METHODS, MemoryPlan, attribute, estimate_bytes, plan_memory
+from circuits.attribution import METHODS, MemoryPlan, ScoringOptions, attribute, estimate_bytes, plan_memory
 from circuits.attribution.methods import MethodName
 from circuits.cli import DTYPES
 from circuits.data import PromptPairs
@@ -249,19 +249,12 @@ def memory_one(length: int, steps: int, max_rows: int, max_memory: float | None)
     model = load_model("smollm2-135m")
     pairs = random_pairs(model, 1, length)
     graph = Graph.from_model(model)
-    spec, last = METHODS["eap-ig-inputs"], reads_last_position(get_metric("logit_diff"))
-    options: dict[str, Any] = dict(
-        n_positions=length, batch_size=1, max_rows=max_rows, steps=steps, level="edge"
-    )
+    last = reads_last_position(get_metric("logit_diff"))
+    options = ScoringOptions("eap-ig-inputs", ig_steps=steps, batch_size=1, max_rows=max_rows)
     plan = (
-        MemoryPlan(
-            1,
-            max_rows,
-            False,
-            estimate_bytes(model, graph, spec, last_position=last, recompute=False, **options),
-        )
+        MemoryPlan(1, max_rows, False, estimate_bytes(model, graph, options, length, last))
         if max_memory is None
-        else plan_memory(model, graph, spec, max_memory, last_position=last, **options)
+        else plan_memory(model, graph, options.with_settings(max_memory=max_memory), length, last)
     )
     start = time.perf_counter()
     attribute(

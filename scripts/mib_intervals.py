@@ -19,6 +19,7 @@ import argparse
 import time
 
 from circuits import Graph, attribute, load_model
+from circuits.attribution import ScoringOptions
 from circuits.attribution.methods import MethodName
 from circuits.faithfulness import PROTOCOLS, mib_scores
 from circuits.refinement import refined_selection
@@ -88,14 +89,9 @@ def main() -> None:
         scored_graphs.append(graph)
         rows = [(method, graph)]
         if args.sign_consistency:
+            options = ScoringOptions(name, ig_steps=args.steps, batch_size=args.batch_size)
             resampled = bootstrap_scores(
-                model,
-                scoring,
-                task.metric,
-                name,
-                resamples=args.sign_consistency,
-                ig_steps=args.steps,
-                batch_size=args.batch_size,
+                model, scoring, task.metric, options, resamples=args.sign_consistency
             )
             label = (
                 f"{method}, sign-consistent ({args.sign_consistency} resamples, agreement {args.agreement})"

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         model,
         task,
         method=args.method,
-        steps=args.steps,
+        ig_steps=args.steps,
         batch_size=args.batch_size,
         edges=args.edges,
         curves=not args.no_curve,

@@ -102,6 +102,7 @@ def test_discover_reports_intervals_and_stability(tmp_path, capsys):
 
 def test_discover_selection_options_match_the_api(tmp_path):
     from circuits import Graph, attribute
+    from circuits.attribution import ScoringOptions
     from circuits.strategies import ensemble_scores, ratio_selection, select
     from circuits.testing import tiny_llama
     from circuits.uncertainty import bootstrap_scores, sign_consistent
@@ -121,7 +122,8 @@ def test_discover_selection_options_match_the_api(tmp_path):
     for method in ("eap", "clean-corrupted"):
         graphs.append(Graph.from_model(model))
         attribute(model, graphs[-1], task.pairs, task.metric, method, batch_size=2, quiet=True)
-    resampled = bootstrap_scores(model, task.pairs, task.metric, "eap", resamples=2, batch_size=2)
+    scoring = ScoringOptions("eap", batch_size=2)
+    resampled = bootstrap_scores(model, task.pairs, task.metric, scoring, resamples=2)
     ranked = sign_consistent(ensemble_scores(graphs), resampled)
     saved = torch.load(out / "scores.pt")["selection_scores"]
     torch.testing.assert_close(saved, ranked.scores, rtol=0, atol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from circuits import Graph, attribute
+from circuits.attribution import ScoringOptions
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation
 from circuits.faithfulness import CurvePoint, FaithfulnessCurve, mib_scores
@@ -97,10 +98,10 @@ def test_a_circuit_is_stable_when_every_resample_is_the_same_data(llama):
     graph = Graph.from_model(llama)
     attribute(llama, graph, pairs, method="eap", quiet=True)
     circuit = graph.top_n(30)
-    same = circuit_stability(llama, circuit, pairs, method="eap", n_edges=30, resamples=3)
+    same = circuit_stability(llama, circuit, pairs, scoring=ScoringOptions("eap"), n_edges=30, resamples=3)
     assert same.to_full.tolist() == [1.0, 1.0, 1.0] and same.pairwise == 1.0
     mixed = circuit_stability(
-        llama, circuit, make_pairs(llama).repeat(2), method="eap", n_edges=30, resamples=3
+        llama, circuit, make_pairs(llama).repeat(2), scoring=ScoringOptions("eap"), n_edges=30, resamples=3
     )
     assert 0.0 <= mixed.mean <= 1.0
 

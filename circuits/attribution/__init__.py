@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
 from circuits.attribution.memory import MemoryPlan, estimate_bytes, plan_memory
 from circuits.attribution.methods import DEFAULT_METHOD, METHODS, BatchResult, Job, MethodName, MethodSpec
-from circuits.data import PromptPairs, check_count, check_pairs
-from circuits.distributed import is_main, shard_range, sum_floats, sum_tensor
+from circuits.attribution.options import ScoringOptions
+from circuits.data import PromptPairs, check_pairs
+from circuits.distributed import sum_floats, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
-from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_steps
-from circuits.sources import ABLATIONS, Ablation, SourceOutputs, source_means
+from circuits.sources import SourceOutputs, source_means
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -31,6 +30,7 @@ __all__ = [
     "MethodName",
     "MethodSpec",
     "RelPRules",
+    "ScoringOptions",
     "attribute",
     "estimate_bytes",
     "head_patching",
@@ -78,137 +78,96 @@ def attribute(
     graph: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
-    method: MethodName = DEFAULT_METHOD,
+    method: MethodName | None = None,
     *,
-    ig_steps: int = 5,
-    quadrature: Quadrature = "left",
-    ablation: Ablation = "patching",
+    options: ScoringOptions | None = None,
     reference: PromptPairs | None = None,
-    batch_size: int = 8,
-    level: Literal["edge", "node"] = "edge",
-    max_rows: int = 64,
-    max_memory: float | None = None,
-    recompute: bool = False,
-    rules: RelPRules | None = None,
     quiet: bool = False,
+    **settings: Any,
 ) -> Attribution:
-    """Score the edges (or nodes) of `graph` for the behaviour in `pairs`; fills `graph.scores`.
+    """Score the edges (or nodes) of `graph` for the behaviour in `pairs`, and write them into `graph`.
 
-    Args:
-        method: one of `eap`, `eap-ig-inputs`, `eap-ig-activations`, `clean-corrupted`, `relp`, `atp*`,
-            `exact`.
-        ig_steps, quadrature: the IG grid (`left` = EAP-IG's k/m, k=0..m-1; `midpoint`, `trapezoid`,
-            `gauss-legendre`).
-        ablation: what an edge carries when removed: the corrupted run's output (`patching`), the mean
-            over `reference`'s clean prompts (`mean`, per position when all lengths agree) or zero.
-        level: `edge` fills `graph.scores` (and `graph.node_scores` for gradient methods); `node` fills
-            `graph.node_scores` only.
-        max_rows: rows per forward pass when IG steps / patched copies are stacked in the batch.
-        max_memory: a budget in GiB for the weights, buffers and autograd activations of the call: the
-            fastest `batch_size` / `max_rows` / `recompute` at most as large as given that the memory model
-            (`circuits.attribution.memory`) fits within it; the scores do not change.
-        recompute: keep one block's activations at a time in the backward passes and recompute each block
-            when the backward pass reaches it (exact; one more forward pass of time, little at long
-            prompts); gradient methods other than atp*.
-        rules: RelP's backward rules (`RelPRules`: LN, identity, half on and CP off by default, as the
-            paper's); `relp` uses the defaults unless given, and the other gradient methods take them too
-            (e.g. `eap-ig-inputs` with RelP's backward).
+    How: `options` (`ScoringOptions`: method, IG grid, ablation, level, batch size, memory budget, ...),
+    with `method` and any of its fields given as keywords taking precedence, so both
+    `attribute(model, graph, pairs, method="eap", ig_steps=5)` and `attribute(..., options=opts)` work.
+    `reference`: the prompts whose clean runs give the mean ablation's values (default: `pairs`).
+
+    Graph contract (as EAP-IG's `attribute`): the scores are written into `graph.scores` (edge level) and
+    `graph.node_scores` (copies of the returned ones); nothing else of `graph` changes. The returned
+    `Attribution` holds the same scores and never changes afterwards.
     Sign: as EAP-IG, scores estimate M(edge ablated) - M(clean) (negative = the edge helps the metric).
     """
-    if not isinstance(method, str) or method not in METHODS:
-        raise InputError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    spec = METHODS[method]
-    check_rule(quadrature)
-    if quadrature == "idgi":
-        raise InputError(
-            "IDGI attributes one integrated tensor (use it with token_ig or neuron_ig); there is no "
-            "IDGI edge score: its shares follow the gradient alone (features that do not move get credit, "
-            "a layer's heads, which share one output gradient, get equal shares) and no split of a step "
-            "keeps every cut of the graph exact (docs/design.md, section 4); choose one of "
-            f"{', '.join(EDGE_QUADRATURES)}"
-        )
-    if ablation not in ABLATIONS:
-        raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-    if spec.needs_corrupted and ablation != "patching":
-        raise InputError(
-            f"{method} interpolates between clean and corrupted prompts; it needs ablation='patching'"
-        )
-    if level not in ("edge", "node"):
-        raise InputError(f"level must be 'edge' or 'node', got {level!r}")
-    if rules is not None and not isinstance(rules, RelPRules):
-        raise InputError(f"rules must be a RelPRules, got {type(rules).__name__}")
-    if rules is not None and spec.backward in ("none", "own"):
-        why = "takes no backward pass" if spec.backward == "none" else "has a backward pass of its own"
-        raise InputError(f"{method} {why}, so RelP's rules do not apply to it")
-    if rules is None and spec.backward == "relp":
-        rules = RelPRules()
-    check_steps(ig_steps)
-    check_count(batch_size, "batch_size")
-    check_count(max_rows, "max_rows")
-    if recompute and not spec.recomputable:
-        recomputable = [name for name, other in METHODS.items() if other.recomputable]
-        raise InputError(
-            f"{method} cannot recompute blocks in its backward pass (choose one of {', '.join(recomputable)})"
-        )
+    if method is not None:
+        settings["method"] = method
+    options = (options or ScoringOptions()).with_settings(**settings)
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
     graph.check_fits(model.spec)
     metric_fn = get_metric(metric)
     check_pairs(model, pairs)
-    if max_memory is not None:
-        plan = plan_memory(
-            model,
-            graph,
-            spec,
-            max_memory,
-            n_positions=pairs.n_positions,
-            batch_size=batch_size,
-            max_rows=max_rows,
-            steps=ig_steps,
-            level=level,
-            last_position=reads_last_position(metric_fn),
+    if options.max_memory is not None:
+        plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn))
+        options = options.with_settings(
+            batch_size=plan.batch_size, max_rows=plan.max_rows, recompute=options.recompute or plan.recompute
         )
-        batch_size, max_rows, recompute = plan.batch_size, plan.max_rows, recompute or plan.recompute
     if reference is not None:
         check_pairs(model, reference, "reference")
-    backward = None if rules is None else RelPBackward(model, rules)
     ablated = (
         None
-        if ablation == "patching"
-        else source_means(model, graph, reference or pairs, ablation, batch_size, pairs.n_positions)
+        if options.ablation == "patching"
+        else source_means(
+            model, graph, reference or pairs, options.ablation, options.batch_size, pairs.n_positions
+        )
     )
+    totals = _run_batches(model, graph, metric_fn, pairs, ablated, options, quiet)
+    result = _result(options, totals, len(pairs), model)
+    if result.edge_scores is not None:
+        graph.scores = result.edge_scores.clone()
+    if result.node_scores is not None:
+        graph.node_scores = result.node_scores.clone()
+    return result
 
+
+def _run_batches(
+    model: HookedModel,
+    graph: Graph,
+    metric: Metric,
+    pairs: PromptPairs,
+    ablated: Tensor | None,
+    options: ScoringOptions,
+    quiet: bool,
+) -> dict[str, Tensor | float]:
+    """The method's sums over this process's batches, summed over processes."""
     totals: dict[str, Tensor | float] = {}
-    mine = shard_range(len(pairs), model.device)  # all of them, unless under torchrun
-    local = pairs[mine.start : mine.stop]
-    bar = tqdm(total=len(local), desc=f"{method} ({level})", unit="pair", disable=quiet or not is_main())
     workspace: dict[str, Tensor] = {}
     outputs: dict[str, SourceOutputs] = {}
-    for i, batch in enumerate(local.batches(batch_size)):
-        first = mine.start + i * batch_size
-        where = f"batch {i} (pairs {first}-{first + len(batch) - 1})"
+    backward = None if options.backward_rules is None else RelPBackward(model, options.backward_rules)
+    desc = f"{options.method} ({options.level})"
+    for where, batch in pairs.process_batches(options.batch_size, model.device, desc, quiet):
         job = Job(
             model,
             graph,
-            metric_fn,
+            metric,
             batch,
             ablated,
-            level,
-            ig_steps,
-            quadrature,
-            max_rows,
+            options.level,
+            options.ig_steps,
+            options.quadrature,
+            options.max_rows,
             workspace,
             where,
             backward,
-            recompute,
+            options.recompute,
             outputs,
         )
-        _accumulate(totals, spec.run(job))
-        bar.update(len(batch))
-    bar.close()
-    totals = _summed_over_processes(totals, model.device)
+        _accumulate(totals, options.spec.run(job))
+    return _summed_over_processes(totals, model.device)
 
-    n = len(pairs)
+
+def _result(
+    options: ScoringOptions, totals: dict[str, Tensor | float], n: int, model: HookedModel
+) -> Attribution:
+    """The means over the `n` pairs; non-finite scores raise `NumericalError`."""
     edges = (totals["edges"] / n).float() if "edges" in totals else None  # type: ignore[operator, union-attr]
     nodes = (totals["nodes"] / n).float() if "nodes" in totals else None  # type: ignore[operator, union-attr]
     completeness = None
@@ -217,8 +176,8 @@ def attribute(
             float(totals["ig_total"]) / n, float(totals["delta"]) / n, float(totals["abs_error"]) / n
         )
     result = Attribution(
-        method,
-        level,
+        options.method,
+        options.level,
         None if edges is None else edges.cpu(),  # type: ignore[union-attr]
         None if nodes is None else nodes.cpu(),  # type: ignore[union-attr]
         n,
@@ -232,10 +191,6 @@ def attribute(
                 f"{int((~scores.isfinite()).sum())} {name} scores are NaN or infinite (the metric was "
                 f"finite: the model's activations or gradients overflowed in {model.dtype}); try float32"
             )
-    if result.edge_scores is not None:
-        graph.scores = result.edge_scores.clone()
-    if result.node_scores is not None:
-        graph.node_scores = result.node_scores.clone()
     return result
 
 

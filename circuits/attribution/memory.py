@@ -23,9 +23,10 @@ are, `circuits.sources.source_placement`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from circuits.attribution.methods import MethodSpec
+from circuits.attribution.options import ScoringOptions
 from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
@@ -64,32 +65,23 @@ def rows_per_pass(spec: MethodSpec, batch_size: int, max_rows: int, steps: int) 
 
 
 def estimate_bytes(
-    model: HookedModel,
-    graph: Graph,
-    spec: MethodSpec,
-    *,
-    n_positions: int,
-    batch_size: int,
-    max_rows: int,
-    steps: int,
-    level: str,
-    last_position: bool,
-    recompute: bool,
+    model: HookedModel, graph: Graph, options: ScoringOptions, n_positions: int, last_position: bool
 ) -> int:
-    """The memory model above, in bytes."""
-    s, P, b = graph.spec, n_positions, batch_size
+    """The memory model above, in bytes, of an `attribute` call with `options` on prompts of `n_positions`
+    tokens (`last_position`: the metric reads the last position only)."""
+    s, P, b, spec = graph.spec, n_positions, options.batch_size, options.spec
     e = model.dtype.itemsize
-    rows = rows_per_pass(spec, b, max_rows, steps)
+    rows = rows_per_pass(spec, b, options.max_rows, options.ig_steps)
     weights = model.parameter_bytes
     per_source = b * P * s.d_model * 4
     buffers = spec.buffers * graph.n_sources * per_source
-    if level == "edge" and spec.backward != "none":
+    if options.level == "edge" and spec.backward != "none":
         buffers += (64 + s.n_heads + 2 * s.n_kv_heads) * per_source
     attention = e * s.n_heads * P * P
     layer = attention + e * P * (4 * s.d_model + 6 * s.d_mlp)
     if spec.backward == "none":
         autograd = 7 * attention  # one layer's forward temporaries
-    elif recompute:
+    elif options.recompute:
         autograd = 2 * s.n_layers * e * P * s.d_model + layer + 5 * attention
     else:
         autograd = s.n_layers * layer + 7 * attention
@@ -98,19 +90,9 @@ def estimate_bytes(
 
 
 def plan_memory(
-    model: HookedModel,
-    graph: Graph,
-    spec: MethodSpec,
-    budget_gib: float,
-    *,
-    n_positions: int,
-    batch_size: int,
-    max_rows: int,
-    steps: int,
-    level: str,
-    last_position: bool,
+    model: HookedModel, graph: Graph, options: ScoringOptions, n_positions: int, last_position: bool
 ) -> MemoryPlan:
-    """The largest settings (at most the given ones) that the memory model fits within `budget_gib`.
+    """The largest settings (at most `options`') that the memory model fits within `options.max_memory`.
 
     Candidates in order: the given batch size and rows; fewer rows per pass (IG steps and patched
     copies run in more passes); recomputation of the blocks in the backward pass (one more forward pass
@@ -118,32 +100,22 @@ def plan_memory(
     depend on any of these (sums in float64; recomputation is exact). Larger is not always faster: on
     CPUs one row per pass was as fast or faster in docs/benchmarks.md; pass `max_rows` to choose.
     """
-    if not budget_gib > 0:
+    budget_gib, spec, steps = options.max_memory, options.spec, options.ig_steps
+    if budget_gib is None or not budget_gib > 0:
         raise InputError(f"max_memory must be a positive number of GiB, got {budget_gib!r}")
-    budget = int(budget_gib * GIB)
     recomputes = (False, True) if spec.recomputable else (False,)
     candidates: list[MemoryPlan] = []
-    for b in _halvings(batch_size):
+    for b in _halvings(options.batch_size):
         for recompute in recomputes:
             seen: set[int] = set()
-            for rows in _halvings(max_rows):
+            for rows in _halvings(options.max_rows):
                 if rows_per_pass(spec, b, rows, steps) in seen:
                     continue  # the same passes as a larger setting
                 seen.add(rows_per_pass(spec, b, rows, steps))
-                bytes_ = estimate_bytes(
-                    model,
-                    graph,
-                    spec,
-                    n_positions=n_positions,
-                    batch_size=b,
-                    max_rows=rows,
-                    steps=steps,
-                    level=level,
-                    last_position=last_position,
-                    recompute=recompute,
-                )
+                settings = replace(options, batch_size=b, max_rows=rows, recompute=recompute)
+                bytes_ = estimate_bytes(model, graph, settings, n_positions, last_position)
                 plan = MemoryPlan(b, rows, recompute, bytes_)
-                if bytes_ <= budget:
+                if bytes_ <= int(budget_gib * GIB):
                     return plan
                 candidates.append(plan)
     smallest = min(candidates, key=lambda p: p.estimate)

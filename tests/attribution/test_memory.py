@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from circuits import Graph, attribute
-from circuits.attribution import METHODS, estimate_bytes, plan_memory
+from circuits.attribution import METHODS, ScoringOptions, estimate_bytes, plan_memory
 from circuits.attribution.memory import GIB
 from circuits.errors import InputError
 from tests.pairs import make_pairs
@@ -50,13 +50,13 @@ def test_recompute_with_rules_and_mean_ablation(llama):
 def test_max_memory_gives_the_same_scores(llama):
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
-    spec = METHODS["eap-ig-inputs"]
-    options = dict(n_positions=pairs.n_positions, steps=5, level="edge", last_position=True)
-    full = estimate_bytes(llama, graph, spec, batch_size=8, max_rows=64, recompute=False, **options)
-    small = estimate_bytes(llama, graph, spec, batch_size=1, max_rows=1, recompute=True, **options)
+    given = ScoringOptions("eap-ig-inputs", batch_size=8, max_rows=64)
+    small_settings = given.with_settings(batch_size=1, max_rows=1, recompute=True)
+    full = estimate_bytes(llama, graph, given, pairs.n_positions, True)
+    small = estimate_bytes(llama, graph, small_settings, pairs.n_positions, True)
     assert small < full
     budget = (small + full) / 2 / GIB
-    plan = plan_memory(llama, graph, spec, budget, batch_size=8, max_rows=64, **options)
+    plan = plan_memory(llama, graph, given.with_settings(max_memory=budget), pairs.n_positions, True)
     assert plan.estimate <= budget * GIB and (plan.batch_size, plan.max_rows, plan.recompute) != (
         8,
         64,
@@ -70,13 +70,13 @@ def test_max_memory_gives_the_same_scores(llama):
 def test_plan_keeps_settings_that_fit_and_refuses_what_cannot(llama):
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
-    options = dict(n_positions=pairs.n_positions, steps=5, level="edge", last_position=True)
-    plan = plan_memory(llama, graph, METHODS["eap"], 100.0, batch_size=8, max_rows=64, **options)
+    eap = ScoringOptions("eap", batch_size=8, max_rows=64)
+    plan = plan_memory(llama, graph, eap.with_settings(max_memory=100.0), pairs.n_positions, True)
     assert (plan.batch_size, plan.max_rows, plan.recompute) == (8, 64, False)
     with pytest.raises(InputError, match="needs about"):
-        plan_memory(llama, graph, METHODS["eap"], 0.01, batch_size=8, max_rows=64, **options)
+        plan_memory(llama, graph, eap.with_settings(max_memory=0.01), pairs.n_positions, True)
     with pytest.raises(InputError, match="positive"):
-        plan_memory(llama, graph, METHODS["eap"], -1.0, batch_size=8, max_rows=64, **options)
+        eap.with_settings(max_memory=-1.0)
 
 
 def test_recompute_is_refused_where_it_cannot_run(llama):
@@ -86,10 +86,7 @@ def test_recompute_is_refused_where_it_cannot_run(llama):
 
 def test_memory_model_grows_quadratically_with_positions(llama):
     graph = Graph.from_model(llama)
-    options = dict(batch_size=1, max_rows=1, steps=5, level="edge", last_position=True, recompute=False)
-    sizes = [
-        estimate_bytes(llama, graph, METHODS["eap-ig-inputs"], n_positions=p, **options)
-        for p in (256, 512, 1024)
-    ]
+    options = ScoringOptions("eap-ig-inputs", batch_size=1, max_rows=1)
+    sizes = [estimate_bytes(llama, graph, options, p, True) for p in (256, 512, 1024)]
     first, second = sizes[1] - sizes[0], sizes[2] - sizes[1]
     assert second > 2 * first  # the attention probabilities' P^2 term
