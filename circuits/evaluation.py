@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from circuits.data import PromptPairs, check_count, check_pairs
-from circuits.distributed import gather_rows, is_main, shard_range
+from circuits.distributed import gather_rows
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
@@ -115,17 +114,8 @@ def evaluate_many(
     values: list[list[Tensor]] = [[] for _ in circuits]
     full: list[Tensor] = []
     empty: list[Tensor] = []
-    mine = shard_range(len(pairs), model.device)  # all of them, unless under torchrun
-    local = pairs[mine.start : mine.stop]
-    bar = tqdm(
-        total=len(local),
-        desc=f"evaluating {len(circuits)} circuit(s)",
-        unit="pair",
-        disable=quiet or not is_main(),
-    )
-    for index, batch in enumerate(local.batches(batch_size)):
-        first = mine.start + index * batch_size
-        where = f"batch {index} (pairs {first}-{first + len(batch) - 1})"
+    desc = f"evaluating {len(circuits)} circuit(s)"
+    for where, batch in pairs.process_batches(batch_size, model.device, desc, quiet):
 
         def measure(logits: Tensor, clean: Tensor, batch: PromptPairs = batch, where: str = where) -> Tensor:
             return check_values(fn(logits, batch, clean), len(batch), where)
@@ -145,8 +135,6 @@ def evaluate_many(
         for i, edges in enumerate(ablate):
             patched = forward_with_ablation(model, graph, ids, mask, ablated, edges)
             values[i].append(measure(patched, clean_logits).cpu())
-        bar.update(len(batch))
-    bar.close()
     full_all, empty_all = (gather_rows(torch.cat(v), model.device) for v in (full, empty))
     results = []
     for per_batch in values:

@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from circuits.data import PromptPairs, check_count, check_pairs
-from circuits.distributed import is_main, shard_range, sum_floats, sum_tensor
+from circuits.distributed import is_main, sum_floats, sum_tensor
 from circuits.errors import InputError
 from circuits.evaluation import ablated_outputs, evaluate_many
 from circuits.graph import Graph
@@ -65,13 +65,12 @@ def mask_gradient(
     ablate = circuit.valid & ~circuit.in_graph
     total = torch.zeros(circuit.valid.shape, dtype=torch.float64)
     sums = {"circuit": 0.0, "full": 0.0}
-    mine = shard_range(len(pairs), model.device)
-    for index, batch in enumerate(pairs[mine.start : mine.stop].batches(batch_size)):
+    for place, batch in pairs.process_batches(batch_size, model.device, "refinement", quiet=True):
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
         ablated, _ = ablated_outputs(model, circuit, batch, None)
         with torch.no_grad():
             clean_logits = model(ids, mask)
-        where = f"batch {index} of the refinement pairs"
+        where = f"{place} of the refinement pairs"
 
         def measure(
             logits: Tensor, batch: PromptPairs = batch, clean: Tensor = clean_logits, where: str = where

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from circuits.data import PromptPairs, check_count, check_pairs
+from circuits.distributed import sum_tensor
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, HookFn, uses_model
 
@@ -42,9 +42,7 @@ def head_patching(
     spec = model.spec
     units = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)]
     totals = torch.zeros(len(units), dtype=torch.float64)
-    bar = tqdm(total=len(pairs), desc="head patching", unit="pair", disable=quiet)
-    for i, batch in enumerate(pairs.batches(batch_size)):
-        where = f"batch {i}"
+    for where, batch in pairs.process_batches(batch_size, model.device, "head patching", quiet):
         corrupted_z = _head_inputs(model, batch.corrupted.to(model.device), batch.attention_mask)
         mask = batch.attention_mask.to(model.device)
         clean_ids = batch.clean.to(model.device)
@@ -64,8 +62,7 @@ def head_patching(
             values = metric_fn(logits, batch.repeat(k), clean_logits.repeat(k, 1, 1))
             values = check_values(values, k * len(batch), where).reshape(k, len(batch))
             totals[start : start + k] += (values - base).double().sum(1).cpu()
-        bar.update(len(batch))
-    bar.close()
+    totals = sum_tensor(totals, model.device).cpu()  # over processes, under torchrun
     return (totals / len(pairs)).float().reshape(spec.n_layers, spec.n_heads)
 
 

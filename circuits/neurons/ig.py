@@ -22,9 +22,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from circuits.distributed import gather_rows, is_main, shard_range
+from circuits.distributed import gather_rows, process_chunks, shard_range
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.plain import down_projections, plain_model
@@ -172,30 +171,30 @@ def neuron_ig(
     prepare, per_pass = (_cached, prompts_per_pass) if implementation == "cached" else (_full, 1)
     rows = max_rows or (1024 if implementation == "cached" else len(alphas))
 
-    mine = shard_range(len(ids), model.device)  # all prompts, unless under torchrun
+    mine = shard_range(len(ids), model.device, "prompts")  # all prompts, unless under torchrun
     first = mine.start
     scores = torch.zeros(len(mine), spec.n_layers, spec.d_mlp)  # rows: this process's prompts
     prob_delta = torch.zeros(len(mine), spec.n_layers)
-    with tqdm(total=len(mine), desc="neuron IG", unit="prompt", disable=quiet or not is_main()) as bar:
-        for start in range(mine.start, mine.stop, per_pass):
-            batch = list(range(start, min(start + per_pass, mine.stop)))
-            a_in, logits, forward = prepare(model, [ids[i] for i in batch])  # [b, L, d], [b, vocab]
-            a_base = torch.zeros_like(a_in) if isinstance(baseline, str) else baseline[batch].float()
-            delta = (a_in - a_base)[:, chosen]  # [b, J, d]
-            values = a_base[:, chosen, None] + alphas[:, None] * delta[:, :, None]  # [b, J, K, d]
-            targets_here = torch.tensor([target_ids[i] for i in batch])
-            layers_per_pass = max(1, rows // (len(batch) * len(alphas)))
-            grads, probs = _run_rows(forward, chosen, values, targets_here, layers_per_pass)
-            p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [b, 1]
-            if quadrature == "idgi":  # alphas are k/m ascending: add f at alpha = 1 as the last point
-                path = torch.cat([probs, p_in[:, :, None].expand(-1, len(chosen), 1)], dim=2)
-                scores[batch[0] - first : batch[-1] + 1 - first, chosen] = idgi(grads, path).float()
-            else:
-                scores[batch[0] - first : batch[-1] + 1 - first, chosen] = delta * (
-                    weights[:, None] * grads
-                ).sum(2)
-            prob_delta[batch[0] - first : batch[-1] + 1 - first, chosen] = p_in - probs[:, :, zero]
-            bar.update(len(batch))
+    for chunk in process_chunks(
+        len(ids), per_pass, model.device, desc="neuron IG", unit="prompt", quiet=quiet
+    ):
+        batch = list(chunk)
+        a_in, logits, forward = prepare(model, [ids[i] for i in batch])  # [b, L, d], [b, vocab]
+        a_base = torch.zeros_like(a_in) if isinstance(baseline, str) else baseline[batch].float()
+        delta = (a_in - a_base)[:, chosen]  # [b, J, d]
+        values = a_base[:, chosen, None] + alphas[:, None] * delta[:, :, None]  # [b, J, K, d]
+        targets_here = torch.tensor([target_ids[i] for i in batch])
+        layers_per_pass = max(1, rows // (len(batch) * len(alphas)))
+        grads, probs = _run_rows(forward, chosen, values, targets_here, layers_per_pass)
+        p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [b, 1]
+        if quadrature == "idgi":  # alphas are k/m ascending: add f at alpha = 1 as the last point
+            path = torch.cat([probs, p_in[:, :, None].expand(-1, len(chosen), 1)], dim=2)
+            scores[batch[0] - first : batch[-1] + 1 - first, chosen] = idgi(grads, path).float()
+        else:
+            scores[batch[0] - first : batch[-1] + 1 - first, chosen] = delta * (weights[:, None] * grads).sum(
+                2
+            )
+        prob_delta[batch[0] - first : batch[-1] + 1 - first, chosen] = p_in - probs[:, :, zero]
     scores, prob_delta = gather_rows(scores, model.device), gather_rows(prob_delta, model.device)
     return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
 

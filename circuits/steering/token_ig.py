@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuits.distributed import gather_rows, shard_range, sum_tensor
+from circuits.distributed import gather_rows, process_chunks, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.quadrature import Quadrature, check_steps, idgi
@@ -161,14 +161,12 @@ def token_ig(
 
     grad_sum = torch.zeros_like(diff, dtype=torch.float32)
     values, moved = [], []  # IDGI: f at the points, and the gradients of the tokens integrated over
-    mine = shard_range(len(alphas), model.device, "IG steps")  # all of them, unless under torchrun
-    for chunk in range(mine.start, mine.stop, max_rows):
-        stop = min(chunk + max_rows, mine.stop)
-        value, grad = run(alphas[chunk:stop].float(), grad=True)
+    for part in process_chunks(len(alphas), max_rows, model.device, desc="", unit="IG step", quiet=True):
+        value, grad = run(alphas[part.start : part.stop].float(), grad=True)
         assert grad is not None
         if not bool(torch.isfinite(grad).all()):
             raise NumericalError("non-finite gradients along the IG path; try another baseline")
-        w = weights[chunk:stop].float().to(grad.device)
+        w = weights[part.start : part.stop].float().to(grad.device)
         grad_sum += (w[:, None, None] * grad).sum(0)
         if quadrature == "idgi":
             values.append(value)
