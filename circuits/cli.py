@@ -13,7 +13,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from circuits.attribution.methods import DEFAULT_METHOD, METHODS
 from circuits.distributed import is_main
@@ -136,12 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+    _add_discover(commands)
+    _add_file_commands(commands)
+    t = commands.add_parser("tasks", help="list the tasks, or show a model's baseline on them")
+    _add_model_args(t)
+    t.add_argument("--baseline", nargs="*", metavar="TASK", help="tasks to run the baseline on (none: all)")
+    t.add_argument("--n", type=int, default=32)
+    return parser
 
+
+def _add_discover(commands: Any) -> None:
     d = commands.add_parser(
         "discover", help="score edges for a task, select and evaluate a circuit, write files"
     )
     _add_model_args(d)
     _add_task_args(d)
+    _add_scoring_args(d)
+    _add_selection_args(d)
+    d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
+    _add_protocol_arg(d)
+    _add_bootstrap_args(d)
+    d.add_argument(
+        "--stability",
+        type=int,
+        default=0,
+        metavar="K",
+        help="re-score K bootstrap resamples of the pairs and report the Jaccard index of their circuits "
+        "with this one (K more attribution runs; default 0: skip)",
+    )
+    d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
+
+
+def _add_scoring_args(d: argparse.ArgumentParser) -> None:
+    """How edges are scored (`ScoringOptions`)."""
     d.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     d.add_argument("--steps", type=int, default=5, help="IG steps (default 5)")
     d.add_argument("--quadrature", default="left", choices=EDGE_QUADRATURES)
@@ -160,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory budget of the scoring in GiB: smaller batches / passes and recomputed blocks as needed "
         "(the scores do not change)",
     )
+
+
+def _add_selection_args(d: argparse.ArgumentParser) -> None:
+    """How the circuit is chosen from the scores (`DiscoveryOptions`)."""
     d.add_argument("--edges", type=int, default=300, help="edges in the selected circuit (default 300)")
     d.add_argument(
         "--selection",
@@ -202,19 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--agreement of them before selecting (default 0: off)",
     )
     d.add_argument("--agreement", type=float, default=0.9, help="sign-consistency threshold (default 0.9)")
-    d.add_argument("--no-curve", action="store_true", help="skip the faithfulness curves (CPR / CMD)")
-    _add_protocol_arg(d)
-    _add_bootstrap_args(d)
-    d.add_argument(
-        "--stability",
-        type=int,
-        default=0,
-        metavar="K",
-        help="re-score K bootstrap resamples of the pairs and report the Jaccard index of their circuits "
-        "with this one (K more attribution runs; default 0: skip)",
-    )
-    d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
 
+
+def _add_file_commands(commands: Any) -> None:
+    """evaluate, draw and view: commands that read a circuit file."""
     e = commands.add_parser("evaluate", help="faithfulness of a circuit file on a task (and its curve)")
     e.add_argument("circuit", type=Path, help="circuit file (.json EAP-IG / MIB format, or .pt)")
     _add_model_args(e)
@@ -244,12 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help="also write the circuit as a circuit-tracer / Neuronpedia graph file",
     )
-
-    t = commands.add_parser("tasks", help="list the tasks, or show a model's baseline on them")
-    _add_model_args(t)
-    t.add_argument("--baseline", nargs="*", metavar="TASK", help="tasks to run the baseline on (none: all)")
-    t.add_argument("--n", type=int, default=32)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 On the tiny Llama (grouped-query attention) and GPT-2 layouts, and the post-norm, shared-norm, residual-
 multiplier and flattened-MLP ones: every attribution method's edge scores and node scores (with mean
 ablation, the recomputed path and the memory budget where they apply), the top-n circuits built from them,
-their faithfulness (`evaluate`, `evaluate_many`), refinement, MIB's CPR / CMD, and neuron IG (both paths);
+their faithfulness (`evaluate`, `evaluate_many`), refinement, MIB's CPR / CMD, head patching, token IG
+(two rules, both forms), and neuron IG (both paths);
 refusals are recorded by their message. With
 `--demo DIR`, also the demo's files (`make demo` writes outputs/ioi: scores.pt, summary.json less its
 timing).
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from circuits import Graph, attribute, load_model
+from circuits import Graph, attribute, head_patching, load_model
 from circuits.attribution.methods import MethodName
 from circuits.errors import CircuitsError
 from circuits.evaluation import evaluate, evaluate_many
@@ -34,6 +35,7 @@ from circuits.faithfulness import mib_scores
 from circuits.models.hooked import HookedModel
 from circuits.neurons import neuron_ig
 from circuits.refinement import refine
+from circuits.steering import token_ig
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -91,6 +93,13 @@ def results(model: HookedModel) -> dict[str, Any]:
     mib = mib_scores(model, eap_graph, pairs, quiet=True)
     found["mib"] = torch.tensor([mib.cpr, mib.cmd])
     prompts, targets = list(clean), list(answers)
+    found["head_patching"] = head_patching(model, pairs, batch_size=2, max_rows=8, quiet=True)
+    for quadrature in ("gauss-legendre", "idgi"):
+        for target in ({"continuation": answers[0]}, {"target": answers[0]}):
+            tokens = token_ig(model, clean[0], steps=6, max_rows=4, quadrature=quadrature, **target)  # type: ignore[arg-type]
+            found[f"token_ig[{quadrature},{next(iter(target))}]"] = torch.cat(
+                [tokens.scores, torch.tensor([tokens.delta])]
+            )
     for implementation in ("cached", "full"):
         try:
             ig = neuron_ig(model, prompts, targets, steps=4, implementation=implementation, quiet=True)

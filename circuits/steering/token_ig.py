@@ -14,6 +14,7 @@ minus the IG of log p(dispreferred).
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,15 +117,7 @@ def token_ig(
     check_steps(steps, "steps")
     prompt_ids = model.to_ids([prompt])[0]
     n_prompt = len(prompt_ids)
-    if continuation is not None:
-        cont_ids = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not cont_ids:
-            raise InputError(f"the continuation {continuation!r} has no tokens")
-        target_id = None
-    else:
-        cont_ids = []
-        target_id = target if isinstance(target, int) else model.single_token_id(str(target))
-    ids = prompt_ids + list(cont_ids)
+    ids, f = _objective(model, prompt_ids, continuation, target, compat)
     start = 1 if model.prepend_bos else 0  # BOS keeps its embedding
     e = token_embeddings(model, ids)  # [P + C, d]
     base = torch.zeros_like(e[:n_prompt]) if baseline is None else baseline.to(e)
@@ -133,16 +126,6 @@ def token_ig(
     base = base.clone()
     base[:start] = e[:start]
     diff = e[:n_prompt] - base
-
-    def f(logits: Tensor) -> Tensor:  # [rows, P + C, vocab] -> [rows]
-        if target_id is not None:
-            return logits[:, n_prompt - 1, target_id].float()
-        logp = logits.float().log_softmax(-1)
-        offset = 0 if compat == "grains-code" else 1
-        positions = torch.arange(n_prompt, len(ids)) - offset
-        return logp[:, positions, torch.tensor(cont_ids)].sum(-1)
-
-    alphas, weights = quadrature_rule(quadrature, steps)
     batch = torch.tensor([ids], device=model.device)
 
     def run(points: Tensor, grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -159,10 +142,59 @@ def token_ig(
             (g,) = torch.autograd.grad(out.sum(), leaf)
         return out.detach(), g.float()
 
+    scores, endpoints = _integrated(model, run, diff, quadrature, steps, max_rows, start)
+    tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
+    return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
+
+
+def _objective(
+    model: HookedModel,
+    prompt_ids: list[int],
+    continuation: str | None,
+    target: str | int | None,
+    compat: str | None,
+) -> tuple[list[int], Callable[[Tensor], Tensor]]:
+    """The ids run (prompt, then the continuation's) and f: logits [rows, P + C, vocab] -> [rows], the
+    continuation's log-probability or the target's logit after the prompt."""
+    n_prompt = len(prompt_ids)
+    if continuation is not None:
+        cont_ids = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not cont_ids:
+            raise InputError(f"the continuation {continuation!r} has no tokens")
+        target_id = None
+    else:
+        cont_ids = []
+        target_id = target if isinstance(target, int) else model.single_token_id(str(target))
+    ids = prompt_ids + list(cont_ids)
+
+    def f(logits: Tensor) -> Tensor:
+        if target_id is not None:
+            return logits[:, n_prompt - 1, target_id].float()
+        logp = logits.float().log_softmax(-1)
+        offset = 0 if compat == "grains-code" else 1
+        positions = torch.arange(n_prompt, len(ids)) - offset
+        return logp[:, positions, torch.tensor(cont_ids)].sum(-1)
+
+    return ids, f
+
+
+def _integrated(
+    model: HookedModel,
+    run: Callable[[Tensor, bool], tuple[Tensor, Tensor | None]],
+    diff: Tensor,
+    quadrature: Quadrature,
+    steps: int,
+    max_rows: int,
+    start: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-token scores [P] of the path `run` walks (input - baseline = `diff` [P, d]; tokens before
+    `start` are not integrated over), by `quadrature` with `steps` points, and f at the path's ends."""
+    n_prompt = diff.shape[0]
+    alphas, weights = quadrature_rule(quadrature, steps)
     grad_sum = torch.zeros_like(diff, dtype=torch.float32)
     values, moved = [], []  # IDGI: f at the points, and the gradients of the tokens integrated over
     for part in process_chunks(len(alphas), max_rows, model.device, desc="", unit="IG step", quiet=True):
-        value, grad = run(alphas[part.start : part.stop].float(), grad=True)
+        value, grad = run(alphas[part.start : part.stop].float(), True)
         assert grad is not None
         if not bool(torch.isfinite(grad).all()):
             raise NumericalError("non-finite gradients along the IG path; try another baseline")
@@ -172,17 +204,15 @@ def token_ig(
             values.append(value)
             moved.append(grad[:, start:n_prompt])  # BOS is not integrated over
     grad_sum = sum_tensor(grad_sum, model.device).float()
-    endpoints, _ = run(torch.tensor([0.0, 1.0]), grad=False)
-    if quadrature == "idgi":
-        grads = gather_rows(torch.cat(moved), model.device)  # [K, tokens, d], in step order
-        path = gather_rows(torch.cat(values), model.device)
-        per_feature = idgi(grads.flatten(1), torch.cat([path, endpoints[1:]]))
-        scores = torch.zeros(n_prompt)
-        scores[start:] = per_feature.reshape(grads.shape[1:]).sum(-1).float().cpu()
-    else:
-        scores = (diff.float() * grad_sum).sum(-1).cpu()
-    tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
-    return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
+    endpoints, _ = run(torch.tensor([0.0, 1.0]), False)
+    if quadrature != "idgi":
+        return (diff.float() * grad_sum).sum(-1).cpu(), endpoints
+    grads = gather_rows(torch.cat(moved), model.device)  # [K, tokens, d], in step order
+    path = gather_rows(torch.cat(values), model.device)
+    per_feature = idgi(grads.flatten(1), torch.cat([path, endpoints[1:]]))
+    scores = torch.zeros(n_prompt)
+    scores[start:] = per_feature.reshape(grads.shape[1:]).sum(-1).float().cpu()
+    return scores, endpoints
 
 
 @uses_model
