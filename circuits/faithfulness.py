@@ -18,7 +18,7 @@ Protocols (`protocol=`):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from torch import Tensor
@@ -29,6 +29,7 @@ from circuits.evaluation import evaluate_many
 from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.settings import with_settings
 from circuits.sources import Ablation
 from circuits.strategies import Selection, Selector, mib_edge_weights, select, selection_name
 from circuits.uncertainty import LEVEL, RESAMPLES, Interval, curve_intervals
@@ -83,56 +84,86 @@ def area(x: Sequence[float], y: Sequence[float]) -> float:
     return sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(len(x) - 1))
 
 
+@dataclass(frozen=True)
+class CurveOptions:
+    """How a faithfulness curve is measured; a wrong value raises `InputError` here.
+
+    Attributes:
+        absolute: rank edges by |score| (CMD's curve) or by signed score (CPR's).
+        selection: how each budget's circuit is chosen (`circuits.strategies`).
+        percentages: the budgets, % of all edges, ascending (default MIB's ten).
+        protocol: `mib` (MIB's budgets and x values) or `pruned` (see the module docstring).
+        ablation, batch_size: how each circuit is evaluated (`evaluate_many`).
+        seed: for random selection; label: the curve's name (default the selection's).
+    """
+
+    absolute: bool = True
+    selection: Selection | Selector = "top_n"
+    percentages: tuple[float, ...] = MIB_PERCENTAGES
+    protocol: Protocol = "mib"
+    ablation: Ablation = "patching"
+    batch_size: int = 8
+    seed: int = 0
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        percentages = tuple(self.percentages)
+        object.__setattr__(self, "percentages", percentages)
+        if not percentages or sorted(percentages) != list(percentages):
+            raise InputError("percentages must be a non-empty ascending sequence")
+        if any(not 0 < p <= 100 for p in percentages):
+            raise InputError(f"percentages must lie in (0, 100], got {list(percentages)}")
+        if self.protocol not in PROTOCOLS:
+            raise InputError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
 @uses_model
 def faithfulness_curve(
     model: HookedModel,
     graph: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
+    options: CurveOptions | None = None,
     *,
-    absolute: bool = True,
-    selection: Selection | Selector = "top_n",
-    percentages: Sequence[float] = MIB_PERCENTAGES,
-    ablation: Ablation = "patching",
     reference: PromptPairs | None = None,
-    batch_size: int = 8,
-    label: str | None = None,
-    seed: int = 0,
-    protocol: Protocol = "mib",
     quiet: bool = False,
+    **settings: Any,
 ) -> FaithfulnessCurve:
-    """Faithfulness of circuits of `graph`'s best edges at each budget in `percentages` (% of all edges),
-    budgets and x values as `protocol` says (see the module docstring)."""
-    if not percentages or sorted(percentages) != list(percentages):
-        raise InputError("percentages must be a non-empty ascending sequence")
-    if any(not 0 < p <= 100 for p in percentages):
-        raise InputError(f"percentages must lie in (0, 100], got {list(percentages)}")
-    if protocol not in PROTOCOLS:
-        raise InputError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    fractions = [round(p / 100, 12) for p in percentages]  # MIB's literals (.001, ..., 1)
-    weights = mib_edge_weights(graph) if protocol == "mib" else graph.valid.long()
+    """Faithfulness of circuits of `graph`'s best edges at each budget of `options` (`CurveOptions`; any
+    of its fields may be given as a keyword instead), budgets and x values as its protocol says (see the
+    module docstring). `reference`: the prompts of a mean ablation (default `pairs`)."""
+    options = with_settings(options or CurveOptions(), settings)
+    fractions = [round(p / 100, 12) for p in options.percentages]  # MIB's literals (.001, ..., 1)
+    mib = options.protocol == "mib"
+    weights = mib_edge_weights(graph) if mib else graph.valid.long()
     total = int(weights.sum())
-    budgets = [int(f * total) if protocol == "mib" else round(f * total) for f in fractions]
-    circuits = [select(graph, b, selection, absolute, seed, weights) for b in budgets]
+    budgets = [int(f * total) if mib else round(f * total) for f in fractions]
+    circuits = [select(graph, b, options.selection, options.absolute, options.seed, weights) for b in budgets]
     results = evaluate_many(
-        model, circuits, pairs, metric, ablation, reference=reference, batch_size=batch_size, quiet=quiet
+        model,
+        circuits,
+        pairs,
+        metric,
+        options.ablation,
+        reference=reference,
+        batch_size=options.batch_size,
+        quiet=quiet,
     )
+    points = [
+        CurvePoint(p, c.n_in_graph, f if mib else c.n_in_graph / graph.n_edges, r.circuit, r.faithfulness)
+        for p, f, c, r in zip(options.percentages, fractions, circuits, results)
+    ]
     first = results[0]
-    curve = FaithfulnessCurve(
-        label or selection_name(selection),
-        absolute,
+    return FaithfulnessCurve(
+        options.label or selection_name(options.selection),
+        options.absolute,
         first.full,
         first.empty,
-        [],
+        points,
         first.full_per_example,
         first.empty_per_example,
+        [r.per_example for r in results],
     )
-    for p, f, circuit, result in zip(percentages, fractions, circuits, results):
-        n = circuit.n_in_graph
-        x = f if protocol == "mib" else n / graph.n_edges
-        curve.points.append(CurvePoint(p, n, x, result.circuit, result.faithfulness))
-        curve.per_example.append(result.per_example)
-    return curve
 
 
 @dataclass
@@ -150,24 +181,27 @@ def mib_scores(
     graph: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
+    options: CurveOptions | None = None,
     *,
-    selection: Selection | Selector = "top_n",
-    label: str | None = None,
+    reference: PromptPairs | None = None,
     resamples: int = RESAMPLES,
     level: float = LEVEL,
     bootstrap_seed: int = 0,
-    **kwargs: Any,
+    quiet: bool = False,
+    **settings: Any,
 ) -> MIBScores:
-    """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves and
-    their bootstrap intervals over the examples (`resamples` draws at confidence `level`; 0 draws: none)."""
-    signed = faithfulness_curve(
-        model, graph, pairs, metric, absolute=False, selection=selection, label=label, **kwargs
+    """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves (as
+    `options` says, `absolute` aside; its fields may be given as keywords) and their bootstrap intervals
+    over the examples (`resamples` draws at confidence `level`; 0 draws: none)."""
+    options = with_settings(options or CurveOptions(), settings)
+    signed, absolute = (
+        faithfulness_curve(
+            model, graph, pairs, metric, replace(options, absolute=by_size), reference=reference, quiet=quiet
+        )
+        for by_size in (False, True)
     )
-    absolute = faithfulness_curve(
-        model, graph, pairs, metric, absolute=True, selection=selection, label=label, **kwargs
-    )
-    scores = MIBScores(signed.area_under, absolute.area_from_one, signed, absolute)
+    cpr, cmd = None, None
     if resamples:
-        scores.cpr_interval = curve_intervals(signed, resamples, level, bootstrap_seed)[0]
-        scores.cmd_interval = curve_intervals(absolute, resamples, level, bootstrap_seed)[1]
-    return scores
+        cpr = curve_intervals(signed, resamples, level, bootstrap_seed)[0]
+        cmd = curve_intervals(absolute, resamples, level, bootstrap_seed)[1]
+    return MIBScores(signed.area_under, absolute.area_from_one, signed, absolute, cpr, cmd)

@@ -25,6 +25,7 @@ from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, Protocol, mib_scor
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
+from circuits.settings import with_settings
 from circuits.strategies import Selection, Selector, ensemble_scores, select, selection_name
 from circuits.task import TaskPairs
 from circuits.uncertainty import (
@@ -223,7 +224,7 @@ def _discovery_settings(
     scoring = (scoring or ScoringOptions()).with_settings(
         **{k: v for k, v in settings.items() if k not in discovery_fields}
     )
-    options = replace(options or DiscoveryOptions(), **mine)
+    options = with_settings(options or DiscoveryOptions(), mine)
     if isinstance(options.ensemble, list):
         options = replace(options, ensemble=tuple(options.ensemble))
     return scoring, options

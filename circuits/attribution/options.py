@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from circuits.attribution.methods import DEFAULT_METHOD, METHODS, MethodName, MethodSpec
@@ -11,6 +11,7 @@ from circuits.data import check_count
 from circuits.errors import InputError
 from circuits.models.relp import RelPRules
 from circuits.quadrature import EDGE_QUADRATURES, Quadrature, check_rule, check_steps
+from circuits.settings import with_settings
 from circuits.sources import ABLATIONS, Ablation
 
 Level = Literal["edge", "node"]
@@ -106,10 +107,4 @@ class ScoringOptions:
 
     def with_settings(self, **settings: Any) -> ScoringOptions:
         """A copy with `settings` (any of the fields) changed, checked as a new one."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(settings) - names)
-        if unknown:
-            raise InputError(
-                f"unknown scoring settings {unknown}; the settings are {', '.join(sorted(names))}"
-            )
-        return replace(self, **settings)
+        return with_settings(self, settings)

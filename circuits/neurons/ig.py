@@ -30,6 +30,7 @@ from circuits.models.plain import down_projections, plain_model
 from circuits.neurons.last_position import LastPositions, Replace, run_prompts
 from circuits.quadrature import Quadrature, check_steps, idgi
 from circuits.quadrature import quadrature as quadrature_rule
+from circuits.settings import with_settings
 
 IGBaseline = Literal["zero"] | Tensor  # the path's start: zero activations, or given ones
 Implementation = Literal["cached", "full"]
@@ -110,32 +111,15 @@ def last_activations(model: HookedModel, prompts: Sequence[str] | Sequence[Seque
     return torch.cat([run_prompts(model, chunk).activations.cpu() for chunk in chunks])
 
 
-@uses_model
-def neuron_ig(
-    model: HookedModel,
-    prompts: Sequence[str] | Sequence[Sequence[int]],
-    targets: Sequence[str | int],
-    *,
-    baseline: IGBaseline = "zero",
-    layers: Sequence[int] | None = None,
-    steps: int = 20,
-    quadrature: Quadrature = "left",
-    compat: str | None = None,
-    implementation: Implementation = "cached",
-    prompts_per_pass: int = 4,
-    max_rows: int | None = None,
-    quiet: bool = False,
-) -> NeuronAttribution:
-    """IG scores of every MLP neuron at each prompt's last position for its target token's probability.
+@dataclass(frozen=True)
+class NeuronIGOptions:
+    """How `neuron_ig` integrates; a wrong value raises `InputError` here.
 
-    Args:
-        targets: one single-token string (or id) per prompt.
-        baseline: "zero" (Knowledge Neurons) or [n_prompts, n_layers, d_mlp] activations (IRCAN: the
-            activations without the context, from `last_activations`).
+    Attributes:
         layers: layers to attribute (default all).
-        quadrature: `left` (k/m, k = 0..m-1), `midpoint`, `trapezoid`, `gauss-legendre`, or `idgi` (each
-            step's exact change of the probability spent over the layer's neurons by their share of the
-            squared gradient: a layer's scores then sum to P(a_in) - P(a_base) exactly, at any m).
+        steps, quadrature: the grid: `left` (k/m, k = 0..m-1), `midpoint`, `trapezoid`, `gauss-legendre`,
+            or `idgi` (each step's exact change of the probability spent over the layer's neurons by their
+            share of the squared gradient: a layer's scores then sum to P(a_in) - P(a_base) exactly).
         compat: "ircan-code" reproduces the released IRCAN code's weighting (see `_grid`).
         implementation: "cached" (one-position rows over a cached prefix) or "full" (reference).
         prompts_per_pass: prompts whose rows share the passes (`cached`; `full` takes one at a time).
@@ -143,12 +127,55 @@ def neuron_ig(
             1024 one-position rows (`cached`), one layer of one prompt, i.e. `steps` (+ 1) copies of the
             prompt, as in the released procedure (`full`).
     """
+
+    layers: tuple[int, ...] | None = None
+    steps: int = 20
+    quadrature: Quadrature = "left"
+    compat: str | None = None
+    implementation: Implementation = "cached"
+    prompts_per_pass: int = 4
+    max_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        check_steps(self.steps, "steps")
+        _grid(self.steps, self.quadrature, self.compat)  # checks the rule and the compat mode
+        if self.implementation not in ("cached", "full"):
+            raise InputError(f"implementation must be 'cached' or 'full', got {self.implementation!r}")
+        if self.prompts_per_pass < 1 or (self.max_rows is not None and self.max_rows < 1):
+            raise InputError(
+                f"prompts_per_pass and max_rows must be >= 1, got {self.prompts_per_pass}, {self.max_rows}"
+            )
+
+
+@uses_model
+def neuron_ig(
+    model: HookedModel,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    targets: Sequence[str | int],
+    options: NeuronIGOptions | None = None,
+    *,
+    baseline: IGBaseline = "zero",
+    quiet: bool = False,
+    **settings: Any,
+) -> NeuronAttribution:
+    """IG scores of every MLP neuron at each prompt's last position for its target token's probability.
+
+    Args:
+        targets: one single-token string (or id) per prompt.
+        options: how to integrate (`NeuronIGOptions`); any of its fields may be given as a keyword
+            instead (`steps=20, implementation="full"`), taking precedence.
+        baseline: "zero" (Knowledge Neurons) or [n_prompts, n_layers, d_mlp] activations (IRCAN: the
+            activations without the context, from `last_activations`).
+    """
+    options = with_settings(options or NeuronIGOptions(), settings)
     ids = _prompt_ids(model, prompts)
     target_ids = _target_ids(model, targets)
     if len(target_ids) != len(ids):
         raise InputError(f"got {len(ids)} prompts but {len(target_ids)} targets")
     spec = model.spec
-    chosen = list(range(spec.n_layers)) if layers is None else sorted(set(layers))
+    chosen = list(range(spec.n_layers)) if options.layers is None else list(options.layers)
     if any(not 0 <= layer < spec.n_layers for layer in chosen):
         raise InputError(f"layers must lie in [0, {spec.n_layers})")
     if isinstance(baseline, Tensor) and baseline.shape != (len(ids), spec.n_layers, spec.d_mlp):
@@ -158,27 +185,39 @@ def neuron_ig(
         )
     if isinstance(baseline, str) and baseline != "zero":
         raise InputError(f"baseline must be 'zero' or a tensor of activations, got {baseline!r}")
-    check_steps(steps, "steps")
-    alphas, weights = _grid(steps, quadrature, compat)
+    scores, prob_delta = _integrate(model, ids, target_ids, baseline, chosen, options, quiet)
+    scores, prob_delta = gather_rows(scores, model.device), gather_rows(prob_delta, model.device)
+    return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
+
+
+def _integrate(
+    model: HookedModel,
+    ids: list[list[int]],
+    target_ids: list[int],
+    baseline: IGBaseline,
+    chosen: list[int],
+    options: NeuronIGOptions,
+    quiet: bool,
+) -> tuple[Tensor, Tensor]:
+    """This process's prompts' scores [n, L, d_mlp] and probability changes [n, L] (zero outside
+    `chosen` layers)."""
+    spec = model.spec
+    alphas, weights = _grid(options.steps, options.quadrature, options.compat)
     if not bool((alphas == 0).any()):  # alpha = 0 gives P(a_base) for the completeness check
         alphas, weights = torch.cat([alphas, alphas.new_zeros(1)]), torch.cat([weights, weights.new_zeros(1)])
     zero = int((alphas == 0).nonzero()[0])
     alphas, weights = alphas.float(), weights.float()
-    if implementation not in ("cached", "full"):
-        raise InputError(f"implementation must be 'cached' or 'full', got {implementation!r}")
-    if prompts_per_pass < 1 or (max_rows is not None and max_rows < 1):
-        raise InputError(f"prompts_per_pass and max_rows must be >= 1, got {prompts_per_pass}, {max_rows}")
-    prepare, per_pass = (_cached, prompts_per_pass) if implementation == "cached" else (_full, 1)
-    rows = max_rows or (1024 if implementation == "cached" else len(alphas))
-
+    cached = options.implementation == "cached"
+    prepare, per_pass = (_cached, options.prompts_per_pass) if cached else (_full, 1)
+    rows = options.max_rows or (1024 if cached else len(alphas))
     mine = shard_range(len(ids), model.device, "prompts")  # all prompts, unless under torchrun
     first = mine.start
     scores = torch.zeros(len(mine), spec.n_layers, spec.d_mlp)  # rows: this process's prompts
     prob_delta = torch.zeros(len(mine), spec.n_layers)
-    for chunk in process_chunks(
-        len(ids), per_pass, model.device, desc="neuron IG", unit="prompt", quiet=quiet
-    ):
+    chunks = process_chunks(len(ids), per_pass, model.device, desc="neuron IG", unit="prompt", quiet=quiet)
+    for chunk in chunks:
         batch = list(chunk)
+        here = slice(batch[0] - first, batch[-1] + 1 - first)
         a_in, logits, forward = prepare(model, [ids[i] for i in batch])  # [b, L, d], [b, vocab]
         a_base = torch.zeros_like(a_in) if isinstance(baseline, str) else baseline[batch].float()
         delta = (a_in - a_base)[:, chosen]  # [b, J, d]
@@ -187,16 +226,13 @@ def neuron_ig(
         layers_per_pass = max(1, rows // (len(batch) * len(alphas)))
         grads, probs = _run_rows(forward, chosen, values, targets_here, layers_per_pass)
         p_in = logits.softmax(-1).gather(1, targets_here[:, None])  # [b, 1]
-        if quadrature == "idgi":  # alphas are k/m ascending: add f at alpha = 1 as the last point
+        if options.quadrature == "idgi":  # alphas are k/m ascending: add f at alpha = 1 as the last point
             path = torch.cat([probs, p_in[:, :, None].expand(-1, len(chosen), 1)], dim=2)
-            scores[batch[0] - first : batch[-1] + 1 - first, chosen] = idgi(grads, path).float()
+            scores[here, chosen] = idgi(grads, path).float()
         else:
-            scores[batch[0] - first : batch[-1] + 1 - first, chosen] = delta * (weights[:, None] * grads).sum(
-                2
-            )
-        prob_delta[batch[0] - first : batch[-1] + 1 - first, chosen] = p_in - probs[:, :, zero]
-    scores, prob_delta = gather_rows(scores, model.device), gather_rows(prob_delta, model.device)
-    return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
+            scores[here, chosen] = delta * (weights[:, None] * grads).sum(2)
+        prob_delta[here, chosen] = p_in - probs[:, :, zero]
+    return scores, prob_delta
 
 
 RowForward = Callable[[list[int], Tensor], Tensor]
