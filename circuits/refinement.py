@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from circuits.intervention import ablation_gradient
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.selection import with_edges
+from circuits.settings import with_settings
 from circuits.strategies import Selection, Selector, select, selection_name
 
 SWAP_SHARES = (0.1, 0.03, 0.01, 0.0)  # swap sizes tried per round, as shares of the budget (0: one edge)
@@ -86,26 +88,42 @@ def mask_gradient(
     return MaskGradient(means["circuit"], means["full"], total / len(pairs) * circuit.valid)
 
 
+@dataclass(frozen=True)
+class RefineOptions:
+    """How `refine` searches: `absolute` (the objective: |f - 1| rather than f), at most `rounds` rounds,
+    the swap sizes tried per round as `shares` of the budget (0: one edge), `batch_size` pairs a batch."""
+
+    absolute: bool = False
+    rounds: int = 4
+    shares: tuple[float, ...] = SWAP_SHARES
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shares", tuple(self.shares))
+        check_count(self.rounds, "rounds")
+        check_count(self.batch_size, "batch_size")
+        if not self.shares or any(not 0 <= s <= 1 for s in self.shares):
+            raise InputError(f"shares must be fractions of the budget in [0, 1], got {list(self.shares)}")
+
+
 def refine(
     model: HookedModel,
     circuit: Graph,
     pairs: PromptPairs,
     metric: str | Metric = "logit_diff",
+    options: RefineOptions | None = None,
     *,
     budget: int,
     weights: Tensor | None = None,
-    absolute: bool = False,
-    rounds: int = 4,
-    shares: Sequence[float] = SWAP_SHARES,
-    batch_size: int = 8,
     quiet: bool = True,
+    **settings: Any,
 ) -> Graph:
     """A circuit within `budget` (counted by `weights`, default one per edge) at least as good as
-    `circuit` on `pairs` by the objective (module docstring), found by at most `rounds` rounds of
-    gradient-guided swaps. Returns a new pruned graph; `circuit` is not modified."""
-    check_count(rounds, "rounds")
-    if not shares or any(not 0 <= s <= 1 for s in shares):
-        raise InputError(f"shares must be fractions of the budget in [0, 1], got {list(shares)}")
+    `circuit` on `pairs` by the objective (module docstring), found by gradient-guided swaps as `options`
+    says (`RefineOptions`; its fields may be given as keywords). Returns a new pruned graph; `circuit` is
+    not modified."""
+    options = with_settings(options or RefineOptions(), settings)
+    absolute, rounds, batch_size = options.absolute, options.rounds, options.batch_size
     weights = circuit.valid.long() if weights is None else weights
     if int(weights[circuit.in_graph & circuit.valid].sum()) > budget:
         raise InputError(f"the starting circuit already uses more than the budget of {budget}")
@@ -118,7 +136,7 @@ def refine(
             return -abs(mean - full) if absolute else mean
 
         grad = at.grad * (-1.0 if absolute and at.circuit > at.full else 1.0)
-        candidates = _swaps(best, grad, budget, weights, shares)
+        candidates = _swaps(best, grad, budget, weights, options.shares)
         if not candidates:
             break
         found = evaluate_many(model, candidates, pairs, metric, batch_size=batch_size)
@@ -208,18 +226,8 @@ def refined_selection(
         start = select(graph, budget, base, absolute, seed, weights)
         if budget == 0 or int(weights[start.in_graph & start.valid].sum()) == int(weights.sum()):
             return start
-        return refine(
-            model,
-            start,
-            pairs,
-            metric,
-            budget=budget,
-            weights=weights,
-            absolute=absolute,
-            rounds=rounds,
-            batch_size=batch_size,
-            quiet=quiet,
-        )
+        options = RefineOptions(absolute, rounds, batch_size=batch_size)
+        return refine(model, start, pairs, metric, options, budget=budget, weights=weights, quiet=quiet)
 
     select_refined.__name__ = f"refined({selection_name(base)}, {rounds} rounds)"
     return select_refined
