@@ -1,5 +1,9 @@
 """circuits: find the circuit inside a transformer language model, and steer it at inference time.
 
+Everything a notebook needs is importable from here (`from circuits import load_model, attribute, ...`);
+the parts that bring in plotting, the page, neurons and steering are imported on first use, so that
+`import circuits.cli` loads only what a command needs.
+
 Axis letters in docstrings and shape comments, everywhere in the package:
     N  pairs / prompts of a data set        b  examples of one batch
     B  rows of one forward pass (K * b when steps are stacked)
@@ -11,7 +15,11 @@ Edge tensors are [n_sources, n_destinations]; source outputs [B, P, n_sources, d
 the graph and each method's math are in docs/design.md.
 """
 
-from circuits.attribution import Attribution, attribute, head_patching
+from importlib import import_module
+from typing import Any
+
+from circuits.attribution import Attribution, ScoringOptions, attribute, head_patching
+from circuits.baseline import baseline  # eager: the name is also a submodule's, which would shadow it
 from circuits.data import PromptPairs
 from circuits.errors import (
     CircuitsError,
@@ -23,9 +31,51 @@ from circuits.errors import (
     NumericalError,
     UnsupportedModelError,
 )
-from circuits.evaluation import Evaluation, evaluate
+from circuits.evaluation import Evaluation, evaluate, evaluate_many
 from circuits.graph import Graph
 from circuits.models import HookedModel, load_model
+
+_LAZY = {  # name -> the module that defines it, imported on first use
+    "make_task": "circuits.task",
+    "TaskPairs": "circuits.task",
+    "select": "circuits.strategies",
+    "CurveOptions": "circuits.faithfulness",
+    "faithfulness_curve": "circuits.faithfulness",
+    "mib_scores": "circuits.faithfulness",
+    "bootstrap_scores": "circuits.uncertainty",
+    "circuit_stability": "circuits.uncertainty",
+    "RefineOptions": "circuits.refinement",
+    "refine": "circuits.refinement",
+    "draw_circuit": "circuits.drawing",
+    "plot_curves": "circuits.drawing",
+    "show": "circuits.viewer",
+    "write_page": "circuits.viewer",
+    "DiscoveryOptions": "circuits.pipeline",
+    "discover": "circuits.pipeline",
+    "top_heads": "circuits.pipeline",
+    "NeuronIGOptions": "circuits.neurons",
+    "neuron_ig": "circuits.neurons",
+    "last_activations": "circuits.neurons",
+    "context_neurons": "circuits.neurons",
+    "random_neurons_like": "circuits.neurons",
+    "reweight": "circuits.neurons",
+    "token_ig": "circuits.steering",
+    "contrastive_token_ig": "circuits.steering",
+    "steering_vectors": "circuits.steering",
+    "steer": "circuits.steering",
+    "generate": "circuits.steering",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'circuits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "Attribution",
@@ -40,10 +90,14 @@ __all__ = [
     "ModelLoadError",
     "NumericalError",
     "PromptPairs",
+    "ScoringOptions",
     "UnsupportedModelError",
     "attribute",
+    "baseline",
     "evaluate",
+    "evaluate_many",
     "head_patching",
     "load_model",
+    *_LAZY,
 ]
 __version__ = "0.1.0"

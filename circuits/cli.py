@@ -60,11 +60,9 @@ def _model(args: argparse.Namespace) -> HookedModel:
 
 
 def _task(model: HookedModel, name: str, n: int, seed: int, data: Path | None) -> TaskPairs:
-    from circuits.task import file_loader, task_builders
+    from circuits.task import make_task
 
-    if data is not None:
-        return file_loader()(model, data)
-    return task_builders()[name](model, n, seed=seed)
+    return make_task(model, None if data is not None else name, n, seed=seed, data=data)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

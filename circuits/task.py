@@ -67,3 +67,18 @@ def file_loader() -> Callable[[HookedModel, str | Path], TaskPairs]:
         if hasattr(plugin, "load_pairs"):
             return plugin.load_pairs  # type: ignore[no-any-return]
     raise InputError("no installed task plug-in reads data files (none has load_pairs)")
+
+
+def make_task(
+    model: HookedModel, name: str | None = None, n: int = 32, *, seed: int = 0, data: str | Path | None = None
+) -> TaskPairs:
+    """Prompt pairs for `model`: `n` of the installed task `name` (`task_builders()`: ioi, greater_than,
+    ...), or a user's data file `data` (read by the installed plug-in's `load_pairs`)."""
+    if (name is None) == (data is None):
+        raise InputError("give a task name or a data file (one of them)")
+    if data is not None:
+        return file_loader()(model, data)
+    builders = task_builders()
+    if name not in builders:
+        raise InputError(f"unknown task {name!r}; the installed tasks are {', '.join(sorted(builders))}")
+    return builders[name](model, n, seed=seed)

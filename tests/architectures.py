@@ -1,5 +1,5 @@
 """The support matrix: tiny random models of many Hugging Face architectures and what the toolkit does
-with each (exact, or refused with `UnsupportedModelError` for the reason given). The README's table is
+with each (exact, or refused with `UnsupportedModelError` for the reason given). docs/models.md's table is
 this list; `test_support_matrix.py` checks both."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class Architecture:
     options: dict[str, Any] = field(default_factory=dict)
     how: str = SEQUENTIAL  # for supported architectures: the block layout the graph reads
     refusal: str = ""  # for refused ones: a fragment of the UnsupportedModelError message
-    why: str = ""  # for refused ones: the reason in words (the README's column)
-    label: str = ""  # the README's name when one model type appears in several styles
+    why: str = ""  # for refused ones: the reason in words (docs/models.md's column)
+    label: str = ""  # docs/models.md's name when one model type appears in several styles
     exact_since: str = ""  # the transformers version from which it is exact; refused as above before it
 
     @property
@@ -44,7 +44,7 @@ class Architecture:
 
     @property
     def exact_with_newest_transformers(self) -> bool:
-        """Exact with the newest transformers (the README's column)."""
+        """Exact with the newest transformers (docs/models.md's column)."""
         return not self.refusal or bool(self.exact_since)
 
     def build(self) -> PreTrainedModel:

@@ -1,6 +1,6 @@
 """MLP neurons: integrated-gradients attribution (Knowledge Neurons, IRCAN) and reweighting."""
 
-from circuits.neurons.ig import NeuronAttribution, last_activations, neuron_ig
+from circuits.neurons.ig import NeuronAttribution, NeuronIGOptions, last_activations, neuron_ig
 from circuits.neurons.ircan import (
     ContextNeurons,
     context_neurons,
@@ -12,6 +12,7 @@ from circuits.neurons.ircan import (
 __all__ = [
     "ContextNeurons",
     "NeuronAttribution",
+    "NeuronIGOptions",
     "context_neurons",
     "last_activations",
     "neuron_ig",
