@@ -1,6 +1,7 @@
 """The package's shape, checked on its source: imports only go down (the import graph of `circuits` has no
-cycle), `circuits` never imports `tasks`, and TransformerLens / Hugging Face internals stay in
-`circuits/models/`. Run alone: `python -m pytest tests/test_layering.py`."""
+cycle), `circuits` never imports `tasks`, and TransformerLens / Hugging Face internals (the bridge's,
+and every import of transformers) stay in `circuits/models/`. Run alone:
+`python -m pytest tests/test_layering.py`."""
 
 import ast
 import re
@@ -86,6 +87,19 @@ def test_imports_only_go_down():
 def test_circuits_never_imports_tasks():
     graph = _import_graph()
     assert not [(a, b) for a, b in graph.edges if b.startswith("tasks")]
+
+
+def test_transformers_is_imported_only_by_the_models_package():
+    """Hugging Face internals (attention registries, caches, modules) stay behind the adapter; outside it
+    only `circuits/testing.py` imports transformers, for the config classes of its tiny models."""
+    allowed = {PACKAGE / "testing.py"}
+    leaks = [
+        str(path.relative_to(ROOT))
+        for path in PACKAGE.rglob("*.py")
+        if "models" not in path.relative_to(PACKAGE).parts and path not in allowed
+        if re.search(r"^\s*(from|import) transformers\b", path.read_text(), re.M)
+    ]
+    assert not leaks
 
 
 def test_bridge_internals_stay_in_the_models_package():

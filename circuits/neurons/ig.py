@@ -26,8 +26,8 @@ from torch import Tensor
 from circuits.distributed import gather_rows, process_chunks, shard_range
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.models.last_position import LastPositions, Replace, run_prompts
 from circuits.models.plain import down_projections, plain_model
-from circuits.neurons.last_position import LastPositions, Replace, run_prompts
 from circuits.quadrature import Quadrature, check_steps, idgi
 from circuits.quadrature import quadrature as quadrature_rule
 from circuits.settings import with_settings

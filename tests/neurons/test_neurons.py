@@ -126,8 +126,8 @@ def test_target_probability_gradient():
 def test_cached_path_refuses_a_block_it_cannot_reproduce():
     """A block whose MLP output is transformed before the residual sum (as with a post-MLP norm) breaks the
     one-position route's assumption; the check must say so instead of returning wrong scores."""
+    from circuits.models.last_position import PREFIX_ROWS
     from circuits.models.plain import plain_model
-    from circuits.neurons.last_position import PREFIX_ROWS
     from circuits.testing import tiny_llama
 
     model = tiny_llama()  # its own copy: the hooks below must not leak into other tests

@@ -74,6 +74,7 @@ class LastPositions:
 
     @classmethod
     def of(cls, model: HookedModel, prompts: list[list[int]]) -> LastPositions:
+        AttentionInterface.register(PREFIX_ROWS, prefix_attention)  # the name `_block` runs the blocks with
         return cls(model, run_prompts(model, prompts), _block_calls(model, prompts))
 
     def run_rows(self, layers: list[int], leaf: Tensor) -> Tensor:
@@ -188,8 +189,7 @@ def prefix_attention(
     return out.reshape(rows, 1, heads, d_head), None
 
 
-PREFIX_ROWS = "circuits_prefix_rows"
-AttentionInterface.register(PREFIX_ROWS, prefix_attention)
+PREFIX_ROWS = "circuits_prefix_rows"  # registered with Hugging Face's attention functions on first use
 
 
 @dataclass
@@ -261,16 +261,13 @@ def _at(x: Tensor, positions: Tensor | None) -> Tensor:
     return x[torch.arange(x.shape[0], device=x.device), positions]
 
 
-class _Recorded(Exception):
-    """Raised by the last stub block: every block's arguments are known, the pass can stop."""
-
-
 def _block_calls(model: HookedModel, prompts: list[list[int]]) -> list[tuple[tuple, dict[str, Any]]]:
     """The arguments (after the hidden states) the model gives each block at the prompts' last positions.
 
     Found by one pass of the base model over the last tokens (batch of prompts, their positions given)
-    whose blocks, replaced by stubs, only record what they are given: no block computation. Cache arguments
-    are dropped (`prefix_attention` brings the prefix).
+    whose blocks, replaced by stubs, only record what they are given and pass the hidden states on: no
+    block computation (only the final norm runs). Cache arguments are dropped (`prefix_attention` brings
+    the prefix).
     """
     blocks = plain_submodule(model, "blocks")
     calls: list[tuple[tuple, dict[str, Any]]] = []
@@ -279,8 +276,6 @@ def _block_calls(model: HookedModel, prompts: list[list[int]]) -> list[tuple[tup
         hidden = args[0] if args else kwargs.pop("hidden_states")
         args = tuple(None if isinstance(a, Cache) else a for a in args[1:])
         calls.append((args, {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}))
-        if len(calls) == len(blocks):
-            raise _Recorded
         return hidden
 
     ids = torch.tensor([[p[-1]] for p in prompts], device=model.device)
@@ -290,12 +285,12 @@ def _block_calls(model: HookedModel, prompts: list[list[int]]) -> list[tuple[tup
     try:
         with torch.no_grad():
             plain_model(model).base_model(ids, position_ids=positions, use_cache=False)
-    except _Recorded:
-        return calls
     finally:
         for block in blocks:
             del block.forward
-    raise RuntimeError(f"{model.spec.name}: the model did not call all {len(blocks)} blocks")
+    if len(calls) != len(blocks):
+        raise RuntimeError(f"{model.spec.name}: the model called {len(calls)} of its {len(blocks)} blocks")
+    return calls
 
 
 def _per_row(call: tuple[tuple, dict[str, Any]], n_prompts: int, per_prompt: int) -> tuple[tuple, dict]:
