@@ -39,17 +39,6 @@ from circuits.uncertainty import (
 )
 from circuits.viewer import write_page
 
-# Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
-WANG_2022_HEADS = {
-    "name mover": ["9.6", "9.9", "10.0"],
-    "S-inhibition": ["7.3", "7.9", "8.6", "8.10"],
-    "induction": ["5.5", "5.8", "5.9", "6.9"],
-    "duplicate token": ["0.1", "0.10", "3.0"],
-    "previous token": ["2.2", "4.11"],
-    "negative name mover": ["10.7", "11.10"],
-    "backup name mover": ["9.0", "9.7", "10.1", "10.2", "10.6", "10.10", "11.2", "11.9"],
-}
-
 
 class HeadScore(NamedTuple):
     """A head's node score; `name` is `layer.head` as in Wang et al. (a post-norm layer's source: `layer`)."""
@@ -76,11 +65,6 @@ def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[HeadScore]
         name = f"{layer}" if head is None else f"{layer}.{head}"
         found.append(HeadScore(name, float(scores[i]), layer, head))
     return found
-
-
-def head_class_overlap(heads: list[str]) -> dict[str, list[str]]:
-    """For each Wang et al. head class, which of `heads` (layer.head names) belong to it."""
-    return {name: [h for h in members if h in heads] for name, members in WANG_2022_HEADS.items()}
 
 
 @dataclass(frozen=True)
@@ -326,7 +310,6 @@ def _write_files(found: Discovery, out: Path, model: HookedModel) -> list[Path]:
         if found.attribution.completeness is None
         else vars(found.attribution.completeness),
         "top_heads": [(h.name, h.score) for h in found.heads],
-        "head_classes_wang_2022": head_class_overlap([h.name for h in found.heads]),
         **found.selection,
         "circuit_edges": circuit.n_in_graph,
         "faithfulness": found.evaluation.faithfulness,

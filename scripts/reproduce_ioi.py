@@ -14,9 +14,11 @@ page), faithfulness.png and summary.json to --out.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -24,9 +26,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from circuits import load_model
 from circuits.cli import DTYPES
 from circuits.models.hooked import HookedModel
-from circuits.pipeline import WANG_2022_HEADS, Discovery, discover, head_class_overlap
+from circuits.pipeline import Discovery, discover
 from circuits.testing import tiny_tokenizer
 from tasks import ioi_pairs
+from tasks.ioi import WANG_2022_HEADS, head_class_overlap
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -58,8 +61,7 @@ def report(found: Discovery, model: HookedModel) -> None:
     print("\nTop heads (most negative score: ablating the head lowers the logit difference most):")
     for head in found.heads:
         print(f"  head {head.name:>6}  (layer {head.layer:>2})  score {head.score:+.4f}")
-    spec = model.spec
-    if (spec.n_layers, spec.n_heads, spec.d_model) == (12, 12, 768):
+    if is_gpt2_small(model):
         overlap = head_class_overlap([h.name for h in found.heads])
         print("\nOverlap of the top heads with Wang et al. (2022) head classes:")
         for name, members in WANG_2022_HEADS.items():
@@ -114,7 +116,18 @@ def main(argv: list[str] | None = None) -> None:
         out=args.out,
     )
     report(found, model)
+    if is_gpt2_small(model):  # Wang et al.'s head classes are GPT-2 small's: recorded beside its summary
+        summary = Path(args.out) / "summary.json"
+        record = json.loads(summary.read_text())
+        record["head_classes_wang_2022"] = head_class_overlap([h.name for h in found.heads])
+        summary.write_text(json.dumps(record, indent=2))
     print(f"\nWrote {', '.join(str(f) for f in found.files)} ({time.perf_counter() - start:.0f} s total)")
+
+
+def is_gpt2_small(model: HookedModel) -> bool:
+    """GPT-2 small's shape (12 layers, 12 heads, d_model 768), where Wang et al.'s head names apply."""
+    spec = model.spec
+    return (spec.n_layers, spec.n_heads, spec.d_model) == (12, 12, 768)
 
 
 if __name__ == "__main__":

@@ -85,3 +85,20 @@ def ioi_pairs(
         return Example(clean, corrupted, " " + io, " " + s)
 
     return collect_pairs(model, "ioi", n, propose, "logit_diff", seed)
+
+
+# Head classes of the IOI circuit in GPT-2 small (Wang et al. 2022), as layer.head.
+WANG_2022_HEADS = {
+    "name mover": ["9.6", "9.9", "10.0"],
+    "S-inhibition": ["7.3", "7.9", "8.6", "8.10"],
+    "induction": ["5.5", "5.8", "5.9", "6.9"],
+    "duplicate token": ["0.1", "0.10", "3.0"],
+    "previous token": ["2.2", "4.11"],
+    "negative name mover": ["10.7", "11.10"],
+    "backup name mover": ["9.0", "9.7", "10.1", "10.2", "10.6", "10.10", "11.2", "11.9"],
+}
+
+
+def head_class_overlap(heads: list[str]) -> dict[str, list[str]]:
+    """For each Wang et al. head class, which of `heads` (layer.head names) belong to it."""
+    return {name: [h for h in members if h in heads] for name, members in WANG_2022_HEADS.items()}

@@ -46,6 +46,7 @@ def test_discover_evaluate_draw_on_a_tiny_model(tmp_path, capsys):
     ):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
+    assert "head_classes_wang_2022" not in summary  # GPT-2 small's IOI heads: the IOI script records them
     assert 0 < summary["circuit_edges"] <= 40 and "CPR" in summary and "CMD" in summary
     assert main(["evaluate", str(out / "circuit.json"), "--model", "tiny-llama", "--n", "4"]) == 0
     assert "faithfulness" in capsys.readouterr().out
