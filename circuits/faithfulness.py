@@ -35,7 +35,7 @@ from circuits.strategies import Selection, Selector, mib_edge_weights, select, s
 from circuits.uncertainty import LEVEL, RESAMPLES, Interval, curve_intervals
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
-Protocol = Literal["mib", "pruned"]
+CurveProtocol = Literal["mib", "pruned"]  # how budgets and x values are counted (module docstring)
 PROTOCOLS: tuple[str, ...] = ("mib", "pruned")
 
 
@@ -100,7 +100,7 @@ class CurveOptions:
     absolute: bool = True
     selection: Selection | Selector = "top_n"
     percentages: tuple[float, ...] = MIB_PERCENTAGES
-    protocol: Protocol = "mib"
+    protocol: CurveProtocol = "mib"
     ablation: Ablation = "patching"
     batch_size: int = 8
     seed: int = 0

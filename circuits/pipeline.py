@@ -21,7 +21,7 @@ from circuits.distributed import is_main, world_size
 from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
-from circuits.faithfulness import MIB_PERCENTAGES, MIBScores, Protocol, mib_scores
+from circuits.faithfulness import MIB_PERCENTAGES, CurveProtocol, MIBScores, mib_scores
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
 from circuits.outputs import check_writable, replacing_folder
@@ -110,7 +110,7 @@ class DiscoveryOptions:
     sign_consistency: int = 0
     agreement: float = 0.9
     curves: bool = True
-    protocol: Protocol = "mib"
+    protocol: CurveProtocol = "mib"
     percentages: tuple[float, ...] = MIB_PERCENTAGES
     resamples: int = RESAMPLES
     stability: int = 0
