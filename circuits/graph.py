@@ -90,6 +90,20 @@ class Graph:
         new.node_scores = None if self.node_scores is None else self.node_scores.clone()
         return new
 
+    def with_scores(self, edge_scores: Tensor | None, node_scores: Tensor | None = None) -> Graph:
+        """A copy scored with `edge_scores` [n_sources, n_destinations] and `node_scores` [n_sources] (e.g.
+        an `Attribution`'s); a score that is None stays as it was."""
+        new = self.copy()
+        if edge_scores is not None:
+            if edge_scores.shape != self.valid.shape:
+                raise InputError(
+                    f"edge scores must be {tuple(self.valid.shape)}, got {tuple(edge_scores.shape)}"
+                )
+            new.scores = edge_scores.detach().float().cpu().clone()
+        if node_scores is not None:
+            new.node_scores = node_scores.detach().float().cpu().clone()
+        return new
+
     # -------------------------------------------------------------------- selection (copies)
     def top_n(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit is the `n` best-ranked edges, then pruned (see `circuits.selection`)."""

@@ -135,11 +135,13 @@ def discover(
     if out is not None:
         check_writable(Path(out))
     seconds: dict[str, float] = {}
-    graph = Graph.from_model(model)
     start = time.perf_counter()
     base = baseline(model, task)
-    attribution = attribute(model, graph, task.pairs, task.metric, options=scoring, quiet=quiet)
-    graph = _selection_scores(model, task, graph, scoring, options, quiet)
+    attribution = attribute(
+        model, Graph.from_model(model), task.pairs, task.metric, options=scoring, quiet=quiet
+    )
+    scored = Graph.from_model(model).with_scores(attribution.edge_scores, attribution.node_scores)
+    graph = _selection_scores(model, task, scored, scoring, options, quiet)
     seconds["attribution"] = time.perf_counter() - start
     n_edges = min(options.edges, graph.n_edges)
     circuit = select(graph, n_edges, options.selection, absolute=True)
@@ -227,8 +229,10 @@ def _selection_scores(
     if options.ensemble:
         members = [graph]
         for other in options.ensemble:
-            members.append(Graph.from_model(model))
-            attribute(model, members[-1], task.pairs, task.metric, other, options=scoring, quiet=quiet)
+            found = attribute(
+                model, Graph.from_model(model), task.pairs, task.metric, other, options=scoring, quiet=quiet
+            )
+            members.append(graph.with_scores(found.edge_scores, found.node_scores))
         graph = ensemble_scores(members)
     if options.sign_consistency:
         resampled = bootstrap_scores(

@@ -159,11 +159,18 @@ def bootstrap_scores(
 ) -> Tensor:
     """Edge scores [resamples, n_sources, n_destinations] on bootstrap resamples of `pairs`, each scored
     as `scoring` says (default `ScoringOptions()`)."""
+    scoring = scoring or ScoringOptions()
+    if scoring.level != "edge":
+        raise InputError(
+            f"bootstrap scores are edge scores: scoring.level must be 'edge', got {scoring.level!r}"
+        )
     scores = []
     for row in resample_indices(len(pairs), resamples, seed):
-        graph = Graph.from_model(model)
-        attribute(model, graph, pairs.take(row), metric, options=scoring, quiet=True)
-        scores.append(graph.scores)
+        found = attribute(
+            model, Graph.from_model(model), pairs.take(row), metric, options=scoring, quiet=True
+        )
+        assert found.edge_scores is not None
+        scores.append(found.edge_scores)
     return torch.stack(scores)
 
 
