@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 from circuits.attribution.methods import DEFAULT_METHOD, METHODS
 from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
-from circuits.faithfulness import PROTOCOLS
+from circuits.evaluation.curves import PROTOCOLS
 from circuits.models.loading import DEVICE_MAP_PLANS
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.outputs import check_writable
 from circuits.quadrature import EDGE_QUADRATURES
-from circuits.strategies import SELECTIONS, Selection, Selector, ratio_selection
+from circuits.selection.strategies import SELECTIONS, Selection, Selector, ratio_selection
 
 if TYPE_CHECKING:
     from circuits.graph import Graph
@@ -194,10 +194,10 @@ def _add_selection_args(d: argparse.ArgumentParser) -> None:
         "--selection",
         default="top_n",
         choices=[*SELECTIONS, "ratio", "refined"],
-        help="how the circuit and the curves' circuits are chosen from the scores (circuits.strategies; "
-        "default top_n). refined: top_n, then gradient-guided edge swaps checked on the task's pairs "
-        "(circuits.refinement); the curves are measured on those same pairs, so they are optimistic: "
-        "for held-out numbers see scripts/mib_intervals.py",
+        help="how the circuit and the curves' circuits are chosen from the scores "
+        "(circuits.selection.strategies; default top_n). refined: top_n, then gradient-guided edge swaps "
+        "checked on the task's pairs (circuits.evaluation.refinement); the curves are measured on those "
+        "same pairs, so they are optimistic: for held-out numbers see scripts/mib_intervals.py",
     )
     d.add_argument(
         "--refine-rounds",
@@ -251,7 +251,7 @@ def _add_file_commands(commands: Any) -> None:
     r.add_argument(
         "--shown",
         type=int,
-        help="edges drawn, the largest by |score| (default circuits.drawing.MAX_EDGES = 60; 0: all)",
+        help="edges drawn, the largest by |score| (default circuits.pictures.drawing.MAX_EDGES = 60; 0: all)",
     )
 
     v = commands.add_parser("view", help="write a circuit file as an interactive HTML page (works offline)")
@@ -336,7 +336,7 @@ def _selection(args: argparse.Namespace, model: HookedModel, task: TaskPairs) ->
     if args.selection == "ratio":
         return ratio_selection(args.positive_fraction)
     if args.selection == "refined":
-        from circuits.refinement import refined_selection
+        from circuits.evaluation.refinement import refined_selection
 
         return refined_selection(
             model, task.pairs, task.metric, rounds=args.refine_rounds, batch_size=args.batch_size
@@ -352,8 +352,8 @@ def _load_circuit(path: Path) -> Graph:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from circuits.evaluation import evaluate
-    from circuits.faithfulness import mib_scores
-    from circuits.uncertainty import faithfulness_interval
+    from circuits.evaluation.curves import mib_scores
+    from circuits.evaluation.intervals import faithfulness_interval
 
     circuit = _load_circuit(args.circuit)
     model = _model(args)
@@ -391,7 +391,7 @@ def _level(args: argparse.Namespace) -> str:
 
 
 def _draw(args: argparse.Namespace) -> int:
-    from circuits.drawing import MAX_EDGES, draw_circuit
+    from circuits.pictures.drawing import MAX_EDGES, draw_circuit
 
     circuit = _load_circuit(args.circuit)
     if args.edges is not None:
@@ -404,7 +404,7 @@ def _draw(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
-    from circuits.viewer import write_page
+    from circuits.pictures.viewer import write_page
 
     if args.out.suffix != ".html":
         raise InputError(f"--out must name an .html file, got {args.out}")
@@ -412,7 +412,7 @@ def _view(args: argparse.Namespace) -> int:
     path = write_page(circuit, args.out, title=args.title)
     print(f"wrote {path} ({circuit.n_in_graph} edges, {path.stat().st_size / 1024:.0f} KB)")
     if args.circuit_tracer is not None:
-        from circuits.viewer.circuit_tracer import to_circuit_tracer
+        from circuits.pictures.viewer.circuit_tracer import to_circuit_tracer
 
         print(f"wrote {to_circuit_tracer(circuit, args.circuit_tracer)}")
     return 0

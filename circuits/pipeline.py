@@ -18,17 +18,10 @@ from circuits.attribution import Attribution, MethodName, ScoringOptions, attrib
 from circuits.baseline import Baseline, baseline
 from circuits.data import PromptPairs
 from circuits.distributed import is_main, world_size
-from circuits.drawing import draw_circuit, plot_curves
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation, evaluate
-from circuits.faithfulness import MIB_PERCENTAGES, CurveProtocol, MIBScores, mib_scores
-from circuits.graph import Graph
-from circuits.models.hooked import HookedModel
-from circuits.outputs import check_writable, replacing_folder
-from circuits.settings import with_settings
-from circuits.strategies import Selection, Selector, ensemble_scores, select, selection_name
-from circuits.task import TaskPairs
-from circuits.uncertainty import (
+from circuits.evaluation.curves import MIB_PERCENTAGES, CurveProtocol, MIBScores, mib_scores
+from circuits.evaluation.intervals import (
     RESAMPLES,
     Interval,
     Stability,
@@ -37,7 +30,14 @@ from circuits.uncertainty import (
     faithfulness_interval,
     sign_consistent,
 )
-from circuits.viewer import write_page
+from circuits.graph import Graph
+from circuits.models.hooked import HookedModel
+from circuits.outputs import check_writable, replacing_folder
+from circuits.pictures.drawing import draw_circuit, plot_curves
+from circuits.pictures.viewer import write_page
+from circuits.selection.strategies import Selection, Selector, ensemble_scores, select, selection_name
+from circuits.settings import with_settings
+from circuits.task import TaskPairs
 
 
 class HeadScore(NamedTuple):
@@ -80,7 +80,7 @@ class Discovery:
     curves: MIBScores | None
     heads: list[HeadScore]
     scoring: ScoringOptions  # how `attribution` was computed
-    faithfulness_interval: Interval | None = None  # bootstrap over the pairs (circuits.uncertainty)
+    faithfulness_interval: Interval | None = None  # bootstrap over the pairs (circuits.evaluation.intervals)
     stability: Stability | None = None  # the circuit across bootstrap resamples, when asked for
     selection: dict[str, Any] = field(
         default_factory=dict
@@ -94,7 +94,8 @@ class DiscoveryOptions:
     """How `discover` turns scores into a circuit and reports on it (the scoring itself: `ScoringOptions`).
 
     Attributes:
-        edges: the circuit's size (at most the graph's edges), chosen by `selection` (`circuits.strategies`).
+        edges: the circuit's size (at most the graph's edges), chosen by `selection`
+            (`circuits.selection.strategies`).
         ensemble: more methods whose max-normalised scores are averaged with the main method's.
         sign_consistency, agreement: re-score that many bootstrap resamples and zero every edge whose sign
             agrees on fewer than `agreement` of them before selecting (0: no filter).

@@ -21,9 +21,9 @@ from typing import Literal
 
 from circuits import Graph, attribute, load_model
 from circuits.attribution.methods import MethodName
-from circuits.drawing import draw_circuit, plot_curves
-from circuits.faithfulness import FaithfulnessCurve, faithfulness_curve, mib_scores
-from circuits.strategies import Selection
+from circuits.evaluation.curves import FaithfulnessCurve, faithfulness_curve, mib_scores
+from circuits.pictures.drawing import draw_circuit, plot_curves
+from circuits.selection.strategies import Selection
 from tasks import ioi_pairs
 
 

@@ -31,10 +31,10 @@ from circuits import Graph, attribute, head_patching, load_model
 from circuits.attribution.methods import MethodName
 from circuits.errors import CircuitsError
 from circuits.evaluation import evaluate, evaluate_many
-from circuits.faithfulness import mib_scores
+from circuits.evaluation.curves import mib_scores
+from circuits.evaluation.refinement import refine
 from circuits.models.hooked import HookedModel
 from circuits.neurons import neuron_ig
-from circuits.refinement import refine
 from circuits.steering import token_ig
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 

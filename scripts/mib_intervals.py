@@ -1,11 +1,11 @@
 """CPR and CMD with 95% bootstrap intervals on held-out IOI pairs, for EAP, EAP-IG-inputs and RelP, under
-each selection strategy (`--strategies`: top_n, filled, ratio:R; circuits.strategies; refined:R, top-n
-refined for R rounds on the scoring pairs, circuits.refinement), with a score ensemble of the methods
-(`--ensemble`) and bootstrap sign-consistency filtering (`--sign-consistency R`).
+each selection strategy (`--strategies`: top_n, filled, ratio:R; circuits.selection.strategies;
+refined:R, top-n refined for R rounds on the scoring pairs, circuits.evaluation.refinement), with a score
+ensemble of the methods (`--ensemble`) and bootstrap sign-consistency filtering (`--sign-consistency R`).
 
 Scores on the first `--n` generated IOI pairs, circuits at the MIB budgets (MIB's protocol, docs/mib.md),
 evaluated on the next `--n` (disjoint draws of the generator); intervals from `--resamples` bootstrap
-draws over the evaluation pairs (circuits.uncertainty).
+draws over the evaluation pairs (circuits.evaluation.intervals).
 
     python scripts/mib_intervals.py --n 64          # SmolLM2-135M-Instruct
     python scripts/mib_intervals.py --n 64 --methods eap-ig-inputs --sign-consistency 10
@@ -21,10 +21,10 @@ import time
 from circuits import Graph, attribute, load_model
 from circuits.attribution import ScoringOptions
 from circuits.attribution.methods import MethodName
-from circuits.faithfulness import PROTOCOLS, mib_scores
-from circuits.refinement import refined_selection
-from circuits.strategies import Selection, Selector, ensemble_scores, ratio_selection
-from circuits.uncertainty import bootstrap_scores, sign_consistent
+from circuits.evaluation.curves import PROTOCOLS, mib_scores
+from circuits.evaluation.intervals import bootstrap_scores, sign_consistent
+from circuits.evaluation.refinement import refined_selection
+from circuits.selection.strategies import Selection, Selector, ensemble_scores, ratio_selection
 from tasks import ioi_pairs
 
 

@@ -104,9 +104,9 @@ def test_discover_reports_intervals_and_stability(tmp_path, capsys):
 def test_discover_selection_options_match_the_api(tmp_path):
     from circuits import Graph, attribute
     from circuits.attribution import ScoringOptions
-    from circuits.strategies import ensemble_scores, ratio_selection, select
+    from circuits.evaluation.intervals import bootstrap_scores, sign_consistent
+    from circuits.selection.strategies import ensemble_scores, ratio_selection, select
     from circuits.testing import tiny_llama
-    from circuits.uncertainty import bootstrap_scores, sign_consistent
 
     out = tmp_path / "ratio"
     args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "eap"]
@@ -134,8 +134,8 @@ def test_discover_selection_options_match_the_api(tmp_path):
 
 def test_discover_refined_selection_is_the_api_refinement(tmp_path):
     from circuits import Graph, attribute
-    from circuits.refinement import refined_selection
-    from circuits.strategies import select
+    from circuits.evaluation.refinement import refined_selection
+    from circuits.selection.strategies import select
     from circuits.testing import tiny_llama
 
     out = tmp_path / "refined"

@@ -19,7 +19,7 @@ from circuits.errors import (
     NumericalError,
     UnsupportedModelError,
 )
-from circuits.faithfulness import mib_scores
+from circuits.evaluation.curves import mib_scores
 from circuits.metrics import logit_diff
 from circuits.models.hooked import ModelSpec
 from circuits.outputs import replacing_folder

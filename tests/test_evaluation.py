@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from circuits import Graph, attribute, evaluate
-from circuits.faithfulness import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
+from circuits.evaluation.curves import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.metrics import logit_diff
 from circuits.sources import source_means
 from tests.pairs import make_pairs
@@ -99,7 +99,7 @@ def test_curves_on_a_tiny_model(llama):
 
 
 def test_drawings(llama, tmp_path):
-    from circuits.drawing import draw_circuit, plot_curves
+    from circuits.pictures.drawing import draw_circuit, plot_curves
 
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
@@ -118,8 +118,8 @@ def test_drawings(llama, tmp_path):
 
 
 def test_drawing_keeps_the_largest_edges(llama, tmp_path):
-    from circuits.drawing import draw_circuit
-    from circuits.layout import largest_edges
+    from circuits.pictures.drawing import draw_circuit
+    from circuits.pictures.layout import largest_edges
 
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
@@ -140,7 +140,7 @@ def test_drawing_keeps_the_largest_edges(llama, tmp_path):
 
 
 def test_drawing_every_block_layout(layout, tmp_path):
-    from circuits.drawing import draw_circuit
+    from circuits.pictures.drawing import draw_circuit
 
     pairs = make_pairs(layout)
     graph = Graph.from_model(layout)

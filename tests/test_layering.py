@@ -16,11 +16,11 @@ LAYERS = [
     ["errors", "textfiles", "outputs", "quadrature", "distributed", "settings"],
     ["models"],
     ["data", "metrics", "task", "baseline"],
-    ["selection", "graph", "strategies"],
+    ["selection", "graph"],
     ["sources"],
     ["intervention"],
     ["attribution"],
-    ["evaluation", "uncertainty", "faithfulness", "refinement", "mib", "layout", "viewer", "drawing"],
+    ["evaluation", "pictures"],
     ["neurons", "steering", "testing"],
     ["pipeline", "cli", "__main__"],
 ]

@@ -21,9 +21,9 @@ import torch
 
 from circuits import Graph, attribute
 from circuits.evaluation import evaluate_many
-from circuits.faithfulness import area, faithfulness_curve, mib_scores
+from circuits.evaluation.curves import area, faithfulness_curve, mib_scores
 from circuits.models.hooked import ModelSpec
-from circuits.strategies import mib_edge_weights, top_budget
+from circuits.selection.strategies import mib_edge_weights, top_budget
 from tests.pairs import make_pairs
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -137,7 +137,12 @@ def test_gqa_edges_count_as_eap_ig_ungrouped_edges(llama):
 
 
 def test_submission_folders_round_trip(tmp_path, llama):
-    from circuits.mib import SUBMISSION_PERCENTAGES, read_submission, write_circuits, write_importances
+    from circuits.evaluation.submissions import (
+        SUBMISSION_PERCENTAGES,
+        read_submission,
+        write_circuits,
+        write_importances,
+    )
 
     graph = Graph.from_model(llama)
     attribute(llama, graph, make_pairs(llama), method="eap", quiet=True)
@@ -163,7 +168,7 @@ def test_submission_folders_round_trip(tmp_path, llama):
 
 def test_submission_checks(tmp_path, llama):
     from circuits.errors import FileFormatError, InputError
-    from circuits.mib import read_submission, write_circuits
+    from circuits.evaluation.submissions import read_submission, write_circuits
 
     graph = Graph.from_model(llama)
     with pytest.raises(InputError, match="underscore"):

@@ -35,7 +35,13 @@ def test_every_public_name_resolves():
 
 
 def test_the_cli_does_not_load_plots_pages_neurons_or_steering():
-    heavy = ["matplotlib", "circuits.drawing", "circuits.viewer", "circuits.pipeline", "circuits.neurons"]
+    heavy = [
+        "matplotlib",
+        "circuits.pictures.drawing",
+        "circuits.pictures.viewer",
+        "circuits.pipeline",
+        "circuits.neurons",
+    ]
     heavy += ["circuits.steering"]
     code = f"import sys, circuits.cli; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,15 +7,15 @@ import torch
 
 from circuits import Graph, attribute, evaluate
 from circuits.evaluation import ablated_outputs
-from circuits.faithfulness import faithfulness_curve
+from circuits.evaluation.curves import faithfulness_curve
+from circuits.evaluation.refinement import mask_gradient, refine, refined_selection
 from circuits.intervention import (
     ablation_gradient,
     forward_with_ablation,
     forward_with_weighted_ablation,
 )
 from circuits.metrics import logit_diff
-from circuits.refinement import mask_gradient, refine, refined_selection
-from circuits.strategies import mib_edge_weights
+from circuits.selection.strategies import mib_edge_weights
 from tests.pairs import make_pairs
 
 

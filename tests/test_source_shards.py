@@ -12,13 +12,13 @@ from circuits import Graph, attribute
 from circuits.attribution import METHODS
 from circuits.errors import UnsupportedModelError
 from circuits.evaluation import evaluate_many
+from circuits.evaluation.refinement import mask_gradient
 from circuits.models.hooked import HookedModel
-from circuits.refinement import mask_gradient
 from circuits.sources import Placement, source_placement
 from tests.architectures import ATP_STAR_REFUSALS
 from tests.pairs import make_pairs
 
-USERS = ("circuits.attribution.methods", "circuits.evaluation", "circuits.intervention")
+USERS = ("circuits.attribution.methods", "circuits.evaluation.patched", "circuits.intervention")
 
 
 def _per_layer(model: HookedModel, graph: Graph) -> Placement:

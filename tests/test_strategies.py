@@ -1,4 +1,4 @@
-"""Selection strategies under a budget (`circuits.strategies`), checked against their definitions on
+"""Selection strategies under a budget (`circuits.selection.strategies`), checked against their definitions on
 random scores: ratio selection's two limits and its split, pruning-aware filling, MIB's weighted count,
 score ensembles."""
 
@@ -8,7 +8,7 @@ import torch
 from circuits import Graph
 from circuits.errors import InputError
 from circuits.models.hooked import ModelSpec
-from circuits.strategies import (
+from circuits.selection.strategies import (
     ensemble_scores,
     filled_budget,
     mib_edge_weights,

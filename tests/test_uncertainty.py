@@ -12,8 +12,8 @@ from circuits import Graph, attribute
 from circuits.attribution import ScoringOptions
 from circuits.errors import InputError
 from circuits.evaluation import Evaluation
-from circuits.faithfulness import CurvePoint, FaithfulnessCurve, mib_scores
-from circuits.uncertainty import (
+from circuits.evaluation.curves import CurvePoint, FaithfulnessCurve, mib_scores
+from circuits.evaluation.intervals import (
     circuit_stability,
     curve_intervals,
     faithfulness_interval,
@@ -113,8 +113,8 @@ def test_jaccard():
 
 
 def test_sign_consistency_keeps_the_edges_whose_sign_holds():
+    from circuits.evaluation.intervals import sign_consistent
     from circuits.testing import tiny_llama
-    from circuits.uncertainty import sign_consistent
 
     graph = Graph.from_model(tiny_llama())
     graph.scores = torch.randn(graph.scores.shape, generator=torch.Generator().manual_seed(0))

@@ -14,9 +14,13 @@ import torch
 
 from circuits import Graph, attribute
 from circuits.cli import main
-from circuits.drawing import draw_circuit
-from circuits.viewer import SHOWN, page_data, page_html, show, write_page
-from circuits.viewer.circuit_tracer import circuit_tracer_graph, from_circuit_tracer, to_circuit_tracer
+from circuits.pictures.drawing import draw_circuit
+from circuits.pictures.viewer import SHOWN, page_data, page_html, show, write_page
+from circuits.pictures.viewer.circuit_tracer import (
+    circuit_tracer_graph,
+    from_circuit_tracer,
+    to_circuit_tracer,
+)
 from tests.pairs import make_pairs
 
 

@@ -14,10 +14,10 @@ import torch
 
 from circuits import Graph, attribute, load_model
 from circuits.evaluation import evaluate_many
-from circuits.faithfulness import mib_scores
+from circuits.evaluation.curves import mib_scores
+from circuits.evaluation.refinement import refine
 from circuits.models.hooked import HookedModel
 from circuits.neurons import context_neurons, last_activations, neuron_ig, reweight
-from circuits.refinement import refine
 from circuits.sources import SourceOutputs, source_placement
 from circuits.steering import contrastive_token_ig, steer, steering_vectors
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer

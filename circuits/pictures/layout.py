@@ -1,6 +1,6 @@
 """What a picture of a circuit shows: its edges as (source, target nodes, input letter, score), and where
-each node goes. Shared by the static drawing (`circuits.drawing`) and the interactive page
-(`circuits.viewer`).
+each node goes. Shared by the static drawing (`circuits.pictures.drawing`) and the interactive page
+(`circuits.pictures.viewer`).
 
 Layout: one row per layer that holds a shown node (input at the bottom, logits on top); a row's heads sit
 side by side in index order, centred, with the MLP beside them.

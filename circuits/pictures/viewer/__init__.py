@@ -1,7 +1,7 @@
 """The interactive circuit page: one self-contained HTML file (styles, script and data inlined; it
 fetches nothing, so it opens offline, from a mail attachment or inside a notebook).
 
-The page lays the circuit out by layer (`circuits.layout`), colours edges by sign and sizes them by
+The page lays the circuit out by layer (`circuits.pictures.layout`), colours edges by sign and sizes them by
 |score|, draws q / k / v inputs solid / dashed / dotted, and offers: a slider for how many edges are shown
 (largest |score| first), hover cards with names and scores, a click on a node to highlight every shown
 path through it from the input to the logits, a side panel of the top nodes and edges, and a search box
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from circuits.graph import Graph
-from circuits.layout import largest_edges, layer_layout, shown_edges
+from circuits.pictures.layout import largest_edges, layer_layout, shown_edges
 
 SHOWN = 60  # edges shown when the page opens; the slider reaches every edge of the circuit
 
@@ -69,7 +69,7 @@ def page_data(
 def page_html(circuit: Graph, **extras: Any) -> str:
     """The page as one HTML string (see `page_data` for the extras: title, faithfulness, prompts)."""
     data = page_data(circuit, **extras)
-    assets = resources.files("circuits.viewer")
+    assets = resources.files("circuits.pictures.viewer")
     script = assets.joinpath("viewer.js").read_text()
     style = assets.joinpath("viewer.css").read_text()
     payload = json.dumps(data).replace("</", "<\\/")  # no "</script>" inside the data block

@@ -26,7 +26,7 @@ from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
 
 if TYPE_CHECKING:
-    from circuits.faithfulness import FaithfulnessCurve
+    from circuits.evaluation.curves import FaithfulnessCurve
 
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -100,7 +100,7 @@ def faithfulness_interval(
 
 
 def _trapezoid(x: Tensor, y: Tensor) -> Tensor:
-    """Area under y [..., points] over x [points] (the rule of `circuits.faithfulness.area`)."""
+    """Area under y [..., points] over x [points] (the rule of `circuits.evaluation.curves.area`)."""
     return ((x[1:] - x[:-1]) * (y[..., 1:] + y[..., :-1]) / 2).sum(-1)
 
 

@@ -36,8 +36,8 @@ from circuits.intervention import ablation_gradient
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.selection import with_edges
+from circuits.selection.strategies import Selection, Selector, select, selection_name
 from circuits.settings import with_settings
-from circuits.strategies import Selection, Selector, select, selection_name
 
 SWAP_SHARES = (0.1, 0.03, 0.01, 0.0)  # swap sizes tried per round, as shares of the budget (0: one edge)
 

@@ -26,13 +26,13 @@ from torch import Tensor
 from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.evaluation import evaluate_many
+from circuits.evaluation.intervals import LEVEL, RESAMPLES, Interval, curve_intervals
 from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.selection.strategies import Selection, Selector, mib_edge_weights, select, selection_name
 from circuits.settings import with_settings
 from circuits.sources import Ablation
-from circuits.strategies import Selection, Selector, mib_edge_weights, select, selection_name
-from circuits.uncertainty import LEVEL, RESAMPLES, Interval, curve_intervals
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 CurveProtocol = Literal["mib", "pruned"]  # how budgets and x values are counted (module docstring)
@@ -55,7 +55,7 @@ class FaithfulnessCurve:
     full: float  # mean metric of the full model
     empty: float  # mean metric of the empty circuit
     points: list[CurvePoint] = field(default_factory=list)
-    # per-example metrics, for bootstrap intervals (`circuits.uncertainty`): [N] each, one per point
+    # per-example metrics, for bootstrap intervals (`circuits.evaluation.intervals`): [N] each, one per point
     full_per_example: Tensor | None = field(default=None, repr=False)
     empty_per_example: Tensor | None = field(default=None, repr=False)
     per_example: list[Tensor] = field(default_factory=list, repr=False)
@@ -90,7 +90,7 @@ class CurveOptions:
 
     Attributes:
         absolute: rank edges by |score| (CMD's curve) or by signed score (CPR's).
-        selection: how each budget's circuit is chosen (`circuits.strategies`).
+        selection: how each budget's circuit is chosen (`circuits.selection.strategies`).
         percentages: the budgets, % of all edges, ascending (default MIB's ten).
         protocol: `mib` (MIB's budgets and x values) or `pruned` (see the module docstring).
         ablation, batch_size: how each circuit is evaluated (`evaluate_many`).
@@ -172,7 +172,7 @@ class MIBScores:
     cmd: float  # area under |1 - f|, absolute selection (lower is better)
     signed: FaithfulnessCurve
     absolute: FaithfulnessCurve
-    cpr_interval: Interval | None = None  # bootstrap over examples (`circuits.uncertainty`)
+    cpr_interval: Interval | None = None  # bootstrap over examples (`circuits.evaluation.intervals`)
     cmd_interval: Interval | None = None
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from circuits.errors import FileFormatError, InputError
 from circuits.graph import Graph
-from circuits.strategies import mib_edge_weights, top_budget
+from circuits.selection.strategies import mib_edge_weights, top_budget
 
 SUBMISSION_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 FileKind = Literal["json", "pt"]

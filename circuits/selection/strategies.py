@@ -11,7 +11,7 @@ where a GQA model's k/v edges count once per query head). Strategies:
 - `greedy`: grown from the logits (`selection.greedy`); `nodes`: the best nodes (`selection.top_nodes`);
 - `random`: a baseline.
 Score ensembles (Mondorf et al. 2025, arXiv 2510.06811) and bootstrap sign-consistency filtering
-(`circuits.uncertainty.sign_consistent`) change the scores a strategy ranks: see `ensemble_scores`.
+(`circuits.evaluation.intervals.sign_consistent`) change the scores a strategy ranks: see `ensemble_scores`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from circuits.errors import InputError
 from circuits.graph import Graph
-from circuits.selection import check_size, ranking, top_n, with_edges
+from circuits.selection.pruning import check_size, ranking, top_n, with_edges
 
 Selection = Literal["top_n", "filled", "greedy", "nodes", "random"]
 Selector = Callable[[Graph, int, bool, int, Tensor], Graph]  # (graph, budget, absolute, seed, weights)

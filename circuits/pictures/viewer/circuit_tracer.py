@@ -27,7 +27,7 @@ from typing import Any
 
 from circuits.errors import FileFormatError
 from circuits.graph import Graph
-from circuits.layout import largest_edges, shown_edges
+from circuits.pictures.layout import largest_edges, shown_edges
 
 
 def _node(circuit: Graph, name: str) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from typing import Literal
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from circuits.faithfulness import FaithfulnessCurve
+from circuits.evaluation.curves import FaithfulnessCurve
 from circuits.graph import Graph
-from circuits.layout import largest_edges, layer_layout, shown_edges
-from circuits.viewer import write_page
+from circuits.pictures.layout import largest_edges, layer_layout, shown_edges
+from circuits.pictures.viewer import write_page
 
 HELPS, HURTS = "#1f5fbf", "#c8372d"
 LINESTYLE: dict[str, Literal["-", "--", ":"]] = {"q": "-", "k": "--", "v": ":"}
@@ -31,11 +31,11 @@ def draw_circuit(
     circuit: Graph, path: str | Path, *, title: str | None = None, max_edges: int | None = MAX_EDGES
 ) -> Path:
     """Draw the circuit's edges (`in_graph`) to an SVG / PNG / PDF file chosen by `path`'s suffix, or
-    to the interactive page (`circuits.viewer`) for `.html`.
+    to the interactive page (`circuits.pictures.viewer`) for `.html`.
 
     Args:
         max_edges: draw only this many edges, those of largest |score| (None: every edge); the page
-            holds every edge and shows `circuits.viewer.SHOWN` at first, behind a slider.
+            holds every edge and shows `circuits.pictures.viewer.SHOWN` at first, behind a slider.
     """
     path = Path(path)
     if path.suffix == ".html":
