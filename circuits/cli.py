@@ -19,9 +19,9 @@ from circuits.attribution.methods import DEFAULT_METHOD, METHODS
 from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
 from circuits.evaluation.curves import PROTOCOLS
+from circuits.folders import check_writable
 from circuits.models.loading import DEVICE_MAP_PLANS
 from circuits.models.relp import RELP_RULES, RelPRules
-from circuits.outputs import check_writable
 from circuits.quadrature import EDGE_QUADRATURES
 from circuits.selection.strategies import SELECTIONS, Selection, Selector, ratio_selection
 

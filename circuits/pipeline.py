@@ -30,9 +30,9 @@ from circuits.evaluation.intervals import (
     faithfulness_interval,
     sign_consistent,
 )
+from circuits.folders import check_writable, replacing_folder
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
-from circuits.outputs import check_writable, replacing_folder
 from circuits.pictures.drawing import draw_circuit, plot_curves
 from circuits.pictures.viewer import write_page
 from circuits.selection.strategies import Selection, Selector, ensemble_scores, select, selection_name
@@ -128,7 +128,7 @@ def discover(
     **settings: Any,
 ) -> Discovery:
     """Score `task` on `model`, keep the best edges (pruned), evaluate, and optionally write files (`out`
-    is checked for writability before any work, and replaced whole at the end: see `outputs`).
+    is checked for writability before any work, and replaced whole at the end: see `circuits.folders`).
 
     `scoring` says how edges are scored and `options` what is made of the scores; any field of either
     given as a keyword (`method="eap"`, `edges=200`, `max_memory=8`) takes precedence."""

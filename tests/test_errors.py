@@ -20,9 +20,9 @@ from circuits.errors import (
     UnsupportedModelError,
 )
 from circuits.evaluation.curves import mib_scores
+from circuits.folders import replacing_folder
 from circuits.metrics import logit_diff
 from circuits.models.hooked import ModelSpec
-from circuits.outputs import replacing_folder
 from circuits.steering import steer, steering_vectors
 from circuits.testing import tiny_llama_hf, tiny_tokenizer
 from tasks import load_pairs

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "circuits"
 # The rows of docs/design.md, section 1: a module may import its own row or the rows before it.
 LAYERS = [
-    ["errors", "textfiles", "outputs", "quadrature", "distributed", "settings"],
+    ["errors", "textfiles", "folders", "quadrature", "distributed", "settings"],
     ["models"],
     ["data", "metrics", "task", "baseline"],
     ["selection", "graph"],
