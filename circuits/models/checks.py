@@ -108,10 +108,15 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         return fn
 
     sites = wiring(model)  # every hook the graph reads, and the residual stream around each block
-    names = [model.resid_pre_hook(layer) for layer in range(spec.n_layers)]
-    names += [model.resid_post_hook(layer) for layer in range(spec.n_layers)]
-    names += [hook for src in sites.sources for hook in (src.hook, src.output_hook)]
-    names += [hook for dst in sites.destinations for hook in (dst.hook, dst.residual_hook) if hook]
+    names = [model.final_norm_in_hook]
+    for layer in range(spec.n_layers):  # in layer order, so that a refusal names the first hook missing
+        sources = [src for src in sites.sources if src.layer == layer]
+        destinations = [dst for dst in sites.destinations if dst.layer == layer]
+        names += [model.resid_pre_hook(layer), model.resid_post_hook(layer)]
+        names += [src.output_hook for src in sources] + [src.hook for src in sources]
+        names += [dst.residual_hook for dst in destinations if dst.residual_hook]
+        names += [dst.hook for dst in destinations if dst.kind == "mlp"]
+        names += [dst.hook for dst in destinations if dst.letter]
     names = list(dict.fromkeys(names))  # one hook each
 
     def make_leaf(x: Tensor) -> Tensor:
