@@ -185,14 +185,13 @@ def mib_scores(
     *,
     reference: PromptPairs | None = None,
     resamples: int = RESAMPLES,
-    level: float = LEVEL,
-    bootstrap_seed: int = 0,
     quiet: bool = False,
     **settings: Any,
 ) -> MIBScores:
     """CPR (signed selection) and CMD (absolute selection) of `graph`'s scores, with both curves (as
-    `options` says, `absolute` aside; its fields may be given as keywords) and their bootstrap intervals
-    over the examples (`resamples` draws at confidence `level`; 0 draws: none)."""
+    `options` says, `absolute` aside; its fields may be given as keywords) and their 95% bootstrap
+    intervals over the examples (`resamples` seeded draws; 0: none; another level or seed:
+    `circuits.evaluation.intervals.curve_intervals` on the curves)."""
     options = with_settings(options or CurveOptions(), settings)
     signed, absolute = (
         faithfulness_curve(
@@ -202,6 +201,6 @@ def mib_scores(
     )
     cpr, cmd = None, None
     if resamples:
-        cpr = curve_intervals(signed, resamples, level, bootstrap_seed)[0]
-        cmd = curve_intervals(absolute, resamples, level, bootstrap_seed)[1]
+        cpr = curve_intervals(signed, resamples, LEVEL)[0]
+        cmd = curve_intervals(absolute, resamples, LEVEL)[1]
     return MIBScores(signed.area_under, absolute.area_from_one, signed, absolute, cpr, cmd)
