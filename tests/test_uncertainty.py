@@ -64,11 +64,8 @@ def test_curve_areas_of_two_points():
     n = 3000
     gen = torch.Generator().manual_seed(3)
     c0, c1 = torch.randn(n, generator=gen), torch.randn(n, generator=gen) + 1
-    curve = FaithfulnessCurve("t", False, 1.0, 0.0, [], torch.ones(n), torch.zeros(n), [c0, c1])
-    curve.points = [
-        CurvePoint(1, 1, 0.0, 0.0, float(c0.mean())),
-        CurvePoint(100, 9, 1.0, 0.0, float(c1.mean())),
-    ]
+    points = [CurvePoint(1, 1, 0.0, 0.0, float(c0.mean())), CurvePoint(100, 9, 1.0, 0.0, float(c1.mean()))]
+    curve = FaithfulnessCurve("t", False, 1.0, 0.0, points, torch.ones(n), torch.zeros(n), [c0, c1])
     under, _ = curve_intervals(curve, resamples=3000)
     half = 1.96 * float(((c0 + c1) / 2).std()) / math.sqrt(n)
     assert under.estimate == pytest.approx(float((c0.mean() + c1.mean()) / 2))

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Completeness:
     """IG completeness over the data: sum_d (e_clean - e_corr) . g_input vs M(clean) - M(corrupted)."""
 
@@ -58,7 +58,7 @@ class Completeness:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Attribution:
     """What `attribute` computed; scores are means over examples (fp32, independent of batch size)."""
 

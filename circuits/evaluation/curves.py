@@ -48,7 +48,7 @@ class CurvePoint:
     faithfulness: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class FaithfulnessCurve:
     label: str
     absolute: bool  # selection by |score| (CMD) or by signed score (CPR)
@@ -166,7 +166,7 @@ def faithfulness_curve(
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class MIBScores:
     cpr: float  # area under f, signed selection (higher is better)
     cmd: float  # area under |1 - f|, absolute selection (lower is better)

@@ -24,7 +24,7 @@ from circuits.models.hooked import HookedModel, uses_model
 from circuits.sources import ABLATIONS, Ablation, SourceOutputs, source_hooks, source_means, source_placement
 
 
-@dataclass
+@dataclass(frozen=True)
 class Evaluation:
     per_example: Tensor  # [N] metric with the circuit alone
     circuit: float  # mean M(circuit)

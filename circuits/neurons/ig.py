@@ -36,7 +36,7 @@ IGBaseline = Literal["zero"] | Tensor  # the path's start: zero activations, or 
 Implementation = Literal["cached", "full"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeuronAttribution:
     """Per-example neuron scores and the completeness check, layer by layer."""
 

@@ -28,7 +28,7 @@ from circuits.quadrature import Quadrature, check_steps, idgi
 from circuits.quadrature import quadrature as quadrature_rule
 
 
-@dataclass
+@dataclass(frozen=True)
 class TokenAttribution:
     tokens: list[str]  # the prompt's tokens, as text
     scores: Tensor  # [n_prompt_tokens] (0 for BOS)
