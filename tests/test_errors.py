@@ -193,6 +193,26 @@ def test_train_mode_and_trainable_parameters_are_left_as_the_caller_had_them(lla
             p.requires_grad_(False)
 
 
+def test_dropout_is_off_inside_every_call_even_in_train_mode():
+    """GPT-2 with dropout 0.1 everywhere, put in train mode by its owner: its embedding dropout is called by
+    the wrapped model without being registered under the bridge, and must be off too (it was not: scores
+    moved by 0.1 from one call to the next)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    dropout = dict(resid_pdrop=0.1, attn_pdrop=0.1, embd_pdrop=0.1)
+    config = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=600, **dropout)
+    model = load_model(GPT2LMHeadModel(config), tiny_tokenizer())
+    pairs = make_pairs(model)
+    reference = attribute(model, Graph.from_model(model), pairs, method="eap", quiet=True).edge_scores
+    model.bridge.train()
+    scores = [
+        attribute(model, Graph.from_model(model), pairs, method="eap", quiet=True).edge_scores for _ in "ab"
+    ]
+    assert torch.equal(scores[0], scores[1]) and torch.equal(scores[0], reference)
+    assert model.bridge.training and model.bridge.original_model.transformer.drop.training  # restored
+
+
 def test_loading_a_model_object_leaves_it_untouched_and_can_repeat():
     hf = tiny_llama_hf(seed=2)
     hf.train()

@@ -250,7 +250,10 @@ class HookedModel:
     def inference(self) -> Iterator[None]:
         """Within the block: eval mode (no dropout) and no parameter gradients; afterwards every module's
         mode and every parameter's `requires_grad` are as the caller left them."""
-        training = [m for m in self.bridge.modules() if m.training]
+        # the bridge's modules and the wrapped Hugging Face model's: some (GPT-2's embedding dropout) are
+        # called by the wrapped model without being registered under the bridge
+        modules = {id(m): m for m in (*self.bridge.modules(), *self.bridge.original_model.modules())}
+        training = [m for m in modules.values() if m.training]
         trainable = [p for p in self.bridge.parameters() if p.requires_grad]
         for module in training:
             module.training = False
