@@ -40,8 +40,7 @@ def baseline(
     positive value means the model prefers the answer.
     """
     pairs = data.pairs if isinstance(data, TaskPairs) else data
-    chosen = metric if metric is not None else (data.metric if isinstance(data, TaskPairs) else "logit_diff")
-    fn = get_metric(chosen)
+    fn = get_metric(pairs.metric_for(metric))  # a task's pairs carry its metric
     clean_total = corrupted_total = correct = 0.0
     for batch in pairs.batches(batch_size):
         mask = batch.attention_mask.to(model.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
 from circuits.evaluation.curves import PROTOCOLS
 from circuits.folders import check_writable
+from circuits.metrics import Metric
 from circuits.models.loading import DEVICE_MAP_PLANS
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.quadrature import EDGE_QUADRATURES
@@ -59,10 +61,27 @@ def _model(args: argparse.Namespace) -> HookedModel:
     return load_model(args.model, device=args.device, dtype=dtype, device_map=args.device_map)
 
 
-def _task(model: HookedModel, name: str, n: int, seed: int, data: Path | None) -> TaskPairs:
+def _task(args: argparse.Namespace, model: HookedModel) -> TaskPairs:
     from circuits.task import make_task
 
-    return make_task(model, None if data is not None else name, n, seed=seed, data=data)
+    name = None if args.data is not None else args.task
+    return make_task(model, name, args.n, seed=args.seed, data=args.data, metric=_metric(args.metric))
+
+
+def _metric(spec: str | None) -> str | Metric | None:
+    """A built-in metric's name as given, or the function `module:function` names."""
+    if spec is None or ":" not in spec:
+        return spec
+    module, _, function = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as failure:
+        raise InputError(
+            f"--metric {spec!r}: cannot import {function!r} from {module!r} ({failure})"
+        ) from None
+    if not callable(found):
+        raise InputError(f"--metric {spec!r} is a {type(found).__name__}, not a function")
+    return found  # type: ignore[no-any-return]
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +124,11 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--metric",
+        help="score with this metric instead of the task's: one of logit_diff, prob_diff, kl, "
+        "answer_logprob, or module:function (a metric of your own, see circuits.metrics)",
+    )
 
 
 def _add_bootstrap_args(parser: argparse.ArgumentParser) -> None:
@@ -297,7 +321,7 @@ def _discover(args: argparse.Namespace) -> int:
 
     check_writable(args.out)
     model = _model(args)
-    task = _task(model, args.task, args.n, args.seed, args.data)
+    task = _task(args, model)
     found = discover(
         model,
         task,
@@ -358,7 +382,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     circuit = _load_circuit(args.circuit)
     model = _model(args)
     circuit.check_fits(model.spec)
-    task = _task(model, args.task, args.n, args.seed, args.data)
+    task = _task(args, model)
     result = evaluate(model, circuit, task.pairs, task.metric, args.ablation, batch_size=args.batch_size)
     faithfulness = (
         faithfulness_interval(result, args.resamples) if args.resamples else f"{result.faithfulness:.4f}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +23,9 @@ class PromptPairs:
         lengths: [N] real (unpadded) length; the metric reads position lengths - 1.
         answer, distractor: [N] token ids of the correct and the contrasting next token.
         pad_id: id used for padding.
+        metric: what the pairs are scored with (a name in `circuits.metrics.METRICS` or a callable), set
+            by the task that made them; every function taking pairs uses it unless given another metric
+            (`metric_for`). None: the logit difference.
     """
 
     clean: Tensor
@@ -32,6 +35,7 @@ class PromptPairs:
     distractor: Tensor
     pad_id: int = 0
     texts: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    metric: str | Callable[..., Tensor] | None = None
 
     def __post_init__(self) -> None:
         for name in ("clean", "corrupted", "lengths", "answer", "distractor"):
@@ -56,6 +60,12 @@ class PromptPairs:
                 raise InputError(f"{name} must have shape ({n},), got {tuple(getattr(self, name).shape)}")
         if int(self.lengths.min()) < 1 or int(self.lengths.max()) > self.clean.shape[1]:
             raise InputError(f"lengths must lie in [1, {self.clean.shape[1]}] (the number of positions)")
+
+    def metric_for(self, metric: str | Callable[..., Tensor] | None) -> str | Callable[..., Tensor]:
+        """`metric` if given, else the pairs' own (their task's), else the logit difference."""
+        if metric is not None:
+            return metric
+        return "logit_diff" if self.metric is None else self.metric
 
     def check_fits(self, model: HookedModel) -> None:
         """Raise `InputError` unless every token id is in the model's vocabulary and every prompt fits
@@ -106,6 +116,7 @@ class PromptPairs:
             self.distractor[rows],
             self.pad_id,
             [self.texts[i] for i in rows.tolist()] if self.texts else [],
+            self.metric,
         )
 
     def batches(self, batch_size: int) -> Iterator[PromptPairs]:
@@ -132,6 +143,7 @@ class PromptPairs:
             self.answer.repeat(times),
             self.distractor.repeat(times),
             self.pad_id,
+            metric=self.metric,
         )
 
     def to(self, device: torch.device | str) -> PromptPairs:
@@ -143,6 +155,7 @@ class PromptPairs:
             self.distractor.to(device),
             self.pad_id,
             self.texts,
+            self.metric,
         )
 
     @classmethod

@@ -109,6 +109,13 @@ def check_values(values: object, rows: int, where: str) -> Tensor:
     return values
 
 
+def metric_name(metric: str | Metric) -> str:
+    """A metric's name for files: a built-in's, or `module:function` for one of the user's."""
+    if isinstance(metric, str):
+        return metric
+    return f"{getattr(metric, '__module__', '?')}:{getattr(metric, '__qualname__', type(metric).__name__)}"
+
+
 def get_metric(metric: str | Metric) -> Metric:
     if callable(metric):
         return metric

@@ -32,6 +32,7 @@ from circuits.evaluation.intervals import (
 )
 from circuits.folders import check_writable, replacing_folder
 from circuits.graph import Graph
+from circuits.metrics import metric_name
 from circuits.models.hooked import HookedModel
 from circuits.pictures.drawing import draw_circuit, plot_curves
 from circuits.pictures.viewer import write_page
@@ -307,6 +308,7 @@ def _write_files(found: Discovery, out: Path, model: HookedModel) -> list[Path]:
         "dtype": str(model.dtype).removeprefix("torch."),
         "processes": world_size(),
         "task": found.task.task,
+        "metric": metric_name(found.task.metric),
         "method": found.scoring.method,
         "ig_steps": found.scoring.ig_steps if found.scoring.spec.uses_ig_steps else None,
         "n_pairs": len(found.task.pairs),

@@ -9,7 +9,7 @@ package can add tasks the same way. `circuits` itself never imports a task modul
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Protocol
 
 from circuits.data import PromptPairs
 from circuits.errors import InputError
-from circuits.metrics import Metric
+from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel
 
 ENTRY_POINT_GROUP = "circuits.tasks"
@@ -33,6 +33,11 @@ class TaskPairs:
     metric: str | Metric  # a name in circuits.metrics.METRICS, or a task-specific metric
     requested: int
     dropped: int  # proposed examples rejected (multi-token answers, unequal lengths)
+
+    def __post_init__(self) -> None:
+        # the pairs carry the task's metric, so `evaluate(model, circuit, task.pairs)` scores as the task does
+        if self.pairs.metric is None:
+            self.pairs = replace(self.pairs, metric=self.metric)
 
     def __str__(self) -> str:
         return f"{self.task}: {len(self.pairs)} pairs ({self.dropped} proposals dropped)"
@@ -70,15 +75,27 @@ def file_loader() -> Callable[[HookedModel, str | Path], TaskPairs]:
 
 
 def make_task(
-    model: HookedModel, name: str | None = None, n: int = 32, *, seed: int = 0, data: str | Path | None = None
+    model: HookedModel,
+    name: str | None = None,
+    n: int = 32,
+    *,
+    seed: int = 0,
+    data: str | Path | None = None,
+    metric: str | Metric | None = None,
 ) -> TaskPairs:
     """Prompt pairs for `model`: `n` of the installed task `name` (`task_builders()`: ioi, greater_than,
-    ...), or a user's data file `data` (read by the installed plug-in's `load_pairs`)."""
+    ...), or a user's data file `data` (read by the installed plug-in's `load_pairs`); scored with the
+    task's own metric, or `metric` if given (the pairs carry it: see `PromptPairs.metric`)."""
     if (name is None) == (data is None):
         raise InputError("give a task name or a data file (one of them)")
     if data is not None:
-        return file_loader()(model, data)
-    builders = task_builders()
-    if name not in builders:
-        raise InputError(f"unknown task {name!r}; the installed tasks are {', '.join(sorted(builders))}")
-    return builders[name](model, n, seed=seed)
+        task = file_loader()(model, data)
+    else:
+        builders = task_builders()
+        if name not in builders:
+            raise InputError(f"unknown task {name!r}; the installed tasks are {', '.join(sorted(builders))}")
+        task = builders[name](model, n, seed=seed)
+    if metric is None:
+        return task
+    get_metric(metric)  # an unknown name fails here, before any work
+    return replace(task, metric=metric, pairs=replace(task.pairs, metric=metric))

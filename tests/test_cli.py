@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from circuits.cli import _task, main
+from circuits.cli import main
+from circuits.task import make_task
 
 
 @pytest.mark.parametrize("command", [[], ["discover"], ["evaluate"], ["draw"], ["view"], ["tasks"]])
@@ -47,6 +48,7 @@ def test_discover_evaluate_draw_on_a_tiny_model(tmp_path, capsys):
         assert (out / name).exists(), name
     summary = json.loads((out / "summary.json").read_text())
     assert "head_classes_wang_2022" not in summary  # GPT-2 small's IOI heads: the IOI script records them
+    assert summary["metric"] == "logit_diff"  # IOI's own
     assert 0 < summary["circuit_edges"] <= 40 and "CPR" in summary and "CMD" in summary
     assert main(["evaluate", str(out / "circuit.json"), "--model", "tiny-llama", "--n", "4"]) == 0
     assert "faithfulness" in capsys.readouterr().out
@@ -75,7 +77,7 @@ def test_discover_with_relp_rules_matches_the_api(tmp_path):
     saved = torch.load(out / "scores.pt")["edge_scores"]
     model = tiny_llama()
     rules = RelPRules(ln=True, identity=False, half=False, cp=True)
-    task = _task(model, "ioi", 4, 0, None)
+    task = make_task(model, "ioi", 4)
     result = attribute(
         model, Graph.from_model(model), task.pairs, task.metric, "relp", rules=rules, batch_size=2, quiet=True
     )
@@ -118,7 +120,7 @@ def test_discover_selection_options_match_the_api(tmp_path):
     assert summary["ensemble"] == ["eap", "clean-corrupted"]
     assert summary["sign_consistency"] == {"resamples": 2, "agreement": 0.9}
     model = tiny_llama()
-    task = _task(model, "ioi", 4, 0, None)
+    task = make_task(model, "ioi", 4)
     graphs = []
     for method in ("eap", "clean-corrupted"):
         graphs.append(Graph.from_model(model))
@@ -145,7 +147,7 @@ def test_discover_refined_selection_is_the_api_refinement(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["selection"] == "refined(top_n, 2 rounds)"
     model = tiny_llama()
-    task = _task(model, "ioi", 4, 0, None)
+    task = make_task(model, "ioi", 4)
     graph = Graph.from_model(model)
     attribute(model, graph, task.pairs, task.metric, "eap", batch_size=2, quiet=True)
     circuit = select(graph, 25, refined_selection(model, task.pairs, task.metric, rounds=2, batch_size=2))
@@ -162,10 +164,28 @@ def test_discover_dtype_and_device_map_reach_the_model(tmp_path, capsys):
     assert main([*args, "--dtype", "bfloat16", "--device-map", "auto", "--out", str(tmp_path / "bf16")]) == 0
     assert json.loads((tmp_path / "bf16" / "summary.json").read_text())["dtype"] == "bfloat16"
     model = tiny_llama(dtype=torch.bfloat16)
-    task = _task(model, "ioi", 4, 0, None)
+    task = make_task(model, "ioi", 4)
     want = attribute(model, Graph.from_model(model), task.pairs, task.metric, "eap", batch_size=2, quiet=True)
     saved = torch.load(tmp_path / "bf16" / "scores.pt")["edge_scores"]
     assert want.edge_scores is not None and torch.equal(saved, want.edge_scores)
     assert main([*args, "--device", "cpu", "--device-map", "auto", "--out", str(tmp_path / "both")]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "both").exists()
+
+
+def test_metric_option_scores_with_a_builtin_or_a_users_function(tmp_path, capsys):
+    """`--metric` replaces the task's metric everywhere (scores, evaluation, the summary)."""
+    base = ["--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--no-curve", "--edges", "20"]
+    for spec, name in [
+        ("prob_diff", "prob_diff"),
+        ("circuits.metrics:kl_divergence", "circuits.metrics:kl_divergence"),
+    ]:
+        out = tmp_path / name.replace(":", "_")
+        assert main(["discover", *base, "--method", "eap", "--metric", spec, "--out", str(out)]) == 0
+        assert json.loads((out / "summary.json").read_text())["metric"] == name
+    assert main(["discover", *base, "--metric", "accuracy", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown metric 'accuracy'" in capsys.readouterr().err
+    assert (
+        main(["discover", *base, "--metric", "circuits.metrics:nothing", "--out", str(tmp_path / "y")]) == 2
+    )
+    assert "cannot import 'nothing' from 'circuits.metrics'" in capsys.readouterr().err

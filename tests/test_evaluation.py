@@ -187,3 +187,27 @@ def test_node_ablation_equals_ablating_every_outgoing_edge(layout):
     torch.testing.assert_close(
         fast, forward_with_ablation(tiny, graph, ids, mask, acts, edge_masks), atol=1e-4, rtol=1e-4
     )
+
+
+def test_the_pairs_carry_their_tasks_metric(llama):
+    """A task's pairs are scored with the task's metric wherever they go, unless another is given: the
+    quick-start pattern `evaluate(model, circuit, task.pairs)` no longer falls back to logit difference."""
+    from circuits.task import TaskPairs
+
+    pairs = make_pairs(llama)
+    graph = Graph.from_model(llama)
+    attribute(llama, graph, pairs, method="eap", quiet=True)
+    circuit = graph.top_n(20)
+    task = TaskPairs("t", pairs, "prob_diff", len(pairs), 0)
+    assert task.pairs.metric == "prob_diff" and pairs.metric is None  # the caller's pairs are not changed
+    assert (
+        task.pairs[:2].metric == "prob_diff" and task.pairs.take(torch.tensor([0, 0])).metric == "prob_diff"
+    )
+    carried, explicit = evaluate(llama, circuit, task.pairs), evaluate(llama, circuit, pairs, "prob_diff")
+    default = evaluate(llama, circuit, pairs)
+    assert (carried.full, carried.circuit) == (explicit.full, explicit.circuit)
+    assert carried.full != default.full
+    assert evaluate(llama, circuit, task.pairs, "logit_diff").full == default.full  # an explicit metric wins
+    scored = attribute(llama, Graph.from_model(llama), task.pairs, method="eap", quiet=True)
+    named = attribute(llama, Graph.from_model(llama), pairs, "prob_diff", method="eap", quiet=True)
+    assert scored.metric_clean == named.metric_clean and torch.equal(scored.edge_scores, named.edge_scores)

@@ -77,7 +77,7 @@ def attribute(
     model: HookedModel,
     graph: Graph,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     method: MethodName | None = None,
     *,
     options: ScoringOptions | None = None,
@@ -103,8 +103,8 @@ def attribute(
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
     graph.check_fits(model.spec)
-    metric_fn = get_metric(metric)
     check_pairs(model, pairs)
+    metric_fn = get_metric(pairs.metric_for(metric))
     if options.max_memory is not None:
         plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn))
         options = options.with_settings(

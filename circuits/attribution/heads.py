@@ -23,7 +23,7 @@ from circuits.models.hooked import HookedModel, HookFn, uses_model
 def head_patching(
     model: HookedModel,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     *,
     batch_size: int = 8,
     max_rows: int = 64,
@@ -38,7 +38,7 @@ def head_patching(
     check_count(batch_size, "batch_size")
     check_count(max_rows, "max_rows")
     check_pairs(model, pairs)
-    metric_fn = get_metric(metric)
+    metric_fn = get_metric(pairs.metric_for(metric))
     spec = model.spec
     units = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)]
     totals = torch.zeros(len(units), dtype=torch.float64)

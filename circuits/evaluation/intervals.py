@@ -151,7 +151,7 @@ def jaccard(a: Tensor, b: Tensor) -> float:
 def bootstrap_scores(
     model: HookedModel,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     scoring: ScoringOptions | None = None,
     *,
     resamples: int = 10,
@@ -179,7 +179,7 @@ def circuit_stability(
     model: HookedModel,
     circuit: Graph,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     scoring: ScoringOptions | None = None,
     *,
     n_edges: int,

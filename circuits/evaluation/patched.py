@@ -50,7 +50,7 @@ def evaluate(
     model: HookedModel,
     circuit: Graph,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     ablation: Ablation = "patching",
     *,
     reference: PromptPairs | None = None,
@@ -82,7 +82,7 @@ def evaluate_many(
     model: HookedModel,
     circuits: Sequence[Graph],
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     ablation: Ablation = "patching",
     *,
     reference: PromptPairs | None = None,
@@ -104,7 +104,7 @@ def evaluate_many(
     if reference is not None:
         check_pairs(model, reference, "reference")
     graph = circuits[0]
-    fn = get_metric(metric)
+    fn = get_metric(pairs.metric_for(metric))
     ablate = [_ablation_mask(c, complement) for c in circuits]
     means = (
         None

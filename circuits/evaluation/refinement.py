@@ -54,7 +54,7 @@ def mask_gradient(
     model: HookedModel,
     circuit: Graph,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     *,
     batch_size: int = 8,
 ) -> MaskGradient:
@@ -63,7 +63,7 @@ def mask_gradient(
     check_count(batch_size, "batch_size")
     check_pairs(model, pairs)
     circuit.check_fits(model.spec)
-    fn = get_metric(metric)
+    fn = get_metric(pairs.metric_for(metric))
     ablate = circuit.valid & ~circuit.in_graph
     total = torch.zeros(circuit.valid.shape, dtype=torch.float64)
     sums = {"circuit": 0.0, "full": 0.0}
@@ -110,7 +110,7 @@ def refine(
     model: HookedModel,
     circuit: Graph,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     options: RefineOptions | None = None,
     *,
     budget: int,
@@ -211,7 +211,7 @@ def _count_reaching(units: Tensor, need: int) -> int:
 def refined_selection(
     model: HookedModel,
     pairs: PromptPairs,
-    metric: str | Metric = "logit_diff",
+    metric: str | Metric | None = None,
     *,
     base: Selection | Selector = "top_n",
     rounds: int = 4,
