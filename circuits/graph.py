@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from circuits import selection
-from circuits.errors import FileFormatError, GraphMismatchError, InputError
+from circuits.errors import CircuitsWarning, FileFormatError, GraphMismatchError, InputError
 from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.models.wiring import Block, DestinationKind, SourceKind, blocks
 from circuits.textfiles import read_text
@@ -107,19 +108,20 @@ class Graph:
     # -------------------------------------------------------------------- selection (copies)
     def top_n(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit is the `n` best-ranked edges, then pruned (see `circuits.selection`)."""
-        return selection.top_n(self, n, absolute, prune)
+        return _not_emptied(selection.top_n(self, n, absolute, prune), n)
 
     def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit is the edges ranked at least `t`, then pruned."""
-        return selection.threshold(self, t, absolute, prune)
+        chosen = selection.threshold(self, t, absolute, prune=False).n_in_graph if prune else 0
+        return _not_emptied(selection.threshold(self, t, absolute, prune), chosen)
 
     def greedy(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit grows edge by edge from the logits, `n` edges."""
-        return selection.greedy(self, n, absolute, prune)
+        return _not_emptied(selection.greedy(self, n, absolute, prune), n)
 
     def top_nodes(self, k: int, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit is every edge between the `k` best-ranked nodes (by `node_scores`)."""
-        return selection.top_nodes(self, k, absolute, prune)
+        return _not_emptied(selection.top_nodes(self, k, absolute, prune), k)
 
     def pruned(self) -> Graph:
         """A copy without the circuit's dead edges (not on an input -> logits path)."""
@@ -519,3 +521,16 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
         )
     except InputError as err:
         raise FileFormatError(f"{where}: cfg: {err}") from None
+
+
+def _not_emptied(circuit: Graph, chosen: int) -> Graph:
+    """`circuit`, with a `CircuitsWarning` when a non-empty selection was pruned to nothing."""
+    if chosen > 0 and circuit.n_in_graph == 0:
+        warnings.warn(
+            f"the selection ({chosen} chosen) was pruned to an empty circuit: none of its edges lies on a "
+            "path from the input to the logits within it, so every edge will be ablated. Select more edges, "
+            "or check that the graph was scored for this task (and with which ablation)",
+            CircuitsWarning,
+            stacklevel=3,
+        )
+    return circuit

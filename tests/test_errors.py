@@ -2,6 +2,7 @@
 traceback or a plausible wrong number; nothing of the caller's is changed. One test per failure class."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -406,3 +407,27 @@ def test_arguments_of_the_wrong_type_are_named(llama):
         evaluate(llama, graph, pairs, batch_size=0)
     with pytest.raises(InputError, match="unknown method 'eap-ig'; choose one of"):
         attribute(llama, graph, pairs, method="eap-ig")
+
+
+def test_warnings_for_an_emptied_circuit_and_a_completeness_miss(llama):
+    """Two results that look fine but are not: a selection that pruning empties, IG scores that do not add
+    up to the metric change they explain."""
+    pairs, graph = make_pairs(llama), Graph.from_model(llama)
+    graph.scores = torch.zeros_like(graph.scores)
+    graph.scores[graph.src_index["m1"], graph.dst_index["m0"]] = -1.0  # runs backwards: invalid, dropped
+    mlp_0 = graph.src_index["m0"]
+    graph.scores[mlp_0, graph.dst_index["a1.h0<q>"]] = -1.0  # m0 -> a1.h0<q>, but a1.h0 reaches nothing
+    with pytest.warns(CircuitsWarning, match=r"selection \(1 chosen\) was pruned to an empty circuit"):
+        assert graph.top_n(1).n_in_graph == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CircuitsWarning)
+        assert graph.top_n(0).n_in_graph == 0  # nothing chosen: nothing to warn about
+    with pytest.warns(CircuitsWarning, match=r"more ig_steps \(now 1\) or quadrature='gauss-legendre'"):
+        found = attribute(
+            llama, Graph.from_model(llama), pairs, method="eap-ig-inputs", ig_steps=1, quiet=True
+        )
+    assert found.completeness.relative_error > 10  # one left-rule step on this model: far off
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CircuitsWarning)  # within 1e-4 here: no warning
+        options = dict(ig_steps=8, quadrature="gauss-legendre", quiet=True)
+        attribute(llama, Graph.from_model(llama), pairs, method="eap-ig-inputs", **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,12 +15,14 @@ from circuits.attribution.methods import DEFAULT_METHOD, METHODS, BatchResult, J
 from circuits.attribution.options import ScoringOptions
 from circuits.data import PromptPairs, check_pairs
 from circuits.distributed import sum_floats, sum_tensor
-from circuits.errors import InputError, NumericalError
+from circuits.errors import CircuitsWarning, InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.sources import SourceOutputs, source_means
+
+COMPLETENESS_TOLERANCE = 0.1  # IG's relative completeness error above which `attribute` warns
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -185,6 +188,14 @@ def _result(
         float(totals["metric_corrupted"]) / n if "metric_corrupted" in totals else None,
         completeness,
     )
+    if completeness is not None and completeness.relative_error > COMPLETENESS_TOLERANCE:
+        warnings.warn(
+            f"IG {completeness}: the scores sum to {completeness.relative_error:.0%} off the metric change "
+            f"they explain (more than {COMPLETENESS_TOLERANCE:.0%}). Use more ig_steps (now "
+            f"{options.ig_steps}) or quadrature='gauss-legendre'",
+            CircuitsWarning,
+            stacklevel=3,
+        )
     for name, scores in (("edge", result.edge_scores), ("node", result.node_scores)):
         if scores is not None and not bool(scores.isfinite().all()):
             raise NumericalError(
