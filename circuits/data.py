@@ -26,6 +26,8 @@ class PromptPairs:
         metric: what the pairs are scored with (a name in `circuits.metrics.METRICS` or a callable), set
             by the task that made them; every function taking pairs uses it unless given another metric
             (`metric_for`). None: the logit difference.
+        tokenizer: the signature of the tokenizer that made the ids (`HookedModel.tokenizer_signature`,
+            set by `from_strings` / `from_ids`); a model with another tokenizer refuses the pairs.
     """
 
     clean: Tensor
@@ -36,6 +38,7 @@ class PromptPairs:
     pad_id: int = 0
     texts: list[tuple[str, str]] = field(default_factory=list, repr=False)
     metric: str | Callable[..., Tensor] | None = None
+    tokenizer: tuple[int, tuple[int, ...]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("clean", "corrupted", "lengths", "answer", "distractor"):
@@ -69,7 +72,14 @@ class PromptPairs:
 
     def check_fits(self, model: HookedModel) -> None:
         """Raise `InputError` unless every token id is in the model's vocabulary and every prompt fits
-        its context window."""
+        its context window, and, for pairs that know their tokenizer, unless it is the model's."""
+        if self.tokenizer is not None and self.tokenizer != model.tokenizer_signature:
+            raise InputError(
+                f"these prompt pairs were tokenized by another tokenizer than {model.spec.name}'s "
+                f"(vocabulary {self.tokenizer[0]} against {model.tokenizer_signature[0]}, or other ids for "
+                "the same text): their ids mean other text for this model. Make the pairs again with it "
+                "(PromptPairs.from_strings(model, ...) or make_task(model, ...))"
+            )
         vocab = model.d_vocab
         for name in ("clean", "corrupted", "answer", "distractor"):
             ids = getattr(self, name)
@@ -117,6 +127,7 @@ class PromptPairs:
             self.pad_id,
             [self.texts[i] for i in rows.tolist()] if self.texts else [],
             self.metric,
+            self.tokenizer,
         )
 
     def batches(self, batch_size: int) -> Iterator[PromptPairs]:
@@ -144,6 +155,7 @@ class PromptPairs:
             self.distractor.repeat(times),
             self.pad_id,
             metric=self.metric,
+            tokenizer=self.tokenizer,
         )
 
     def to(self, device: torch.device | str) -> PromptPairs:
@@ -156,6 +168,7 @@ class PromptPairs:
             self.pad_id,
             self.texts,
             self.metric,
+            self.tokenizer,
         )
 
     @classmethod
@@ -239,6 +252,7 @@ class PromptPairs:
             torch.tensor(list(distractors)),
             pad,
             texts or [],
+            tokenizer=model.tokenizer_signature,
         )
 
 

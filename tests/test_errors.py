@@ -431,3 +431,20 @@ def test_warnings_for_an_emptied_circuit_and_a_completeness_miss(llama):
         warnings.simplefilter("error", CircuitsWarning)  # within 1e-4 here: no warning
         options = dict(ig_steps=8, quadrature="gauss-legendre", quiet=True)
         attribute(llama, Graph.from_model(llama), pairs, method="eap-ig-inputs", **options)
+
+
+def test_pairs_made_by_another_tokenizer_are_refused(llama):
+    """Ids mean text only for the tokenizer that made them: pairs remember it, another model refuses them
+    (before, one model's ids ran on another as other text, without a word)."""
+    from circuits.testing import tiny_llama_hf
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["<extra>"])  # another vocabulary
+    other = load_model(tiny_llama_hf(), tokenizer, check=False)
+    pairs = make_pairs(llama)
+    assert pairs.tokenizer == llama.tokenizer_signature and pairs[:1].tokenizer == pairs.tokenizer
+    with pytest.raises(InputError, match="tokenized by another tokenizer than"):
+        attribute(other, Graph.from_model(other), pairs, method="eap", quiet=True)
+    by_hand = PromptPairs(pairs.clean, pairs.corrupted, pairs.lengths, pairs.answer, pairs.distractor)
+    attribute(other, Graph.from_model(other), by_hand, method="eap", quiet=True)  # ids alone: not checked
+    attribute(other, Graph.from_model(other), make_pairs(other), method="eap", quiet=True)

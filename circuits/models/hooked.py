@@ -194,6 +194,13 @@ class HookedModel:
             return f"{base}.gate.hook_out", f"{base}.in.hook_out", f"{base}.out.hook_in"
         return f"{base}.in.hook_out", None, f"{base}.out.hook_in"
 
+    @property
+    def tokenizer_signature(self) -> tuple[int, tuple[int, ...]]:
+        """(vocabulary size, the ids of a probe text): what prompt pairs remember of the tokenizer that made
+        them, so that another model's tokenizer can refuse them."""
+        probe = "Then Tom said hello to Mary. 12 + 7 = 19; Paris, über, 東京"
+        return len(self.tokenizer), tuple(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+
     def has_hook(self, name: str) -> bool:
         return name in self._hook_points
 
