@@ -65,7 +65,15 @@ def _task(args: argparse.Namespace, model: HookedModel) -> TaskPairs:
     from circuits.task import make_task
 
     name = None if args.data is not None else args.task
-    return make_task(model, name, args.n, seed=args.seed, data=args.data, metric=_metric(args.metric))
+    return make_task(
+        model,
+        name,
+        args.n,
+        seed=args.seed,
+        data=args.data,
+        metric=_metric(args.metric),
+        drop_invalid=args.skip_invalid,
+    )
 
 
 def _metric(spec: str | None) -> str | Metric | None:
@@ -124,6 +132,11 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="with --data: drop the rows that cannot be used (each listed with why) instead of stopping",
+    )
     parser.add_argument(
         "--metric",
         help="score with this metric instead of the task's: one of logit_diff, prob_diff, kl, "

@@ -1,7 +1,8 @@
 """What a task hands the toolkit, and where the command line finds tasks without importing them.
 
 A task plug-in is a module with `TASKS` (name -> builder `(model, n, seed=0) -> TaskPairs`) and
-`load_pairs(model, path) -> TaskPairs` (prompt pairs from a user's file), announced under the entry-point
+`load_pairs(model, path, drop_invalid=False) -> TaskPairs` (prompt pairs from a user's file; the keyword is
+passed only when true), announced under the entry-point
 group `circuits.tasks`. This project's own `tasks` package is one (declared in pyproject.toml); another
 package can add tasks the same way. `circuits` itself never imports a task module.
 """
@@ -66,7 +67,7 @@ def task_builders() -> dict[str, TaskBuilder]:
     return builders
 
 
-def file_loader() -> Callable[[HookedModel, str | Path], TaskPairs]:
+def file_loader() -> Callable[..., TaskPairs]:
     """The first installed plug-in's `load_pairs` (prompt pairs from a user's data file)."""
     for plugin in _plugins():
         if hasattr(plugin, "load_pairs"):
@@ -82,14 +83,17 @@ def make_task(
     seed: int = 0,
     data: str | Path | None = None,
     metric: str | Metric | None = None,
+    drop_invalid: bool = False,
 ) -> TaskPairs:
     """Prompt pairs for `model`: `n` of the installed task `name` (`task_builders()`: ioi, greater_than,
     ...), or a user's data file `data` (read by the installed plug-in's `load_pairs`); scored with the
-    task's own metric, or `metric` if given (the pairs carry it: see `PromptPairs.metric`)."""
+    task's own metric, or `metric` if given (the pairs carry it: see `PromptPairs.metric`). With
+    `drop_invalid`, a data file's unusable rows are dropped (each listed in a warning), not refused."""
     if (name is None) == (data is None):
         raise InputError("give a task name or a data file (one of them)")
     if data is not None:
-        task = file_loader()(model, data)
+        loader = file_loader()
+        task = loader(model, data, drop_invalid=True) if drop_invalid else loader(model, data)
     else:
         builders = task_builders()
         if name not in builders:

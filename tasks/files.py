@@ -14,11 +14,13 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from circuits.data import PromptPairs
-from circuits.errors import FileFormatError, InputError
+from circuits.errors import CircuitsWarning, FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
 from circuits.textfiles import read_text
@@ -36,12 +38,15 @@ def load_pairs(
     metric: str = "logit_diff",
     counterfactual: str | None = None,
     mib_task: str | None = None,
+    drop_invalid: bool = False,
 ) -> TaskPairs:
     """Read prompt pairs for `model` from a CSV / JSON / JSONL / Parquet file (see the module docstring).
 
     `mib_task` (one of `tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the columns
     when not given); `counterfactual` names the counterfactual column (MIB's default per task).
-    Raises `FileFormatError` naming the file, the row and the column of the first problem.
+    A row that cannot be used (a missing column, prompts of different token lengths, an answer of several
+    tokens, ...) raises `FileFormatError` naming every such row with its reason; with `drop_invalid` those
+    rows are dropped instead, listed in a `CircuitsWarning` and counted in `TaskPairs.dropped`.
     """
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -50,14 +55,14 @@ def load_pairs(
     if not rows:
         raise FileFormatError(f"{path}: no rows")
     kind = _detect(path, rows[0]) if format == "auto" else format
-    if kind == "ours":
-        pairs = _from_text_rows(model, path, rows, ("clean", "corrupted", "answer", "distractor"))
-    elif kind in ("mib", "mib-ioi"):
+    dropped = 0
+    if kind in ("mib", "mib-ioi"):
         task = "ioi" if kind == "mib-ioi" else mib_task or _mib_task(path, rows[0])
         pairs = mib_pairs(model, path, rows, task, counterfactual)
     else:
-        pairs = _from_eap_ig_rows(model, path, rows)
-    return TaskPairs(path.stem, pairs, metric, len(rows), 0)
+        parse = _text_row if kind == "ours" else _eap_ig_row
+        pairs, dropped = _collect(model, path, rows, parse, drop_invalid)
+    return TaskPairs(path.stem, pairs, metric, len(rows), dropped)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -69,8 +74,11 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return _parquet_rows(path)
     text = read_text(path, "data file (.csv, .json or .jsonl)")
     if path.suffix == ".csv":
-        try:
-            return list(csv.DictReader(text.splitlines()))
+        try:  # header names stripped ("clean, corrupted, ..."); values kept as written (" Mary")
+            return [
+                {k.strip() if isinstance(k, str) else k: v for k, v in row.items()}
+                for row in csv.DictReader(text.splitlines())
+            ]
         except csv.Error as err:
             raise FileFormatError(f"{path}: not a readable CSV file ({err})") from None
     if path.suffix == ".json":
@@ -158,54 +166,75 @@ def _token(model: HookedModel, path: Path, i: int, text: str) -> int:
         raise FileFormatError(f"{path}: row {i + 1}: {err}") from None
 
 
-def _from_text_rows(
-    model: HookedModel, path: Path, rows: list[dict[str, Any]], columns: tuple[str, str, str, str]
-) -> PromptPairs:
-    clean, corrupted, answers, distractors = [], [], [], []
-    for i, row in enumerate(rows):
-        c, k, a, d = (str(v) for v in _require(path, i, row, columns))
-        _check_lengths(model, path, i, c, k)
-        answers.append(_token(model, path, i, a))
-        distractors.append(_token(model, path, i, d))
-        clean.append(c)
-        corrupted.append(k)
-    return PromptPairs.from_ids(
-        model, model.to_ids(clean), model.to_ids(corrupted), answers, distractors, list(zip(clean, corrupted))
-    )
+Row = tuple[str, str, int, int]  # clean, corrupted, answer id, distractor id
 
 
-def _from_eap_ig_rows(model: HookedModel, path: Path, rows: list[dict[str, Any]]) -> PromptPairs:
-    clean, corrupted, answers, distractors = [], [], [], []
-    for i, row in enumerate(rows):
-        c, k = (str(v) for v in _require(path, i, row, ("clean", "corrupted")))
-        if "label" in row and "correct_idx" not in row:
-            (label,) = _require(path, i, row, ("label",))
-            try:
-                ids = ast.literal_eval(label) if isinstance(label, str) else label
-                correct, incorrect = ids[0], ids[1]
-            except (ValueError, SyntaxError, TypeError, IndexError, KeyError):
-                raise FileFormatError(
-                    f"{path}: row {i + 1}, column label: {label!r} is not a list [correct, incorrect]"
-                ) from None
-            correct, incorrect = _int(path, i, "label", correct), _int(path, i, "label", incorrect)
-        else:
-            values = _require(path, i, row, ("correct_idx", "incorrect_idx"))
-            correct, incorrect = (
-                _int(path, i, col, v) for col, v in zip(("correct_idx", "incorrect_idx"), values)
+def _text_row(model: HookedModel, path: Path, i: int, row: dict[str, Any]) -> Row:
+    c, k, a, d = (str(v) for v in _require(path, i, row, ("clean", "corrupted", "answer", "distractor")))
+    _check_lengths(model, path, i, c, k)
+    return c, k, _token(model, path, i, a), _token(model, path, i, d)
+
+
+def _eap_ig_row(model: HookedModel, path: Path, i: int, row: dict[str, Any]) -> Row:
+    c, k = (str(v) for v in _require(path, i, row, ("clean", "corrupted")))
+    if "label" in row and "correct_idx" not in row:
+        (label,) = _require(path, i, row, ("label",))
+        try:
+            ids = ast.literal_eval(label) if isinstance(label, str) else label
+            correct, incorrect = ids[0], ids[1]
+        except (ValueError, SyntaxError, TypeError, IndexError, KeyError):
+            raise FileFormatError(
+                f"{path}: row {i + 1}, column label: {label!r} is not a list [correct, incorrect]"
+            ) from None
+        correct, incorrect = _int(path, i, "label", correct), _int(path, i, "label", incorrect)
+    else:
+        values = _require(path, i, row, ("correct_idx", "incorrect_idx"))
+        correct, incorrect = (
+            _int(path, i, col, v) for col, v in zip(("correct_idx", "incorrect_idx"), values)
+        )
+    for name, t in (("correct", correct), ("incorrect", incorrect)):
+        if not 0 <= t < model.d_vocab:
+            raise FileFormatError(
+                f"{path}: row {i + 1}: {name} token id {t} is outside the vocabulary [0, {model.d_vocab})"
             )
-        for name, t in (("correct", correct), ("incorrect", incorrect)):
-            if not 0 <= t < model.d_vocab:
-                raise FileFormatError(
-                    f"{path}: row {i + 1}: {name} token id {t} is outside the vocabulary [0, {model.d_vocab})"
-                )
-        _check_lengths(model, path, i, c, k)
-        clean.append(c)
-        corrupted.append(k)
-        answers.append(correct)
-        distractors.append(incorrect)
-    return PromptPairs.from_ids(
-        model, model.to_ids(clean), model.to_ids(corrupted), answers, distractors, list(zip(clean, corrupted))
+    _check_lengths(model, path, i, c, k)
+    return c, k, correct, incorrect
+
+
+def _collect(
+    model: HookedModel,
+    path: Path,
+    rows: list[dict[str, Any]],
+    parse: Callable[[HookedModel, Path, int, dict[str, Any]], Row],
+    drop_invalid: bool,
+) -> tuple[PromptPairs, int]:
+    """The pairs of every row `parse` accepts, and how many rows it refused. A refused row raises
+    `FileFormatError` naming every such row, or, with `drop_invalid`, is dropped with a `CircuitsWarning`
+    that lists each one and why."""
+    kept: list[Row] = []
+    problems: list[str] = []
+    for i, row in enumerate(rows):
+        try:
+            kept.append(parse(model, path, i, row))
+        except FileFormatError as problem:
+            problems.append(str(problem).removeprefix(f"{path}: "))
+    shown = "\n  ".join(problems[:20]) + (
+        f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
     )
+    if problems and (not drop_invalid or not kept):
+        what = "every row is invalid" if kept == [] and drop_invalid else f"{len(problems)} invalid row(s)"
+        hint = "" if drop_invalid else " (drop_invalid=True, or --skip-invalid in the CLI, drops them)"
+        raise FileFormatError(f"{path}: {what}{hint}:\n  {shown}")
+    if problems:
+        warnings.warn(
+            f"{path}: {len(problems)} of {len(rows)} rows dropped:\n  {shown}", CircuitsWarning, stacklevel=3
+        )
+    clean, corrupted, answers, distractors = (list(column) for column in zip(*kept))
+    texts = list(zip(clean, corrupted))
+    pairs = PromptPairs.from_ids(
+        model, model.to_ids(clean), model.to_ids(corrupted), answers, distractors, texts
+    )
+    return pairs, len(problems)
 
 
 def _int(path: Path, i: int, column: str, value: Any) -> int:

@@ -189,3 +189,27 @@ def test_metric_option_scores_with_a_builtin_or_a_users_function(tmp_path, capsy
         main(["discover", *base, "--metric", "circuits.metrics:nothing", "--out", str(tmp_path / "y")]) == 2
     )
     assert "cannot import 'nothing' from 'circuits.metrics'" in capsys.readouterr().err
+
+
+def test_skip_invalid_drops_a_files_bad_rows(tmp_path, capsys):
+    import csv
+
+    clean, corrupted = (
+        "When Mary and John went to the store, John gave a drink to",
+        "When Mary and John went to the store, Alice gave a drink to",
+    )
+    rows = [
+        (clean, corrupted, " Mary", " John"),
+        ("Then Tom said hello to", "Then Anna said hello to you", " Tom", " Anna"),
+    ]
+    data = tmp_path / "pairs.csv"
+    with data.open("w", newline="") as handle:
+        csv.writer(handle).writerows(
+            [("clean", "corrupted", "answer", "distractor"), rows[0], rows[1], rows[0]]
+        )
+    base = ["discover", "--model", "tiny-llama", "--data", str(data), "--batch-size", "2", "--no-curve"]
+    base += ["--method", "eap", "--edges", "10", "--out", str(tmp_path / "out")]
+    assert main(base) != 0
+    assert "row 2: clean prompt is" in capsys.readouterr().err
+    assert main([*base, "--skip-invalid"]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_pairs"] == 2

@@ -131,3 +131,27 @@ MIB_NO_IO = {
 def test_loader_errors_name_the_row(llama, tmp_path, name, text, message):
     with pytest.raises(FileFormatError, match=message):
         load_pairs(llama, write(tmp_path / name, text))
+
+
+def test_user_files_name_every_bad_row_and_can_drop_them(llama, tmp_path, recwarn):
+    """Every unusable row is named with its reason; `drop_invalid` (the CLI's --skip-invalid) drops them,
+    lists them and counts them; header names may carry spaces after the commas."""
+    good = (CLEAN, CORRUPTED, " Mary", " John")
+    rows = [
+        good,
+        ("Then Tom said hello to", "Then Anna said hello to you", " Tom", " Anna"),
+        good,
+        ("x", "", " Tom", " Anna"),
+    ]
+    path = write(
+        tmp_path / "mine.csv", csv_text(OURS, *rows).replace(",", ", ", 3)
+    )  # "clean, corrupted, ..."
+    with pytest.raises(FileFormatError, match=r"2 invalid row\(s\)") as refused:
+        load_pairs(llama, path)
+    assert "row 2: clean prompt is" in str(refused.value) and "row 4: missing corrupted" in str(refused.value)
+    task = load_pairs(llama, path, drop_invalid=True)
+    assert len(task.pairs) == 2 and task.dropped == 2 and task.requested == 4
+    (warning,) = [w for w in recwarn if "rows dropped" in str(w.message)]
+    assert "2 of 4 rows dropped" in str(warning.message) and "row 2" in str(warning.message)
+    with pytest.raises(FileFormatError, match="every row is invalid"):
+        load_pairs(llama, write(tmp_path / "bad.csv", csv_text(OURS, rows[1], rows[3])), drop_invalid=True)
