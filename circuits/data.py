@@ -195,6 +195,9 @@ class PromptPairs:
                     f"pair {i}: clean prompt is {len(a)} tokens, corrupted is {len(b)}; positions must "
                     f"match.\n  clean: {clean[i]!r}\n  corrupted: {corrupted[i]!r}"
                 )
+        warn_unspaced(
+            model, [x for c, a, d in zip(clean, answers, distractors) if not c.endswith(" ") for x in (a, d)]
+        )
         answer_ids, distractor_ids = [], []
         for i, (answer, distractor) in enumerate(zip(answers, distractors)):
             try:
@@ -253,6 +256,20 @@ class PromptPairs:
             pad,
             texts or [],
             tokenizer=model.tokenizer_signature,
+        )
+
+
+def warn_unspaced(model: HookedModel, answers: Sequence[str]) -> None:
+    """A `CircuitsWarning` when answers lack the leading space their tokenizer gives a next word."""
+    unspaced = sorted({a for a in answers if model.missing_leading_space(a)})
+    if unspaced:
+        warnings.warn(
+            f"{len(unspaced)} answer(s) without a leading space (first: {unspaced[0]!r}), though "
+            f"{' ' + unspaced[0]!r} is one token for {model.spec.name}: after a word the model predicts the "
+            "spaced token, so the metric reads an unlikely one. Write answers as ' Mary' unless the prompt "
+            "ends with a space",
+            CircuitsWarning,
+            stacklevel=3,
         )
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from circuits.data import PromptPairs
+from circuits.data import PromptPairs, warn_unspaced
 from circuits.errors import CircuitsWarning, FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
@@ -62,6 +62,9 @@ def load_pairs(
     else:
         parse = _text_row if kind == "ours" else _eap_ig_row
         pairs, dropped = _collect(model, path, rows, parse, drop_invalid)
+        if kind == "ours":  # answers written as text: do they have the space a next word takes?
+            spaced = [r for r in rows if not str(r.get("clean", "")).endswith(" ")]
+            warn_unspaced(model, [str(r.get(c) or "") for r in spaced for c in ("answer", "distractor")])
     return TaskPairs(path.stem, pairs, metric, len(rows), dropped)
 
 

@@ -448,3 +448,19 @@ def test_pairs_made_by_another_tokenizer_are_refused(llama):
     by_hand = PromptPairs(pairs.clean, pairs.corrupted, pairs.lengths, pairs.answer, pairs.distractor)
     attribute(other, Graph.from_model(other), by_hand, method="eap", quiet=True)  # ids alone: not checked
     attribute(other, Graph.from_model(other), make_pairs(other), method="eap", quiet=True)
+
+
+def test_answers_without_their_leading_space_warn_and_pieces_read_as_text(llama):
+    """'Mary' after 'to' is two unlikely pieces for this tokenizer; ' Mary' is the next word. The warning
+    says so before the error, and the error shows the pieces as text."""
+    clean = ["When Mary and John went to the store, John gave a drink to"]
+    corrupted = ["When Mary and John went to the store, Alice gave a drink to"]
+    unspaced = pytest.raises(InputError, match=r"'Mary' is 2 tokens \['Mar', 'y'\]")
+    with pytest.warns(CircuitsWarning, match="without a leading space \\(first: 'John'\\)"), unspaced:
+        PromptPairs.from_strings(llama, clean, corrupted, ["Mary"], ["John"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CircuitsWarning)
+        PromptPairs.from_strings(llama, clean, corrupted, [" Mary"], [" John"])
+        spaced = [c + " " for c in clean], [c + " " for c in corrupted]
+        with pytest.raises(InputError, match="2 tokens"):  # a prompt ending in a space: no warning
+            PromptPairs.from_strings(llama, *spaced, ["Mary"], ["John"])

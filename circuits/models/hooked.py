@@ -481,9 +481,17 @@ class HookedModel:
         """Id of `text` if it is exactly one token (no BOS), else a ValueError naming the pieces."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            pieces = self.tokenizer.convert_ids_to_tokens(ids)
+            pieces = [self.tokenizer.decode([i]) for i in ids]  # as text, not byte-level glyphs ('ĠBuenos')
             raise InputError(f"{text!r} is {len(ids)} tokens {pieces} for {self.spec.name}, not one")
         return int(ids[0])
+
+    def missing_leading_space(self, answer: str) -> bool:
+        """True when the word `answer` has no leading space though its spaced form is one token, as a word
+        after another word is for byte-level tokenizers (' Mary'): 'Mary' is then rarely what comes next.
+        Answers that do not start with a letter (digits continuing a number, punctuation) are not words."""
+        if not answer or not answer[0].isalpha():
+            return False
+        return len(self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]) == 1
 
     def __repr__(self) -> str:
         s = self.spec
