@@ -112,8 +112,8 @@ class Graph:
 
     def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit is the edges ranked at least `t`, then pruned."""
-        chosen = selection.threshold(self, t, absolute, prune=False).n_in_graph if prune else 0
-        return _not_emptied(selection.threshold(self, t, absolute, prune), chosen)
+        chosen = (selection.ranking(self, self.scores, absolute) >= t) & self.valid  # one ranking, no copy
+        return _not_emptied(selection.with_edges(self, chosen, prune), int(chosen.sum()) if prune else 0)
 
     def greedy(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
         """A copy whose circuit grows edge by edge from the logits, `n` edges."""

@@ -419,6 +419,8 @@ def test_warnings_for_an_emptied_circuit_and_a_completeness_miss(llama):
     graph.scores[mlp_0, graph.dst_index["a1.h0<q>"]] = -1.0  # m0 -> a1.h0<q>, but a1.h0 reaches nothing
     with pytest.warns(CircuitsWarning, match=r"selection \(1 chosen\) was pruned to an empty circuit"):
         assert graph.top_n(1).n_in_graph == 0
+    with pytest.warns(CircuitsWarning, match=r"selection \(1 chosen\) was pruned to an empty circuit"):
+        assert graph.threshold(0.5).n_in_graph == 0  # the same edge, chosen by its score
     with warnings.catch_warnings():
         warnings.simplefilter("error", CircuitsWarning)
         assert graph.top_n(0).n_in_graph == 0  # nothing chosen: nothing to warn about
