@@ -43,13 +43,12 @@ def baseline(
     fn = get_metric(pairs.metric_for(metric))  # a task's pairs carry its metric
     clean_total = corrupted_total = correct = 0.0
     for batch in pairs.batches(batch_size):
-        mask = batch.attention_mask.to(model.device)
         with torch.no_grad():
-            clean = model(batch.clean.to(model.device), mask)
-            corrupted = model(batch.corrupted.to(model.device), mask)
+            clean = model(batch.clean.to(model.device), batch.attention_mask.to(model.device))
+            corrupted = model(batch.corrupted.to(model.device), batch.corrupted_mask.to(model.device))
         clean_values = fn(clean, batch, clean)
         clean_total += float(clean_values.sum())
-        corrupted_total += float(fn(corrupted, batch, clean).sum())
+        corrupted_total += float(fn(corrupted, batch.corrupted_side(), clean).sum())
         correct += float((clean_values > 0).sum())
     n = len(pairs)
     return Baseline(clean_total / n, corrupted_total / n, correct / n, n)

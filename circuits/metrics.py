@@ -1,10 +1,10 @@
-"""Task metrics: a scalar per example from logits at the last real position of each prompt.
+"""Task metrics: a scalar per example from the logits where each prompt's answer is read.
 
 A metric is a callable `metric(logits, pairs, clean_logits) -> [batch]` with logits [batch, pos, d_vocab];
 `clean_logits` (same shape) is given for metrics that compare with the clean run (KL). A metric that reads
-logits only through `last_logits` may say so with `last_position = True` (the `last_position` decorator):
-the attribution engine then unembeds only each prompt's last real position and passes logits
-[batch, 1, d_vocab], skipping the unembedding of every other position.
+logits only through `last_logits` (at `pairs.read_positions`: the last real position, or where answers of
+several tokens branch) may say so with the `last_position` decorator: the attribution engine then unembeds
+only that position and passes logits [batch, 1, d_vocab], skipping the unembedding of every other one.
 """
 
 from __future__ import annotations
@@ -32,17 +32,22 @@ def last_position(metric: F) -> F:
     return metric
 
 
-def reads_last_position(metric: Metric) -> bool:
-    return bool(getattr(metric, "last_position", False))
+def reads_last_position(metric: Metric, pairs: PromptPairs | None = None) -> bool:
+    """Whether `metric` reads only `last_logits` (for `pairs`, when that depends on them)."""
+    marked = getattr(metric, "last_position", False)
+    if callable(marked):
+        return pairs is not None and bool(marked(pairs))
+    return bool(marked)
 
 
 def last_logits(logits: Tensor, pairs: PromptPairs) -> Tensor:
-    """[batch, d_vocab] logits at each prompt's last real token; logits [batch, pos, d_vocab], or
-    [batch, 1, d_vocab] already taken there."""
+    """[batch, d_vocab] logits at each prompt's read position (`pairs.read_positions`: its last real
+    token, or where answers of several tokens branch); logits [batch, pos, d_vocab], or [batch, 1, d_vocab]
+    already taken there."""
     if logits.shape[1] == 1:
         return logits[:, 0]
     rows = torch.arange(logits.shape[0], device=logits.device)
-    return logits[rows, (pairs.lengths.to(logits.device) - 1)]
+    return logits[rows, pairs.read_positions.to(logits.device)]
 
 
 def _pick(last: Tensor, ids: Tensor) -> Tensor:
@@ -73,10 +78,26 @@ def kl_divergence(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | Non
     return (logq.exp() * (logq - logp)).sum(-1)
 
 
-@last_position
 def answer_logprob(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:  # noqa: ARG001 (Metric signature)
-    """log p(answer) at the last real position, [batch]."""
-    return _pick(last_logits(logits, pairs).float().log_softmax(-1), pairs.answer)
+    """log p(answer), [batch]: of the answer token at the last real position, or for answers of several
+    tokens, of the whole answer teacher-forced (the sum over its tokens of log p(token | prompt, the
+    answer's tokens before it); the prompts end with them, `PromptPairs.from_ids`)."""
+    if pairs.answer_tokens is None:
+        return _pick(last_logits(logits, pairs).float().log_softmax(-1), pairs.answer)
+    if logits.shape[1] == 1:
+        raise InputError("answer_logprob of answers of several tokens needs the logits at every position")
+    tokens = pairs.answer_tokens.to(logits.device)  # [batch, A], -1 after each answer
+    first = pairs.lengths.to(logits.device) - pairs.answer_lengths.to(logits.device)  # predicts token 0
+    where = (first[:, None] + torch.arange(tokens.shape[1], device=logits.device)).clamp(
+        max=logits.shape[1] - 1
+    )
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    logp = logits[rows, where].float().log_softmax(-1)  # [batch, A, d_vocab]
+    picked = logp.gather(2, tokens.clamp(min=0)[:, :, None])[:, :, 0]
+    return (picked * (tokens >= 0)).sum(1)
+
+
+answer_logprob.last_position = lambda pairs: pairs.answer_tokens is None  # type: ignore[attr-defined]
 
 
 METRICS: dict[str, Metric] = {

@@ -136,6 +136,14 @@ class SourceOutputs:
             t.copy_(values[:, : t.shape[1], sources].to(t.device).expand_as(t))
         return self
 
+    def align_(self, pairs: PromptPairs, clean: SourceOutputs) -> SourceOutputs:
+        """Corrupted-run outputs moved, in place, to the clean positions they correspond to, with `clean`'s
+        outputs where a position has no counterpart (`PromptPairs.align`; rows: repeats of `pairs`)."""
+        if pairs.aligned:
+            for (_, t), (_, c) in zip(self.shards, clean.shards, strict=True):
+                t.copy_(pairs.align(t, c))
+        return self
+
     def sub_(self, other: SourceOutputs) -> SourceOutputs:
         for (_, t), (_, o) in zip(self.shards, other.shards, strict=True):
             t.sub_(o)
@@ -216,6 +224,40 @@ def source_hooks(
     return hooks
 
 
+@dataclass(frozen=True)
+class AblationValues:
+    """What an ablated source carries under mean or zero ablation, per aligned position.
+
+    Positions correspond as in `PromptPairs.alignment`: the start tokens by their index, every other
+    position by its distance from the prompt's last real token. So prompts of any lengths get, at each
+    position, the mean over the reference prompts that have a position there, never a mean pooled over
+    positions.
+    """
+
+    start: Tensor  # [S, n_sources, d]: at the S start tokens
+    from_end: Tensor  # [K, n_sources, d]: row k at k positions before the last real token
+    reach: int  # tokens past the start ones that the longest reference prompt has (= K); -1 for zeros
+
+    def for_pairs(self, pairs: PromptPairs) -> Tensor:
+        """[N, P, n_sources, d] the values at every position of `pairs`' clean prompts (zeros on padding);
+        `InputError` when a prompt reaches further back than every reference prompt."""
+        s = self.start.shape[0]
+        device = self.from_end.device
+        lengths = pairs.lengths.to(device)
+        if self.reach >= 0 and int(lengths.max()) - s > self.reach:
+            i = int(lengths.argmax())
+            raise InputError(
+                f"mean ablation per aligned position: pair {i} has {int(lengths[i])} tokens, but no "
+                f"reference prompt has more than {self.reach + s}, so its first positions have no mean. "
+                "Pass reference prompts at least as long as the prompts scored"
+            )
+        p = torch.arange(pairs.n_positions, device=device)[None, :]
+        back = (lengths[:, None] - 1 - p).clamp(min=0, max=self.from_end.shape[0] - 1)
+        index = torch.where(p < s, p.clamp(max=max(s - 1, 0)), s + back)
+        values = torch.cat([self.start, self.from_end])[index]  # [N, P, n_sources, d]
+        return values * (p < lengths[:, None])[:, :, None, None]
+
+
 @uses_model
 def source_means(
     model: HookedModel,
@@ -223,35 +265,26 @@ def source_means(
     reference: PromptPairs,
     ablation: str,
     batch_size: int = 8,
-    n_positions: int | None = None,
-) -> Tensor:
-    """Ablation values [1, P, n_sources, d] for prompts of up to P = `n_positions` tokens (default: the
-    reference's): zeros, or each source's mean output over `reference`'s clean prompts, per position when
-    all reference prompts have the same length (else over all real tokens)."""
-    d = graph.spec.d_model
-    n_pos = reference.n_positions if n_positions is None else n_positions
-    per_position = bool((reference.lengths == reference.lengths[0]).all())
-    if ablation == "mean" and per_position and reference.n_positions < n_pos:
-        raise InputError(
-            f"mean ablation per position needs reference prompts at least as long as the prompts scored: "
-            f"the reference prompts are {reference.n_positions} tokens, the prompts {n_pos}. Pass reference "
-            "prompts of the same length (or of mixed lengths, for one mean over all positions)"
-        )
+) -> AblationValues:
+    """Ablation values: zeros, or each source's mean output over `reference`'s clean prompts at each
+    aligned position (`AblationValues`)."""
+    n, d = graph.n_sources, graph.spec.d_model
+    s = reference.start_tokens
     if ablation == "zero":
-        return torch.zeros(1, n_pos, graph.n_sources, d, device=model.device)
-    total = torch.zeros(reference.n_positions if per_position else 1, graph.n_sources, d, device=model.device)
+        zeros = torch.zeros(1, n, d, device=model.device)
+        return AblationValues(zeros.expand(s, -1, -1), zeros, -1)
+    reach = int(reference.lengths.max()) - s
+    totals = torch.zeros(s + reach, n, d, device=model.device)
+    counts = torch.zeros(s + reach, device=model.device)
     for batch in reference.batches(batch_size):
-        acts = torch.zeros(len(batch), batch.n_positions, graph.n_sources, d, device=model.device)
-        ids = batch.clean.to(model.device)
-        recorded = SourceOutputs.of(acts)
-        with torch.no_grad(), model.hooks(source_hooks(model, graph, recorded)):
-            model(ids, batch.attention_mask.to(model.device))
-        real = batch.attention_mask.to(model.device)[:, :, None, None].float()
-        if per_position:
-            total[: batch.n_positions] += (acts * real).sum(0)
-        else:
-            total += (acts * real).sum((0, 1))
-    if per_position:
-        return (total[:n_pos] / len(reference)).unsqueeze(0)
-    mean = total / reference.lengths.sum()
-    return mean.unsqueeze(0).expand(1, n_pos, -1, -1)
+        acts = torch.zeros(len(batch), batch.n_positions, n, d, device=model.device)
+        with torch.no_grad(), model.hooks(source_hooks(model, graph, SourceOutputs.of(acts))):
+            model(batch.clean.to(model.device), batch.attention_mask.to(model.device))
+        p = torch.arange(batch.n_positions, device=model.device)[None, :]
+        lengths = batch.lengths.to(model.device)[:, None]
+        slot = torch.where(p < s, p, s + lengths - 1 - p)  # start tokens, then distance from the end
+        real = (p < lengths).expand_as(slot)
+        totals.index_add_(0, slot[real], acts[real])
+        counts.index_add_(0, slot[real], torch.ones_like(slot[real], dtype=counts.dtype))
+    means = totals / counts.clamp(min=1)[:, None, None]
+    return AblationValues(means[:s], means[s:], reach)

@@ -2,7 +2,8 @@
 
 Our format (CSV with a header, or JSON lines), one pair per row:
     clean, corrupted, answer, distractor
-with answer / distractor as text of a single token, leading space included (" Mary"). EAP-IG CSVs carry
+with answer / distractor as text, leading space included (" Mary", or several tokens: " Buenos Aires");
+clean and corrupted prompts may differ in token length (`PromptPairs.alignment`). EAP-IG CSVs carry
 token ids instead: `clean, corrupted, correct_idx, incorrect_idx`, or `clean, corrupted, label` with label
 a list "[correct, incorrect]". MIB rows (the mib-bench datasets' `.parquet` files or `.json` / `.jsonl`
 exports of them: IOI, MCQA, ARC, arithmetic) are read as MIB reads them (`tasks.mib`), each with its
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from circuits.data import PromptPairs, warn_unspaced
+from circuits.data import PromptPairs, branch_index, warn_unspaced
 from circuits.errors import CircuitsWarning, FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
@@ -44,9 +45,10 @@ def load_pairs(
 
     `mib_task` (one of `tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the columns
     when not given); `counterfactual` names the counterfactual column (MIB's default per task).
-    A row that cannot be used (a missing column, prompts of different token lengths, an answer of several
-    tokens, ...) raises `FileFormatError` naming every such row with its reason; with `drop_invalid` those
-    rows are dropped instead, listed in a `CircuitsWarning` and counted in `TaskPairs.dropped`.
+    A row that cannot be used (a missing column, an empty answer, an answer the distractor merely
+    continues, a token id outside the vocabulary, ...) raises `FileFormatError` naming every such row
+    with its reason; with `drop_invalid` those rows are dropped instead, listed in a `CircuitsWarning` and
+    counted in `TaskPairs.dropped`.
     """
     if format not in FORMATS:
         raise InputError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -153,29 +155,18 @@ def _require(path: Path, i: int, row: dict[str, Any], columns: tuple[str, ...]) 
     return [row[c] for c in columns]
 
 
-def _check_lengths(model: HookedModel, path: Path, i: int, clean: str, corrupted: str) -> None:
-    a, b = model.to_ids([clean, corrupted])
-    if len(a) != len(b):
-        raise FileFormatError(
-            f"{path}: row {i + 1}: clean prompt is {len(a)} tokens, corrupted is {len(b)} "
-            f"for {model.spec.name}"
-        )
-
-
-def _token(model: HookedModel, path: Path, i: int, text: str) -> int:
-    try:
-        return model.single_token_id(text)
-    except ValueError as err:
-        raise FileFormatError(f"{path}: row {i + 1}: {err}") from None
-
-
-Row = tuple[str, str, int, int]  # clean, corrupted, answer id, distractor id
+Row = tuple[str, str, list[int], list[int]]  # clean, corrupted, answer ids, distractor ids
 
 
 def _text_row(model: HookedModel, path: Path, i: int, row: dict[str, Any]) -> Row:
     c, k, a, d = (str(v) for v in _require(path, i, row, ("clean", "corrupted", "answer", "distractor")))
-    _check_lengths(model, path, i, c, k)
-    return c, k, _token(model, path, i, a), _token(model, path, i, d)
+    answer, distractor = (model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (a, d))
+    if len(answer) > 1 or len(distractor) > 1:
+        try:
+            branch_index(answer, distractor, i)
+        except InputError as err:
+            raise FileFormatError(f"{path}: row {i + 1}: {str(err).removeprefix(f'pair {i}: ')}") from None
+    return c, k, answer, distractor
 
 
 def _eap_ig_row(model: HookedModel, path: Path, i: int, row: dict[str, Any]) -> Row:
@@ -200,8 +191,7 @@ def _eap_ig_row(model: HookedModel, path: Path, i: int, row: dict[str, Any]) -> 
             raise FileFormatError(
                 f"{path}: row {i + 1}: {name} token id {t} is outside the vocabulary [0, {model.d_vocab})"
             )
-    _check_lengths(model, path, i, c, k)
-    return c, k, correct, incorrect
+    return c, k, [correct], [incorrect]
 
 
 def _collect(

@@ -200,7 +200,7 @@ def test_skip_invalid_drops_a_files_bad_rows(tmp_path, capsys):
     )
     rows = [
         (clean, corrupted, " Mary", " John"),
-        ("Then Tom said hello to", "Then Anna said hello to you", " Tom", " Anna"),
+        ("Then Tom said hello to", "Then Anna said hello to you", " Tom", " Tomato"),
     ]
     data = tmp_path / "pairs.csv"
     with data.open("w", newline="") as handle:
@@ -210,6 +210,6 @@ def test_skip_invalid_drops_a_files_bad_rows(tmp_path, capsys):
     base = ["discover", "--model", "tiny-llama", "--data", str(data), "--batch-size", "2", "--no-curve"]
     base += ["--method", "eap", "--edges", "10", "--out", str(tmp_path / "out")]
     assert main(base) != 0
-    assert "row 2: clean prompt is" in capsys.readouterr().err
+    assert "row 2: the answer" in capsys.readouterr().err
     assert main([*base, "--skip-invalid"]) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_pairs"] == 2

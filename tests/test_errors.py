@@ -454,15 +454,17 @@ def test_pairs_made_by_another_tokenizer_are_refused(llama):
 
 def test_answers_without_their_leading_space_warn_and_pieces_read_as_text(llama):
     """'Mary' after 'to' is two unlikely pieces for this tokenizer; ' Mary' is the next word. The warning
-    says so before the error, and the error shows the pieces as text."""
+    says so (the pair is still made, as an answer of two tokens), and a single-token error shows the pieces
+    as text."""
     clean = ["When Mary and John went to the store, John gave a drink to"]
     corrupted = ["When Mary and John went to the store, Alice gave a drink to"]
-    unspaced = pytest.raises(InputError, match=r"'Mary' is 2 tokens \['Mar', 'y'\]")
-    with pytest.warns(CircuitsWarning, match="without a leading space \\(first: 'John'\\)"), unspaced:
-        PromptPairs.from_strings(llama, clean, corrupted, ["Mary"], ["John"])
+    with pytest.warns(CircuitsWarning, match="without a leading space \\(first: 'John'\\)"):
+        pairs = PromptPairs.from_strings(llama, clean, corrupted, ["Mary"], ["John"])
+    assert pairs.answer_tokens is not None  # 'Mar', 'y'
+    with pytest.raises(InputError, match=r"'Mary' is 2 tokens \['Mar', 'y'\]"):
+        llama.single_token_id("Mary")
     with warnings.catch_warnings():
         warnings.simplefilter("error", CircuitsWarning)
         PromptPairs.from_strings(llama, clean, corrupted, [" Mary"], [" John"])
         spaced = [c + " " for c in clean], [c + " " for c in corrupted]
-        with pytest.raises(InputError, match="2 tokens"):  # a prompt ending in a space: no warning
-            PromptPairs.from_strings(llama, *spaced, ["Mary"], ["John"])
+        PromptPairs.from_strings(llama, *spaced, ["Mary"], ["John"])  # a prompt ending in a space: no warning

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from circuits import Graph, attribute, evaluate
+from circuits.errors import InputError
 from circuits.evaluation.curves import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.metrics import logit_diff
 from circuits.sources import source_means
@@ -46,28 +47,45 @@ def test_one_edge_removed_equals_exact_score(llama):
     assert torch.equal(graph.in_graph, before)  # the caller's graph is never modified
 
 
-def test_mean_ablation_uses_a_mean_per_node(llama):
+def test_mean_ablation_uses_a_mean_per_node_and_aligned_position(llama):
+    """Prompts of different lengths: the value at a position is the mean, over the reference prompts that
+    reach it, of the output at the same distance from the last token (never a mean pooled over positions),
+    computed here from the hooks one prompt at a time."""
+    pairs = make_pairs(llama)
+    assert len(set(pairs.lengths.tolist())) > 1
+    graph = Graph.from_model(llama)
+    values = source_means(llama, graph, pairs, "mean").for_pairs(pairs)  # [N, P, n_sources, d]
+    names = [llama.mlp_out_hook(0), llama.head_z_hook(1)]
+    outputs = []  # per prompt: (mlp0 [L, d], heads of layer 1 [L, n_heads, d])
+    for i in range(len(pairs)):
+        with torch.no_grad(), llama.capture(names, clone=True) as captured:
+            llama(pairs.clean[i : i + 1, : int(pairs.lengths[i])])
+        captured = {n: captured[n][0] for n in names}
+        z = captured[names[1]].reshape(-1, llama.spec.n_heads, llama.spec.d_head)
+        outputs.append((captured[names[0]], torch.einsum("tnh,nhd->tnd", z, llama.W_O(1))))
+    for i in range(len(pairs)):
+        length = int(pairs.lengths[i])
+        for p in (0, length - 1, length - 4):
+            back = length - 1 - p  # start tokens are matched from the start, the rest from the end
+            start = p < pairs.start_tokens
+            index = p if start else -1 - back
+            reach = [o for o in outputs if start or o[0].shape[0] - pairs.start_tokens > back]
+            mlp0 = torch.stack([o[0][index] for o in reach]).mean(0)
+            heads1 = torch.stack([o[1][index] for o in reach]).mean(0)
+            torch.testing.assert_close(values[i, p, graph.mlp_source(0)], mlp0, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values[i, p, graph.head_sources(1)], heads1, atol=1e-5, rtol=1e-5)
+        assert not bool(values[i, length:].any())  # padding
+    assert not torch.allclose(
+        values[0, -1, graph.head_sources(1)][0], values[0, -1, graph.head_sources(1)][1]
+    )
+
+
+def test_mean_ablation_refuses_prompts_longer_than_every_reference(llama):
     pairs = make_pairs(llama)
     graph = Graph.from_model(llama)
-    means = source_means(llama, graph, pairs, "mean")  # prompts differ in length: mean over all real tokens
-    real = pairs.attention_mask.bool()
-    captured = {}
-
-    def grab(name):
-        def hook(x):
-            captured[name] = x.detach()
-
-        return hook
-
-    names = [llama.mlp_out_hook(0), llama.head_z_hook(1)]
-    with torch.no_grad(), llama.hooks([(n, grab(n)) for n in names]):
-        llama(pairs.clean, pairs.attention_mask)
-    mlp0 = captured[names[0]][real].mean(0)
-    z = captured[names[1]][real].reshape(-1, llama.spec.n_heads, llama.spec.d_head)
-    heads1 = torch.einsum("tnh,nhd->nd", z, llama.W_O(1)) / z.shape[0]
-    torch.testing.assert_close(means[0, 0, graph.mlp_source(0)], mlp0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(means[0, 0, graph.head_sources(1)], heads1, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(heads1[0], heads1[1])  # one mean per node, not one for all
+    short = pairs[2:]
+    with pytest.raises(InputError, match="no reference prompt has more than"):
+        evaluate(llama, graph, pairs, ablation="mean", reference=short)
 
 
 def test_areas_of_a_hand_made_curve():

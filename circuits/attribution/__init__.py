@@ -20,7 +20,7 @@ from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
-from circuits.sources import SourceOutputs, source_means
+from circuits.sources import AblationValues, SourceOutputs, source_means
 
 COMPLETENESS_TOLERANCE = 0.1  # IG's relative completeness error above which `attribute` warns
 
@@ -44,10 +44,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Completeness:
-    """IG completeness over the data: sum_d (e_clean - e_corr) . g_input vs M(clean) - M(corrupted)."""
+    """IG completeness over the data: sum_d (e_clean - e_corr) . g_input vs M(clean) - M(path end).
+
+    The path ends at the corrupted run; for prompts of different lengths, at the clean prompt with its
+    input patched at the aligned positions (`PromptPairs.alignment`), which is where IG's path ends there.
+    """
 
     ig_sum: float  # mean over examples of the attributions' total
-    metric_delta: float  # mean over examples of M(clean) - M(corrupted)
+    metric_delta: float  # mean over examples of M(clean) - M(path end)
     abs_error: float  # mean over examples of |ig total - metric delta|
 
     @property
@@ -109,7 +113,7 @@ def attribute(
     check_pairs(model, pairs)
     metric_fn = get_metric(pairs.metric_for(metric))
     if options.max_memory is not None:
-        plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn))
+        plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn, pairs))
         options = options.with_settings(
             batch_size=plan.batch_size, max_rows=plan.max_rows, recompute=options.recompute or plan.recompute
         )
@@ -118,9 +122,7 @@ def attribute(
     ablated = (
         None
         if options.ablation == "patching"
-        else source_means(
-            model, graph, reference or pairs, options.ablation, options.batch_size, pairs.n_positions
-        )
+        else source_means(model, graph, reference or pairs, options.ablation, options.batch_size)
     )
     totals = _run_batches(model, graph, metric_fn, pairs, ablated, options, quiet)
     result = _result(options, totals, len(pairs), model)
@@ -136,7 +138,7 @@ def _run_batches(
     graph: Graph,
     metric: Metric,
     pairs: PromptPairs,
-    ablated: Tensor | None,
+    ablated: AblationValues | None,
     options: ScoringOptions,
     quiet: bool,
 ) -> dict[str, Tensor | float]:
@@ -230,7 +232,8 @@ def _accumulate(totals: dict[str, Tensor | float], r: BatchResult) -> None:
     if r.metric_corrupted is not None:
         add("metric_corrupted", float(r.metric_corrupted.sum()))
     if r.ig_total is not None and r.metric_corrupted is not None:
-        delta = r.metric_clean - r.metric_corrupted
+        end = r.metric_corrupted if r.metric_path_end is None else r.metric_path_end
+        delta = r.metric_clean - end.to(r.metric_clean.device)
         add("ig_total", float(r.ig_total.sum()))
         add("delta", float(delta.sum()))
         add("abs_error", float((r.ig_total.to(delta.device) - delta).abs().sum()))

@@ -29,7 +29,8 @@ def head_patching(
     max_rows: int = 64,
     quiet: bool = False,
 ) -> Tensor:
-    """[n_layers, n_heads] effects M(head patched to corrupted) - M(clean), mean over the pairs.
+    """[n_layers, n_heads] effects M(head patched to corrupted) - M(clean), mean over the pairs (prompts of
+    different lengths: at the aligned positions, `PromptPairs.alignment`).
 
     Args:
         batch_size: pairs per batch; `max_rows` bounds the rows of one forward pass (patched copies of a
@@ -43,9 +44,12 @@ def head_patching(
     units = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)]
     totals = torch.zeros(len(units), dtype=torch.float64)
     for where, batch in pairs.process_batches(batch_size, model.device, "head patching", quiet):
-        corrupted_z = _head_inputs(model, batch.corrupted.to(model.device), batch.attention_mask)
         mask = batch.attention_mask.to(model.device)
         clean_ids = batch.clean.to(model.device)
+        corrupted_z = _head_inputs(model, batch.corrupted.to(model.device), batch.corrupted_mask)
+        if batch.aligned:  # corrupted z at the clean positions they correspond to, clean z elsewhere
+            clean_z = _head_inputs(model, clean_ids, mask)
+            corrupted_z = {layer: batch.align(z, clean_z[layer]) for layer, z in corrupted_z.items()}
         with torch.no_grad():
             clean_logits = model(clean_ids, mask)
         base = check_values(metric_fn(clean_logits, batch, clean_logits), len(batch), where)

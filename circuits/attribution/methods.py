@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,7 @@ from circuits.models.recompute import recomputed_blocks
 from circuits.models.relp import RelPBackward
 from circuits.models.wiring import SourceSite, wiring
 from circuits.quadrature import Quadrature, quadrature
-from circuits.sources import SourceOutputs, source_hooks, source_placement
+from circuits.sources import AblationValues, SourceOutputs, source_hooks, source_placement
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Job:
     graph: Graph
     metric: Metric
     pairs: PromptPairs
-    ablated: Tensor | None  # [1, P, n_sources, d] mean / zero ablation values, None for patching
+    ablated: AblationValues | None  # mean / zero ablation values, None for patching
     level: str  # "edge" or "node"
     steps: int
     quadrature: Quadrature
@@ -75,6 +75,9 @@ class BatchResult:
     metric_clean: Tensor  # [b] per-example metric on the clean prompts
     metric_corrupted: Tensor | None  # [b] on the corrupted prompts (patching only)
     ig_total: Tensor | None  # [b] sum_d delta_input . g_input (completeness), IG-inputs only
+    # [b] the metric where IG's path ends when that is not the corrupted run: for prompts of different
+    # lengths, the clean prompts with the input patched (aligned); completeness compares with it
+    metric_path_end: Tensor | None = None
 
 
 Method = Callable[[Job], BatchResult]
@@ -162,23 +165,26 @@ def _difference(job: Job, ablated: SourceOutputs, clean: SourceOutputs) -> Sourc
     return _acts(job, clean.shape[0], "delta").difference(ablated, clean)
 
 
-def _run(job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool) -> Tensor:
-    """Logits of rows `ids` (whole batches of the job's prompts): [rows, P, d_vocab], or [rows, 1, d_vocab]
-    at the last real positions when the metric reads nothing else."""
-    mask = job.pairs.attention_mask.to(ids.device)
+def _run(
+    job: Job, ids: Tensor, hooks: list[tuple[str, HookFn]], grad: bool, pairs: PromptPairs | None = None
+) -> Tensor:
+    """Logits of rows `ids` (whole batches of `pairs`' clean prompts, default the job's, under their mask):
+    [rows, P, d_vocab], or [rows, 1, d_vocab] at the read positions when the metric reads nothing else."""
+    pairs = job.pairs if pairs is None else pairs
+    mask = pairs.attention_mask.to(ids.device)
     mask = mask.repeat(ids.shape[0] // mask.shape[0], 1)
-    if reads_last_position(job.metric):
-        hooks = [*hooks, (job.model.unembed_in_hook, _at_last_positions(job.pairs.lengths))]
+    if reads_last_position(job.metric, pairs):
+        hooks = [*hooks, (job.model.unembed_in_hook, _at_last_positions(pairs.read_positions))]
     recomputed = recomputed_blocks(job.model) if grad and job.recompute else nullcontext()
     with torch.set_grad_enabled(grad), job.model.hooks(hooks), recomputed:
         return job.model(ids, mask)
 
 
-def _at_last_positions(lengths: Tensor) -> HookFn:
-    """Unembedding-input hook keeping each row's last real position (rows: repeats of the batch)."""
+def _at_last_positions(positions: Tensor) -> HookFn:
+    """Unembedding-input hook keeping each row's read position [b] (rows: repeats of the batch)."""
 
     def keep(x: Tensor) -> Tensor:
-        last = lengths.to(x.device).repeat(x.shape[0] // lengths.shape[0]) - 1
+        last = positions.to(x.device).repeat(x.shape[0] // positions.shape[0])
         return x[torch.arange(x.shape[0], device=x.device), last][:, None]
 
     return keep
@@ -209,34 +215,47 @@ def _grad_leaf(x: Tensor) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
-def _forward_sources(job: Job, ids: Tensor, role: str) -> tuple[SourceOutputs, Tensor]:
+def _forward_sources(
+    job: Job, ids: Tensor, role: str, pairs: PromptPairs | None = None
+) -> tuple[SourceOutputs, Tensor]:
     """No-grad forward recording source outputs; returns (activations [b, P, n_src, d], logits)."""
     acts = _acts(job, ids.shape[0], role)
-    logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False)
+    logits = _run(job, ids, source_hooks(job.model, job.graph, acts), grad=False, pairs=pairs)
     return acts, logits
 
 
-def _ablated_acts(job: Job) -> tuple[SourceOutputs, Tensor | None]:
+def _ablated_acts(job: Job, clean: SourceOutputs | None = None) -> tuple[SourceOutputs, Tensor | None]:
     """Ablated source outputs [b, P, n_src, d] in the "delta" buffer and, for patching, the corrupted logits.
 
-    The buffer is meant to be turned into ablated - clean in place by a `subtract` forward on the clean
-    prompts.
+    Patching runs the corrupted prompts under their own mask; for prompts of different lengths their
+    outputs are then moved to the clean positions they correspond to, with the clean outputs (`clean`,
+    recorded here when not given) where a position has none (`PromptPairs.align`). The buffer is meant to
+    be turned into ablated - clean in place by a `subtract` forward on the clean prompts.
     """
-    if job.ablated is None:
-        return _forward_sources(job, job.pairs.corrupted.to(job.model.device), "delta")
-    return _acts(job, len(job.pairs), "delta").fill(job.ablated), None
+    if job.ablated is not None:
+        return _acts(job, len(job.pairs), "delta").fill(job.ablated.for_pairs(job.pairs)), None
+    corrupted = job.pairs.corrupted_side()
+    acts, logits = _forward_sources(job, corrupted.clean.to(job.model.device), "delta", corrupted)
+    if job.pairs.aligned:
+        if clean is None:
+            clean, _ = _forward_sources(job, job.pairs.clean.to(job.model.device), "clean")
+        acts.align_(job.pairs, clean)
+    return acts, logits
 
 
 def _clean_and_delta(job: Job) -> tuple[Tensor, SourceOutputs, Tensor, SourceOutputs, Tensor | None]:
     """Clean ids, clean source outputs and logits, ablated - clean source outputs, corrupted logits."""
     clean_ids = job.pairs.clean.to(job.model.device)
     clean_acts, clean_logits = _forward_sources(job, clean_ids, "clean")
-    ablated, corrupted_logits = _ablated_acts(job)
+    ablated, corrupted_logits = _ablated_acts(job, clean_acts)
     return clean_ids, clean_acts, clean_logits, ablated.sub_(clean_acts), corrupted_logits
 
 
 def _corrupted_metric(job: Job, corrupted_logits: Tensor | None, clean_logits: Tensor) -> Tensor | None:
-    return None if corrupted_logits is None else _metric(job, corrupted_logits, clean_logits)
+    """The metric of the corrupted run, read where the corrupted prompts end."""
+    if corrupted_logits is None:
+        return None
+    return _metric(job, corrupted_logits, clean_logits, pairs=job.pairs.corrupted_side())
 
 
 def _step_chunks(job: Job) -> Iterator[tuple[Tensor, Tensor]]:
@@ -247,8 +266,11 @@ def _step_chunks(job: Job) -> Iterator[tuple[Tensor, Tensor]]:
         yield alphas[start : start + per_chunk].float(), weights[start : start + per_chunk].float()
 
 
-def _metric(job: Job, logits: Tensor, clean_logits: Tensor | None, repeat: int = 1) -> Tensor:
-    pairs = job.pairs if repeat == 1 else job.pairs.repeat(repeat)
+def _metric(
+    job: Job, logits: Tensor, clean_logits: Tensor | None, repeat: int = 1, pairs: PromptPairs | None = None
+) -> Tensor:
+    pairs = job.pairs if pairs is None else pairs
+    pairs = pairs if repeat == 1 else pairs.repeat(repeat)
     if clean_logits is not None and repeat > 1:
         clean_logits = clean_logits.repeat(repeat, 1, 1)
     return check_values(job.metric(logits, pairs, clean_logits), len(pairs), job.where)
@@ -345,6 +367,12 @@ def atp_star(job: Job) -> BatchResult:
     rows="clean and corrupted",
 )
 def clean_corrupted(job: Job) -> BatchResult:
+    """The mean of the gradients at the clean and the corrupted runs. For prompts of different lengths
+    the corrupted run is no point of the clean positions' patching: its end there is the run with the
+    input patched (IG's path end), and the method is IG on the inputs with the two ends as its grid."""
+    if job.pairs.aligned:
+        ends = [(torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5]))]
+        return replace(_ig_inputs(job, lambda: iter(ends)), ig_total=None)
     b = len(job.pairs)
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
     acts = _acts(job, 2 * b, "clean")
@@ -372,6 +400,11 @@ def clean_corrupted(job: Job) -> BatchResult:
     rows="IG steps",
 )
 def eap_ig_inputs(job: Job) -> BatchResult:
+    return _ig_inputs(job, lambda: _step_chunks(job))
+
+
+def _ig_inputs(job: Job, grid: Callable[[], Iterator[tuple[Tensor, Tensor]]]) -> BatchResult:
+    """IG on the inputs over the (alphas, weights) chunks of `grid`: e_corr + alpha (e_clean - e_corr)."""
     model, graph, b = job.model, job.graph, len(job.pairs)
     delta, corrupted_logits = _ablated_acts(job)
     assert corrupted_logits is not None, "eap-ig-inputs interpolates towards the corrupted prompts"
@@ -380,7 +413,7 @@ def eap_ig_inputs(job: Job) -> BatchResult:
     clean_logits = _run(job, job.pairs.clean.to(model.device), hooks, grad=False)  # delta = corr - clean
     e_clean = e_corr - delta.select(0)
     edges, nodes = _accumulators(job)
-    for alphas, weights in _step_chunks(job):
+    for alphas, weights in grid():
         m = alphas.shape[0]
         a = alphas.to(e_clean.device).repeat_interleave(b)[:, None, None]
 
@@ -394,12 +427,19 @@ def eap_ig_inputs(job: Job) -> BatchResult:
         logits = _run(job, ids, hooks, grad=True)
         recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
+    path_end = None
+    if job.pairs.aligned:
+        patched_input: list[tuple[str, HookFn]] = [(model.input_hook, lambda x: e_corr.to(x))]
+        path_end = _metric(
+            job, _run(job, job.pairs.clean.to(model.device), patched_input, grad=False), clean_logits
+        )
     return BatchResult(
         edges,
         _node_totals(edges, nodes),
         _metric(job, clean_logits, clean_logits),
-        _metric(job, corrupted_logits, clean_logits),
+        _corrupted_metric(job, corrupted_logits, clean_logits),
         ig_total,
+        path_end,
     )
 
 

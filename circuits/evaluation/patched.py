@@ -21,7 +21,15 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.sources import ABLATIONS, Ablation, SourceOutputs, source_hooks, source_means, source_placement
+from circuits.sources import (
+    ABLATIONS,
+    Ablation,
+    AblationValues,
+    SourceOutputs,
+    source_hooks,
+    source_means,
+    source_placement,
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ def evaluate_many(
     means = (
         None
         if ablation == "patching"
-        else source_means(model, graph, reference or pairs, ablation, batch_size, pairs.n_positions)
+        else source_means(model, graph, reference or pairs, ablation, batch_size)
     )
     values: list[list[Tensor]] = [[] for _ in circuits]
     full: list[Tensor] = []
@@ -124,10 +132,11 @@ def evaluate_many(
         ablated, corrupted_logits = ablated_outputs(model, graph, batch, means)
         with torch.no_grad():
             clean_logits = model(ids, mask)
-        # with patching, ablating every edge is the corrupted run itself (tested), so reuse its logits
+        # with patching of prompts of one length, ablating every edge is the corrupted run itself (tested),
+        # so its logits are reused; prompts of different lengths keep unmatched positions clean
         nothing = (
             corrupted_logits
-            if corrupted_logits is not None
+            if corrupted_logits is not None and not batch.aligned
             else forward_with_ablation(model, graph, ids, mask, ablated, graph.valid)
         )
         full.append(measure(clean_logits, clean_logits).cpu())
@@ -158,13 +167,20 @@ def _ablation_mask(circuit: Graph, complement: bool) -> Tensor:
 
 
 def ablated_outputs(
-    model: HookedModel, graph: Graph, batch: PromptPairs, means: Tensor | None
+    model: HookedModel, graph: Graph, batch: PromptPairs, means: AblationValues | None
 ) -> tuple[SourceOutputs, Tensor | None]:
-    """Corrupted source outputs [b, P, n_sources, d], each kept beside the layer that writes it, and the
-    corrupted logits (patching); or the [1, P, ...] means / zeros and None."""
+    """Corrupted source outputs [b, P, n_sources, d] at the clean positions they correspond to (each kept
+    beside the layer that writes it) and the corrupted logits (patching); or the means / zeros at every
+    position and None."""
     if means is not None:
-        return SourceOutputs.of(means[:, : batch.n_positions]), None
-    acts = SourceOutputs.empty(graph, len(batch), batch.n_positions, source_placement(model, graph))
+        return SourceOutputs.of(means.for_pairs(batch)), None
+    placement = source_placement(model, graph)
+    acts = SourceOutputs.empty(graph, len(batch), batch.n_positions, placement)
     with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
-        logits = model(batch.corrupted.to(model.device), batch.attention_mask.to(model.device))
+        logits = model(batch.corrupted.to(model.device), batch.corrupted_mask.to(model.device))
+    if batch.aligned:
+        clean = SourceOutputs.empty(graph, len(batch), batch.n_positions, placement)
+        with torch.no_grad(), model.hooks(source_hooks(model, graph, clean)):
+            model(batch.clean.to(model.device), batch.attention_mask.to(model.device))
+        acts.align_(batch, clean)
     return acts, logits

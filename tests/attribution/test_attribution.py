@@ -170,12 +170,10 @@ def test_eap_with_mean_and_zero_ablation_matches_exact_direction(llama, ablation
 def test_bad_inputs(llama):
     graph = Graph.from_model(llama)
     pairs = make_pairs(llama)
-    with pytest.raises(ValueError, match="positions must"):
-        PromptPairs.from_strings(llama, ["When Mary and John went"], ["When Mary went"], [" Mary"], [" John"])
-    with pytest.raises(ValueError, match="not one"):
-        PromptPairs.from_strings(
-            llama, ["Then Tom said"], ["Then Anna said"], [" Marylebone station"], [" John"]
-        )
+    with pytest.raises(ValueError, match="never branch"):  # the distractor continues the answer
+        PromptPairs.from_ids(llama, [[5, 6, 7]], [[5, 8, 7]], [[9, 10]], [[9]])
+    with pytest.raises(ValueError, match="answer of pair 0 has no tokens"):
+        PromptPairs.from_ids(llama, [[5, 6, 7]], [[5, 8, 7]], [[]], [[9]])
     with pytest.raises(ValueError, match=r"empty|no prompt"):
         PromptPairs.from_strings(llama, [], [], [], [])
     with pytest.raises(ValueError, match="unknown method"):

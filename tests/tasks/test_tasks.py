@@ -106,15 +106,10 @@ MIB_NO_IO = {
     [
         ("missing.csv", csv_text(OURS, (*HELLO, "", "")), "row 1: missing answer, distractor"),
         (
-            "lengths.csv",
-            csv_text(
-                OURS,
-                (*HELLO, " Tom", " Anna"),
-                (HELLO[0], "Then Anna and Bob said hello to", " Tom", " Anna"),
-            ),
-            "row 2: clean prompt is",
+            "prefix.csv",
+            csv_text(OURS, (*HELLO, " Tom", " Anna"), (*HELLO, " Tom", " Tomato")),
+            "row 2: the answer .* is the start of the distractor",
         ),
-        ("multi.csv", csv_text(OURS, (*HELLO, " Tomato", " Anna")), "row 1: ' Tomato' is"),
         (
             "label.csv",
             csv_text(("clean", "corrupted", "label"), (*HELLO, "oops")),
@@ -139,7 +134,7 @@ def test_user_files_name_every_bad_row_and_can_drop_them(llama, tmp_path, recwar
     good = (CLEAN, CORRUPTED, " Mary", " John")
     rows = [
         good,
-        ("Then Tom said hello to", "Then Anna said hello to you", " Tom", " Anna"),
+        ("Then Tom said hello to", "Then Anna said hello to you", " Tom", " Tomato"),
         good,
         ("x", "", " Tom", " Anna"),
     ]
@@ -148,7 +143,7 @@ def test_user_files_name_every_bad_row_and_can_drop_them(llama, tmp_path, recwar
     )  # "clean, corrupted, ..."
     with pytest.raises(FileFormatError, match=r"2 invalid row\(s\)") as refused:
         load_pairs(llama, path)
-    assert "row 2: clean prompt is" in str(refused.value) and "row 4: missing corrupted" in str(refused.value)
+    assert "row 2: the answer (tokens [321])" in str(refused.value) and "row 4: missing corrupted" in str(refused.value)
     task = load_pairs(llama, path, drop_invalid=True)
     assert len(task.pairs) == 2 and task.dropped == 2 and task.requested == 4
     (warning,) = [w for w in recwarn if "rows dropped" in str(w.message)]
