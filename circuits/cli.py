@@ -21,7 +21,7 @@ from circuits.distributed import is_main
 from circuits.errors import CircuitsError, InputError
 from circuits.evaluation.curves import PROTOCOLS
 from circuits.folders import check_writable
-from circuits.metrics import Metric
+from circuits.metrics import Metric, metric_name
 from circuits.models.loading import DEVICE_MAP_PLANS
 from circuits.models.relp import RELP_RULES, RelPRules
 from circuits.quadrature import EDGE_QUADRATURES
@@ -387,6 +387,22 @@ def _load_circuit(path: Path) -> Graph:
     return Graph.from_pt(path) if path.suffix == ".pt" else Graph.from_json(path)
 
 
+def _circuit_metric(args: argparse.Namespace, circuit: Graph, task: TaskPairs) -> str | Metric:
+    """What `evaluate` scores with: --metric, else the metric the circuit file records (said when it is
+    not the task's), else the task's."""
+    if args.metric is not None or circuit.metric is None:
+        return task.metric
+    if circuit.metric != metric_name(task.metric):
+        print(
+            f"scoring with {circuit.metric}, the metric {args.circuit} was found with (the task's is "
+            f"{metric_name(task.metric)}; --metric chooses another)",
+            file=sys.stderr,
+        )
+    found = _metric(circuit.metric)
+    assert found is not None
+    return found
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from circuits.evaluation import evaluate
     from circuits.evaluation.curves import mib_scores
@@ -396,7 +412,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = _model(args)
     circuit.check_fits(model.spec)
     task = _task(args, model)
-    result = evaluate(model, circuit, task.pairs, task.metric, args.ablation, batch_size=args.batch_size)
+    metric = _circuit_metric(args, circuit, task)
+    result = evaluate(model, circuit, task.pairs, metric, args.ablation, batch_size=args.batch_size)
     faithfulness = (
         faithfulness_interval(result, args.resamples) if args.resamples else f"{result.faithfulness:.4f}"
     )
@@ -409,7 +426,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             model,
             circuit,
             task.pairs,
-            task.metric,
+            metric,
             ablation=args.ablation,
             batch_size=args.batch_size,
             resamples=args.resamples,

@@ -385,15 +385,26 @@ def warn_unspaced(model: HookedModel, answers: Sequence[str]) -> None:
         )
 
 
+def as_pairs(data: object, name: str = "pairs") -> PromptPairs:
+    """`data` if it is `PromptPairs`, the pairs of a task (`circuits.TaskPairs`, whose pairs carry the task's
+    metric) if it is one, else `InputError`."""
+    if isinstance(data, PromptPairs):
+        return data
+    inner = getattr(data, "pairs", None)
+    if isinstance(inner, PromptPairs):
+        return inner
+    raise InputError(
+        f"{name} must be PromptPairs (PromptPairs.from_strings) or a task (make_task, load_pairs), got "
+        f"{type(data).__name__}"
+    )
+
+
 def check_pairs(model: HookedModel, pairs: object, name: str = "pairs") -> PromptPairs:
-    """`pairs` if it is `PromptPairs` that fit `model` (see `PromptPairs.check_fits`), else `InputError`."""
-    if not isinstance(pairs, PromptPairs):
-        raise InputError(
-            f"{name} must be PromptPairs (PromptPairs.from_strings, or a task's .pairs), got "
-            f"{type(pairs).__name__}"
-        )
-    pairs.check_fits(model)
-    return pairs
+    """The `PromptPairs` of `pairs` (`as_pairs`) if they fit `model` (`PromptPairs.check_fits`), else
+    `InputError`."""
+    found = as_pairs(pairs, name)
+    found.check_fits(model)
+    return found
 
 
 def _check_counts(*columns: Sequence[object]) -> None:

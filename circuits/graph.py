@@ -75,6 +75,8 @@ class Graph:
         self.in_graph: Tensor = self.valid.clone()
         self.node_scores: Tensor | None = None
         self.nodes_in_graph: Tensor = torch.ones(len(self.sources), dtype=torch.bool)
+        # the metric the scores were computed with (`metrics.metric_name`), set by `attribute`, kept in files
+        self.metric: str | None = None
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
@@ -89,6 +91,7 @@ class Graph:
         new.in_graph = self.in_graph.clone()
         new.nodes_in_graph = self.nodes_in_graph.clone()
         new.node_scores = None if self.node_scores is None else self.node_scores.clone()
+        new.metric = self.metric
         return new
 
     def with_scores(self, edge_scores: Tensor | None, node_scores: Tensor | None = None) -> Graph:
@@ -350,7 +353,10 @@ class Graph:
             )
             for r, c, v, f in zip(rows.tolist(), cols.tolist(), values, flags)
         }
-        Path(path).write_text(json.dumps({"cfg": self.cfg(), "nodes": nodes, "edges": edges}))
+        data: dict[str, Any] = {"cfg": self.cfg(), "nodes": nodes, "edges": edges}
+        if self.metric is not None:
+            data["metric"] = self.metric  # EAP-IG and MIB read cfg, nodes and edges only
+        Path(path).write_text(json.dumps(data))
 
     @classmethod
     def from_json(cls, path: str | Path) -> Graph:
@@ -373,6 +379,7 @@ class Graph:
         for key in ("cfg", "nodes", "edges"):
             _expect(isinstance(data[key], dict), where, key, "an object", data[key])
         graph = cls(_spec_from_cfg(data["cfg"], where))
+        graph.metric = _metric_field(data, where)
         node_scores = torch.full((graph.n_sources,), float("nan"))
         for name, info in data["nodes"].items():
             field = f"nodes[{name!r}]"
@@ -415,6 +422,7 @@ class Graph:
                 "in_graph": self.in_graph,
                 "nodes_in_graph": self.nodes_in_graph,
                 "node_scores": self.node_scores,
+                "metric": self.metric,
             },
             path,
         )
@@ -439,6 +447,7 @@ class Graph:
             raise FileFormatError(f"{where}: a circuit .pt file holds {list(keys)}; found {found}")
         _expect(isinstance(data["cfg"], dict), where, "cfg", "a dict", data["cfg"])
         graph = cls(_spec_from_cfg(data["cfg"], where))
+        graph.metric = _metric_field(data, where)
         shapes = {
             "scores": graph.valid.shape,
             "in_graph": graph.valid.shape,
@@ -469,6 +478,13 @@ def _read_json(path: Path) -> Any:
             f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); is the file "
             "complete?"
         ) from None
+
+
+def _metric_field(data: dict[str, Any], where: str) -> str | None:
+    """A circuit file's optional `metric`: the name of what its scores measure."""
+    metric = data.get("metric")
+    _expect(metric is None or isinstance(metric, str), where, "metric", "a metric's name", metric)
+    return metric
 
 
 def _expect(ok: bool, where: str, field: str, wanted: str, got: Any) -> None:

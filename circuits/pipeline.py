@@ -139,10 +139,8 @@ def discover(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     base = baseline(model, task)
-    attribution = attribute(
-        model, Graph.from_model(model), task.pairs, task.metric, options=scoring, quiet=quiet
-    )
-    scored = Graph.from_model(model).with_scores(attribution.edge_scores, attribution.node_scores)
+    scored = Graph.from_model(model)
+    attribution = attribute(model, scored, task.pairs, task.metric, options=scoring, quiet=quiet)
     graph = _selection_scores(model, task, scored, scoring, options, quiet)
     seconds["attribution"] = time.perf_counter() - start
     n_edges = min(options.edges, graph.n_edges)

@@ -44,6 +44,9 @@ class TaskPairs:
         return f"{self.task}: {len(self.pairs)} pairs ({self.dropped} proposals dropped)"
 
 
+Pairs = PromptPairs | TaskPairs  # what every function taking prompt pairs accepts (`data.as_pairs`)
+
+
 class TaskBuilder(Protocol):
     def __call__(self, model: HookedModel, n: int, seed: int = 0) -> TaskPairs: ...
 

@@ -189,6 +189,43 @@ def test_metric_option_scores_with_a_builtin_or_a_users_function(tmp_path, capsy
         main(["discover", *base, "--metric", "circuits.metrics:nothing", "--out", str(tmp_path / "y")]) == 2
     )
     assert "cannot import 'nothing' from 'circuits.metrics'" in capsys.readouterr().err
+    # the circuit file records its metric, and `evaluate` scores with it (saying so), unless --metric
+    circuit_file = tmp_path / "prob_diff" / "circuit.json"
+    assert json.loads(circuit_file.read_text())["metric"] == "prob_diff"
+    evaluate = ["evaluate", str(circuit_file), "--model", "tiny-llama", "--n", "4", "--resamples", "0"]
+    assert main(evaluate) == 0
+    recorded = capsys.readouterr()
+    assert "scoring with prob_diff, the metric" in recorded.err
+    assert main([*evaluate, "--metric", "prob_diff"]) == 0
+    assert capsys.readouterr().out == recorded.out
+    assert main([*evaluate, "--metric", "logit_diff"]) == 0
+    assert capsys.readouterr().out != recorded.out
+
+
+def test_a_file_of_unequal_prompts_and_answers_of_several_tokens_runs_end_to_end(tmp_path, capsys):
+    import csv
+
+    rows = [
+        ("The capital of Argentina is", "The capital of France, in Europe, is", " Buenos Aires", " Paris"),
+        ("Then Tom flew to", "Then Anna flew to", " New York", " New Delhi"),
+        (
+            "When Mary and John went to the store, John gave a drink to",
+            "Then Alice gave it to",
+            " Mary",
+            " John",
+        ),
+        ("Then Tom said hello to", "Then Anna and Bob said hi to", " Tom", " Anna"),
+    ]
+    data = tmp_path / "mine.csv"
+    with data.open("w", newline="") as handle:
+        csv.writer(handle).writerows([("clean", "corrupted", "answer", "distractor"), *rows])
+    out = tmp_path / "out"
+    base = ["discover", "--model", "tiny-llama", "--data", str(data), "--batch-size", "3", "--edges", "20"]
+    assert main([*base, "--metric", "answer_logprob", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_pairs"] == 4 and summary["metric"] == "answer_logprob"
+    assert "CPR" in summary
+    assert "M(clean)-M(input patched)" in capsys.readouterr().out
 
 
 def test_skip_invalid_drops_a_files_bad_rows(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from circuits import Graph, attribute, evaluate
+from circuits import Graph, attribute, evaluate, evaluate_many, head_patching
 from circuits.errors import InputError
 from circuits.evaluation.curves import CurvePoint, FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.metrics import logit_diff
@@ -229,3 +229,25 @@ def test_the_pairs_carry_their_tasks_metric(llama):
     scored = attribute(llama, Graph.from_model(llama), task.pairs, method="eap", quiet=True)
     named = attribute(llama, Graph.from_model(llama), pairs, "prob_diff", method="eap", quiet=True)
     assert scored.metric_clean == named.metric_clean and torch.equal(scored.edge_scores, named.edge_scores)
+    # the task itself is accepted wherever pairs are
+    assert evaluate(llama, circuit, task).circuit == carried.circuit
+    assert evaluate_many(llama, [circuit], task)[0].full == carried.full
+    curve = faithfulness_curve(llama, graph, task, percentages=(10, 100))
+    assert curve.full == carried.full
+    assert mib_scores(llama, graph, task, percentages=(10, 100), resamples=0).signed.full == carried.full
+    by_task = Graph.from_model(llama)
+    assert torch.equal(
+        attribute(llama, by_task, task, method="eap", quiet=True).edge_scores, named.edge_scores
+    )
+    assert head_patching(llama, task, quiet=True).shape == (llama.spec.n_layers, llama.spec.n_heads)
+
+
+def test_circuit_files_record_the_metric_of_their_scores(llama, tmp_path):
+    graph = Graph.from_model(llama)
+    attribute(llama, graph, make_pairs(llama), "prob_diff", method="eap", quiet=True)
+    assert graph.metric == "prob_diff" and graph.top_n(10).metric == "prob_diff"
+    graph.to_json(tmp_path / "c.json")
+    graph.to_pt(tmp_path / "c.pt")
+    assert Graph.from_json(tmp_path / "c.json").metric == "prob_diff"
+    assert Graph.from_pt(tmp_path / "c.pt").metric == "prob_diff"
+    assert Graph.from_model(llama).metric is None

@@ -17,10 +17,11 @@ from circuits.data import PromptPairs, check_pairs
 from circuits.distributed import sum_floats, sum_tensor
 from circuits.errors import CircuitsWarning, InputError, NumericalError
 from circuits.graph import Graph
-from circuits.metrics import Metric, get_metric, reads_last_position
+from circuits.metrics import Metric, get_metric, metric_name, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.sources import AblationValues, SourceOutputs, source_means
+from circuits.task import Pairs
 
 COMPLETENESS_TOLERANCE = 0.1  # IG's relative completeness error above which `attribute` warns
 
@@ -53,14 +54,16 @@ class Completeness:
     ig_sum: float  # mean over examples of the attributions' total
     metric_delta: float  # mean over examples of M(clean) - M(path end)
     abs_error: float  # mean over examples of |ig total - metric delta|
+    aligned: bool = False  # prompts of different lengths: the path ends at the input patched
 
     @property
     def relative_error(self) -> float:
         return self.abs_error / max(abs(self.metric_delta), 1e-12)
 
     def __str__(self) -> str:
+        end = "input patched" if self.aligned else "corrupted"
         return (
-            f"completeness: IG total {self.ig_sum:.4f} vs M(clean)-M(corrupted) {self.metric_delta:.4f} "
+            f"completeness: IG total {self.ig_sum:.4f} vs M(clean)-M({end}) {self.metric_delta:.4f} "
             f"(mean |error| {self.abs_error:.4f}, relative {self.relative_error:.2%})"
         )
 
@@ -83,12 +86,12 @@ class Attribution:
 def attribute(
     model: HookedModel,
     graph: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     method: MethodName | None = None,
     *,
     options: ScoringOptions | None = None,
-    reference: PromptPairs | None = None,
+    reference: Pairs | None = None,
     quiet: bool = False,
     **settings: Any,
 ) -> Attribution:
@@ -100,7 +103,8 @@ def attribute(
     `reference`: the prompts whose clean runs give the mean ablation's values (default: `pairs`).
 
     Graph contract (as EAP-IG's `attribute`): the scores are written into `graph.scores` (edge level) and
-    `graph.node_scores` (copies of the returned ones); nothing else of `graph` changes. The returned
+    `graph.node_scores` (copies of the returned ones), and the metric's name into `graph.metric` (kept in
+    circuit files); nothing else of `graph` changes. The returned
     `Attribution` holds the same scores and never changes afterwards.
     Sign: as EAP-IG, scores estimate M(edge ablated) - M(clean) (negative = the edge helps the metric).
     """
@@ -110,7 +114,7 @@ def attribute(
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
     graph.check_fits(model.spec)
-    check_pairs(model, pairs)
+    pairs = check_pairs(model, pairs)
     metric_fn = get_metric(pairs.metric_for(metric))
     if options.max_memory is not None:
         plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn, pairs))
@@ -118,18 +122,19 @@ def attribute(
             batch_size=plan.batch_size, max_rows=plan.max_rows, recompute=options.recompute or plan.recompute
         )
     if reference is not None:
-        check_pairs(model, reference, "reference")
+        reference = check_pairs(model, reference, "reference")
     ablated = (
         None
         if options.ablation == "patching"
         else source_means(model, graph, reference or pairs, options.ablation, options.batch_size)
     )
     totals = _run_batches(model, graph, metric_fn, pairs, ablated, options, quiet)
-    result = _result(options, totals, len(pairs), model)
+    result = _result(options, totals, len(pairs), model, pairs.aligned)
     if result.edge_scores is not None:
         graph.scores = result.edge_scores.clone()
     if result.node_scores is not None:
         graph.node_scores = result.node_scores.clone()
+    graph.metric = metric_name(pairs.metric_for(metric))
     return result
 
 
@@ -170,7 +175,7 @@ def _run_batches(
 
 
 def _result(
-    options: ScoringOptions, totals: dict[str, Tensor | float], n: int, model: HookedModel
+    options: ScoringOptions, totals: dict[str, Tensor | float], n: int, model: HookedModel, aligned: bool
 ) -> Attribution:
     """The means over the `n` pairs; non-finite scores raise `NumericalError`."""
     edges = (totals["edges"] / n).float() if "edges" in totals else None  # type: ignore[operator, union-attr]
@@ -178,7 +183,10 @@ def _result(
     completeness = None
     if "ig_total" in totals:
         completeness = Completeness(
-            float(totals["ig_total"]) / n, float(totals["delta"]) / n, float(totals["abs_error"]) / n
+            float(totals["ig_total"]) / n,
+            float(totals["delta"]) / n,
+            float(totals["abs_error"]) / n,
+            aligned,
         )
     result = Attribution(
         options.method,

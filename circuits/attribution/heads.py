@@ -13,16 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from circuits.data import PromptPairs, check_count, check_pairs
+from circuits.data import check_count, check_pairs
 from circuits.distributed import sum_tensor
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, HookFn, uses_model
+from circuits.task import Pairs
 
 
 @uses_model
 def head_patching(
     model: HookedModel,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     *,
     batch_size: int = 8,
@@ -38,7 +39,7 @@ def head_patching(
     """
     check_count(batch_size, "batch_size")
     check_count(max_rows, "max_rows")
-    check_pairs(model, pairs)
+    pairs = check_pairs(model, pairs)
     metric_fn = get_metric(pairs.metric_for(metric))
     spec = model.spec
     units = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)]

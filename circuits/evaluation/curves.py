@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.evaluation import evaluate_many
 from circuits.evaluation.intervals import LEVEL, RESAMPLES, Interval, curve_intervals
@@ -33,6 +32,7 @@ from circuits.models.hooked import HookedModel, uses_model
 from circuits.selection.strategies import Selection, Selector, mib_edge_weights, select, selection_name
 from circuits.settings import with_settings
 from circuits.sources import Ablation
+from circuits.task import Pairs
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 CurveProtocol = Literal["mib", "pruned"]  # how budgets and x values are counted (module docstring)
@@ -121,11 +121,11 @@ class CurveOptions:
 def faithfulness_curve(
     model: HookedModel,
     graph: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     options: CurveOptions | None = None,
     *,
-    reference: PromptPairs | None = None,
+    reference: Pairs | None = None,
     quiet: bool = False,
     **settings: Any,
 ) -> FaithfulnessCurve:
@@ -179,11 +179,11 @@ class MIBScores:
 def mib_scores(
     model: HookedModel,
     graph: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     options: CurveOptions | None = None,
     *,
-    reference: PromptPairs | None = None,
+    reference: Pairs | None = None,
     resamples: int = RESAMPLES,
     quiet: bool = False,
     **settings: Any,

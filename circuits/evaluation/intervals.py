@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from circuits.attribution import ScoringOptions, attribute
-from circuits.data import PromptPairs
+from circuits.data import as_pairs
 from circuits.errors import InputError, NumericalError
 from circuits.evaluation import Evaluation
 from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.task import Pairs
 
 if TYPE_CHECKING:
     from circuits.evaluation.curves import FaithfulnessCurve
@@ -150,7 +151,7 @@ def jaccard(a: Tensor, b: Tensor) -> float:
 @uses_model
 def bootstrap_scores(
     model: HookedModel,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     scoring: ScoringOptions | None = None,
     *,
@@ -159,6 +160,7 @@ def bootstrap_scores(
 ) -> Tensor:
     """Edge scores [resamples, n_sources, n_destinations] on bootstrap resamples of `pairs`, each scored
     as `scoring` says (default `ScoringOptions()`)."""
+    pairs = as_pairs(pairs)
     scoring = scoring or ScoringOptions()
     if scoring.level != "edge":
         raise InputError(
@@ -178,7 +180,7 @@ def bootstrap_scores(
 def circuit_stability(
     model: HookedModel,
     circuit: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     scoring: ScoringOptions | None = None,
     *,

@@ -30,6 +30,7 @@ from circuits.sources import (
     source_means,
     source_placement,
 )
+from circuits.task import Pairs
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,11 @@ class Evaluation:
 def evaluate(
     model: HookedModel,
     circuit: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     ablation: Ablation = "patching",
     *,
-    reference: PromptPairs | None = None,
+    reference: Pairs | None = None,
     complement: bool = False,
     batch_size: int = 8,
     quiet: bool = True,
@@ -89,11 +90,11 @@ def evaluate(
 def evaluate_many(
     model: HookedModel,
     circuits: Sequence[Graph],
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     ablation: Ablation = "patching",
     *,
-    reference: PromptPairs | None = None,
+    reference: Pairs | None = None,
     complement: bool = False,
     batch_size: int = 8,
     quiet: bool = True,
@@ -108,9 +109,9 @@ def evaluate_many(
         if not isinstance(circuit, Graph):
             raise InputError(f"circuits must be Graphs, got {type(circuit).__name__}")
         circuit.check_fits(model.spec)
-    check_pairs(model, pairs)
+    pairs = check_pairs(model, pairs)
     if reference is not None:
-        check_pairs(model, reference, "reference")
+        reference = check_pairs(model, reference, "reference")
     graph = circuits[0]
     fn = get_metric(pairs.metric_for(metric))
     ablate = [_ablation_mask(c, complement) for c in circuits]

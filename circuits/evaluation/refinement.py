@@ -38,6 +38,7 @@ from circuits.models.hooked import HookedModel, uses_model
 from circuits.selection import with_edges
 from circuits.selection.strategies import Selection, Selector, select, selection_name
 from circuits.settings import with_settings
+from circuits.task import Pairs
 
 SWAP_SHARES = (0.1, 0.03, 0.01, 0.0)  # swap sizes tried per round, as shares of the budget (0: one edge)
 
@@ -53,7 +54,7 @@ class MaskGradient:
 def mask_gradient(
     model: HookedModel,
     circuit: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     *,
     batch_size: int = 8,
@@ -61,7 +62,7 @@ def mask_gradient(
     """The circuit's and the full model's mean metric over `pairs`, and the gradient d mean(M) / d keep
     at keep = the circuit's edges. Patching ablation: an ablated edge carries the pair's corrupted run."""
     check_count(batch_size, "batch_size")
-    check_pairs(model, pairs)
+    pairs = check_pairs(model, pairs)
     circuit.check_fits(model.spec)
     fn = get_metric(pairs.metric_for(metric))
     ablate = circuit.valid & ~circuit.in_graph
@@ -109,7 +110,7 @@ class RefineOptions:
 def refine(
     model: HookedModel,
     circuit: Graph,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     options: RefineOptions | None = None,
     *,
@@ -210,7 +211,7 @@ def _count_reaching(units: Tensor, need: int) -> int:
 
 def refined_selection(
     model: HookedModel,
-    pairs: PromptPairs,
+    pairs: Pairs,
     metric: str | Metric | None = None,
     *,
     base: Selection | Selector = "top_n",
@@ -220,7 +221,7 @@ def refined_selection(
 ) -> Selector:
     """A selection strategy: `base`'s circuit at each budget, then `refine`d on `pairs` (the scoring
     pairs, not the pairs the curve is evaluated on). Patching ablation, as MIB's protocol."""
-    check_pairs(model, pairs)
+    pairs = check_pairs(model, pairs)
 
     def select_refined(graph: Graph, budget: int, absolute: bool, seed: int, weights: Tensor) -> Graph:
         start = select(graph, budget, base, absolute, seed, weights)

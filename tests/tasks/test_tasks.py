@@ -143,7 +143,9 @@ def test_user_files_name_every_bad_row_and_can_drop_them(llama, tmp_path, recwar
     )  # "clean, corrupted, ..."
     with pytest.raises(FileFormatError, match=r"2 invalid row\(s\)") as refused:
         load_pairs(llama, path)
-    assert "row 2: the answer (tokens [321])" in str(refused.value) and "row 4: missing corrupted" in str(refused.value)
+    assert "row 2: the answer (tokens [321])" in str(refused.value) and "row 4: missing corrupted" in str(
+        refused.value
+    )
     task = load_pairs(llama, path, drop_invalid=True)
     assert len(task.pairs) == 2 and task.dropped == 2 and task.requested == 4
     (warning,) = [w for w in recwarn if "rows dropped" in str(w.message)]
