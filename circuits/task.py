@@ -2,9 +2,9 @@
 
 A task plug-in is a module with `TASKS` (name -> builder `(model, n, seed=0) -> TaskPairs`) and
 `load_pairs(model, path, drop_invalid=False) -> TaskPairs` (prompt pairs from a user's file; the keyword is
-passed only when true), announced under the entry-point
-group `circuits.tasks`. This project's own `tasks` package is one (declared in pyproject.toml); another
-package can add tasks the same way. `circuits` itself never imports a task module.
+passed only when true), announced under the entry-point group `circuits.tasks`. This project's own tasks
+(the folder `tasks/`, installed as `circuits_tasks`) are one; another package can add tasks the same way.
+`circuits` itself never imports a task module.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _plugins() -> tuple[ModuleType, ...]:
     if not found:
         raise InputError(
             f"no task plug-ins are installed (entry-point group {ENTRY_POINT_GROUP!r}); install this project "
-            "with `pip install -e .` (`make setup` does) so that its `tasks` package is found"
+            "with `pip install -e .` (`make setup` does) so that its `circuits_tasks` package is found"
         )
     return found
 

@@ -26,7 +26,7 @@ from circuits.evaluation import ablated_outputs
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import logit_diff
 from circuits.models import HookedModel
-from tasks import ioi_pairs
+from circuits_tasks import ioi_pairs
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

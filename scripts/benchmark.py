@@ -55,9 +55,9 @@ from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.models.plain import plain_model
 from circuits.neurons import last_activations, neuron_ig
 from circuits.testing import tiny_tokenizer
-from tasks import ioi_pairs
-from tasks.context import first_token, memotrap
-from tasks.paths import shared_data
+from circuits_tasks import ioi_pairs
+from circuits_tasks.context import first_token, memotrap
+from circuits_tasks.paths import shared_data
 
 
 def random_model(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from circuits import Graph, attribute, load_model
-from tasks import ioi_pairs
+from circuits_tasks import ioi_pairs
 
 
 def ranks(x: Tensor) -> Tensor:

@@ -4,7 +4,7 @@
 # matplotlib, pyarrow, pandas, jaxtyping, pytest, ... but not TransformerLens or this package, and it reaches
 # no registry. The bundle holds what a run there imports and nothing else:
 #   .bundle/wheels/      transformer-lens 4.x and what it imports that the image lacks (datasets, dill,
-#                        multiprocess), gguf, and this project's own wheel (its entry points find `tasks`)
+#                        multiprocess), gguf, and this project's own wheel (its entry points find `circuits_tasks`)
 #   .bundle/reference/   transformer-lens 3.x (the last with HookedTransformer) for the EAP-IG reference run
 #   .bundle/EAP-IG/      with --eap-ig DIR: that checkout's src/ and licence (not committed anywhere)
 # Versions are the ones this project's .venv tests with. Prints the size, the device tool's `carry` list and

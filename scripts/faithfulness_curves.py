@@ -24,7 +24,7 @@ from circuits.attribution.methods import MethodName
 from circuits.evaluation.curves import FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.pictures.drawing import draw_circuit, plot_curves
 from circuits.selection.strategies import Selection
-from tasks import ioi_pairs
+from circuits_tasks import ioi_pairs
 
 
 def main() -> None:

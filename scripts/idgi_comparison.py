@@ -22,7 +22,7 @@ import torch
 from circuits import Graph, attribute, load_model
 from circuits.quadrature import Quadrature
 from circuits.steering import token_embeddings, token_ig
-from tasks import ioi_pairs
+from circuits_tasks import ioi_pairs
 
 STEPS = (2, 5, 10, 20)
 

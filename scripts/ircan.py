@@ -16,8 +16,8 @@ from pathlib import Path
 from circuits import load_model
 from circuits.neurons import context_neurons, random_neurons_like, reweight
 from circuits.quadrature import QUADRATURES
-from tasks.context import context_accuracy, cose_kre, first_token, memotrap
-from tasks.paths import shared_data
+from circuits_tasks.context import context_accuracy, cose_kre, first_token, memotrap
+from circuits_tasks.paths import shared_data
 
 SPLITS = {
     "memotrap": (

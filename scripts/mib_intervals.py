@@ -25,7 +25,7 @@ from circuits.evaluation.curves import PROTOCOLS, mib_scores
 from circuits.evaluation.intervals import bootstrap_scores, sign_consistent
 from circuits.evaluation.refinement import refined_selection
 from circuits.selection.strategies import Selection, Selector, ensemble_scores, ratio_selection
-from tasks import ioi_pairs
+from circuits_tasks import ioi_pairs
 
 
 def main() -> None:

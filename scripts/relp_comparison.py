@@ -33,7 +33,7 @@ from circuits.metrics import logit_diff
 from circuits.models import HookedModel
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.quadrature import quadrature
-from tasks import ioi_pairs
+from circuits_tasks import ioi_pairs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark import random_model, random_pairs

@@ -28,8 +28,8 @@ from circuits.cli import DTYPES
 from circuits.models.hooked import HookedModel
 from circuits.pipeline import Discovery, discover
 from circuits.testing import tiny_tokenizer
-from tasks import ioi_pairs
-from tasks.ioi import WANG_2022_HEADS, head_class_overlap
+from circuits_tasks import ioi_pairs
+from circuits_tasks.ioi import WANG_2022_HEADS, head_class_overlap
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

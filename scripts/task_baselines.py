@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from circuits import load_model
-from tasks import TASKS, baseline
+from circuits_tasks import TASKS, baseline
 
 
 def main() -> None:

@@ -2,13 +2,13 @@
 
 from circuits.baseline import Baseline, baseline
 from circuits.task import TaskPairs
-from tasks.agreement import agreement_pairs
-from tasks.capitals import capital_pairs
-from tasks.common import Example
-from tasks.files import load_pairs
-from tasks.greater_than import GreaterThanMetric, greater_than_pairs
-from tasks.induction import induction_pairs
-from tasks.ioi import ioi_pairs
+from .agreement import agreement_pairs
+from .capitals import capital_pairs
+from .common import Example
+from .files import load_pairs
+from .greater_than import GreaterThanMetric, greater_than_pairs
+from .induction import induction_pairs
+from .ioi import ioi_pairs
 
 TASKS = {
     "ioi": ioi_pairs,

@@ -11,7 +11,7 @@ import random
 
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, collect_pairs
+from .common import Example, collect_pairs
 
 NOUNS = [
     ("author", "authors"), ("pilot", "pilots"), ("teacher", "teachers"), ("doctor", "doctors"),

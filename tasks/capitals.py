@@ -8,7 +8,7 @@ import random
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, collect_pairs, single_tokens
+from .common import Example, collect_pairs, single_tokens
 
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",

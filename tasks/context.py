@@ -21,7 +21,7 @@ from pathlib import Path
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
-from tasks.scoring import continuation_logprobs
+from .scoring import continuation_logprobs
 
 LETTERS = "ABCDEFGH"
 

@@ -6,7 +6,7 @@ with answer / distractor as text, leading space included (" Mary", or several to
 clean and corrupted prompts may differ in token length (`PromptPairs.alignment`). EAP-IG CSVs carry
 token ids instead: `clean, corrupted, correct_idx, incorrect_idx`, or `clean, corrupted, label` with label
 a list "[correct, incorrect]". MIB rows (the mib-bench datasets' `.parquet` files or `.json` / `.jsonl`
-exports of them: IOI, MCQA, ARC, arithmetic) are read as MIB reads them (`tasks.mib`), each with its
+exports of them: IOI, MCQA, ARC, arithmetic) are read as MIB reads them (`circuits_tasks.mib`), each with its
 counterfactual column. Every problem is reported with the file and row (1 = first data row).
 """
 
@@ -25,7 +25,7 @@ from circuits.errors import CircuitsWarning, FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
 from circuits.textfiles import read_text
-from tasks.mib import mib_pairs
+from .mib import mib_pairs
 
 Format = Literal["auto", "ours", "eap-ig", "mib", "mib-ioi"]
 FORMATS: tuple[str, ...] = ("auto", "ours", "eap-ig", "mib", "mib-ioi")
@@ -43,7 +43,7 @@ def load_pairs(
 ) -> TaskPairs:
     """Read prompt pairs for `model` from a CSV / JSON / JSONL / Parquet file (see the module docstring).
 
-    `mib_task` (one of `tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the columns
+    `mib_task` (one of `circuits_tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the columns
     when not given); `counterfactual` names the counterfactual column (MIB's default per task).
     A row that cannot be used (a missing column, an empty answer, an answer the distractor merely
     continues, a token id outside the vocabulary, ...) raises `FileFormatError` naming every such row

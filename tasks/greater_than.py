@@ -21,7 +21,7 @@ from circuits.data import PromptPairs
 from circuits.metrics import last_logits
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, collect_pairs, is_single_token
+from .common import Example, collect_pairs, is_single_token
 
 NOUNS = ["war", "expedition", "reign", "project", "dynasty", "campaign", "siege", "construction", "journey"]
 TEMPLATE = "The {noun} lasted from the year {century}{yy} to the year {century}"

@@ -17,7 +17,7 @@ from typing import Literal
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
-from tasks.common import Example, collect_pairs, single_tokens
+from .common import Example, collect_pairs, single_tokens
 
 NAMES = [
     "Mary", "John", "Alice", "Bob", "Tom", "Anna", "James", "Sarah", "David", "Laura", "Michael", "Emma",

@@ -17,7 +17,7 @@ import torch
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
-from tasks.scoring import continuation_logprobs
+from .scoring import continuation_logprobs
 
 
 @dataclass

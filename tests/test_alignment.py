@@ -228,3 +228,20 @@ def test_exact_patching_with_answers_of_several_tokens_matches_a_brute_force(mod
     exact = attribute(model, graph, pairs, method="exact", quiet=True).edge_scores
     torch.testing.assert_close(exact.double(), brute_exact(model, graph, pairs, reads), atol=2e-5, rtol=1e-4)
     attribute(model, graph, pairs, metric="answer_logprob", method="eap", quiet=True)  # whole answers
+
+
+def test_follow_up_analysis_sees_the_attributed_tokens(model):
+    """`to_tokens` makes the ids the pairs hold (start token included or not, as attributed) and
+    `run_with_cache` runs them with the pairs' mask."""
+    pairs = unequal_pairs(model)
+    ids, mask = model.to_tokens([c for c, _, _, _ in PAIRS])
+    assert torch.equal(ids[mask.bool()], pairs.clean[pairs.attention_mask.bool()])
+    assert torch.equal(mask, pairs.attention_mask[:, : mask.shape[1]])
+    name = model.mlp_out_hook(0)
+    logits, cache = model.run_with_cache(pairs.clean, pairs.attention_mask, [name])
+    with torch.no_grad(), model.capture([name]) as captured:
+        expected = model(pairs.clean, pairs.attention_mask)
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(cache[name], captured[name])
+    _, everything = model.run_with_cache(pairs.clean[:1])
+    assert name in everything and len(everything) > 10

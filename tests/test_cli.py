@@ -250,3 +250,19 @@ def test_skip_invalid_drops_a_files_bad_rows(tmp_path, capsys):
     assert "row 2: the answer" in capsys.readouterr().err
     assert main([*base, "--skip-invalid"]) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["n_pairs"] == 2
+
+
+@pytest.mark.parametrize("own", ["tasks.py", "tasks/__init__.py"])
+def test_a_users_own_tasks_module_does_not_shadow_the_installed_tasks(tmp_path, own):
+    """The built-in tasks are installed as `circuits_tasks`: a researcher's tasks.py or tasks/ in the
+    working folder (first on the path of `python -m`) leaves them found."""
+    import subprocess
+    import sys
+
+    (tmp_path / own).parent.mkdir(exist_ok=True)
+    (tmp_path / own).write_text("raise SystemExit('the user tasks module was imported')\n")
+    listed = subprocess.run(
+        [sys.executable, "-m", "circuits", "tasks"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "ioi" in listed.stdout and "greater_than" in listed.stdout

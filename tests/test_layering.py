@@ -56,7 +56,7 @@ def _imports(path: Path) -> set[str]:
             for alias in node.names:
                 full = f"{node.module}.{alias.name}"
                 found.add(full if _is_module(full) else node.module)
-    return {name for name in found if name.split(".")[0] in ("circuits", "tasks")}
+    return {name for name in found if name.split(".")[0] in ("circuits", "tasks", "circuits_tasks")}
 
 
 def _import_graph() -> nx.DiGraph:
@@ -86,7 +86,7 @@ def test_imports_only_go_down():
 
 def test_circuits_never_imports_tasks():
     graph = _import_graph()
-    assert not [(a, b) for a, b in graph.edges if b.startswith("tasks")]
+    assert not [(a, b) for a, b in graph.edges if b.startswith(("tasks", "circuits_tasks"))]
 
 
 def test_transformers_is_imported_only_by_the_models_package():
@@ -112,3 +112,13 @@ def test_bridge_internals_stay_in_the_models_package():
         if INTERNALS.search(line)
     ]
     assert not leaks
+
+
+def test_the_installed_packages_are_the_folders():
+    """pyproject.toml lists the packages (tasks/ is installed as circuits_tasks): every folder of the
+    package with an __init__.py is listed, and nothing else."""
+    block = re.search(r"^packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), re.S | re.M)
+    assert block is not None
+    listed = set(re.findall(r'"([\w.]+)"', block.group(1)))
+    folders = {_module(init) for init in PACKAGE.rglob("__init__.py")} | {"circuits_tasks"}
+    assert listed == folders

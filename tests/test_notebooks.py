@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.paths import DEFAULT
+from circuits_tasks.paths import DEFAULT
 
 pytestmark = pytest.mark.slow  # runs SmolLM2, the notebooks or many model builds; `make test` runs it
 

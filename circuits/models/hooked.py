@@ -477,6 +477,34 @@ class HookedModel:
             ids = [[bos, *row] for row in ids]
         return ids
 
+    def to_tokens(self, texts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids [N, P] of `texts` as the toolkit's prompts are made (`PromptPairs.from_strings`: BOS
+        first when `prepend_bos`, right-padded) and their attention mask [N, P], for follow-up analysis on
+        the positions that were attributed. The bridge's own `model.bridge.to_tokens` follows
+        TransformerLens's start-token rule, which may differ (SmolLM2: it prepends `<|im_start|>`)."""
+        rows = self.to_ids([texts] if isinstance(texts, str) else list(texts))
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.eos_token_id if pad is None else pad
+        ids = torch.full((len(rows), width), 0 if pad is None else int(pad), dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def run_with_cache(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, names: Sequence[str] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits [N, P, d_vocab] and the activations at hook points `names` (default: every one), in one
+        forward pass without gradients, e.g. on `pairs.clean` with `pairs.attention_mask` or on
+        `to_tokens(texts)`: the ids, mask and hooks the attribution ran with."""
+        with torch.no_grad(), self.capture(list(self._hook_points) if names is None else names) as cache:
+            logits = self(
+                input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
+            )
+        return logits, dict(cache)
+
     def single_token_id(self, text: str) -> int:
         """Id of `text` if it is exactly one token (no BOS), else a ValueError naming the pieces."""
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from tasks.context import context_accuracy, cose_kre, first_token, memotrap
-from tasks.paths import DEFAULT
-from tasks.scoring import continuation_logprobs
-from tasks.truthfulqa import load_truthfulqa, multiple_choice, split_questions
+from circuits_tasks.context import context_accuracy, cose_kre, first_token, memotrap
+from circuits_tasks.paths import DEFAULT
+from circuits_tasks.scoring import continuation_logprobs
+from circuits_tasks.truthfulqa import load_truthfulqa, multiple_choice, split_questions
 
 SHARED = DEFAULT
 

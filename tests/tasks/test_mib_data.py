@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from circuits.errors import CircuitsWarning, InputError
-from tasks import load_pairs
+from circuits_tasks import load_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

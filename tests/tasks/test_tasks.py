@@ -9,7 +9,7 @@ import torch
 
 from circuits.data import PromptPairs
 from circuits.errors import FileFormatError
-from tasks import TASKS, GreaterThanMetric, baseline, ioi_pairs, load_pairs
+from circuits_tasks import TASKS, GreaterThanMetric, baseline, ioi_pairs, load_pairs
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
