@@ -18,6 +18,7 @@ import random
 import time
 
 import torch
+from circuits_tasks import ioi_pairs
 from torch import Tensor
 
 from circuits import Graph, attribute, load_model
@@ -26,7 +27,6 @@ from circuits.evaluation import ablated_outputs
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import logit_diff
 from circuits.models import HookedModel
-from circuits_tasks import ioi_pairs
 
 
 def pearson(a: Tensor, b: Tensor) -> float:

@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 import transformers
+from circuits_tasks import ioi_pairs
+from circuits_tasks.context import first_token, memotrap
+from circuits_tasks.paths import shared_data
 from clock import best_of, peak_gpu_mb
 from shapes import PAIR_LENGTH, SHAPES, random_hf, random_token_pairs
 
@@ -55,9 +58,6 @@ from circuits.models.hooked import HookedModel, ModelSpec
 from circuits.models.plain import plain_model
 from circuits.neurons import last_activations, neuron_ig
 from circuits.testing import tiny_tokenizer
-from circuits_tasks import ioi_pairs
-from circuits_tasks.context import first_token, memotrap
-from circuits_tasks.paths import shared_data
 
 
 def random_model(

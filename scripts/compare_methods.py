@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 
 import torch
+from circuits_tasks import ioi_pairs
 from torch import Tensor
 
 from circuits import Graph, attribute, load_model
-from circuits_tasks import ioi_pairs
 
 
 def ranks(x: Tensor) -> Tensor:

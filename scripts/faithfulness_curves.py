@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from circuits_tasks import ioi_pairs
+
 from circuits import Graph, attribute, load_model
 from circuits.attribution.methods import MethodName
 from circuits.evaluation.curves import FaithfulnessCurve, faithfulness_curve, mib_scores
 from circuits.pictures.drawing import draw_circuit, plot_curves
 from circuits.selection.strategies import Selection
-from circuits_tasks import ioi_pairs
 
 
 def main() -> None:

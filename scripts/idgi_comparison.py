@@ -18,11 +18,11 @@ import argparse
 import time
 
 import torch
+from circuits_tasks import ioi_pairs
 
 from circuits import Graph, attribute, load_model
 from circuits.quadrature import Quadrature
 from circuits.steering import token_embeddings, token_ig
-from circuits_tasks import ioi_pairs
 
 STEPS = (2, 5, 10, 20)
 

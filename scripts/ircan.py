@@ -13,11 +13,12 @@ import json
 import time
 from pathlib import Path
 
+from circuits_tasks.context import context_accuracy, cose_kre, first_token, memotrap
+from circuits_tasks.paths import shared_data
+
 from circuits import load_model
 from circuits.neurons import context_neurons, random_neurons_like, reweight
 from circuits.quadrature import QUADRATURES
-from circuits_tasks.context import context_accuracy, cose_kre, first_token, memotrap
-from circuits_tasks.paths import shared_data
 
 SPLITS = {
     "memotrap": (

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from circuits_tasks import ioi_pairs
+
 from circuits import Graph, attribute, load_model
 from circuits.attribution import ScoringOptions
 from circuits.attribution.methods import MethodName
@@ -25,7 +27,6 @@ from circuits.evaluation.curves import PROTOCOLS, mib_scores
 from circuits.evaluation.intervals import bootstrap_scores, sign_consistent
 from circuits.evaluation.refinement import refined_selection
 from circuits.selection.strategies import Selection, Selector, ensemble_scores, ratio_selection
-from circuits_tasks import ioi_pairs
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from circuits_tasks import ioi_pairs
 from torch import Tensor
 
 from circuits import Graph, attribute, load_model
@@ -33,7 +34,6 @@ from circuits.metrics import logit_diff
 from circuits.models import HookedModel
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.quadrature import quadrature
-from circuits_tasks import ioi_pairs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from benchmark import random_model, random_pairs

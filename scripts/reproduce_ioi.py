@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+from circuits_tasks import ioi_pairs
+from circuits_tasks.ioi import WANG_2022_HEADS, head_class_overlap
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from circuits import load_model
@@ -28,8 +30,6 @@ from circuits.cli import DTYPES
 from circuits.models.hooked import HookedModel
 from circuits.pipeline import Discovery, discover
 from circuits.testing import tiny_tokenizer
-from circuits_tasks import ioi_pairs
-from circuits_tasks.ioi import WANG_2022_HEADS, head_class_overlap
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

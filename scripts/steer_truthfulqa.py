@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from circuits_tasks.paths import shared_data
+from circuits_tasks.truthfulqa import load_truthfulqa, multiple_choice, split_questions
 
 from circuits import load_model
 from circuits.models.hooked import HookedModel
 from circuits.steering import generate, steer, steering_vectors
-from circuits_tasks.paths import shared_data
-from circuits_tasks.truthfulqa import load_truthfulqa, multiple_choice, split_questions
 
 NEUTRAL = (
     "The library opens at nine in the morning and closes at six in the evening. Visitors can borrow up to "

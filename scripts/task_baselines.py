@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from circuits import load_model
 from circuits_tasks import TASKS, baseline
+
+from circuits import load_model
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from circuits.baseline import Baseline, baseline
 from circuits.task import TaskPairs
+
 from .agreement import agreement_pairs
 from .capitals import capital_pairs
 from .common import Example

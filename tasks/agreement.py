@@ -11,6 +11,7 @@ import random
 
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
+
 from .common import Example, collect_pairs
 
 NOUNS = [

@@ -8,6 +8,7 @@ import random
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
+
 from .common import Example, collect_pairs, single_tokens
 
 CAPITALS = {

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
+
 from .scoring import continuation_logprobs
 
 LETTERS = "ABCDEFGH"

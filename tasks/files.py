@@ -25,6 +25,7 @@ from circuits.errors import CircuitsWarning, FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
 from circuits.textfiles import read_text
+
 from .mib import mib_pairs
 
 Format = Literal["auto", "ours", "eap-ig", "mib", "mib-ioi"]
@@ -43,8 +44,8 @@ def load_pairs(
 ) -> TaskPairs:
     """Read prompt pairs for `model` from a CSV / JSON / JSONL / Parquet file (see the module docstring).
 
-    `mib_task` (one of `circuits_tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the columns
-    when not given); `counterfactual` names the counterfactual column (MIB's default per task).
+    `mib_task` (one of `circuits_tasks.mib.MIB_TASKS`) says which MIB dataset the rows are (found from the
+    columns when not given); `counterfactual` names the counterfactual column (MIB's default per task).
     A row that cannot be used (a missing column, an empty answer, an answer the distractor merely
     continues, a token id outside the vocabulary, ...) raises `FileFormatError` naming every such row
     with its reason; with `drop_invalid` those rows are dropped instead, listed in a `CircuitsWarning` and

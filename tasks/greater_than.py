@@ -21,6 +21,7 @@ from circuits.data import PromptPairs
 from circuits.metrics import last_logits
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
+
 from .common import Example, collect_pairs, is_single_token
 
 NOUNS = ["war", "expedition", "reign", "project", "dynasty", "campaign", "siege", "construction", "journey"]

@@ -17,6 +17,7 @@ from typing import Literal
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 from circuits.task import TaskPairs
+
 from .common import Example, collect_pairs, single_tokens
 
 NAMES = [

@@ -17,6 +17,7 @@ import torch
 
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
+
 from .scoring import continuation_logprobs
 
 

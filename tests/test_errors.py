@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from circuits_tasks import load_pairs
 
 from circuits import Graph, attribute, evaluate, load_model
 from circuits.cli import main
@@ -26,7 +27,6 @@ from circuits.metrics import logit_diff
 from circuits.models.hooked import ModelSpec
 from circuits.steering import steer, steering_vectors
 from circuits.testing import tiny_llama_hf, tiny_tokenizer
-from circuits_tasks import load_pairs
 from tests.pairs import make_pairs
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from circuits_tasks.context import context_accuracy, cose_kre, first_token, memotrap
 from circuits_tasks.paths import DEFAULT
 from circuits_tasks.scoring import continuation_logprobs

@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from circuits_tasks import load_pairs
 
 from circuits.errors import CircuitsWarning, InputError
-from circuits_tasks import load_pairs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from circuits_tasks import TASKS, GreaterThanMetric, baseline, ioi_pairs, load_pairs
 
 from circuits.data import PromptPairs
 from circuits.errors import FileFormatError
-from circuits_tasks import TASKS, GreaterThanMetric, baseline, ioi_pairs, load_pairs
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
