@@ -13,13 +13,14 @@ every cut at once), so `attribute` refuses it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from circuits.errors import InputError
+from circuits.errors import CircuitsWarning, InputError
 
 Quadrature = Literal["left", "midpoint", "trapezoid", "gauss-legendre", "idgi"]
 QUADRATURES: tuple[str, ...] = ("left", "midpoint", "trapezoid", "gauss-legendre", "idgi")
@@ -93,3 +94,18 @@ def idgi(grads: Tensor, values: Tensor) -> Tensor:
         norm > 0, square / norm.clamp_min(torch.finfo(torch.float64).tiny), 1 / grads.shape[-1]
     )
     return (share * values.double().diff(dim=-1).unsqueeze(-1)).sum(-2)
+
+
+COMPLETENESS_TOLERANCE = 0.1  # IG's relative completeness error above which a warning says so
+
+
+def warn_if_incomplete(relative_error: float, report: str, advice: str, stacklevel: int = 3) -> None:
+    """A `CircuitsWarning` when IG's scores sum to more than `COMPLETENESS_TOLERANCE` off the change they
+    explain: `report` says what was measured, `advice` what to do (more steps, another rule)."""
+    if relative_error > COMPLETENESS_TOLERANCE:
+        warnings.warn(
+            f"IG {report}: the scores sum to {relative_error:.0%} off the change they explain (more than "
+            f"{COMPLETENESS_TOLERANCE:.0%}). {advice}",
+            CircuitsWarning,
+            stacklevel=stacklevel + 1,
+        )

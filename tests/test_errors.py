@@ -433,6 +433,19 @@ def test_warnings_for_an_emptied_circuit_and_a_completeness_miss(llama):
         warnings.simplefilter("error", CircuitsWarning)  # within 1e-4 here: no warning
         options = dict(ig_steps=8, quadrature="gauss-legendre", quiet=True)
         attribute(llama, Graph.from_model(llama), pairs, method="eap-ig-inputs", **options)
+    # token and neuron IG say so too
+    from circuits.neurons import neuron_ig
+    from circuits.steering import token_ig
+
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    with pytest.warns(CircuitsWarning, match=r"token attributions .* more steps \(now 1\)"):
+        far = token_ig(llama, prompt, " Mary", steps=1, quadrature="left")
+    assert far.relative_error > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CircuitsWarning)
+        token_ig(llama, prompt, " Mary", steps=4, quadrature="idgi")  # exact by construction
+    with pytest.warns(CircuitsWarning, match=r"neuron attributions of layer .* more steps \(now 1\)"):
+        neuron_ig(llama, [prompt], [" Mary"], steps=1, quadrature="left", quiet=True)
 
 
 def test_pairs_made_by_another_tokenizer_are_refused(llama):

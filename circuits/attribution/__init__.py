@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +14,14 @@ from circuits.attribution.methods import DEFAULT_METHOD, METHODS, BatchResult, J
 from circuits.attribution.options import ScoringOptions
 from circuits.data import PromptPairs, check_pairs
 from circuits.distributed import sum_floats, sum_tensor
-from circuits.errors import CircuitsWarning, InputError, NumericalError
+from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric, metric_name, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
+from circuits.quadrature import warn_if_incomplete
 from circuits.sources import AblationValues, SourceOutputs, source_means
 from circuits.task import Pairs
-
-COMPLETENESS_TOLERANCE = 0.1  # IG's relative completeness error above which `attribute` warns
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -198,14 +196,9 @@ def _result(
         float(totals["metric_corrupted"]) / n if "metric_corrupted" in totals else None,
         completeness,
     )
-    if completeness is not None and completeness.relative_error > COMPLETENESS_TOLERANCE:
-        warnings.warn(
-            f"IG {completeness}: the scores sum to {completeness.relative_error:.0%} off the metric change "
-            f"they explain (more than {COMPLETENESS_TOLERANCE:.0%}). Use more ig_steps (now "
-            f"{options.ig_steps}) or quadrature='gauss-legendre'",
-            CircuitsWarning,
-            stacklevel=3,
-        )
+    if completeness is not None:
+        advice = f"Use more ig_steps (now {options.ig_steps}) or quadrature='gauss-legendre'"
+        warn_if_incomplete(completeness.relative_error, str(completeness), advice)
     for name, scores in (("edge", result.edge_scores), ("node", result.node_scores)):
         if scores is not None and not bool(scores.isfinite().all()):
             raise NumericalError(

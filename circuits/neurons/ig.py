@@ -28,7 +28,7 @@ from circuits.errors import InputError
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.last_position import LastPositions, Replace, run_prompts
 from circuits.models.plain import down_projections, plain_model
-from circuits.quadrature import Quadrature, check_steps, idgi
+from circuits.quadrature import Quadrature, check_steps, idgi, warn_if_incomplete
 from circuits.quadrature import quadrature as quadrature_rule
 from circuits.settings import with_settings
 
@@ -187,7 +187,15 @@ def neuron_ig(
         raise InputError(f"baseline must be 'zero' or a tensor of activations, got {baseline!r}")
     scores, prob_delta = _integrate(model, ids, target_ids, baseline, chosen, options, quiet)
     scores, prob_delta = gather_rows(scores, model.device), gather_rows(prob_delta, model.device)
-    return NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
+    result = NeuronAttribution(scores, scores.sum(-1), prob_delta, chosen)
+    worst = int(result.relative_error.argmax())
+    report = (
+        f"neuron attributions of layer {chosen[worst]}: mean |error| {float(result.abs_error[worst]):.4f} "
+        "against P(a_in) - P(a_base)"
+    )
+    advice = f"Use more steps (now {options.steps}) or quadrature='idgi' (sums exactly)"
+    warn_if_incomplete(float(result.relative_error[worst]), report, advice)
+    return result
 
 
 def _integrate(

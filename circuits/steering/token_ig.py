@@ -24,7 +24,7 @@ from torch import Tensor
 from circuits.distributed import gather_rows, process_chunks, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, uses_model
-from circuits.quadrature import Quadrature, check_steps, idgi
+from circuits.quadrature import Quadrature, check_steps, idgi, warn_if_incomplete
 from circuits.quadrature import quadrature as quadrature_rule
 
 
@@ -144,7 +144,17 @@ def token_ig(
 
     scores, endpoints = _integrated(model, run, diff, quadrature, steps, max_rows, start)
     tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
-    return TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
+    result = TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
+    advice = (
+        f"Use more steps (now {steps}), quadrature='idgi' (sums exactly), or a baseline nearer the prompt "
+        "(near-zero embeddings make RMSNorm models steep at the baseline)"
+    )
+    report = (
+        f"token attributions of {prompt[:40]!r}: total {result.total:.4f} vs f(input) - f(baseline) "
+        f"{result.delta:.4f}"
+    )
+    warn_if_incomplete(result.relative_error, report, advice)
+    return result
 
 
 def _objective(
