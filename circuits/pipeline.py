@@ -266,13 +266,23 @@ def _interval_dict(interval: Interval | None) -> dict[str, float] | None:
 
 
 def _prompts(model: HookedModel, pairs: PromptPairs, n: int = 10) -> list[str]:
-    """The first `n` clean prompts as text, with the answer and distractor tokens."""
+    """The first `n` clean prompts as text, with the answer and distractor tokens (answers of several
+    tokens: the prompt without them, the whole answer, and the tokens where answer and distractor part)."""
     decode = model.tokenizer.decode
-    return [
-        f"{decode(pairs.clean[i, : int(pairs.lengths[i])])} -> {decode(pairs.answer[i : i + 1])!r} "
-        f"(not {decode(pairs.distractor[i : i + 1])!r})"
-        for i in range(min(n, len(pairs)))
-    ]
+    lines = []
+    for i in range(min(n, len(pairs))):
+        end = int(pairs.lengths[i])
+        answer = decode(pairs.answer[i : i + 1])
+        whole = None if pairs.answer_tokens is None else pairs.answer_tokens[i][pairs.answer_tokens[i] >= 0]
+        if whole is not None and len(whole) > 1:
+            end -= len(whole) - 1
+            answer = f"{decode(whole)!r} (parting at {answer!r})"
+        else:
+            answer = repr(answer)
+        lines.append(
+            f"{decode(pairs.clean[i, :end])} -> {answer} (not {decode(pairs.distractor[i : i + 1])!r})"
+        )
+    return lines
 
 
 def _write_files(found: Discovery, out: Path, model: HookedModel) -> list[Path]:

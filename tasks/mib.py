@@ -13,9 +13,9 @@ copy of their files (`.parquet`, or `.json` / `.jsonl` exports), as MIB's own lo
 Rows MIB's filter drops are dropped here too, and counted in a warning: IOI rows whose three names
 (`indirect_object`, `subject`, `random_c`) tokenize to different lengths; MCQA / ARC rows whose answer and
 counterfactual answer do; arithmetic rows of the other operator (`+` for addition, `-` for subtraction)
-or without a one-token label. Edge patching here needs the clean and corrupted prompts to align token by
-token, so rows whose prompts differ in length are dropped as well (MIB pads them instead) and counted
-separately.
+or without a one-token label. Rows whose clean and corrupted prompts differ in token length are kept, their
+positions aligned by the prompts' ends (`PromptPairs.alignment`); MIB's own pipeline (EAP-IG) runs the
+corrupted prompt under the clean prompt's mask instead, so on such rows its positions do not correspond.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def mib_pairs(
     column = counterfactual or DEFAULT_COUNTERFACTUAL[task]
     convert = _ioi if task == "ioi" else _arithmetic if task.startswith("arithmetic") else _choices
     kept: list[Pair] = []
-    filtered = misaligned = 0
+    filtered = 0
     for i, row in enumerate(rows):
         cf = row.get(column)
         if not isinstance(cf, dict) and task.startswith("arithmetic"):  # MIB drops rows without one
@@ -61,15 +61,10 @@ def mib_pairs(
         if pair is None:
             filtered += 1
             continue
-        a, b = model.to_ids([pair[0], pair[1]])
-        if len(a) != len(b):
-            misaligned += 1
-            continue
         kept.append(pair)
-    if filtered or misaligned:
+    if filtered:
         warnings.warn(
-            f"{path}: {filtered} of {len(rows)} rows dropped by MIB's filter for {task}, {misaligned} more "
-            "whose clean and corrupted prompts differ in length for this tokenizer",
+            f"{path}: {filtered} of {len(rows)} rows dropped by MIB's filter for {task}",
             CircuitsWarning,
             stacklevel=3,
         )

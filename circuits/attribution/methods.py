@@ -273,7 +273,10 @@ def _metric(
     pairs = pairs if repeat == 1 else pairs.repeat(repeat)
     if clean_logits is not None and repeat > 1:
         clean_logits = clean_logits.repeat(repeat, 1, 1)
-    return check_values(job.metric(logits, pairs, clean_logits), len(pairs), job.where)
+    where = job.where
+    if repeat > 1:  # say where a row count like 40 comes from
+        where += f", {len(pairs)} rows: its {len(job.pairs)} pairs x {repeat} (IG steps or patched copies)"
+    return check_values(job.metric(logits, pairs, clean_logits), len(pairs), where)
 
 
 def _differentiable(job: Job, values: Tensor) -> Tensor:
