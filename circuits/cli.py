@@ -407,10 +407,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from circuits.evaluation import evaluate
     from circuits.evaluation.curves import mib_scores
     from circuits.evaluation.intervals import faithfulness_interval
+    from circuits.models.ungroup import model_for
 
     circuit = _load_circuit(args.circuit)
     model = _model(args)
-    circuit.check_fits(model.spec)
+    circuit.check_fits(model_for(model, circuit.spec).spec)
     task = _task(args, model)
     metric = _circuit_metric(args, circuit, task)
     result = evaluate(model, circuit, task.pairs, metric, args.ablation, batch_size=args.batch_size)

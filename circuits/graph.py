@@ -2,10 +2,12 @@
 
 Sources (upstream nodes), in topological order: `input`, then per layer `a{l}.h{h}` for each head (or,
 for post-norm blocks, one `a{l}`: the layer's normed attention output) and `m{l}`. Destinations (inputs
-of downstream nodes), per layer: `a{l}.h{h}<q>` for each query head, `a{l}.h{g}<k>` and `a{l}.h{g}<v>`
-for each key/value head g (grouped-query attention is native), `m{l}`; then `logits`. Edge `u->v` exists
-when u's output is part of v's input. Names follow EAP-IG, so circuit files interoperate (GPT-2 small:
-32,491 edges).
+of downstream nodes), per layer: `a{l}.h{h}<q>`, `a{l}.h{h}<k>`, `a{l}.h{h}<v>` for each head, `m{l}`;
+then `logits`. Edge `u->v` exists when u's output is part of v's input. Names follow EAP-IG, so circuit
+files interoperate (GPT-2 small: 32,491 edges). A grouped-query model's graph has one k and one v input per
+key/value head g, `a{l}.kv{g}<k>` and `a{l}.kv{g}<v>` (a spelling EAP-IG's loader refuses rather than
+misreads as query head g's); `Graph.from_model(model, ungrouped=True)` gives every query head its own, as
+EAP-IG and MIB do (run on the model's ungrouped twin, `circuits.models.ungroup`).
 
 Everything per edge lives in `[n_sources, n_destinations]` tensors: `valid` (the edge exists), `scores`
 (float32), `in_graph` (bool). Node-level results live in `[n_sources]` tensors.
@@ -29,10 +31,11 @@ from torch import Tensor
 from circuits import selection
 from circuits.errors import CircuitsWarning, FileFormatError, GraphMismatchError, InputError
 from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.models.ungroup import ungrouped_spec
 from circuits.models.wiring import Block, DestinationKind, SourceKind, blocks
 from circuits.textfiles import read_text
 
-_DST_RE = re.compile(r"^(a(\d+)\.h(\d+))<([qkv])>$")
+_DST_RE = re.compile(r"^(a(\d+)\.(?:h|kv)(\d+))<([qkv])>$")
 NodeKind = Literal["input", "head", "attention", "mlp", "logits"]
 _NAMES: dict[str, Callable[[int, int], str]] = {  # a block's node names, by kind: (layer, i) -> name
     "input": lambda _layer, _i: "input",
@@ -53,8 +56,11 @@ class Graph:
         self.spec = spec
         self.source_blocks, self.destination_blocks = blocks(spec)
         self.sources = [_NAMES[b.kind](b.layer, i) for b in self.source_blocks for i in range(len(b))]
+        grouped = spec.n_kv_heads < spec.n_heads
         self.destinations = [
-            _NAMES[b.kind](b.layer, i) for b in self.destination_blocks for i in range(len(b))
+            f"a{b.layer}.kv{i}<{b.kind}>" if grouped and b.kind in ("k", "v") else _NAMES[b.kind](b.layer, i)
+            for b in self.destination_blocks
+            for i in range(len(b))
         ]
         self._source_block = {(b.kind, b.layer): b for b in self.source_blocks}
         self._destination_block = {(b.kind, b.layer): b for b in self.destination_blocks}
@@ -80,9 +86,15 @@ class Graph:
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
-    def from_model(cls, model: HookedModel | ModelSpec) -> Graph:
-        """The full graph of a hooked model (or of a `ModelSpec`, e.g. built from a config)."""
-        return cls(model.spec if isinstance(model, HookedModel) else model)
+    def from_model(cls, model: HookedModel | ModelSpec, ungrouped: bool = False) -> Graph:
+        """The full graph of a hooked model (or of a `ModelSpec`, e.g. built from a config).
+
+        ungrouped: for a grouped-query model, every query head with its own k and v inputs (EAP-IG's
+            `ungroup_grouped_query_attention`, MIB's edge set); the functions taking graphs run it on the
+            model's ungrouped twin (`circuits.models.ungroup`), which computes the same function.
+        """
+        spec = model.spec if isinstance(model, HookedModel) else model
+        return cls(ungrouped_spec(spec) if ungrouped else spec)
 
     def copy(self) -> Graph:
         """An independent copy (tensors cloned)."""
@@ -107,6 +119,70 @@ class Graph:
         if node_scores is not None:
             new.node_scores = node_scores.detach().float().cpu().clone()
         return new
+
+    # ------------------------------------------------------------ grouped and ungrouped (copies)
+    def key_value_copies(self, n_kv_heads: int) -> Tensor:
+        """long [n_destinations]: for each destination of this ungrouped graph, the destination of the
+        graph of `n_kv_heads` key/value heads it is a copy of (query head h's k / v input: key/value head
+        h // (n_heads / n_kv_heads)'s; every other destination: itself)."""
+        spec = self.spec
+        if spec.n_kv_heads != spec.n_heads or n_kv_heads < 1 or spec.n_heads % n_kv_heads:
+            raise InputError(
+                f"key_value_copies maps an ungrouped graph ({spec.n_kv_heads} key/value heads of "
+                f"{spec.n_heads} here) onto {n_kv_heads} key/value heads, a divisor of {spec.n_heads}"
+            )
+        grouped = Graph(replace(spec, n_kv_heads=n_kv_heads))
+        group = spec.n_heads // n_kv_heads
+        index = torch.empty(self.n_destinations, dtype=torch.long)
+        for j, name in enumerate(self.destinations):
+            match = _DST_RE.match(name)
+            if match and match.group(4) in ("k", "v") and group > 1:
+                name = f"a{match.group(2)}.kv{int(match.group(3)) // group}<{match.group(4)}>"
+            index[j] = grouped.dst_index[name]
+        return index
+
+    def grouped(self, n_kv_heads: int) -> Graph:
+        """This ungrouped graph (EAP-IG's / MIB's, or `from_model(..., ungrouped=True)`) on the graph of
+        a model with `n_kv_heads` key/value heads: an edge into a key/value head's input scores the sum of
+        its copies' scores (what every gradient method gives it, exactly) and is in the circuit when any
+        of its copies is (nodes and their scores are the same in both graphs)."""
+        copies = self.key_value_copies(n_kv_heads)
+        out = Graph(replace(self.spec, n_kv_heads=n_kv_heads))
+        out.scores.zero_().index_add_(1, copies, self.scores * self.valid)
+        kept = torch.zeros(out.valid.shape, dtype=torch.long).index_add_(
+            1, copies, (self.in_graph & self.valid).long()
+        )
+        out.in_graph = kept > 0
+        out.nodes_in_graph = self.nodes_in_graph.clone()
+        out.node_scores = None if self.node_scores is None else self.node_scores.clone()
+        out.metric = self.metric
+        return out
+
+    def ungrouped(self) -> Graph:
+        """This graph with every query head's own k and v inputs: the circuit as it is (a copy of a
+        key/value head's edge is in the circuit when that edge is), and each copy the key/value head's
+        score divided by the number of copies, an apportionment, not a computed score (a
+        `CircuitsWarning` says so when there are scores); `attribute` on `from_model(model,
+        ungrouped=True)` computes them."""
+        out = Graph(ungrouped_spec(self.spec))
+        if self.spec.n_kv_heads == self.spec.n_heads:
+            return self.copy()
+        copies = out.key_value_copies(self.spec.n_kv_heads)
+        shares = torch.bincount(copies, minlength=self.n_destinations).float()
+        out.scores = (self.scores / shares)[:, copies] * out.valid
+        out.in_graph = self.in_graph[:, copies] & out.valid
+        out.nodes_in_graph = self.nodes_in_graph.clone()
+        out.node_scores = None if self.node_scores is None else self.node_scores.clone()
+        out.metric = self.metric
+        if bool(self.scores.any()):
+            warnings.warn(
+                "ungrouped(): each query head's copy of a key/value edge gets an equal share of the grouped "
+                "score (the circuit is exact, the split of scores is not); attribute on "
+                "Graph.from_model(model, ungrouped=True) to compute the copies' own scores",
+                CircuitsWarning,
+                stacklevel=2,
+            )
+        return out
 
     # -------------------------------------------------------------------- selection (copies)
     def top_n(self, n: int, absolute: bool = True, prune: bool = True) -> Graph:
@@ -312,21 +388,30 @@ class Graph:
         for r, c in zip(rows.tolist(), cols.tolist()):
             dst = self.destinations[c]
             match = _DST_RE.match(dst)
-            g.add_edge(
-                self.sources[r],
-                self._reader(c),
-                key=f"{self.sources[r]}->{dst}",
-                score=float(self.scores[r, c]),
-                qkv=match.group(4) if match else None,
-            )
+            for reader in self._readers(c):
+                g.add_edge(
+                    self.sources[r],
+                    reader,
+                    key=f"{self.sources[r]}->{dst}",
+                    score=float(self.scores[r, c]),
+                    qkv=match.group(4) if match else None,
+                )
         return g
 
-    def _reader(self, dst: int) -> str:
-        """The node reading destination `dst`: its head, its MLP, a post-norm layer's attention, logits."""
+    def _readers(self, dst: int) -> list[str]:
+        """The nodes reading destination `dst`: its head (a key/value head's: every query head of its
+        group), its MLP, a post-norm layer's attention, logits."""
         name = self.destinations[dst]
-        if self.spec.per_head_sources or Graph.qkv_letter(name) is None:
-            return self.destination_node(name)
-        return name.split(".")[0]
+        match = _DST_RE.match(name)
+        if match is None:
+            return [name]
+        if not self.spec.per_head_sources:
+            return [f"a{match.group(2)}"]
+        if ".kv" not in name:
+            return [match.group(1)]
+        group = self.spec.n_heads // self.spec.n_kv_heads
+        first = int(match.group(3)) * group
+        return [f"a{match.group(2)}.h{h}" for h in range(first, first + group)]
 
     # ------------------------------------------------------------------------------------ files
     def cfg(self) -> dict[str, Any]:
@@ -378,7 +463,8 @@ class Graph:
             raise FileFormatError(f"{where}: not a circuit file, missing keys {sorted(missing)}")
         for key in ("cfg", "nodes", "edges"):
             _expect(isinstance(data[key], dict), where, key, "an object", data[key])
-        graph = cls(_spec_from_cfg(data["cfg"], where))
+        spec, rename = _file_layout(_spec_from_cfg(data["cfg"], where), list(data["edges"]), where)
+        graph = cls(spec)
         graph.metric = _metric_field(data, where)
         node_scores = torch.full((graph.n_sources,), float("nan"))
         for name, info in data["nodes"].items():
@@ -406,7 +492,7 @@ class Graph:
             field = f"edges[{name!r}]"
             _expect(isinstance(info, dict), where, field, "an object", info)
             try:
-                r, c = graph.edge_index(name)
+                r, c = graph.edge_index(rename(name))
             except GraphMismatchError as err:
                 raise GraphMismatchError(f"{where}: {field}: {err}") from None
             graph.scores[r, c] = _score(info.get("score"), where, f"{field}.score") or 0.0
@@ -512,6 +598,36 @@ def _count(cfg: dict[str, Any], key: str, where: str, default: int | None = None
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
     _expect(ok, where, f"cfg.{key}", f"a whole number >= {low}", value)
     return int(value)
+
+
+_KV_NAME = re.compile(r"^a(\d+)\.h(\d+)<([kv])>$")
+
+
+def _file_layout(spec: ModelSpec, edges: list[str], where: str) -> tuple[ModelSpec, Callable[[str], str]]:
+    """Which graph a circuit file of a grouped-query model holds, told from its edge names: ours
+    (`a3.kv1<k>`: grouped), EAP-IG's / MIB's (`a3.h7<k>` for every query head: ungrouped), or this
+    toolkit's before the `kv` spelling (every edge of the grouped graph, `a3.h1<k>` per key/value head:
+    grouped, renamed). `FileFormatError` for a file that could be either. Returns the spec and the
+    renaming of edge names into the graph's."""
+    if spec.n_kv_heads == spec.n_heads:
+        return spec, lambda name: name
+    heads = [int(m.group(2)) for name in edges if (m := _KV_NAME.match(name.split("->")[-1]))]
+    if any(".kv" in name for name in edges):
+        if heads:
+            raise FileFormatError(f"{where}: mixes key/value inputs named a{{l}}.kv{{g}} and a{{l}}.h{{h}}")
+        return spec, lambda name: name
+    ungrouped = ungrouped_spec(spec)
+    if not heads or max(heads) >= spec.n_kv_heads or len(edges) == Graph(ungrouped).n_edges:
+        return ungrouped, lambda name: name  # EAP-IG / MIB: a k and a v input per query head
+    if len(edges) == Graph(spec).n_edges:
+        return spec, lambda name: re.sub(r"\.h(\d+)<([kv])>$", r".kv\1<\2>", name)
+    raise FileFormatError(
+        f"{where}: the cfg says {spec.n_heads} query heads share {spec.n_kv_heads} key/value heads, and the "
+        f"file's {len(edges)} edges (neither graph's full count) name key/value inputs a{{l}}.h{{h}}<k|v> "
+        f"only for heads below {spec.n_kv_heads}: they could be EAP-IG's inputs of query heads (the "
+        "ungrouped graph) or an older file of this toolkit's inputs of key/value heads. Write the file "
+        "again with every edge (EAP-IG's to_json does), or with this toolkit's a{l}.kv{g} names"
+    )
 
 
 def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:

@@ -26,7 +26,7 @@ from circuits.graph import Graph
 from circuits.metrics import logit_diff
 from circuits.models import HookedModel
 
-_HEAD_INPUT = re.compile(r"a(\d+)\.h(\d+)<([qkv])>$")
+_HEAD_INPUT = re.compile(r"a(\d+)\.(?:h|kv)(\d+)<([qkv])>$")
 
 
 def _module(model: HookedModel, path: str) -> torch.nn.Module:

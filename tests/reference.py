@@ -45,8 +45,8 @@ def reference_llama(hf, ids: torch.Tensor, patches: dict[str, torch.Tensor] | No
             return rms_norm(module, x)
 
         q = torch.stack([norm(dst_input(f"a{layer_index}.h{h}<q>")) @ wq[h].T for h in range(n_heads)], 1)
-        k = torch.stack([norm(dst_input(f"a{layer_index}.h{g}<k>")) @ wk[g].T for g in range(n_kv)], 1)
-        v = torch.stack([norm(dst_input(f"a{layer_index}.h{g}<v>")) @ wv[g].T for g in range(n_kv)], 1)
+        k = torch.stack([norm(dst_input(f"a{layer_index}.kv{g}<k>")) @ wk[g].T for g in range(n_kv)], 1)
+        v = torch.stack([norm(dst_input(f"a{layer_index}.kv{g}<v>")) @ wv[g].T for g in range(n_kv)], 1)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         group = n_heads // n_kv
         new = {}

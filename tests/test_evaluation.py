@@ -39,7 +39,7 @@ def test_one_edge_removed_equals_exact_score(llama):
     graph = Graph.from_model(llama)
     exact = attribute(llama, graph, pairs, method="exact", quiet=True).edge_scores
     before = graph.in_graph.clone()
-    for name in ["input->a0.h1<q>", "a0.h2->a1.h0<v>", "m0->logits", "a1.h3->logits"]:
+    for name in ["input->a0.h1<q>", "a0.h2->a1.kv0<v>", "m0->logits", "a1.h3->logits"]:
         circuit = graph.copy()
         circuit.in_graph[graph.edge_index(name)] = False
         result = evaluate(llama, circuit, pairs)

@@ -55,7 +55,8 @@ def test_edge_names_follow_eap_ig():
 
 def test_gqa_destinations_per_kv_head():
     graph = Graph.from_model(SMOLLM2)
-    assert "a0.h2<k>" in graph.dst_index and "a0.h3<k>" not in graph.dst_index
+    assert "a0.kv2<k>" in graph.dst_index and "a0.kv3<k>" not in graph.dst_index
+    assert "a0.h2<k>" not in graph.dst_index  # EAP-IG's name of query head 2's own k input
     assert "a0.h8<q>" in graph.dst_index
 
 
@@ -115,8 +116,10 @@ def test_networkx_and_summary():
     graph = Graph.from_model(ModelSpec(2, 2, 1, 8, 4, 16, name="toy"))
     g = graph.to_networkx()
     assert isinstance(g, nx.MultiDiGraph)
-    assert g.number_of_edges() == graph.n_edges
+    kv = sum(int(graph.valid[:, graph.qkv_destinations(layer, x)].sum()) for layer in (0, 1) for x in "kv")
+    assert g.number_of_edges() == graph.n_edges + kv  # the one key/value head's inputs feed both heads
     assert g.has_edge("input", "a0.h1") and g.has_edge("a1.h0", "logits")
+    assert {v for _, v, k in g.edges(keys=True) if k == "input->a1.kv0<k>"} == {"a1.h0", "a1.h1"}
     text = graph.summary()
     assert "edges: total" in text and str(graph.n_edges) in text
 
@@ -144,7 +147,7 @@ def test_post_norm_graph_has_one_attention_source_per_layer(tmp_path):
     g = graph.to_networkx()
     assert g.has_edge("a0", "a1") and g.has_edge("m1", "a2") and not any("." in n for n in g.nodes)
     keys = {k for _, _, k in g.edges(keys=True)}
-    assert "a0->a1.h3<q>" in keys and "a1->a2.h1<v>" in keys
+    assert "a0->a1.h3<q>" in keys and "a1->a2.kv1<v>" in keys
     graph.scores[graph.valid] = torch.randn(graph.n_edges)
     circuit = graph.top_n(5)
     circuit.to_json(tmp_path / "c.json")

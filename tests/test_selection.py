@@ -25,11 +25,11 @@ def kept(graph: Graph) -> set[str]:
 
 
 def test_prune_hand_made_circuit():
-    # a1.h1<k> is the key input of kv group 1: heads a1.h2 and a1.h3
-    live = ["input->a0.h0<q>", "a0.h0->a1.h1<k>", "a1.h3->logits", "input->m0", "m0->logits"]
+    # a1.kv1<k> is the key input of kv group 1: heads a1.h2 and a1.h3
+    live = ["input->a0.h0<q>", "a0.h0->a1.kv1<k>", "a1.h3->logits", "input->m0", "m0->logits"]
     dead = [
         "a0.h1->m1",  # a0.h1 has no input edge, and m1 leads nowhere
-        "input->a0.h1<v>",  # a0.h2 and a0.h3 (kv group 1) feed nothing
+        "input->a0.kv1<v>",  # a0.h2 and a0.h3 (kv group 1) feed nothing
         "a1.h0->logits",  # reaches the logits, but nothing reaches a1.h0
     ]
     pruned = circuit_of(live + dead).pruned()
@@ -128,8 +128,8 @@ def test_top_nodes_keeps_edges_between_chosen_nodes():
     circuit = graph.top_nodes(2, prune=False)
     assert kept(circuit) == {
         "input->a0.h1<q>",
-        "input->a0.h0<k>",
-        "input->a0.h0<v>",
+        "input->a0.kv0<k>",
+        "input->a0.kv0<v>",
         "input->m1",
         "a0.h1->m1",
         "input->logits",

@@ -50,7 +50,8 @@ def test_sites_name_the_graphs_nodes(layout):
         into = graph.destinations[dst.destinations]
         if dst.letter:
             assert graph.qkv_destinations(dst.layer, dst.letter) == dst.destinations
-            assert into == [f"a{dst.layer}.h{h}<{dst.letter}>" for h in range(len(into))]
+            head = "kv" if len(into) < layout.spec.n_heads else "h"  # a key/value head's, grouped
+            assert into == [f"a{dst.layer}.{head}{h}<{dst.letter}>" for h in range(len(into))]
             assert len(into) == layout.spec.n_qkv_heads(dst.letter)
         elif dst.kind == "mlp":
             assert into == [f"m{dst.layer}"] and graph.mlp_destination(dst.layer) == dst.destinations.start

@@ -19,6 +19,7 @@ from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric, metric_name, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
+from circuits.models.ungroup import model_for
 from circuits.quadrature import warn_if_incomplete
 from circuits.sources import AblationValues, SourceOutputs, source_means
 from circuits.task import Pairs
@@ -111,6 +112,7 @@ def attribute(
     options = (options or ScoringOptions()).with_settings(**settings)
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
+    model = model_for(model, graph.spec)  # an ungrouped graph runs on the ungrouped twin
     graph.check_fits(model.spec)
     pairs = check_pairs(model, pairs)
     metric_fn = get_metric(pairs.metric_for(metric))

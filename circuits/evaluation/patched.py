@@ -21,6 +21,7 @@ from circuits.graph import Graph
 from circuits.intervention import forward_with_ablation
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.models.ungroup import model_for
 from circuits.sources import (
     ABLATIONS,
     Ablation,
@@ -108,6 +109,8 @@ def evaluate_many(
     for circuit in circuits:
         if not isinstance(circuit, Graph):
             raise InputError(f"circuits must be Graphs, got {type(circuit).__name__}")
+    model = model_for(model, circuits[0].spec)  # ungrouped circuits run on the ungrouped twin
+    for circuit in circuits:
         circuit.check_fits(model.spec)
     pairs = check_pairs(model, pairs)
     if reference is not None:

@@ -35,6 +35,7 @@ from circuits.graph import Graph
 from circuits.intervention import ablation_gradient
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.models.ungroup import model_for
 from circuits.selection import with_edges
 from circuits.selection.strategies import Selection, Selector, select, selection_name
 from circuits.settings import with_settings
@@ -63,6 +64,7 @@ def mask_gradient(
     at keep = the circuit's edges. Patching ablation: an ablated edge carries the pair's corrupted run."""
     check_count(batch_size, "batch_size")
     pairs = check_pairs(model, pairs)
+    model = model_for(model, circuit.spec)  # an ungrouped circuit runs on the ungrouped twin
     circuit.check_fits(model.spec)
     fn = get_metric(pairs.metric_for(metric))
     ablate = circuit.valid & ~circuit.in_graph

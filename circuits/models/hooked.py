@@ -109,6 +109,8 @@ class HookedModel:
         self._plain_models: dict[str | None, tuple[tuple[int, ...], nn.Module]] = {}  # circuits.models.plain
         self._batch_shape: tuple[int, ...] | None = None  # [batch, pos] of the forward pass running
         self.recomputing = False  # a block is running again in the backward pass (`models.recompute`)
+        self.source: Any = None  # the Hugging Face model before the bridge wrapped it (`models.ungroup`)
+        self.ungrouped: HookedModel | None = None  # the ungrouped twin, once made (`models.ungroup`)
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"

@@ -56,12 +56,14 @@ def load_model(
     hf_model.requires_grad_(False)
     model_name = name_or_model if isinstance(name_or_model, str) else hf_model.config._name_or_path
     model_name = model_name or type(hf_model).__name__
+    source = private_copy(hf_model)  # unwrapped, over the same weights: what an ungrouped twin is made of
     bridge = _boot(model_name, hf_model, tokenizer, dtype)
     bridge.eval()
     bridge.requires_grad_(False)
     if prepend_bos is None:
         prepend_bos = _default_prepend_bos(hf_model, tokenizer)
     model = HookedModel(bridge, tokenizer, _spec_from_bridge(bridge, model_name), prepend_bos)
+    model.source = source
     if check:
         _run_checks(model)
     return model

@@ -39,9 +39,9 @@ def test_exact_equals_brute_force_edge_patching(model7, hf_llama):
         _, corr_src = reference_llama(hf_llama, pairs.corrupted)
         for name in [
             "input->a0.h1<q>",
-            "input->a1.h0<k>",
+            "input->a1.kv0<k>",
             "a0.h2->a1.h3<q>",
-            "a0.h3->a1.h1<v>",
+            "a0.h3->a1.kv1<v>",
             "m0->a1.h2<q>",
             "a0.h0->m0",
             "a1.h1->logits",
@@ -72,8 +72,8 @@ def test_eap_equals_finite_differences(model7, hf_llama):
         _, corr_src = reference_llama(hf64, pairs.corrupted)
         for name in [
             "input->a0.h1<q>",
-            "input->a1.h0<k>",
-            "a0.h2->a1.h1<v>",
+            "input->a1.kv0<k>",
+            "a0.h2->a1.kv1<v>",
             "m0->a1.h2<q>",
             "a0.h0->m0",
             "m1->logits",
@@ -206,7 +206,7 @@ def test_hand_built_circuit_is_ranked_first():
     pairs = make_pairs(model)
     # The corruption changes one name, not the last token, so the input reaches the metric only through
     # a1.h0's keys and values (its query and the direct input->logits path see the unchanged last token).
-    known = {"input->a1.h0<k>", "input->a1.h0<v>", "a1.h0->logits"}
+    known = {"input->a1.kv0<k>", "input->a1.kv0<v>", "a1.h0->logits"}
     for method in ["exact", "eap-ig-inputs", "eap"]:
         graph = Graph.from_model(model)
         scores = attribute(model, graph, pairs, method=method, quiet=True).edge_scores
