@@ -77,6 +77,7 @@ def test_gradient_scores_of_the_copies_sum_to_the_grouped_score(gqa):
         grouped = Graph.from_model(gqa)
         ungrouped = Graph.from_model(gqa, ungrouped=True)
         g = attribute(gqa, grouped, pairs, method=method, quiet=True).edge_scores
+        assert g is not None
         u = attribute(gqa, ungrouped, pairs, method=method, quiet=True).edge_scores
         summed = ungrouped.grouped(gqa.spec.n_kv_heads).scores
         scale = float(g.abs().max())
