@@ -192,6 +192,12 @@ def _add_discover(commands: Any) -> None:
     _add_protocol_arg(d)
     _add_bootstrap_args(d)
     d.add_argument(
+        "--ungrouped",
+        action="store_true",
+        help="score the ungrouped graph of a grouped-query model (every query head with its own k and v "
+        "inputs): EAP-IG's and MIB's edges, so MIB's protocol gives MIB's numbers",
+    )
+    d.add_argument(
         "--stability",
         type=int,
         default=0,
@@ -353,6 +359,7 @@ def _discover(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         resamples=args.resamples,
         stability=args.stability,
+        ungrouped=args.ungrouped,
         out=args.out,
     )
     print(f"{task}; baseline: {found.baseline}")

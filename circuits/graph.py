@@ -420,17 +420,24 @@ class Graph:
         cfg["n_key_value_heads"] = cfg.pop("n_kv_heads")
         return cfg
 
-    def to_json(self, path: str | Path, scores: bool = True) -> None:
+    def to_json(self, path: str | Path, scores: bool = True, sign: ScoreSign = "metric") -> None:
         """Write an EAP-IG / MIB-compatible circuit file (`cfg`, `nodes`, `edges` with score, in_graph;
-        without `scores`, in_graph only, as MIB's circuit submissions)."""
+        without `scores`, in_graph only, as MIB's circuit submissions).
+
+        sign: "metric" writes the scores as they are, M(ablated) - M(clean) (EAP-IG's `loss=False`: an
+            edge that helps is negative); "loss" writes them negated, as MIB attributes (`loss=True`: an
+            edge that helps is positive, and MIB's signed curve takes the highest first). The file says
+            which in `score_sign`, and `from_json` turns either back into this toolkit's sign.
+        """
+        flip = _flip(sign)
         nodes: dict[str, dict[str, Any]] = {}
         for i, name in enumerate(self.sources):
             nodes[name] = {"in_graph": bool(self.nodes_in_graph[i])}
             if scores and self.node_scores is not None:
-                nodes[name]["score"] = float(self.node_scores[i])
+                nodes[name]["score"] = flip * float(self.node_scores[i])
         nodes["logits"] = {"in_graph": True}
         rows, cols = self.valid.nonzero(as_tuple=True)
-        values = self.scores[rows, cols].tolist()
+        values = (flip * self.scores[rows, cols]).tolist()
         flags = self.in_graph[rows, cols].tolist()
         edges = {
             f"{self.sources[r]}->{self.destinations[c]}": (
@@ -441,21 +448,26 @@ class Graph:
         data: dict[str, Any] = {"cfg": self.cfg(), "nodes": nodes, "edges": edges}
         if self.metric is not None:
             data["metric"] = self.metric  # EAP-IG and MIB read cfg, nodes and edges only
+        if scores:
+            data["score_sign"] = sign
         Path(path).write_text(json.dumps(data))
 
     @classmethod
-    def from_json(cls, path: str | Path) -> Graph:
+    def from_json(cls, path: str | Path, sign: ScoreSign = "metric") -> Graph:
         """Read a circuit file written by `to_json`, EAP-IG's `Graph.to_json` or MIB.
 
+        sign: the orientation of a file that does not state its own (`score_sign`, which wins): "metric"
+            for EAP-IG's default `loss=False`, "loss" for MIB's importance files; "loss" scores are
+            negated into this toolkit's M(ablated) - M(clean).
         Every field is checked: a problem raises `FileFormatError` naming the file and the JSON path of
         the field (`edges["a0.h1->m0"].in_graph`), an edge the cfg's graph lacks `GraphMismatchError`.
         """
-        return cls.from_dict(_read_json(Path(path)), str(path))
+        return cls.from_dict(_read_json(Path(path)), str(path), sign)
 
     @classmethod
-    def from_dict(cls, data: Any, where: str) -> Graph:
+    def from_dict(cls, data: Any, where: str, sign: ScoreSign = "metric") -> Graph:
         """The graph a parsed circuit file (`cfg`, `nodes`, `edges`) describes; `where` names the source
-        in errors."""
+        in errors, `sign` the scores' orientation when the file does not say (`from_json`)."""
         if not isinstance(data, dict):
             raise FileFormatError(f"{where}: a circuit file is a JSON object, got {type(data).__name__}")
         missing = {"cfg", "nodes", "edges"} - set(data)
@@ -497,25 +509,33 @@ class Graph:
                 raise GraphMismatchError(f"{where}: {field}: {err}") from None
             graph.scores[r, c] = _score(info.get("score"), where, f"{field}.score") or 0.0
             graph.in_graph[r, c] = _bool(info.get("in_graph", False), where, f"{field}.in_graph")
+        flip = _flip(_sign_field(data, where, sign))
+        graph.scores *= flip
+        if graph.node_scores is not None:
+            graph.node_scores *= flip
         return graph
 
-    def to_pt(self, path: str | Path) -> None:
-        """Compact tensor file for large graphs (Llama-3-8B: 1.6M edges)."""
+    def to_pt(self, path: str | Path, sign: ScoreSign = "metric") -> None:
+        """Compact tensor file for large graphs (Llama-3-8B: 1.6M edges); `sign` as in `to_json`."""
+        flip = _flip(sign)
         torch.save(
             {
                 "cfg": self.cfg(),
-                "scores": self.scores,
+                "scores": flip * self.scores,
                 "in_graph": self.in_graph,
                 "nodes_in_graph": self.nodes_in_graph,
-                "node_scores": self.node_scores,
+                "node_scores": None if self.node_scores is None else flip * self.node_scores,
                 "metric": self.metric,
+                "score_sign": sign,
             },
             path,
         )
 
     @classmethod
-    def from_pt(cls, path: str | Path) -> Graph:
-        """Read a tensor file written by `to_pt`; `FileFormatError` names the file if it is not one."""
+    def from_pt(cls, path: str | Path, sign: ScoreSign = "metric") -> Graph:
+        """Read a tensor file written by `to_pt` (`sign` as in `from_json`); `FileFormatError` names the
+        file if it is not one. A grouped-query model's file holds the grouped or the ungrouped graph, told
+        by the scores' shape."""
         where = str(path)
         try:
             data = torch.load(path, weights_only=True)
@@ -533,6 +553,9 @@ class Graph:
             raise FileFormatError(f"{where}: a circuit .pt file holds {list(keys)}; found {found}")
         _expect(isinstance(data["cfg"], dict), where, "cfg", "a dict", data["cfg"])
         graph = cls(_spec_from_cfg(data["cfg"], where))
+        ungrouped = cls(ungrouped_spec(graph.spec))
+        if isinstance(data["scores"], Tensor) and data["scores"].shape == ungrouped.valid.shape:
+            graph = ungrouped
         graph.metric = _metric_field(data, where)
         shapes = {
             "scores": graph.valid.shape,
@@ -552,6 +575,10 @@ class Graph:
         graph.in_graph = data["in_graph"].bool()
         graph.nodes_in_graph = data["nodes_in_graph"].bool()
         graph.node_scores = None if data.get("node_scores") is None else data["node_scores"].float()
+        flip = _flip(_sign_field(data, where, sign))
+        graph.scores *= flip
+        if graph.node_scores is not None:
+            graph.node_scores *= flip
         return graph
 
 
@@ -564,6 +591,20 @@ def _read_json(path: Path) -> Any:
             f"{path}: line {err.lineno}, column {err.colno}: not valid JSON ({err.msg}); is the file "
             "complete?"
         ) from None
+
+
+def _flip(sign: object) -> float:
+    """1 for scores in this toolkit's sign ("metric"), -1 for MIB's ("loss")."""
+    if sign not in SCORE_SIGNS:
+        raise InputError(f"sign must be one of {', '.join(SCORE_SIGNS)}, got {sign!r}")
+    return -1.0 if sign == "loss" else 1.0
+
+
+def _sign_field(data: dict[str, Any], where: str, default: ScoreSign) -> ScoreSign:
+    """A file's `score_sign`, else `default`."""
+    sign = data.get("score_sign", default)
+    _expect(sign in SCORE_SIGNS, where, "score_sign", f"one of {', '.join(SCORE_SIGNS)}", sign)
+    return sign  # type: ignore[no-any-return]
 
 
 def _metric_field(data: dict[str, Any], where: str) -> str | None:
@@ -600,6 +641,8 @@ def _count(cfg: dict[str, Any], key: str, where: str, default: int | None = None
     return int(value)
 
 
+ScoreSign = Literal["metric", "loss"]  # how a file's scores are oriented (`Graph.to_json`)
+SCORE_SIGNS: tuple[str, ...] = ("metric", "loss")
 _KV_NAME = re.compile(r"^a(\d+)\.h(\d+)<([kv])>$")
 
 

@@ -104,6 +104,9 @@ class DiscoveryOptions:
         resamples: bootstrap draws for the 95% intervals of faithfulness, CPR and CMD (0: none).
         stability: re-score that many bootstrap resamples and report the Jaccard index of their circuits
             with this one (0: skip).
+        ungrouped: score and select on the ungrouped graph of a grouped-query model (every query head with
+            its own k and v inputs: EAP-IG's and MIB's edges, so MIB's protocol gives MIB's numbers and the
+            circuit file reads in EAP-IG as it is; `Graph.from_model`).
     """
 
     edges: int = 300
@@ -116,6 +119,7 @@ class DiscoveryOptions:
     percentages: tuple[float, ...] = MIB_PERCENTAGES
     resamples: int = RESAMPLES
     stability: int = 0
+    ungrouped: bool = False
 
 
 def discover(
@@ -139,7 +143,7 @@ def discover(
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     base = baseline(model, task)
-    scored = Graph.from_model(model)
+    scored = Graph.from_model(model, options.ungrouped)
     attribution = attribute(model, scored, task.pairs, task.metric, options=scoring, quiet=quiet)
     graph = _selection_scores(model, task, scored, scoring, options, quiet)
     seconds["attribution"] = time.perf_counter() - start
@@ -198,6 +202,7 @@ def _selection_record(scoring: ScoringOptions, options: DiscoveryOptions) -> dic
         "ensemble": [scoring.method, *options.ensemble] if options.ensemble else None,
         "sign_consistency": consistency if options.sign_consistency else None,
         "protocol": options.protocol,
+        "graph": "ungrouped" if options.ungrouped else "grouped",
     }
 
 
@@ -230,13 +235,24 @@ def _selection_scores(
         members = [graph]
         for other in options.ensemble:
             found = attribute(
-                model, Graph.from_model(model), task.pairs, task.metric, other, options=scoring, quiet=quiet
+                model,
+                Graph.from_model(model, options.ungrouped),
+                task.pairs,
+                task.metric,
+                other,
+                options=scoring,
+                quiet=quiet,
             )
             members.append(graph.with_scores(found.edge_scores, found.node_scores))
         graph = ensemble_scores(members)
     if options.sign_consistency:
         resampled = bootstrap_scores(
-            model, task.pairs, task.metric, scoring, resamples=options.sign_consistency
+            model,
+            task.pairs,
+            task.metric,
+            scoring,
+            resamples=options.sign_consistency,
+            ungrouped=options.ungrouped,
         )
         graph = sign_consistent(graph, resampled, options.agreement)
     return graph

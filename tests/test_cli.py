@@ -266,3 +266,14 @@ def test_a_users_own_tasks_module_does_not_shadow_the_installed_tasks(tmp_path, 
     )
     assert listed.returncode == 0, listed.stderr
     assert "ioi" in listed.stdout and "greater_than" in listed.stdout
+
+
+def test_discover_on_the_ungrouped_graph_writes_eap_igs_edges(tmp_path):
+    out = tmp_path / "u"
+    base = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--edges", "30"]
+    assert main([*base, "--method", "eap", "--ungrouped", "--resamples", "0", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["graph"] == "ungrouped" and "CPR" in summary
+    edges = json.loads((out / "circuit.json").read_text())["edges"]
+    assert "input->a1.h3<k>" in edges and not any(".kv" in e for e in edges)  # every query head's own
+    assert main(["evaluate", str(out / "circuit.json"), "--model", "tiny-llama", "--n", "4"]) == 0

@@ -14,12 +14,14 @@ change to the area rule shows.
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from circuits import Graph, attribute
+from circuits.errors import CircuitsWarning
 from circuits.evaluation import evaluate_many
 from circuits.evaluation.curves import area, faithfulness_curve, mib_scores
 from circuits.models.hooked import ModelSpec
@@ -126,8 +128,15 @@ def test_gqa_edges_count_as_eap_ig_ungrouped_edges(llama):
     assert int(mib_edge_weights(graph).sum()) == ungrouped.n_edges
     pairs = make_pairs(llama)
     attribute(llama, graph, pairs, method="eap", quiet=True)
-    curve = faithfulness_curve(llama, graph, pairs, absolute=True)
+    with pytest.warns(CircuitsWarning, match="approximates MIB's curve"):
+        curve = faithfulness_curve(llama, graph, pairs, absolute=True)
     assert [p.fraction for p in curve.points] == list(FRACTIONS)
+    scored = Graph.from_model(llama, ungrouped=True)  # MIB's own edges: no approximation, no warning
+    attribute(llama, scored, pairs, method="eap", quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CircuitsWarning)
+        exact = faithfulness_curve(llama, scored, pairs, absolute=True)
+    assert exact.full == pytest.approx(curve.full) and int(mib_edge_weights(scored).max()) == 1
     weights = mib_edge_weights(graph)
     assert int(weights.max()) == spec.n_heads // spec.n_kv_heads
     for fraction in FRACTIONS:
@@ -144,12 +153,20 @@ def test_submission_folders_round_trip(tmp_path, llama):
         write_importances,
     )
 
-    graph = Graph.from_model(llama)
+    graph = Graph.from_model(llama, ungrouped=True)  # MIB's graph of a grouped-query model
     attribute(llama, graph, make_pairs(llama), method="eap", quiet=True)
     path = write_importances(graph, tmp_path / "scores", "ioi", "tiny-llama")
     assert path == tmp_path / "scores" / "ioi_tiny-llama" / "importances.json"
+    data = json.loads(path.read_text())
+    assert data["score_sign"] == "loss"  # MIB's: helpful edges positive
+    assert data["edges"]["input->a1.h3<k>"]["score"] == -float(
+        graph.scores[graph.edge_index("input->a1.h3<k>")]
+    )
     back = read_submission(path.parent)
     assert isinstance(back, Graph) and torch.equal(back.scores, graph.scores)
+    del data["score_sign"]  # a file from MIB's own pipeline says nothing: read in MIB's sign
+    path.write_text(json.dumps(data))
+    assert torch.equal(read_submission(path.parent).scores, graph.scores)
     for kind in ("json", "pt"):
         paths = write_circuits(graph, tmp_path / kind, "ioi", "tiny-llama", kind=kind)
         assert len(paths) == len(SUBMISSION_PERCENTAGES) == 9
@@ -166,11 +183,41 @@ def test_submission_folders_round_trip(tmp_path, llama):
     assert all(set(edge) == {"in_graph"} for edge in data["edges"].values())  # MIB: no scores
 
 
+def test_mibs_signed_curve_of_our_importance_file_is_our_cpr(tmp_path, gpt2):
+    """MIB ranks an importance file's scores highest first (EAP-IG's apply_topn, absolute=False). Done
+    here on the file's raw numbers, its curve is the CPR `mib_scores` reports; read as our own sign, it
+    would take the most harmful edges first."""
+    from circuits.evaluation.submissions import write_importances
+    from circuits.selection.pruning import with_edges
+
+    pairs = make_pairs(gpt2)
+    graph = Graph.from_model(gpt2)
+    attribute(gpt2, graph, pairs, method="eap", quiet=True)
+    ours = mib_scores(gpt2, graph, pairs, resamples=0).cpr
+    data = json.loads(write_importances(graph, tmp_path, "ioi", "gpt2").read_text())
+
+    def cpr_from_file(sign: float) -> float:
+        names = sorted(data["edges"], key=lambda e: -sign * data["edges"][e]["score"])  # highest first
+        circuits = []
+        for fraction in FRACTIONS:
+            chosen = torch.zeros_like(graph.valid)
+            for name in names[: int(fraction * len(names))]:
+                chosen[graph.edge_index(name)] = True
+            circuits.append(with_edges(graph, chosen, prune=True))
+        f = [r.faithfulness for r in evaluate_many(gpt2, circuits, pairs)]
+        return sum((b - a) * (fa + fb) / 2 for a, b, fa, fb in zip(FRACTIONS, FRACTIONS[1:], f, f[1:]))
+
+    assert cpr_from_file(1.0) == pytest.approx(ours, abs=1e-4)
+    assert abs(cpr_from_file(-1.0) - ours) > 0.1  # the other orientation: another curve
+
+
 def test_submission_checks(tmp_path, llama):
     from circuits.errors import FileFormatError, InputError
-    from circuits.evaluation.submissions import read_submission, write_circuits
+    from circuits.evaluation.submissions import read_submission, write_circuits, write_importances
 
-    graph = Graph.from_model(llama)
+    with pytest.raises(InputError, match="ungrouped=True"):  # a grouped graph's names are not MIB's
+        write_importances(Graph.from_model(llama), tmp_path, "ioi", "llama3")
+    graph = Graph.from_model(llama, ungrouped=True)
     with pytest.raises(InputError, match="underscore"):
         write_circuits(graph, tmp_path, "arc_easy", "llama3")
     graph.scores = torch.randn(graph.valid.shape)

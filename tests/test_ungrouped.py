@@ -152,3 +152,35 @@ def test_files_say_which_graph_they_hold(gqa, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CircuitsWarning)
         assert Graph.from_model(gqa).ungrouped().n_edges == ungrouped.n_edges  # no scores: no warning
+
+
+def test_an_eap_ig_circuit_file_for_smollm2_evaluates_here(smollm2, tmp_path):
+    """A circuit file as EAP-IG writes one for SmolLM2 (its TransformerLens cfg, every edge of its
+    ungrouped graph by EAP-IG's names, no sign stated) is read as the ungrouped graph and evaluated on
+    the model; converted to the grouped graph by the rule (a key/value edge in when any copy is), a
+    circuit whose copies go together scores the same."""
+    from circuits import make_task
+
+    spec = smollm2.spec
+    names = sorted(eap_ig_edges(spec.n_layers, spec.n_heads))
+    group = spec.n_heads // spec.n_kv_heads
+
+    def kept(name: str) -> bool:  # a circuit of late layers, every key/value copy with its group
+        src, dst = name.split("->")
+        layer = int(dst[1 : dst.index(".")]) if dst.startswith("a") else int(dst[1:]) if dst[0] == "m" else 99
+        return layer >= 20 and (src == "input" or src.startswith(("a2", "m2")) or dst == "logits")
+
+    cfg = {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_key_value_heads": spec.n_kv_heads}
+    cfg |= {"d_model": spec.d_model, "d_head": spec.d_head, "d_mlp": spec.d_mlp, "parallel_attn_mlp": False}
+    edges = {name: {"score": 0.0, "in_graph": kept(name)} for name in names}
+    nodes = {n: {"in_graph": True} for n in {e.split("->")[0] for e in names} | {"logits"}}
+    path = tmp_path / "eap_ig_smollm2.json"
+    path.write_text(json.dumps({"cfg": cfg, "nodes": nodes, "edges": edges}))
+    circuit = Graph.from_json(path)
+    assert circuit.n_edges == 123_211 and circuit.spec.n_kv_heads == spec.n_heads
+    assert group == 3
+    pairs = make_task(smollm2, "ioi", 4, seed=0).pairs
+    ungrouped = evaluate(smollm2, circuit, pairs)
+    grouped = evaluate(smollm2, circuit.grouped(spec.n_kv_heads), pairs)
+    assert circuit.n_in_graph > 100 and ungrouped.full == pytest.approx(grouped.full, rel=1e-5)
+    assert ungrouped.circuit == pytest.approx(grouped.circuit, rel=1e-4, abs=1e-4)

@@ -9,21 +9,25 @@ evaluated. With f = (M(circuit) - M(empty)) / (M(full) - M(empty)), each M a mea
 
 Protocols (`protocol=`):
 - `mib` (default), MIB's: the budget is int(fraction x edges) edges of EAP-IG's graph, where a GQA
-  model's k/v inputs are ungrouped (an edge into a shared k/v input counts n_heads / n_kv_heads times);
-  x is the requested fraction, whatever pruning leaves.
+  model's k/v inputs are ungrouped; x is the requested fraction, whatever pruning leaves. On the ungrouped
+  graph (`Graph.from_model(model, ungrouped=True)`) these are MIB's numbers. On a GQA model's grouped graph
+  the budgets count the same way (an edge into a shared k/v input counts n_heads / n_kv_heads times), but
+  a key/value head's edge goes in or out with all its copies, ranked by its share of their summed score,
+  where MIB ranks each copy by its own: an approximation, which a `CircuitsWarning` names.
 - `pruned`, this toolkit's first protocol: the budget is round(fraction x edges) of our graph and x is the
   fraction of edges left after pruning.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from torch import Tensor
 
-from circuits.errors import InputError
+from circuits.errors import CircuitsWarning, InputError
 from circuits.evaluation import evaluate_many
 from circuits.evaluation.intervals import LEVEL, RESAMPLES, Interval, curve_intervals
 from circuits.graph import Graph
@@ -136,6 +140,15 @@ def faithfulness_curve(
     fractions = [round(p / 100, 12) for p in options.percentages]  # MIB's literals (.001, ..., 1)
     mib = options.protocol == "mib"
     weights = mib_edge_weights(graph) if mib else graph.valid.long()
+    if mib and int(weights.max()) > 1:
+        warnings.warn(
+            f"MIB's protocol on a grouped-query model's grouped graph ({graph.spec.n_kv_heads} key/value "
+            f"heads for {graph.spec.n_heads} query heads) approximates MIB's curve: it keeps or drops a "
+            "key/value edge with all its copies. For MIB's numbers score Graph.from_model(model, "
+            "ungrouped=True)",
+            CircuitsWarning,
+            stacklevel=3,
+        )
     total = int(weights.sum())
     budgets = [int(f * total) if mib else round(f * total) for f in fractions]
     circuits = [select(graph, b, options.selection, options.absolute, options.seed, weights) for b in budgets]

@@ -157,9 +157,11 @@ def bootstrap_scores(
     *,
     resamples: int = 10,
     seed: int = 0,
+    ungrouped: bool = False,
 ) -> Tensor:
     """Edge scores [resamples, n_sources, n_destinations] on bootstrap resamples of `pairs`, each scored
-    as `scoring` says (default `ScoringOptions()`)."""
+    as `scoring` says (default `ScoringOptions()`), of the model's graph (`ungrouped`: its ungrouped one,
+    `Graph.from_model`)."""
     pairs = as_pairs(pairs)
     scoring = scoring or ScoringOptions()
     if scoring.level != "edge":
@@ -169,7 +171,7 @@ def bootstrap_scores(
     scores = []
     for row in resample_indices(len(pairs), resamples, seed):
         found = attribute(
-            model, Graph.from_model(model), pairs.take(row), metric, options=scoring, quiet=True
+            model, Graph.from_model(model, ungrouped), pairs.take(row), metric, options=scoring, quiet=True
         )
         assert found.edge_scores is not None
         scores.append(found.edge_scores)
@@ -192,8 +194,11 @@ def circuit_stability(
     edges of each (pruned, as `Graph.top_n`); compare their edge sets with `circuit` (the circuit of all
     pairs)."""
     masks = []
-    for scores in bootstrap_scores(model, pairs, metric, scoring, resamples=resamples, seed=seed):
-        graph = Graph.from_model(model)
+    ungrouped = circuit.spec.n_kv_heads != model.spec.n_kv_heads  # re-score the circuit's kind of graph
+    for scores in bootstrap_scores(
+        model, pairs, metric, scoring, resamples=resamples, seed=seed, ungrouped=ungrouped
+    ):
+        graph = Graph(circuit.spec)
         graph.scores = scores
         found = graph.top_n(min(n_edges, graph.n_edges))
         masks.append(found.in_graph & found.valid)

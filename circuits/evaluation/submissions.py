@@ -2,8 +2,10 @@
 either one file of importance scores or nine circuits, one per edge budget (MIB's README, "Submitting to
 the MIB Leaderboard"; files in EAP-IG's `.json` / `.pt` formats, `Graph.to_json` / `Graph.to_pt`).
 
-A circuit for budget p holds at most p% of the edges, counted as MIB counts them (`mib_edge_weights`:
-a GQA model's k/v edges once per query head).
+A circuit for budget p holds at most p% of the edges of MIB's graph, in which a grouped-query model's
+query heads each have their own k and v inputs: such a model's graph must be the ungrouped one
+(`Graph.from_model(model, ungrouped=True)`), whose edge names are MIB's. Importance files carry MIB's sign
+(helpful edges positive, as MIB attributes with `loss=True`), stated in the file (`score_sign`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ def submission_folder(root: str | Path, task: str, model: str) -> Path:
 
 
 def write_importances(graph: Graph, root: str | Path, task: str, model: str, kind: FileKind = "json") -> Path:
-    """Write `graph`'s edge scores as the folder's one importance file; returns its path."""
+    """Write `graph`'s edge scores as the folder's one importance file, in MIB's sign (negated: an edge
+    that helps the metric is positive, so MIB's signed curve takes it first); returns its path."""
+    _check_mib_graph(graph)
     folder = submission_folder(root, task, model)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"importances.{_check_kind(kind)}"
-    graph.to_json(path) if kind == "json" else graph.to_pt(path)
+    graph.to_json(path, sign="loss") if kind == "json" else graph.to_pt(path, sign="loss")
     return path
 
 
@@ -49,6 +53,7 @@ def write_circuits(
 ) -> list[Path]:
     """Write nine circuits of `graph`'s best edges (by signed score, or |score| with `absolute`), one per
     budget in `SUBMISSION_PERCENTAGES`, each pruned and within its budget; returns their paths."""
+    _check_mib_graph(graph)
     folder = submission_folder(root, task, model)
     folder.mkdir(parents=True, exist_ok=True)
     total = int(mib_edge_weights(graph).sum())
@@ -62,7 +67,8 @@ def write_circuits(
 
 
 def read_submission(folder: str | Path) -> Graph | list[Graph]:
-    """The importance scores of a submission folder, or its nine circuits (smallest first), each checked
+    """The importance scores of a submission folder (in this toolkit's sign: files that do not state
+    theirs are taken as MIB's, helpful edges positive), or its nine circuits (smallest first), each checked
     against the budget it must stay within; `FileFormatError` names what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -70,7 +76,7 @@ def read_submission(folder: str | Path) -> Graph | list[Graph]:
     if folder.name.count("_") != 1:
         raise FileFormatError(f"{folder}: a submission folder is named task_model (one underscore)")
     files = sorted(p for p in folder.iterdir() if p.suffix in (".json", ".pt"))
-    graphs = [Graph.from_json(p) if p.suffix == ".json" else Graph.from_pt(p) for p in files]
+    graphs = [Graph.from_json(p, "loss") if p.suffix == ".json" else Graph.from_pt(p, "loss") for p in files]
     if len(graphs) == 1:
         return graphs[0]
     if len(graphs) != len(SUBMISSION_PERCENTAGES):
@@ -89,6 +95,18 @@ def read_submission(folder: str | Path) -> Graph | list[Graph]:
                 f"{total} edges (MIB's count)"
             )
     return ordered
+
+
+def _check_mib_graph(graph: Graph) -> None:
+    """`InputError` for a grouped-query model's grouped graph: MIB's edges are those of the ungrouped one."""
+    spec = graph.spec
+    if spec.n_kv_heads != spec.n_heads:
+        raise InputError(
+            f"MIB's graph of a grouped-query model gives each of the {spec.n_heads} query heads its own k "
+            f"and v inputs; this graph has {spec.n_kv_heads} key/value heads' (edge names MIB cannot "
+            "read). Score Graph.from_model(model, ungrouped=True) for a submission (or convert a circuit "
+            "with graph.ungrouped())"
+        )
 
 
 def _check_kind(kind: str) -> str:
