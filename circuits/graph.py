@@ -691,7 +691,7 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
             d_head=_count(cfg, "d_head", where, 0, low=0),
             d_mlp=_count(cfg, "d_mlp", where, 0, low=0),
             parallel_attn_mlp=parallel,
-            name=str(cfg.get("name", "")),
+            name=str(cfg.get("name") or cfg.get("model_name") or ""),  # ours, or TransformerLens's
             per_head_sources=per_head,
         )
     except InputError as err:

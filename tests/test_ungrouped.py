@@ -184,3 +184,37 @@ def test_an_eap_ig_circuit_file_for_smollm2_evaluates_here(smollm2, tmp_path):
     grouped = evaluate(smollm2, circuit.grouped(spec.n_kv_heads), pairs)
     assert circuit.n_in_graph > 100 and ungrouped.full == pytest.approx(grouped.full, rel=1e-5)
     assert ungrouped.circuit == pytest.approx(grouped.circuit, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "heads", "kv_heads"),
+    [("qwen2", 7, 1), ("llama", 8, 2)],  # Qwen-2.5-0.5B's grouping (14 / 2), Llama-3.1-8B's (32 / 8)
+)
+def test_a_mib_submission_for_a_gqa_model_holds_mibs_edges_and_budgets(tmp_path, model_type, heads, kv_heads):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from circuits.evaluation.submissions import SUBMISSION_PERCENTAGES, write_circuits, write_importances
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=8 * heads,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(0)
+    model = load_model(AutoModelForCausalLM.from_config(config).eval(), tiny_tokenizer())
+    graph = Graph.from_model(model, ungrouped=True)
+    attribute(model, graph, make_pairs(model), method="eap", quiet=True)
+    mib_edges = eap_ig_edges(2, heads)
+    importances = json.loads(write_importances(graph, tmp_path / "scores", "ioi", model_type).read_text())
+    assert set(importances["edges"]) == mib_edges
+    for percent, path in zip(
+        SUBMISSION_PERCENTAGES, write_circuits(graph, tmp_path / "circuits", "ioi", model_type)
+    ):
+        edges = json.loads(path.read_text())["edges"]
+        assert set(edges) == mib_edges  # EAP-IG's names, every edge listed
+        assert sum(e["in_graph"] for e in edges.values()) <= int(percent / 100 * len(mib_edges))
