@@ -446,6 +446,15 @@ def test_warnings_for_an_emptied_circuit_and_a_completeness_miss(llama):
         token_ig(llama, prompt, " Mary", steps=4, quadrature="idgi")  # exact by construction
     with pytest.warns(CircuitsWarning, match=r"neuron attributions of layer .* more steps \(now 1\)"):
         neuron_ig(llama, [prompt], [" Mary"], steps=1, quadrature="left", quiet=True)
+    # steering vectors attribute many prompts: their misses are reported once
+    from circuits.steering import steering_vectors
+
+    pairs = [(prompt, " Mary", " John"), ("Then Tom said hello to", " Tom", " Anna")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CircuitsWarning)
+        steering_vectors(llama, pairs, [1], k=2, quiet=True, steps=1, quadrature="left")
+    misses = [w for w in caught if "token attributions" in str(w.message)]
+    assert len(misses) == 1 and "of the 2 pairs" in str(misses[0].message)
 
 
 def test_pairs_made_by_another_tokenizer_are_refused(llama):

@@ -96,6 +96,7 @@ def token_ig(
     quadrature: Quadrature = "gauss-legendre",
     max_rows: int = 32,
     compat: str | None = None,
+    warn: bool = True,
 ) -> TokenAttribution:
     """Token attributions of `prompt` for log p(continuation | prompt), or for the logit of `target`.
 
@@ -109,6 +110,8 @@ def token_ig(
             shares follow the gradient alone).
         compat: "grains-code" scores each continuation token with the logits at its own position (the
             released GrAInS code's off-by-one) instead of the position before it.
+        warn: a `CircuitsWarning` when the scores miss completeness by more than 10% (callers that
+            attribute many prompts report their misses once instead).
     """
     if (continuation is None) == (target is None):
         raise InputError("give exactly one of continuation (log-prob form) or target (logit form)")
@@ -145,16 +148,18 @@ def token_ig(
     scores, endpoints = _integrated(model, run, diff, quadrature, steps, max_rows, start)
     tokens = [str(model.tokenizer.decode([t])) for t in prompt_ids]
     result = TokenAttribution(tokens, scores, float(endpoints[1] - endpoints[0]))
+    if warn:
+        warn_incomplete_tokens(result.relative_error, f"token attributions of {prompt[:40]!r}", steps)
+    return result
+
+
+def warn_incomplete_tokens(relative_error: float, what: str, steps: int) -> None:
+    """`warn_if_incomplete` for token IG, with what to do about it."""
     advice = (
         f"Use more steps (now {steps}), quadrature='idgi' (sums exactly), or a baseline nearer the prompt "
         "(near-zero embeddings make RMSNorm models steep at the baseline)"
     )
-    report = (
-        f"token attributions of {prompt[:40]!r}: total {result.total:.4f} vs f(input) - f(baseline) "
-        f"{result.delta:.4f}"
-    )
-    warn_if_incomplete(result.relative_error, report, advice)
-    return result
+    warn_if_incomplete(relative_error, what, advice, stacklevel=4)
 
 
 def _objective(
@@ -229,5 +234,13 @@ def _integrated(
 def contrastive_token_ig(
     model: HookedModel, prompt: str, preferred: str, dispreferred: str, **options: Any
 ) -> TokenAttribution:
-    """IG of log p(preferred | prompt) minus IG of log p(dispreferred | prompt), per prompt token."""
-    return token_ig(model, prompt, preferred, **options) - token_ig(model, prompt, dispreferred, **options)
+    """IG of log p(preferred | prompt) minus IG of log p(dispreferred | prompt), per prompt token; with
+    `warn` (default), a `CircuitsWarning` when the difference misses completeness by more than 10%."""
+    warn = options.pop("warn", True)
+    result = token_ig(model, prompt, preferred, warn=False, **options) - token_ig(
+        model, prompt, dispreferred, warn=False, **options
+    )
+    if warn:
+        what = f"contrastive token attributions of {prompt[:40]!r}"
+        warn_incomplete_tokens(result.relative_error, what, options.get("steps", 64))
+    return result

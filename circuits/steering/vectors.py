@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, HookFn, uses_model
-from circuits.steering.token_ig import contrastive_token_ig
+from circuits.quadrature import COMPLETENESS_TOLERANCE
+from circuits.steering.token_ig import contrastive_token_ig, warn_incomplete_tokens
 
 
 @dataclass
@@ -95,8 +96,11 @@ def steering_vectors(
     pos_diffs: list[Tensor] = []
     neg_diffs: list[Tensor] = []
     top_tokens: list[tuple[list[str], list[str]]] = []
+    misses: list[float] = []  # relative completeness errors above the tolerance, reported once
     for prompt, preferred, dispreferred in tqdm(pairs, desc="steering vectors", disable=quiet):
-        attribution = contrastive_token_ig(model, prompt, preferred, dispreferred, **ig_options)
+        attribution = contrastive_token_ig(model, prompt, preferred, dispreferred, warn=False, **ig_options)
+        if attribution.relative_error > COMPLETENESS_TOLERANCE:
+            misses.append(attribution.relative_error)
         ids = model.to_ids([prompt])[0]
         scores = attribution.scores[start:]
         n = min(k, len(scores))
@@ -108,6 +112,13 @@ def steering_vectors(
             out.append(original - _last_residuals(model, ablated, chosen))
         top_tokens.append(
             ([attribution.tokens[i] for i in positive], [attribution.tokens[i] for i in negative])
+        )
+    if misses:
+        warn_incomplete_tokens(
+            max(misses),
+            f"contrastive token attributions of {len(misses)} of the {len(pairs)} pairs the tokens to "
+            "ablate were chosen from (the worst shown)",
+            int(ig_options.get("steps", 64)),
         )
     pos, neg = torch.stack(pos_diffs), torch.stack(neg_diffs)  # [n_pairs, n_layers, d]
     direction = pc1_aligned if method == "pca" else (lambda d: d.mean(0) / d.mean(0).norm())
