@@ -252,7 +252,7 @@ def _add_selection_args(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--positive-fraction",
         type=float,
-        default=0.5,
+        default=None,
         metavar="R",
         help="ratio selection: the share of each budget for the edges that help the metric most "
         "(default 0.5)",
@@ -339,6 +339,10 @@ def _discover(args: argparse.Namespace) -> int:
     from circuits.pipeline import discover
 
     check_writable(args.out)
+    if args.positive_fraction is not None and args.selection != "ratio":  # before any work
+        raise InputError(
+            f"--positive-fraction applies to --selection ratio only (the selection is {args.selection})"
+        )
     model = _model(args)
     task = _task(args, model)
     found = discover(
@@ -378,7 +382,7 @@ def _discover(args: argparse.Namespace) -> int:
 
 def _selection(args: argparse.Namespace, model: HookedModel, task: TaskPairs) -> Selection | Selector:
     if args.selection == "ratio":
-        return ratio_selection(args.positive_fraction)
+        return ratio_selection(0.5 if args.positive_fraction is None else args.positive_fraction)
     if args.selection == "refined":
         from circuits.evaluation.refinement import refined_selection
 

@@ -58,8 +58,22 @@ def process_device(device: str | torch.device) -> torch.device:
     """The device this process computes on: under torchrun (WORLD_SIZE > 1) "cuda" without an index is
     this process's GPU, cuda:LOCAL_RANK; any other device is returned as given.
 
-    Raises `InputError` when torchrun started more processes on this machine than it has GPUs."""
-    device = torch.device(device)
+    Raises `InputError` for a name torch does not know ("gpu"), an accelerator this machine lacks, and when
+    torchrun started more processes on this machine than it has GPUs."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"unknown device {device!r}; give cpu, cuda, cuda:1, mps, ... (a torch.device name)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU: use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(
+            f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' asked for, but this machine has no Apple GPU: use cpu")
     if device.type != "cuda" or device.index is not None or world_size() == 1:
         return device
     index = local_rank()

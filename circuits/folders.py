@@ -19,9 +19,16 @@ from circuits.errors import InputError
 
 
 def check_writable(out: Path) -> None:
-    """Raise `InputError` now, before any work, if the folder `out` cannot be created or written."""
+    """Raise `InputError` now, before any work, if the folder `out` cannot be created or written, or is
+    the current folder or one above it (a run replaces its folder whole)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    target, here = Path(out).resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise InputError(
+            f"--out {out}: is the current folder{' or above it' if target != here else ''}; a run replaces "
+            "its output folder whole, so give a folder of its own (--out results)"
+        )
     existing = out
     while not existing.exists():
         existing = existing.parent
@@ -38,6 +45,7 @@ def replacing_folder(out: Path, owned: Iterable[str]) -> Iterator[Path]:
             `out` is kept.
     """
     check_writable(out)
+    out = Path(out).resolve()  # a symbolic link is followed: the folder it points to is replaced
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -45,13 +53,27 @@ def replacing_folder(out: Path, owned: Iterable[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    try:
+        _swap_in(staging, out, set(owned))
+    except OSError as err:
+        raise InputError(
+            f"--out {out}: the run finished but its folder could not take the place of {out} ({err}); "
+            f"the results are in {staging}"
+        ) from err
+
+
+def _swap_in(staging: Path, out: Path, owned: set[str]) -> None:
+    """Make `staging` the folder `out`, keeping `out`'s mode and the files of it that a run does not own."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = out.stat().st_mode & 0o7777 if out.exists() else 0o777 & ~umask
+    os.chmod(staging, mode)
     if not out.exists():
         os.replace(staging, out)
         return
     previous = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
     os.replace(out, previous / "run")
     os.replace(staging, out)
-    owned = set(owned)
     for item in (previous / "run").iterdir():
         if item.name not in owned and not (out / item.name).exists():
             os.replace(item, out / item.name)

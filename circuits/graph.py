@@ -83,6 +83,7 @@ class Graph:
         self.nodes_in_graph: Tensor = torch.ones(len(self.sources), dtype=torch.bool)
         # the metric the scores were computed with (`metrics.metric_name`), set by `attribute`, kept in files
         self.metric: str | None = None
+        self.node_magnitudes = False  # node scores are magnitudes (AtP*'s GradDrop): no signed selection
 
     # ------------------------------------------------------------------------------- construction
     @classmethod
@@ -104,6 +105,7 @@ class Graph:
         new.nodes_in_graph = self.nodes_in_graph.clone()
         new.node_scores = None if self.node_scores is None else self.node_scores.clone()
         new.metric = self.metric
+        new.node_magnitudes = self.node_magnitudes
         return new
 
     def with_scores(self, edge_scores: Tensor | None, node_scores: Tensor | None = None) -> Graph:
@@ -118,6 +120,7 @@ class Graph:
             new.scores = edge_scores.detach().float().cpu().clone()
         if node_scores is not None:
             new.node_scores = node_scores.detach().float().cpu().clone()
+            new.node_magnitudes = False
         return new
 
     # ------------------------------------------------------------ grouped and ungrouped (copies)

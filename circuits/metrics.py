@@ -68,6 +68,18 @@ def prob_diff(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = 
     return _pick(probs, pairs.answer) - _pick(probs, pairs.distractor)
 
 
+def flat_at_clean(metric: F) -> F:
+    """Mark `metric` as having a zero gradient at the clean run (a divergence from it): methods that take
+    the gradient only there (EAP, RelP, AtP*) would rank rounding noise, and refuse it."""
+    metric.flat_at_clean = True  # type: ignore[attr-defined]
+    return metric
+
+
+def is_flat_at_clean(metric: Metric) -> bool:
+    return bool(getattr(metric, "flat_at_clean", False))
+
+
+@flat_at_clean
 @last_position
 def kl_divergence(logits: Tensor, pairs: PromptPairs, clean_logits: Tensor | None = None) -> Tensor:
     """KL(clean || this run) of the next-token distribution at the last real position, [batch]."""

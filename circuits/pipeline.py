@@ -26,6 +26,7 @@ from circuits.evaluation.intervals import (
     Interval,
     Stability,
     bootstrap_scores,
+    check_resamples,
     circuit_stability,
     faithfulness_interval,
     sign_consistent,
@@ -121,6 +122,16 @@ class DiscoveryOptions:
     stability: int = 0
     ungrouped: bool = False
 
+    def __post_init__(self) -> None:
+        if isinstance(self.edges, bool) or not isinstance(self.edges, int) or self.edges < 0:
+            raise InputError(f"edges must be a whole number >= 0, got {self.edges!r}")
+        for name in ("sign_consistency", "resamples", "stability"):  # 0: skip, else a bootstrap's draws
+            if getattr(self, name) != 0 or isinstance(getattr(self, name), bool):
+                check_resamples(getattr(self, name), f"{name} (0: none)")
+        agreement = self.agreement
+        if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0 < agreement <= 1:
+            raise InputError(f"agreement must be a fraction in (0, 1], got {agreement!r}")
+
 
 def discover(
     model: HookedModel,
@@ -192,6 +203,24 @@ def discover(
     if out is not None and is_main():  # under torchrun every process has the same results; one writes
         found = replace(found, files=write(found, Path(out), model))
     return found
+
+
+def _scoring_record(scoring: ScoringOptions) -> dict[str, Any]:
+    """Everything of `scoring` that changes the scores (RelP's rules as their names), for summary.json."""
+    record = {f.name: getattr(scoring, f.name) for f in fields(ScoringOptions)}
+    rules = scoring.rules
+    record["rules"] = None if rules is None else [f.name for f in fields(rules) if getattr(rules, f.name)]
+    return record
+
+
+def _version() -> str:
+    """This package's installed version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("circuits")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _selection_record(scoring: ScoringOptions, options: DiscoveryOptions) -> dict[str, Any]:
@@ -335,6 +364,9 @@ def _write_files(found: Discovery, out: Path, model: HookedModel) -> list[Path]:
         "metric": metric_name(found.task.metric),
         "method": found.scoring.method,
         "ig_steps": found.scoring.ig_steps if found.scoring.spec.uses_ig_steps else None,
+        "scoring": _scoring_record(found.scoring),
+        "seed": found.task.seed,
+        "version": _version(),
         "n_pairs": len(found.task.pairs),
         "baseline": vars(found.baseline),
         "completeness": None

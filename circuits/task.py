@@ -34,6 +34,7 @@ class TaskPairs:
     metric: str | Metric  # a name in circuits.metrics.METRICS, or a task-specific metric
     requested: int
     dropped: int  # proposed examples rejected (multi-token answers, unequal lengths)
+    seed: int | None = None  # the generator's seed (`make_task`); None for a data file
 
     def __post_init__(self) -> None:
         # the pairs carry the task's metric, so `evaluate(model, circuit, task.pairs)` scores as the task does
@@ -101,7 +102,7 @@ def make_task(
         builders = task_builders()
         if name not in builders:
             raise InputError(f"unknown task {name!r}; the installed tasks are {', '.join(sorted(builders))}")
-        task = builders[name](model, n, seed=seed)
+        task = replace(builders[name](model, n, seed=seed), seed=seed)
     if metric is None:
         return task
     get_metric(metric)  # an unknown name fails here, before any work

@@ -61,7 +61,7 @@ def load_pairs(
     dropped = 0
     if kind in ("mib", "mib-ioi"):
         task = "ioi" if kind == "mib-ioi" else mib_task or _mib_task(path, rows[0])
-        pairs = mib_pairs(model, path, rows, task, counterfactual)
+        pairs, dropped = mib_pairs(model, path, rows, task, counterfactual)
     else:
         parse = _text_row if kind == "ours" else _eap_ig_row
         pairs, dropped = _collect(model, path, rows, parse, drop_invalid)

@@ -21,6 +21,7 @@ corrupted prompt under the clean prompt's mask instead, so on such rows its posi
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,36 +45,42 @@ MIB_TASKS: tuple[str, ...] = tuple(DEFAULT_COUNTERFACTUAL)
 
 def mib_pairs(
     model: HookedModel, path: Path, rows: list[Row], task: str, counterfactual: str | None = None
-) -> PromptPairs:
-    """The prompt pairs MIB makes of `rows` for `task` (one of `MIB_TASKS`), with MIB's filter."""
+) -> tuple[PromptPairs, int]:
+    """The prompt pairs MIB makes of `rows` for `task` (one of `MIB_TASKS`), with MIB's filter, and how
+    many rows the filter dropped (each reason counted in a warning)."""
     if task not in DEFAULT_COUNTERFACTUAL:
         raise InputError(f"unknown MIB task {task!r}; choose one of {', '.join(MIB_TASKS)}")
     column = counterfactual or DEFAULT_COUNTERFACTUAL[task]
     convert = _ioi if task == "ioi" else _arithmetic if task.startswith("arithmetic") else _choices
     kept: list[Pair] = []
-    filtered = 0
+    reasons: Counter[str] = Counter()  # why MIB's filter dropped rows
     for i, row in enumerate(rows):
         cf = row.get(column)
         if not isinstance(cf, dict) and task.startswith("arithmetic"):  # MIB drops rows without one
-            filtered += 1
+            reasons[f"no {column}"] += 1
             continue
         pair = convert(model, task, row, _field(path, i, row, column, dict), path, i)
-        if pair is None:
-            filtered += 1
+        if isinstance(pair, str):
+            reasons[pair] += 1
             continue
         kept.append(pair)
-    if filtered:
+    why = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+    if not kept:
+        raise FileFormatError(
+            f"{path}: no row of {len(rows)} is usable for {task} with this tokenizer ({why})"
+        )
+    dropped = sum(reasons.values())
+    if dropped:
         warnings.warn(
-            f"{path}: {filtered} of {len(rows)} rows dropped by MIB's filter for {task}",
+            f"{path}: {dropped} of {len(rows)} rows dropped by MIB's filter for {task} ({why})",
             CircuitsWarning,
             stacklevel=3,
         )
-    if not kept:
-        raise FileFormatError(f"{path}: no row of {len(rows)} is usable for {task} with this tokenizer")
     clean, corrupted, answers, distractors = (list(column) for column in zip(*kept))
-    return PromptPairs.from_ids(
+    pairs = PromptPairs.from_ids(
         model, model.to_ids(clean), model.to_ids(corrupted), answers, distractors, list(zip(clean, corrupted))
     )
+    return pairs, dropped
 
 
 def _field(path: Path, i: int, row: Row, name: str, kind: type) -> Any:
@@ -84,17 +91,24 @@ def _field(path: Path, i: int, row: Row, name: str, kind: type) -> Any:
     return value
 
 
+def _label(value: Any) -> str:
+    """An arithmetic label as MIB's data holds it: a number (7, or 7.0 from a float column) as its digits."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _tokens(model: HookedModel, text: str) -> list[int]:
     return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _ioi(model: HookedModel, _task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | None:
+def _ioi(model: HookedModel, _task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | str:
     meta = _field(path, i, row, "metadata", dict)
     names = [_field(path, i, meta, key, str) for key in ("indirect_object", "subject")]
     third = meta.get("random_c")
     lengths = {len(_tokens(model, f" {n}")) for n in [*names, *([third] if isinstance(third, str) else [])]}
     if len(lengths) > 1:
-        return None
+        return "with names of different token lengths"
     answer, distractor = (_tokens(model, f" {n}")[0] for n in names)
     return _field(path, i, row, "prompt", str), _field(path, i, cf, "prompt", str), answer, distractor
 
@@ -107,19 +121,21 @@ def _choice_label(path: Path, i: int, row: Row) -> str:
     return str(labels[key])
 
 
-def _choices(model: HookedModel, _task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | None:
+def _choices(model: HookedModel, _task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | str:
     right, wrong = _choice_label(path, i, row), _choice_label(path, i, cf)
     a, b = _tokens(model, right), _tokens(model, wrong)
     if len(a) != len(b) or not a:
-        return None
+        return "with answers of different token lengths"
     return _field(path, i, row, "prompt", str), _field(path, i, cf, "prompt", str), a[0], b[0]
 
 
-def _arithmetic(model: HookedModel, task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | None:
+def _arithmetic(model: HookedModel, task: str, row: Row, cf: Row, path: Path, i: int) -> Pair | str:
     operator = "+" if task == "arithmetic-addition" else "-"
-    if row.get("operator") != operator or cf.get("prompt") is None:
-        return None
-    a, b = _tokens(model, str(row.get("label"))), _tokens(model, str(cf.get("label")))
+    if row.get("operator") != operator:
+        return f"of another operator than {operator!r}"
+    if cf.get("prompt") is None:
+        return "whose counterfactual has no prompt"
+    a, b = _tokens(model, _label(row.get("label"))), _tokens(model, _label(cf.get("label")))
     if len(a) != 1 or len(b) != 1:
-        return None
+        return "whose label or counterfactual label is not one token"
     return _field(path, i, row, "prompt", str), _field(path, i, cf, "prompt", str), a[0], b[0]

@@ -16,7 +16,7 @@ from circuits.data import PromptPairs, check_pairs
 from circuits.distributed import sum_floats, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
-from circuits.metrics import Metric, get_metric, metric_name, reads_last_position
+from circuits.metrics import Metric, get_metric, is_flat_at_clean, metric_name, reads_last_position
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.relp import RelPBackward, RelPRules
 from circuits.models.ungroup import model_for
@@ -102,8 +102,9 @@ def attribute(
     `reference`: the prompts whose clean runs give the mean ablation's values (default: `pairs`).
 
     Graph contract (as EAP-IG's `attribute`): the scores are written into `graph.scores` (edge level) and
-    `graph.node_scores` (copies of the returned ones), and the metric's name into `graph.metric` (kept in
-    circuit files); nothing else of `graph` changes. The returned
+    `graph.node_scores` (copies of the returned ones), the metric's name into `graph.metric` (kept in
+    circuit files) and whether node scores are magnitudes into `graph.node_magnitudes` (AtP*'s GradDrop);
+    nothing else of `graph` changes. The returned
     `Attribution` holds the same scores and never changes afterwards.
     Sign: as EAP-IG, scores estimate M(edge ablated) - M(clean) (negative = the edge helps the metric).
     """
@@ -116,6 +117,13 @@ def attribute(
     graph.check_fits(model.spec)
     pairs = check_pairs(model, pairs)
     metric_fn = get_metric(pairs.metric_for(metric))
+    if is_flat_at_clean(metric_fn) and options.spec.gradient_at_clean_only:
+        raise InputError(
+            f"{metric_name(pairs.metric_for(metric))} has a zero gradient at the clean run, the only point "
+            f"where {options.method} takes one: its scores would be rounding noise (about 1e-10). Use exact "
+            "patching (method='exact'), an integrated method (eap-ig-inputs), or a difference metric "
+            "(logit_diff)"
+        )
     if options.max_memory is not None:
         plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn, pairs))
         options = options.with_settings(
@@ -135,6 +143,7 @@ def attribute(
     if result.node_scores is not None:
         graph.node_scores = result.node_scores.clone()
     graph.metric = metric_name(pairs.metric_for(metric))
+    graph.node_magnitudes = options.method == "atp*" and options.level == "node"  # GradDrop's |.|
     return result
 
 

@@ -103,6 +103,7 @@ class MethodSpec:
     buffers: int = 1  # source-output buffers [n_sources, b, P, d] it keeps for a batch
     recomputable: bool = True  # its backward passes can recompute blocks (`models.recompute`)
     rows: Rows = "batch"  # what its largest pass stacks: the batch, both sides, IG steps, ablated units
+    gradient_at_clean_only: bool = False  # takes the metric's gradient at the clean run alone (EAP's kind)
 
     def pass_count(self, steps: int, n_layers: int) -> tuple[int, int] | None:
         return None if self.passes is None else self.passes(steps, n_layers)
@@ -290,8 +291,8 @@ def _differentiable(job: Job, values: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ methods
-@register("eap", passes=lambda _m, _layers: (1, 1))
-@register("relp", passes=lambda _m, _layers: (1, 1), backward="relp")
+@register("eap", passes=lambda _m, _layers: (1, 1), gradient_at_clean_only=True)
+@register("relp", passes=lambda _m, _layers: (1, 1), backward="relp", gradient_at_clean_only=True)
 def eap(job: Job) -> BatchResult:
     """EAP, or RelP when the job carries RelP's rules (the same passes, a modified backward)."""
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
@@ -311,7 +312,9 @@ def eap(job: Job) -> BatchResult:
     return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
 
 
-@register("atp*", passes=lambda _m, _layers: (1, 1), backward="own", recomputable=False)
+@register(
+    "atp*", passes=lambda _m, _layers: (1, 1), backward="own", recomputable=False, gradient_at_clean_only=True
+)
 def atp_star(job: Job) -> BatchResult:
     """AtP*: EAP's scores with the QK fix on q/k edges; at node level, GradDrop over the layers.
 

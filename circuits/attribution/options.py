@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -77,8 +78,11 @@ class ScoringOptions:
         check_steps(self.ig_steps)
         check_count(self.batch_size, "batch_size")
         check_count(self.max_rows, "max_rows")
-        if self.max_memory is not None and not self.max_memory > 0:
-            raise InputError(f"max_memory must be a positive number of GiB, got {self.max_memory!r}")
+        memory = self.max_memory
+        if memory is not None and (
+            isinstance(memory, bool) or not isinstance(memory, int | float) or not 0 < memory < math.inf
+        ):
+            raise InputError(f"max_memory must be a finite positive number of GiB (or None), got {memory!r}")
         if self.recompute and not spec.recomputable:
             recomputable = [name for name, other in METHODS.items() if other.recomputable]
             raise InputError(

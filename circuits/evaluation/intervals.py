@@ -11,6 +11,7 @@ method and compares the selected circuits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from circuits.evaluation import Evaluation
 from circuits.graph import Graph
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel, uses_model
+from circuits.models.ungroup import model_for
 from circuits.task import Pairs
 
 if TYPE_CHECKING:
@@ -50,18 +52,37 @@ class Interval:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
 
 
+MAX_RESAMPLES = 100_000  # far more than any percentile interval needs; keeps the draws within memory
+
+
+def check_resamples(resamples: object, name: str = "resamples") -> int:
+    """A bootstrap resample count: a whole number in [2, MAX_RESAMPLES] (one resample compares nothing and
+    has no spread), else `InputError`."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or not 2 <= resamples <= MAX_RESAMPLES:
+        raise InputError(
+            f"{name} must be a whole number from 2 to {MAX_RESAMPLES:,} (one resample has no spread and "
+            f"compares nothing; 0 where allowed: none), got {resamples!r}"
+        )
+    return resamples
+
+
+def check_level(level: object) -> float:
+    """A confidence level: a number in (0, 1), else `InputError`."""
+    if isinstance(level, bool) or not isinstance(level, int | float) or not 0 < level < 1:
+        raise InputError(f"level must be a number in (0, 1), such as 0.95; got {level!r}")
+    return float(level)
+
+
 def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = 0) -> Tensor:
     """[resamples, n] example indices drawn with replacement (seeded)."""
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
-        raise InputError(f"resamples must be a whole number >= 1, got {resamples!r}")
+    check_resamples(resamples)
     if n < 2:
         raise InputError(f"a bootstrap over {n} example(s) says nothing: give at least 2")
     return torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _interval(estimate: float, values: Tensor, level: float) -> Interval:
-    if not 0 < level < 1:
-        raise InputError(f"level must lie in (0, 1), got {level!r}")
+    level = check_level(level)
     finite = values[values.isfinite()]
     if len(finite) < len(values):
         raise NumericalError(
@@ -95,6 +116,7 @@ def faithfulness_interval(
     evaluation: Evaluation, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
 ) -> Interval:
     """The circuit's faithfulness with its bootstrap interval over the evaluated examples."""
+    check_level(level)
     circuit, full, empty = _per_example(evaluation)
     draws = resample_indices(len(circuit), resamples, seed)
     return _interval(evaluation.faithfulness, _resampled_faithfulness(circuit, full, empty, draws), level)
@@ -109,6 +131,7 @@ def curve_intervals(
     curve: FaithfulnessCurve, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
 ) -> tuple[Interval, Interval]:
     """Bootstrap intervals of the curve's area under f (CPR) and under |1 - f| (CMD)."""
+    check_level(level)
     if curve.full_per_example is None or curve.empty_per_example is None or not curve.per_example:
         raise InputError("this curve has no per-example metrics (made by faithfulness_curve?)")
     circuits = torch.stack(curve.per_example).double()  # [points, N]
@@ -193,6 +216,9 @@ def circuit_stability(
     """Re-score `resamples` bootstrap resamples of `pairs` as `scoring` says and keep the top `n_edges`
     edges of each (pruned, as `Graph.top_n`); compare their edge sets with `circuit` (the circuit of all
     pairs)."""
+    if not isinstance(circuit, Graph):
+        raise InputError(f"circuit must be a Graph, got {type(circuit).__name__}")
+    circuit.check_fits(model_for(model, circuit.spec).spec)  # another model's circuit: GraphMismatchError
     masks = []
     ungrouped = circuit.spec.n_kv_heads != model.spec.n_kv_heads  # re-score the circuit's kind of graph
     for scores in bootstrap_scores(
@@ -209,13 +235,22 @@ def circuit_stability(
     return Stability(to_full, pairwise)
 
 
-def sign_consistent(graph: Graph, resampled: Tensor, agreement: float = 0.9) -> Graph:
+def sign_consistent(graph: Graph, resampled: Tensor | Sequence[Tensor], agreement: float = 0.9) -> Graph:
     """Bootstrap sign-consistency filtering (after the BlackboxNLP 2025 MIB shared task, arXiv 2510.25786):
     a copy of `graph` whose score is set to 0 on every edge whose sign on the resamples
-    (`bootstrap_scores`, [R, n_sources, n_destinations]) agrees with its full-data sign in fewer than
-    `agreement` of them, so that selection takes the consistent edges first."""
-    if not 0 < agreement <= 1:
-        raise InputError(f"agreement must lie in (0, 1], got {agreement!r}")
+    (`bootstrap_scores`, [R, n_sources, n_destinations], or a sequence of R score tensors) agrees with its
+    full-data sign in fewer than `agreement` of them, so that selection takes the consistent edges first."""
+    if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0 < agreement <= 1:
+        raise InputError(f"agreement must be a fraction in (0, 1], got {agreement!r}")
+    if not isinstance(resampled, Tensor):
+        if not all(isinstance(t, Tensor) for t in resampled):
+            raise InputError("resampled must be a tensor [R, n_sources, n_destinations] or a list of them")
+        resampled = torch.stack(list(resampled)) if len(resampled) else torch.empty(0)
+    if resampled.dim() != 3 or len(resampled) < 2:
+        raise InputError(
+            f"sign consistency needs the scores of 2 or more resamples, [R, n_sources, n_destinations]; got "
+            f"shape {tuple(resampled.shape)}"
+        )
     if resampled.shape[1:] != graph.scores.shape:
         raise InputError(
             f"resampled scores have shape {tuple(resampled.shape)}; "

@@ -37,6 +37,7 @@ from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.ungroup import model_for
 from circuits.selection import with_edges
+from circuits.selection.pruning import check_size
 from circuits.selection.strategies import Selection, Selector, select, selection_name
 from circuits.settings import with_settings
 from circuits.task import Pairs
@@ -128,6 +129,7 @@ def refine(
     options = with_settings(options or RefineOptions(), settings)
     absolute, rounds, batch_size = options.absolute, options.rounds, options.batch_size
     weights = circuit.valid.long() if weights is None else weights
+    check_size(budget, "budget", int(weights.sum()))
     if int(weights[circuit.in_graph & circuit.valid].sum()) > budget:
         raise InputError(f"the starting circuit already uses more than the budget of {budget}")
     best = circuit

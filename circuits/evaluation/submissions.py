@@ -28,7 +28,25 @@ def submission_folder(root: str | Path, task: str, model: str) -> Path:
             f"MIB names a submission folder task_model and splits it at the underscore: task {task!r} and "
             f"model {model!r} must be non-empty and hold none (write arc-easy, not arc_easy)"
         )
+    for name, value in (("task", task), ("model", model)):
+        if any(c in value for c in "/\\") or value in (".", ".."):
+            raise InputError(
+                f"{name} {value!r} would make a nested folder, which MIB does not read: give a plain name "
+                f"({value.replace('/', '-').replace(chr(92), '-')!r}, or the name MIB uses for the model)"
+            )
     return Path(root) / f"{task}_{model}"
+
+
+def _only_kind(folder: Path, kind: str) -> None:
+    """`InputError` when `folder` already holds the other kind of submission (importance scores against
+    circuits): MIB reads one file of scores or nine circuits, never both."""
+    other = "circuit_*" if kind == "importances" else "importances.*"
+    found = sorted(p.name for p in folder.glob(other) if p.suffix in (".json", ".pt"))
+    if found:
+        raise InputError(
+            f"{folder} already holds {', '.join(found)}: a submission folder holds one file of importance "
+            "scores or nine circuits, not both. Write into another folder, or remove those files"
+        )
 
 
 def write_importances(graph: Graph, root: str | Path, task: str, model: str, kind: FileKind = "json") -> Path:
@@ -36,6 +54,7 @@ def write_importances(graph: Graph, root: str | Path, task: str, model: str, kin
     that helps the metric is positive, so MIB's signed curve takes it first); returns its path."""
     _check_mib_graph(graph)
     folder = submission_folder(root, task, model)
+    _only_kind(folder, "importances")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"importances.{_check_kind(kind)}"
     graph.to_json(path, sign="loss") if kind == "json" else graph.to_pt(path, sign="loss")
@@ -55,6 +74,7 @@ def write_circuits(
     budget in `SUBMISSION_PERCENTAGES`, each pruned and within its budget; returns their paths."""
     _check_mib_graph(graph)
     folder = submission_folder(root, task, model)
+    _only_kind(folder, "circuits")
     folder.mkdir(parents=True, exist_ok=True)
     total = int(mib_edge_weights(graph).sum())
     paths = []
@@ -79,6 +99,12 @@ def read_submission(folder: str | Path) -> Graph | list[Graph]:
     graphs = [Graph.from_json(p, "loss") if p.suffix == ".json" else Graph.from_pt(p, "loss") for p in files]
     if len(graphs) == 1:
         return graphs[0]
+    shapes = {(g.spec.n_layers, g.spec.n_heads, g.spec.n_kv_heads, g.n_edges) for g in graphs}
+    if len(shapes) > 1:
+        raise FileFormatError(
+            f"{folder}: its circuit files describe different graphs (layers, heads, key/value heads, edges: "
+            f"{sorted(shapes)}); a submission holds one model's circuits"
+        )
     if len(graphs) != len(SUBMISSION_PERCENTAGES):
         raise FileFormatError(
             f"{folder}: holds {len(graphs)} circuit files; MIB expects one file of importance scores or "

@@ -87,11 +87,43 @@ def _run_checks(model: HookedModel) -> None:
         ) from err
 
 
+def _check_device_map(hf_model: PreTrainedModel, device_map: dict[str, str | int]) -> None:
+    """`InputError` unless every key of `device_map` names a module of the model ("" for all of it) and
+    every parameter and buffer falls under one of them, with the names that do not."""
+    modules = dict(hf_model.named_modules())
+    unknown = [key for key in device_map if key not in modules]
+    if unknown:
+        near = sorted(name for name in modules if name.count(".") <= 2)[:8]
+        named = ", ".join(map(repr, unknown[:5]))
+        raise InputError(
+            f"device_map names {len(unknown)} module(s) the model does not have ({named}); its modules are "
+            f"named like {', '.join(near)}"
+        )
+
+    def placed(name: str) -> bool:
+        return any(key == "" or name == key or name.startswith(key + ".") for key in device_map)
+
+    tensors = [n for n, _ in hf_model.named_parameters()] + [n for n, _ in hf_model.named_buffers()]
+    missing = sorted({n.rsplit(".", 1)[0] for n in tensors if not placed(n)})
+    if missing:
+        raise InputError(
+            f"device_map places no device for {len(missing)} module(s) with weights, e.g. "
+            f"{', '.join(missing[:5])}: give each a device (or name a module above them)"
+        )
+    for key, where in device_map.items():
+        try:
+            process_device(where if not isinstance(where, int) else f"cuda:{where}")
+        except InputError as err:
+            raise InputError(f"device_map[{key!r}]: {err}") from None
+
+
 def _dispatched(hf_model: PreTrainedModel, device_map: str | dict[str, str | int]) -> PreTrainedModel:
     """`hf_model` with its modules placed by `device_map` (accelerate's `dispatch_model`; a named plan
     such as "auto" is worked out by `infer_auto_device_map`, keeping each decoder layer whole)."""
     from accelerate import dispatch_model, infer_auto_device_map
 
+    if not isinstance(device_map, str):
+        _check_device_map(hf_model, device_map)
     if isinstance(device_map, str):
         keep_whole = getattr(hf_model, "_no_split_modules", None) or []
         device_map = infer_auto_device_map(hf_model, no_split_module_classes=list(keep_whole))

@@ -110,6 +110,11 @@ def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -
     every valid edge between kept nodes."""
     if graph.node_scores is None:
         raise InputError("node-level selection needs node scores: run attribute(..., level='node') first")
+    if graph.node_magnitudes and not absolute:
+        raise InputError(
+            "these node scores are magnitudes (AtP*'s GradDrop sums |.|, all >= 0), so a signed selection "
+            "would keep the least important nodes first: select with absolute=True (the |score| curve, CMD's)"
+        )
     n_nodes = graph.n_sources - 1
     check_size(k, "k", n_nodes)
     rank = ranking(graph, graph.node_scores.nan_to_num(0.0), absolute)

@@ -164,6 +164,8 @@ def _random(graph: Graph, budget: int, _absolute: bool, seed: int, weights: Tens
 def _nodes(graph: Graph, budget: int, absolute: bool, _seed: int, weights: Tensor) -> Graph:
     """The largest set of best-ranked nodes (by `graph.node_scores`) whose pruned circuit fits the budget
     (edges grow with the number of nodes: a binary search)."""
+    if int(weights[graph.top_nodes(0, absolute).in_graph].sum()) > budget:  # even input -> logits is over
+        return with_edges(graph, torch.zeros_like(graph.valid), prune=True)
     low, high = 0, graph.n_sources - 1
     while low < high:
         k = (low + high + 1) // 2
@@ -198,7 +200,9 @@ def select(
             names = ", ".join([*SELECTIONS, "ratio (ratio_selection)"])
             raise InputError(f"unknown selection {selection!r}; choose one of {names}")
         selection = SELECTIONS[selection]
-    return selection(graph, budget, absolute, seed, graph.valid.long() if weights is None else weights)
+    weights = graph.valid.long() if weights is None else weights
+    check_size(budget, "budget", int(weights.sum()))
+    return selection(graph, budget, absolute, seed, weights)
 
 
 def selection_name(selection: Selection | Selector) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from circuits.data import check_count
 from circuits.distributed import gather_rows, process_chunks, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, uses_model
@@ -118,6 +119,7 @@ def token_ig(
     if compat not in (None, "grains-code"):
         raise InputError(f"unknown compat {compat!r}; the only one is 'grains-code'")
     check_steps(steps, "steps")
+    check_count(max_rows, "max_rows")
     prompt_ids = model.to_ids([prompt])[0]
     n_prompt = len(prompt_ids)
     ids, f = _objective(model, prompt_ids, continuation, target, compat)
@@ -179,7 +181,14 @@ def _objective(
         target_id = None
     else:
         cont_ids = []
-        target_id = target if isinstance(target, int) else model.single_token_id(str(target))
+        if isinstance(target, bool) or not isinstance(target, int | str):
+            raise InputError(f"target must be a token id or the text of one token, got {target!r}")
+        target_id = target if isinstance(target, int) else model.single_token_id(target)
+        if not 0 <= target_id < model.d_vocab:
+            raise InputError(
+                f"target token id {target_id} is outside the vocabulary [0, {model.d_vocab}) of "
+                f"{model.spec.name} (negative ids do not count from the end here)"
+            )
     ids = prompt_ids + list(cont_ids)
 
     def f(logits: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -41,7 +42,8 @@ def page_data(
     for name, (x, y) in positions.items():
         score = None
         if circuit.node_scores is not None and name in circuit.src_index:
-            score = float(circuit.node_scores[circuit.src_index[name]])
+            value = float(circuit.node_scores[circuit.src_index[name]])
+            score = value if math.isfinite(value) else None  # a node a file gave no score (JSON has no NaN)
         kind, layer = circuit.node_kind(name), circuit.node_layer(name)
         nodes.append({"id": name, "kind": kind, "layer": layer, "x": x, "y": y, "score": score})
     return {
@@ -72,7 +74,9 @@ def page_html(circuit: Graph, **extras: Any) -> str:
     assets = resources.files("circuits.pictures.viewer")
     script = assets.joinpath("viewer.js").read_text()
     style = assets.joinpath("viewer.css").read_text()
-    payload = json.dumps(data).replace("</", "<\\/")  # no "</script>" inside the data block
+    # "<", ">" and "&" as JSON escapes: no "</script>" or "<!--" in the data block can end or hide it
+    payload = json.dumps(data, allow_nan=False)
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(data['title'])}</title><style>{style}</style></head><body>"

@@ -25,9 +25,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from circuits.errors import FileFormatError
 from circuits.graph import Graph
 from circuits.pictures.layout import largest_edges, shown_edges
+from circuits.textfiles import read_text
 
 
 def _node(circuit: Graph, name: str) -> dict[str, Any]:
@@ -82,6 +85,9 @@ def circuit_tracer_graph(circuit: Graph, *, slug: str = "circuit", prompt: str =
             "node_threshold": None,
             "schema_version": 1,
             "circuits_cfg": circuit.cfg(),
+            "circuits_nodes": [
+                n for n, kept in zip(circuit.sources, circuit.nodes_in_graph.tolist()) if kept
+            ],
         },
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
         "nodes": list(nodes.values()),
@@ -108,11 +114,14 @@ def from_circuit_tracer(path: str | Path) -> Graph:
     """Read a file written by `to_circuit_tracer` back into a circuit (its edges, scores, node scores)."""
     where = str(path)
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(read_text(Path(path), "circuit-tracer graph file"))
+    except json.JSONDecodeError as err:
         raise FileFormatError(f"{where}: cannot read a circuit-tracer graph file: {err}") from None
     if not isinstance(data, dict) or not {"metadata", "nodes", "links"} <= set(data):
         raise FileFormatError(f"{where}: a circuit-tracer graph file holds metadata, nodes and links")
+    for key in ("nodes", "links"):
+        if not isinstance(data[key], list):
+            raise FileFormatError(f"{where}: {key} must be a list, got {type(data[key]).__name__}")
     cfg = data["metadata"].get("circuits_cfg") if isinstance(data["metadata"], dict) else None
     if cfg is None:
         raise FileFormatError(
@@ -131,4 +140,10 @@ def from_circuit_tracer(path: str | Path) -> Graph:
         if not isinstance(scores, dict):
             raise FileFormatError(f"{where}: links[{k}].circuits_edges: expected {{edge name: score}}")
         edges.update({name: {"score": score, "in_graph": True} for name, score in scores.items()})
-    return Graph.from_dict({"cfg": cfg, "nodes": nodes, "edges": edges}, where)
+    graph = Graph.from_dict({"cfg": cfg, "nodes": nodes, "edges": edges}, where)
+    # the circuit's nodes as written (metadata.circuits_nodes), else those the file lists
+    kept = data["metadata"].get("circuits_nodes")
+    if not isinstance(kept, list) or not all(isinstance(n, str) for n in kept):
+        kept = [*nodes, "input"]
+    graph.nodes_in_graph = torch.tensor([name in kept for name in graph.sources])
+    return graph
