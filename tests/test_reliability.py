@@ -259,3 +259,21 @@ def test_output_folders_are_checked_and_kept_as_they_were(tmp_path, monkeypatch)
     assert (tmp_path / "link").is_symlink() and (target / "summary.json").exists()
     assert (target / "notes.txt").read_text() == "mine"
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
+
+
+def test_a_call_without_a_budget_fits_what_is_free(llama, monkeypatch, capsys):
+    """No max_memory: the plan fits the memory free now (here: pretended to be half of what the call
+    needs at batch 8), says so on stderr, and the scores do not change."""
+    from circuits.attribution import ScoringOptions, memory
+
+    pairs = make_pairs(llama)
+    options = ScoringOptions(method="eap-ig-inputs", batch_size=8, max_rows=64)
+    need = memory.estimate_bytes(llama, Graph.from_model(llama), options, pairs.n_positions, True)
+    spare = need - llama.parameter_bytes - memory.PROCESS_BYTES
+    monkeypatch.setattr(memory, "free_bytes", lambda _model: int(0.5 * spare / memory.FREE_SHARE))
+    planned = attribute(llama, Graph.from_model(llama), pairs, options=options)
+    assert "memory: no max_memory given" in capsys.readouterr().err
+    monkeypatch.setattr(memory, "free_bytes", lambda _model: None)  # unknown: the settings as given
+    given = attribute(llama, Graph.from_model(llama), pairs, options=options, quiet=True)
+    assert capsys.readouterr().err == ""
+    torch.testing.assert_close(planned.edge_scores, given.edge_scores, rtol=1e-5, atol=1e-7)

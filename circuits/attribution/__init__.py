@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from circuits.attribution.heads import head_patching
-from circuits.attribution.memory import MemoryPlan, estimate_bytes, plan_memory
+from circuits.attribution.memory import FREE_SHARE, MemoryPlan, default_budget, estimate_bytes, plan_memory
 from circuits.attribution.methods import DEFAULT_METHOD, METHODS, BatchResult, Job, MethodName, MethodSpec
 from circuits.attribution.options import ScoringOptions
 from circuits.data import PromptPairs, check_pairs
-from circuits.distributed import sum_floats, sum_tensor
+from circuits.distributed import is_main, sum_floats, sum_tensor
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
 from circuits.metrics import Metric, get_metric, is_flat_at_clean, metric_name, reads_last_position
@@ -124,11 +126,7 @@ def attribute(
             "patching (method='exact'), an integrated method (eap-ig-inputs), or a difference metric "
             "(logit_diff)"
         )
-    if options.max_memory is not None:
-        plan = plan_memory(model, graph, options, pairs.n_positions, reads_last_position(metric_fn, pairs))
-        options = options.with_settings(
-            batch_size=plan.batch_size, max_rows=plan.max_rows, recompute=options.recompute or plan.recompute
-        )
+    options = _within_memory(model, graph, options, pairs, metric_fn, quiet)
     if reference is not None:
         reference = check_pairs(model, reference, "reference")
     ablated = (
@@ -145,6 +143,35 @@ def attribute(
     graph.metric = metric_name(pairs.metric_for(metric))
     graph.node_magnitudes = options.method == "atp*" and options.level == "node"  # GradDrop's |.|
     return result
+
+
+def _within_memory(
+    model: HookedModel, graph: Graph, options: ScoringOptions, pairs: PromptPairs, metric: Metric, quiet: bool
+) -> ScoringOptions:
+    """`options` with the batch size, rows per pass and recomputation that fit `max_memory`, or, when none
+    is given, what the device has free (`memory.default_budget`, said on stderr when it changes them)."""
+    budget = options.max_memory
+    if budget is None:
+        budget = default_budget(model)
+        if budget is None:
+            return options
+    planned = options.with_settings(max_memory=budget)
+    plan = plan_memory(model, graph, planned, pairs.n_positions, reads_last_position(metric, pairs))
+    fitted = options.with_settings(
+        batch_size=plan.batch_size, max_rows=plan.max_rows, recompute=options.recompute or plan.recompute
+    )
+    changed = (fitted.batch_size, fitted.max_rows, fitted.recompute) != (
+        options.batch_size,
+        options.max_rows,
+        options.recompute,
+    )
+    if options.max_memory is None and changed and not quiet and is_main():
+        tqdm.write(  # the progress output
+            f"memory: no max_memory given, so {plan} to fit {budget:.1f} GiB ({FREE_SHARE:.0%} of what is "
+            "free now, plus the model); max_memory sets another budget",
+            file=sys.stderr,
+        )
+    return fitted
 
 
 def _run_batches(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from circuits.attribution.methods import MethodSpec
 from circuits.attribution.options import ScoringOptions
+from circuits.distributed import local_world_size
 from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel
@@ -124,6 +125,43 @@ def plan_memory(
         f"{smallest} (the model's weights alone are part of it); max_memory={budget_gib} GiB is below that. "
         "Raise max_memory, use shorter prompts, or a smaller model / dtype"
     )
+
+
+FREE_SHARE = 0.6  # of the memory free when a call starts, what a call with no budget may take
+
+
+def free_bytes(model: HookedModel) -> int | None:
+    """Memory free on the model's device now: the GPU's free memory, or for the CPU the system's available
+    memory (Linux: MemAvailable); None where it cannot be read (another device, or a model over several)."""
+    import torch
+
+    device = model.device
+    if any(model.layer_device(layer) != device for layer in range(model.spec.n_layers)):
+        return None
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def default_budget(model: HookedModel) -> float | None:
+    """The budget in GiB of a call that names none: what the model already holds plus `FREE_SHARE` of
+    the memory free now, shared among torchrun's processes on a CPU machine (None where that cannot be
+    read: no budget then)."""
+    free = free_bytes(model)
+    if free is None:
+        return None
+    if model.device.type == "cpu":  # torchrun's processes on this machine share its memory
+        free //= local_world_size()
+    return (model.parameter_bytes + PROCESS_BYTES + FREE_SHARE * free) / GIB
 
 
 def _halvings(n: int) -> list[int]:
