@@ -54,18 +54,19 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def process_device(device: str | torch.device) -> torch.device:
-    """The device this process computes on: under torchrun (WORLD_SIZE > 1) "cuda" without an index is
-    this process's GPU, cuda:LOCAL_RANK; any other device is returned as given.
-
-    Raises `InputError` for a name torch does not know ("gpu"), an accelerator this machine lacks, and when
-    torchrun started more processes on this machine than it has GPUs."""
+def parse_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device`, or `InputError` for a name torch does not know ("gpu")."""
     try:
-        device = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError):
         raise InputError(
             f"unknown device {device!r}; give cpu, cuda, cuda:1, mps, ... (a torch.device name)"
         ) from None
+
+
+def check_available(device: str | torch.device) -> torch.device:
+    """`device` parsed, or `InputError` when this machine lacks it (CUDA, that GPU index, Apple's MPS)."""
+    device = parse_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU: use cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -74,6 +75,16 @@ def process_device(device: str | torch.device) -> torch.device:
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("device 'mps' asked for, but this machine has no Apple GPU: use cpu")
+    return device
+
+
+def process_device(device: str | torch.device) -> torch.device:
+    """The device this process computes on: under torchrun (WORLD_SIZE > 1) "cuda" without an index is
+    this process's GPU, cuda:LOCAL_RANK; any other device is returned as given.
+
+    Raises `InputError` for a name torch does not know ("gpu") and when torchrun started more processes on
+    this machine than it has GPUs."""
+    device = parse_device(device)
     if device.type != "cuda" or device.index is not None or world_size() == 1:
         return device
     index = local_rank()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from circuits.distributed import local_world_size, process_device
+from circuits.distributed import check_available, local_world_size, process_device
 from circuits.errors import CircuitsError, InputError, ModelLoadError, UnsupportedModelError
 from circuits.models.checks import check_additivity, check_bridge, check_heads_independent
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
@@ -47,6 +47,8 @@ def load_model(
             sum of its graph's parts (`circuits.models.checks`); refuse with `UnsupportedModelError` if not.
     """
     _check_placement(device, device_map)
+    if device is not None:
+        check_available(device)  # before any work: "gpu", or cuda on a machine without it
     hf_model, tokenizer = _resolve(name_or_model, tokenizer, dtype, device_map)
     if device_map is None:
         hf_model = hf_model.to(device=process_device(device or "cpu"), dtype=dtype)  # type: ignore[call-arg]
@@ -112,7 +114,7 @@ def _check_device_map(hf_model: PreTrainedModel, device_map: dict[str, str | int
         )
     for key, where in device_map.items():
         try:
-            process_device(where if not isinstance(where, int) else f"cuda:{where}")
+            check_available(where if not isinstance(where, int) else f"cuda:{where}")
         except InputError as err:
             raise InputError(f"device_map[{key!r}]: {err}") from None
 
