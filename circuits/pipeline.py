@@ -364,7 +364,7 @@ def _write_files(found: Discovery, out: Path, model: HookedModel) -> list[Path]:
         "metric": metric_name(found.task.metric),
         "method": found.scoring.method,
         "ig_steps": found.scoring.ig_steps if found.scoring.spec.uses_ig_steps else None,
-        "scoring": _scoring_record(found.scoring),
+        "scoring": _scoring_record(found.attribution.options or found.scoring),  # as the plan ran it
         "seed": found.task.seed,
         "version": _version(),
         "n_pairs": len(found.task.pairs),

@@ -277,3 +277,50 @@ def test_a_call_without_a_budget_fits_what_is_free(llama, monkeypatch, capsys):
     given = attribute(llama, Graph.from_model(llama), pairs, options=options, quiet=True)
     assert capsys.readouterr().err == ""
     torch.testing.assert_close(planned.edge_scores, given.edge_scores, rtol=1e-5, atol=1e-7)
+
+
+def test_property_any_budget_gives_a_circuit_within_it_or_a_typed_error(scored):
+    """Budgets drawn from a wide family (whole numbers in and out of range, floats, NaN, inf, bools,
+    strings, None): every selection returns a circuit within the budget or raises InputError."""
+    gen = torch.Generator().manual_seed(0)
+    total = scored.n_edges
+    family: list[object] = [0, 1, total, total + 1, -1, math.nan, math.inf, True, "5", None, 2.5, 10**12]
+    family += [int(v) for v in torch.randint(-total, 2 * total, (12,), generator=gen)]
+    for selection in ("top_n", "filled", "nodes", "random"):
+        for budget in family:
+            try:
+                circuit = select(scored, budget, selection)  # type: ignore[arg-type]
+            except InputError:
+                assert not (isinstance(budget, int) and not isinstance(budget, bool) and 0 <= budget <= total)
+                continue
+            assert isinstance(budget, int) and circuit.n_in_graph <= budget, (selection, budget)
+
+
+def test_property_a_corrupted_circuit_file_is_a_typed_error(scored, tmp_path):
+    """Every field of a circuit file replaced by values of the wrong kind: reading it raises
+    FileFormatError or GraphMismatchError (a CircuitsError), never another exception."""
+    from circuits.errors import CircuitsError
+
+    path = tmp_path / "c.json"
+    scored.top_n(10).to_json(path)
+    data = json.loads(path.read_text())
+    edge = next(iter(data["edges"]))
+    node = next(iter(data["nodes"]))
+    bad_values: list[object] = [None, 5, "x", [], {}, -1.5, True]
+    places = [("cfg",), ("nodes",), ("edges",), ("cfg", "n_layers"), ("cfg", "n_heads"), ("cfg", "d_model")]
+    places += [("edges", edge), ("edges", edge, "score"), ("edges", edge, "in_graph"), ("nodes", node)]
+    places += [("nodes", node, "in_graph"), ("metric",), ("score_sign",)]
+    for place in places:
+        for value in bad_values:
+            broken = json.loads(json.dumps(data))
+            target = broken
+            for key in place[:-1]:
+                target = target[key]
+            target[place[-1]] = value
+            path.write_text(json.dumps(broken))
+            try:
+                Graph.from_json(path)
+            except CircuitsError:
+                continue
+            except Exception as err:
+                pytest.fail(f"{place} = {value!r}: {type(err).__name__}: {err}")

@@ -81,6 +81,7 @@ class Attribution:
     metric_clean: float
     metric_corrupted: float | None
     completeness: Completeness | None
+    options: ScoringOptions | None = None  # what ran: the given options as the memory plan fitted them
 
 
 @uses_model
@@ -233,6 +234,7 @@ def _result(
         float(totals["metric_clean"]) / n,
         float(totals["metric_corrupted"]) / n if "metric_corrupted" in totals else None,
         completeness,
+        options,
     )
     if completeness is not None:
         advice = f"Use more ig_steps (now {options.ig_steps}) or quadrature='gauss-legendre'"
