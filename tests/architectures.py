@@ -66,13 +66,14 @@ MULTIPLIERS = dict(
     residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0
 )
 # RelP's identity and half rules need hooks at an MLP's activation; the bridge fuses these experts
-RELP_WITHOUT_MLP_RULES = {"mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoe"}
+RELP_WITHOUT_MLP_RULES = {"mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoe"}
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
 ATP_STAR_REFUSALS = {
     "gpt_neo": NO_PATTERN,
     "gptj": NO_PATTERN,
     "opt": NO_PATTERN,
+    "phimoe": NO_PATTERN,
     "xglm": NO_PATTERN,
     "gpt_oss": "not the softmax of its scores",
     "hunyuan_v1_dense": "through its norm alone",
@@ -92,6 +93,7 @@ ARCHITECTURES = [
     Architecture("llama", GQA),
     Architecture("mistral", GQA),
     Architecture("mixtral", dict(num_local_experts=4, **GQA)),
+    Architecture("phimoe", dict(num_local_experts=4, num_experts_per_tok=2, **GQA)),
     Architecture("qwen2", GQA),
     Architecture(
         "qwen2_moe", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **GQA)

@@ -212,6 +212,7 @@ def _boot(
     bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
     if not getattr(hf_model.config, "architectures", None):  # a model built from a config has none
         hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model.config.architectures = [_registered_name(a) for a in hf_model.config.architectures]
     _restore_moved_attributes(hf_model)
     try:
         return TransformerBridge.boot_transformers(
@@ -222,6 +223,17 @@ def _boot(
             f"{name}: TransformerLens {_tl_version()} cannot wrap {type(hf_model).__name__} "
             f"({type(err).__name__}: {' '.join(str(err).split())[:300]})"
         ) from err
+
+
+def _registered_name(architecture: str) -> str:
+    """The class name TransformerLens registers an architecture under, where it spells it otherwise than
+    transformers does (`PhimoeForCausalLM` is registered as `PhiMoEForCausalLM`); else `architecture`."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    if architecture in SUPPORTED_ARCHITECTURES:
+        return architecture
+    spelled = {name.lower(): name for name in SUPPORTED_ARCHITECTURES}
+    return spelled.get(architecture.lower(), architecture)
 
 
 def _restore_moved_attributes(hf_model: PreTrainedModel) -> None:
