@@ -212,7 +212,7 @@ def _boot(
     bridge_tokenizer.init_kwargs.setdefault("name_or_path", name)
     if not getattr(hf_model.config, "architectures", None):  # a model built from a config has none
         hf_model.config.architectures = [type(hf_model).__name__]
-    hf_model.config.architectures = [_registered_name(a) for a in hf_model.config.architectures]
+    hf_model.config.architectures = [_registered_name(a) for a in hf_model.config.architectures or []]
     _restore_moved_attributes(hf_model)
     try:
         return TransformerBridge.boot_transformers(
