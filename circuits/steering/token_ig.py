@@ -221,7 +221,14 @@ def _integrated(
         value, grad = run(alphas[part.start : part.stop].float(), True)
         assert grad is not None
         if not bool(torch.isfinite(grad).all()):
-            raise NumericalError("non-finite gradients along the IG path; try another baseline")
+            at = alphas[part.start : part.stop][~torch.isfinite(grad).flatten(1).all(1).cpu()].tolist()
+            raise NumericalError(
+                f"non-finite gradients along the IG path at alpha = {', '.join(f'{a:g}' for a in at)}: "
+                "where alpha = 0 meets the zero-embedding baseline, a norm (RMSNorm, LayerNorm) divides by "
+                "the size of a zero vector. Use a rule that never evaluates alpha = 0 (quadrature="
+                "'gauss-legendre' or 'midpoint'), or a baseline away from zero (baseline=: e.g. a common "
+                "token's embedding at every position)"
+            )
         w = weights[part.start : part.stop].float().to(grad.device)
         grad_sum += (w[:, None, None] * grad).sum(0)
         if quadrature == "idgi":

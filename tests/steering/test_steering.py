@@ -112,3 +112,12 @@ def test_zero_baseline_on_smollm2_is_finite(smollm2):
     leak into the scores."""
     result = token_ig(smollm2, "Q: Is the sky blue?\nA:", " Yes", steps=4)
     assert torch.isfinite(result.scores).all() and abs(result.delta) > 0
+
+
+def test_a_path_through_the_singular_baseline_says_what_to_do(smollm2):
+    """The left rule evaluates alpha = 0, the zero embedding, where RMSNorm divides by zero: the error
+    names the point and the two ways out."""
+    from circuits.errors import NumericalError
+
+    with pytest.raises(NumericalError, match=r"alpha = 0: .*gauss-legendre.*baseline="):
+        token_ig(smollm2, "Q: Is the sky blue?\nA:", " Yes", steps=4, quadrature="left")
