@@ -43,9 +43,10 @@ def _tiny(model_type: str):
     return load_model(arch.build(), tiny_tokenizer())
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma2"])
 def gqa(request, llama):
-    """Grouped-query models: Llama (2 of 4 heads), Qwen-2 (k / v biases), Qwen-3 (per-head q / k norms)."""
+    """Grouped-query models: Llama (2 of 4 heads), Qwen-2 (k / v biases), Qwen-3 (per-head q / k norms),
+    Gemma-2 (post-norm blocks: one attention source per layer, per-head q / k / v inputs)."""
     return llama if request.param == "llama" else _tiny(request.param)
 
 
@@ -66,7 +67,12 @@ def test_the_twin_computes_the_model_and_grouped_names_are_not_eap_igs(gqa):
     spec = gqa.spec
     grouped = set(Graph.from_model(gqa).edge_names())
     eap_ig = eap_ig_edges(spec.n_layers, spec.n_heads)
-    assert set(Graph.from_model(gqa, ungrouped=True).edge_names()) == eap_ig
+    ungrouped = set(Graph.from_model(gqa, ungrouped=True).edge_names())
+    if spec.per_head_sources:
+        assert ungrouped == eap_ig
+    else:  # post-norm: one exact attention source a{l} per layer where EAP-IG has per-head ones
+        into = {e.split("->")[1] for e in ungrouped}
+        assert into == {e.split("->")[1] for e in eap_ig}  # the same inputs: every query head's own k, v
     kv = {e for e in grouped if e.endswith(("<k>", "<v>"))}
     assert kv and not kv & eap_ig  # EAP-IG's loader refuses our grouped k / v edges, never misreads them
 
@@ -95,7 +101,7 @@ def test_exact_patching_of_ungrouped_edges_matches_a_brute_force(gqa):
     torch.testing.assert_close(exact.double(), expected, atol=2e-5, rtol=1e-4)
 
 
-def test_circuits_convert_both_ways_and_evaluate_as_the_rule_says(gqa, tmp_path):
+def test_circuits_convert_both_ways_and_evaluate_as_the_rule_says(gqa):
     """An ungrouped circuit evaluates on the twin; grouped, a key/value edge is in when any copy is, so the
     grouped circuit and that circuit ungrouped again score the same, and a circuit whose copies go
     together scores the same in both graphs."""
@@ -108,10 +114,8 @@ def test_circuits_convert_both_ways_and_evaluate_as_the_rule_says(gqa, tmp_path)
     with pytest.warns(CircuitsWarning, match="equal share"):
         back = grouped.ungrouped()
     f_grouped = evaluate(gqa, grouped, pairs).circuit
+    assert torch.equal(back.grouped(n_kv).in_graph, grouped.in_graph)  # every copy goes with the others
     assert evaluate(gqa, back, pairs).circuit == pytest.approx(f_grouped, abs=1e-5)
-    together = back  # every copy of a key/value edge goes with the others
-    assert torch.equal(together.grouped(n_kv).in_graph, grouped.in_graph)
-    assert evaluate(gqa, together, pairs).circuit == pytest.approx(f_grouped, abs=1e-5)
     # the ungrouped circuit itself: a subset of its grouped form
     assert bool((circuit.grouped(n_kv).in_graph >= grouped.in_graph).all())
     assert evaluate(gqa, circuit, pairs).full == pytest.approx(evaluate(gqa, grouped, pairs).full, abs=1e-5)
