@@ -42,7 +42,7 @@ def recall(truth: Tensor, estimate: Tensor, k: int) -> float:
 def exact_edges(model: HookedModel, graph: Graph, pairs: PromptPairs, edges: list[tuple[int, int]]) -> Tensor:
     """M(only that edge patched to its corrupted value) - M(clean), mean over examples, per edge."""
     b = len(pairs)
-    corrupted, _ = ablated_outputs(model, graph, pairs, None)
+    corrupted, _, _ = ablated_outputs(model, graph, pairs, None)
     with torch.no_grad():
         base = logit_diff(model(pairs.clean, pairs.attention_mask), pairs)
     out = torch.zeros(len(edges))

@@ -30,7 +30,7 @@ def test_whole_weights_reproduce_the_exact_ablated_forward(layout):
     pairs = make_pairs(layout)
     graph = Graph.from_model(layout)
     circuit = _random_circuit(graph, 0.4)
-    ablated, _ = ablated_outputs(layout, graph, pairs, None)
+    ablated, _, _ = ablated_outputs(layout, graph, pairs, None)
     ablate = graph.valid & ~circuit.in_graph
     exact = forward_with_ablation(layout, graph, pairs.clean, pairs.attention_mask, ablated, ablate)
     with torch.no_grad():
@@ -46,7 +46,7 @@ def test_ablation_gradient_equals_autograd_through_the_weighted_forward(layout):
     pairs = make_pairs(layout)
     graph = Graph.from_model(layout)
     circuit = _random_circuit(graph, 0.3, seed=2)
-    ablated, _ = ablated_outputs(layout, graph, pairs, None)
+    ablated, _, _ = ablated_outputs(layout, graph, pairs, None)
     ablate = graph.valid & ~circuit.in_graph
     with torch.no_grad():
         clean = layout(pairs.clean, pairs.attention_mask)
@@ -85,7 +85,7 @@ def test_mask_gradient_matches_finite_differences_inside_a_circuit(llama):
     at = mask_gradient(llama, circuit, pairs)
     assert at.circuit == pytest.approx(evaluate(llama, circuit, pairs).circuit, abs=1e-5)
     grad = at.grad
-    ablated, _ = ablated_outputs(llama, graph, pairs, None)
+    ablated, _, _ = ablated_outputs(llama, graph, pairs, None)
     with torch.no_grad():
         clean = llama(pairs.clean, pairs.attention_mask)
     keep = (circuit.in_graph & graph.valid).double()

@@ -133,9 +133,7 @@ def evaluate_many(
             return check_values(fn(logits, batch, clean), len(batch), where)
 
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
-        ablated, corrupted_logits = ablated_outputs(model, graph, batch, means)
-        with torch.no_grad():
-            clean_logits = model(ids, mask)
+        ablated, corrupted_logits, clean_logits = ablated_outputs(model, graph, batch, means)
         # with patching of prompts of one length, ablating every edge is the corrupted run itself (tested),
         # so its logits are reused; prompts of different lengths keep unmatched positions clean
         nothing = (
@@ -172,19 +170,21 @@ def _ablation_mask(circuit: Graph, complement: bool) -> Tensor:
 
 def ablated_outputs(
     model: HookedModel, graph: Graph, batch: PromptPairs, means: AblationValues | None
-) -> tuple[SourceOutputs, Tensor | None]:
+) -> tuple[SourceOutputs, Tensor | None, Tensor]:
     """Corrupted source outputs [b, P, n_sources, d] at the clean positions they correspond to (each kept
-    beside the layer that writes it) and the corrupted logits (patching); or the means / zeros at every
-    position and None."""
-    if means is not None:
-        return SourceOutputs.of(means.for_pairs(batch)), None
+    beside the layer that writes it) and the corrupted logits (patching), or the means / zeros at every
+    position and None; and the clean logits (the clean outputs of prompts of different lengths are
+    recorded in that same pass)."""
+    clean_ids, clean_mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
     placement = source_placement(model, graph)
+    clean = SourceOutputs.empty(graph, len(batch), batch.n_positions, placement) if batch.aligned else None
+    with torch.no_grad(), model.hooks([] if clean is None else source_hooks(model, graph, clean)):
+        clean_logits = model(clean_ids, clean_mask)
+    if means is not None:
+        return SourceOutputs.of(means.for_pairs(batch)), None, clean_logits
     acts = SourceOutputs.empty(graph, len(batch), batch.n_positions, placement)
     with torch.no_grad(), model.hooks(source_hooks(model, graph, acts)):
         logits = model(batch.corrupted.to(model.device), batch.corrupted_mask.to(model.device))
-    if batch.aligned:
-        clean = SourceOutputs.empty(graph, len(batch), batch.n_positions, placement)
-        with torch.no_grad(), model.hooks(source_hooks(model, graph, clean)):
-            model(batch.clean.to(model.device), batch.attention_mask.to(model.device))
+    if clean is not None:
         acts.align_(batch, clean)
-    return acts, logits
+    return acts, logits, clean_logits

@@ -73,9 +73,7 @@ def mask_gradient(
     sums = {"circuit": 0.0, "full": 0.0}
     for place, batch in pairs.process_batches(batch_size, model.device, "refinement", quiet=True):
         ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
-        ablated, _ = ablated_outputs(model, circuit, batch, None)
-        with torch.no_grad():
-            clean_logits = model(ids, mask)
+        ablated, _, clean_logits = ablated_outputs(model, circuit, batch, None)
         where = f"{place} of the refinement pairs"
 
         def measure(
