@@ -90,7 +90,7 @@ def gradients(
 
         hooks: list[tuple[str, Callable]] = [(model.input_hook, start)]
         hooks += [(n, lambda x, n=n: keep(x, n)) for n in names]
-        hooks += [] if backward is None else backward.hooks()
+        hooks = hooks if backward is None else backward.around(hooks)
         with torch.enable_grad(), model.hooks(hooks):
             logit_diff(model(ids, mask), pairs).sum().backward()
         for n in names:

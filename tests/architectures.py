@@ -19,6 +19,7 @@ PARALLEL_SHARED = "parallel attention and MLP, one shared norm"
 PARALLEL_TWO = "parallel attention and MLP, a norm each"
 SANDWICH = "post-norm (sandwich) blocks: one attention source `a{l}` per layer, per-head q/k/v inputs"
 SCALED = "residual multiplier: head and MLP outputs as scaled into the residual"
+HEADS_NORM = "q/k norm over all heads: each head's input patched and differentiated past it"
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,17 @@ MULTIPLIERS = dict(
     residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0
 )
 # RelP's identity and half rules need hooks at an MLP's activation; the bridge fuses these experts
-RELP_WITHOUT_MLP_RULES = {"mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "granitemoe"}
+RELP_WITHOUT_MLP_RULES = {
+    "mixtral",
+    "phimoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gpt_oss",
+    "granitemoe",
+    "olmoe",
+    "flex_olmo",
+    "minimax_m2",
+}
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
 ATP_STAR_REFUSALS = {
@@ -150,10 +161,12 @@ ARCHITECTURES = [
     Architecture("exaone4", GQA16, how=SANDWICH),
     Architecture("granite", dict(**GQA, **MULTIPLIERS), how=SCALED),
     Architecture("granitemoe", dict(num_local_experts=4, **GQA, **MULTIPLIERS), how=SCALED),
+    Architecture("olmo2", GQA, how=HEADS_NORM),
+    Architecture("olmo3", how=HEADS_NORM),
+    Architecture("olmoe", dict(num_experts=4, num_experts_per_tok=2), how=HEADS_NORM),
+    Architecture("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, **PAD), how=HEADS_NORM),
+    Architecture("minimax_m2", dict(num_local_experts=4, num_experts_per_tok=2, **GQA16), how=HEADS_NORM),
     # ------------------------------------------------------------------------------------ refused
-    Architecture("olmo2", refusal="mixes heads", why=COUPLED),
-    Architecture("olmo3", refusal="mixes heads", why=COUPLED),
-    Architecture("olmoe", dict(num_experts=4, num_experts_per_tok=2), refusal="mixes heads", why=COUPLED),
     Architecture("bitnet", GQA, refusal="mixes heads", why=COUPLED),
     Architecture(
         "falcon_h1",

@@ -5,7 +5,9 @@ patches. Source outputs come from the model's own forward passes (a head's resul
 with only its z kept, minus that with none; a post-norm layer's attention source is its normed attention
 output); a destination's input is patched by
 recomputing, with the real norm and projection modules, what the destination reads from `resid + delta`:
-- `a{l}.h{h}<q|k|v>`: the projection's output slice of head h, from norm(resid + delta);
+- `a{l}.h{h}<q|k|v>`: the projection's output slice of head h, from norm(resid + delta); where a q/k norm
+  normalises all heads' projections together (OLMo-2), that norm's output slice, from
+  qk_norm(proj(norm(resid + delta)));
 - `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
   shared with attention, norm(resid + delta);
 - `logits`: the final norm's input + delta.
@@ -79,6 +81,13 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def _width(module: torch.nn.Module, side: str = "") -> int:
+    """A norm's width (its weight's size), or a linear map's output width (`side="out"`)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[0] if side else weight.numel())
+
+
 def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[str, Callable]]:
     """Hooks adding deltas[dst] to each named destination's input (see module doc)."""
     spec = model.spec
@@ -102,6 +111,10 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
             layer, head, letter = int(head_input.group(1)), int(head_input.group(2)), head_input.group(3)
             norm = attn_norm(layer)
             proj = _module(model, f"blocks.{layer}.attn.{letter}")
+            at = f"blocks.{layer}.attn.{letter}.hook_out"
+            qk_norm = f"blocks.{layer}.attn.{letter}_norm"
+            if has(f"{qk_norm}.hook_out") and _width(_module(model, qk_norm)) == _width(proj, "out"):
+                proj, at = torch.nn.Sequential(proj, _module(model, qk_norm)), f"{qk_norm}.hook_out"
 
             def rebuild(x, layer=layer, head=head, norm=norm, proj=proj, delta=delta):
                 out = x.clone()
@@ -109,7 +122,7 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
                 out[..., cols] = proj(norm(resid[layer] + delta))[..., cols]
                 return out
 
-            hooks.append((f"blocks.{layer}.attn.{letter}.hook_out", rebuild))
+            hooks.append((at, rebuild))
         elif dst == "logits":
             hooks.append(("ln_final.hook_in", lambda x, delta=delta: x + delta))
         else:

@@ -48,6 +48,7 @@ LAYOUTS = {
     "phi": "shared norm",
     "granite": "residual multiplier",
     "opt": "flattened MLP",
+    "olmo2": "q/k norm over all heads (grouped-query)",
 }
 
 

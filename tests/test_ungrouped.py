@@ -43,10 +43,11 @@ def _tiny(model_type: str):
     return load_model(arch.build(), tiny_tokenizer())
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gemma2", "olmo2"])
 def gqa(request, llama):
     """Grouped-query models: Llama (2 of 4 heads), Qwen-2 (k / v biases), Qwen-3 (per-head q / k norms),
-    Gemma-2 (post-norm blocks: one attention source per layer, per-head q / k / v inputs)."""
+    Gemma-2 (post-norm blocks: one attention source per layer, per-head q / k / v inputs), OLMo-2 (q / k
+    norms over all heads)."""
     return llama if request.param == "llama" else _tiny(request.param)
 
 

@@ -191,9 +191,9 @@ def _at_last_positions(positions: Tensor) -> HookFn:
     return keep
 
 
-def _rule_hooks(job: Job) -> list[tuple[str, HookFn]]:
-    """RelP's rule hooks for one forward pass (none without rules); they go after every other hook."""
-    return [] if job.rules is None else job.rules.hooks()
+def _with_rules(job: Job, hooks: list[tuple[str, HookFn]]) -> list[tuple[str, HookFn]]:
+    """`hooks` and RelP's rule hooks for one forward pass around them (none without rules)."""
+    return hooks if job.rules is None else job.rules.around(hooks)
 
 
 def _recorder(
@@ -298,12 +298,14 @@ def eap(job: Job) -> BatchResult:
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
     recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
-    hooks = [
-        (job.model.input_hook, _grad_leaf),
-        *source_hooks(job.model, job.graph, delta, subtract=True),
-        *recorder.hooks(),
-        *_rule_hooks(job),
-    ]
+    hooks = _with_rules(
+        job,
+        [
+            (job.model.input_hook, _grad_leaf),
+            *source_hooks(job.model, job.graph, delta, subtract=True),
+            *recorder.hooks(),
+        ],
+    )
     logits = _run(job, job.pairs.clean.to(job.model.device), hooks, grad=True)
     clean_logits = logits.detach()
     values = _differentiable(job, _metric(job, logits, clean_logits))
@@ -384,12 +386,10 @@ def clean_corrupted(job: Job) -> BatchResult:
     acts = _acts(job, 2 * b, "clean")
     edges, nodes = _accumulators(job)
     recorder = _recorder(job, torch.full((2,), 0.5), edges, nodes)
-    hooks = [
-        (job.model.input_hook, _grad_leaf),
-        *source_hooks(job.model, job.graph, acts),
-        *recorder.hooks(),
-        *_rule_hooks(job),
-    ]
+    hooks = _with_rules(
+        job,
+        [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()],
+    )
     logits = _run(job, ids, hooks, grad=True)
     clean_logits = logits[:b].detach()
     values = _differentiable(job, _metric(job, logits, clean_logits, repeat=2))
@@ -429,7 +429,7 @@ def _ig_inputs(job: Job, grid: Callable[[], Iterator[tuple[Tensor, Tensor]]]) ->
 
         recorder = _recorder(job, weights, edges, nodes, delta)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
-        hooks = [(model.input_hook, interpolate), *recorder.hooks(), *_rule_hooks(job)]
+        hooks = _with_rules(job, [(model.input_hook, interpolate), *recorder.hooks()])
         logits = _run(job, ids, hooks, grad=True)
         recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
@@ -473,7 +473,7 @@ def eap_ig_activations(job: Job) -> BatchResult:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x).requires_grad_(True)
 
             recorder = _recorder(job, weights, edges, nodes, delta, members)
-            hooks = [(hook_name, interpolate), *recorder.hooks(), *_rule_hooks(job)]
+            hooks = _with_rules(job, [(hook_name, interpolate), *recorder.hooks()])
             logits = _run(job, clean_ids.repeat(m, 1), hooks, grad=True)
             recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)

@@ -82,7 +82,7 @@ class QKCapture:
             layer, letter, state = dst.layer, dst.kind, self.layers[dst.layer]
             if letter == "q":
                 hooks.append((dst.residual_hook, self._keep_resid(state)))  # type: ignore[arg-type]
-            hooks.append((dst.hook, self._keep_proj(state, letter)))
+            hooks.append((model.qkv_out_hook(layer, letter), self._keep_proj(state, letter)))
             hooks.append((model.qk_score_input_hook(layer, letter), self._keep_leaf(state, letter)))
             if letter == "k":
                 hooks.append((model.attn_scores_hook(layer), self._keep_scores(state)))
@@ -207,25 +207,30 @@ class _Path:
     weight: Tensor  # [n, d_head, d_model]
     head_norm: nn.Module | None
     head_norm_form: NormForm | None
+    across_heads: bool  # the q/k norm normalises all heads' projections together (OLMo-2)
 
 
 def _path(model: HookedModel, layer: int, letter: str) -> _Path:
     norm = model.attn_norm(layer)
     form = None if isinstance(norm, nn.Identity) else norm_form(norm, model.spec.d_model)
     head_norm = model.qk_norm(layer, letter)  # type: ignore[arg-type]
-    head_form = None if head_norm is None else norm_form(head_norm, model.spec.d_head)
+    across = model.head_input_norm(layer, letter) is not None  # type: ignore[arg-type]
+    width = model.spec.d_head * (model.spec.n_qkv_heads(letter) if across else 1)  # type: ignore[arg-type]
+    head_form = None if head_norm is None else norm_form(head_norm, width)
     if (form is None and not isinstance(norm, nn.Identity)) or (head_norm is not None and head_form is None):
         raise UnsupportedModelError(
             f"{model.spec.name}: AtP*'s QK fix needs the attention norm (and q/k norms) to be LayerNorm or "
             "RMSNorm, to move q and k exactly"
         )
-    return _Path(norm, form, model.W_qkv(layer, letter), head_norm, head_form)  # type: ignore[arg-type]
+    return _Path(norm, form, model.W_qkv(layer, letter), head_norm, head_form, across)  # type: ignore[arg-type]
 
 
 def _moves(path: _Path, resid: Tensor, proj: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     """The exact and the linearised change of q (k) where the scores read it: [c, b, n, P, d_head].
 
-    resid [b, P, d]; proj [b, P, n * d_head] the clean projection output; delta [c, b, P, d] for c sources.
+    resid [b, P, d]; proj [b, P, n * d_head] the clean projection output (before any q/k norm); delta
+    [c, b, P, d] for c sources. Every head's q moves by its own change: a norm over all heads together is
+    applied to all of them moved at once, which moves head h exactly as patching head h alone would.
     """
     n, e, _ = path.weight.shape
     w = path.weight.float()
@@ -233,7 +238,12 @@ def _moves(path: _Path, resid: Tensor, proj: Tensor, delta: Tensor) -> tuple[Ten
     exact = torch.einsum("cbpd,ned->cbpne", path.norm(x + delta).float() - path.norm(x).float(), w)
     normed_delta = delta if path.norm_form is None else norm_jvp(path.norm_form, x, delta)
     linear = torch.einsum("cbpd,ned->cbpne", normed_delta, w)
-    if path.head_norm is not None:
+    if path.head_norm is not None and path.across_heads:
+        assert path.head_norm_form is not None
+        q = proj.float()
+        exact = (path.head_norm(q + exact.flatten(-2)).float() - path.head_norm(q).float()).view_as(linear)
+        linear = norm_jvp(path.head_norm_form, q, linear.flatten(-2)).view_as(exact)
+    elif path.head_norm is not None:
         assert path.head_norm_form is not None
         q = proj.float().reshape(*proj.shape[:2], n, e)
         exact = path.head_norm(q + exact).float() - path.head_norm(q).float()

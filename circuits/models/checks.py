@@ -153,7 +153,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         _close(spec.name, following, acts[following], post, rtol)
 
         resid = acts[model.attn_norm_in_hook(layer)]
-        per_head = [grads[model.qkv_out_hook(layer, letter)] for letter in ("q", "k", "v")]
+        per_head = [grads[model.head_input_hook(layer, letter)] for letter in QKV_LETTERS]
         total = model.attn_input_grads(layer, resid, per_head).sum(2)
         if model.mlp_shares_attn_norm:
             one = torch.ones(1, device=resid.device)
@@ -168,12 +168,13 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
 
 
 def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None) -> None:
-    """Raise `AdditivityError` unless each head's output depends on its own q/k/v projection slice only.
+    """Raise `AdditivityError` unless each head's output depends on its own q/k/v input slice only.
 
-    The graph patches head h's q (k, v) input by rewriting head h's slice of the projection output; that is
-    head h's input alone only if nothing after the projection mixes heads. A q/k norm over the full width
-    (OLMoE, OLMo-2) does, and then "patching head h's query" would move every head's. Checked on a probe
-    batch: the Jacobian of the other heads' z with respect to head 0's slice must vanish, layer by layer.
+    The graph patches head h's q (k, v) input by rewriting head h's slice where the heads' input values
+    live (`HookedModel.head_input_hook`: the projection's output, or past a q/k norm over all heads that
+    norm's output); that is head h's input alone only if nothing after that point mixes heads. Checked on
+    a probe batch: the Jacobian of the other heads' z with respect to head 0's slice must vanish, layer by
+    layer.
     """
     spec = model.spec
     ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
@@ -192,7 +193,7 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
 
     hooks: list[tuple[str, HookFn]] = []
     for layer in range(spec.n_layers):
-        hooks += [(model.qkv_out_hook(layer, letter), as_leaf((layer, letter))) for letter in QKV_LETTERS]
+        hooks += [(model.head_input_hook(layer, letter), as_leaf((layer, letter))) for letter in QKV_LETTERS]
         hooks.append((model.head_z_hook(layer), keep_z(layer)))
     gen = torch.Generator().manual_seed(1)
     with torch.enable_grad(), model.hooks(hooks):
@@ -207,11 +208,11 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
                 )
                 if leak > 1e-5 * max(scale, 1e-6):
                     raise AdditivityError(
-                        f"{spec.name}: in layer {layer}, head 0's {letter} projection also moves other "
-                        f"heads' outputs (gradient {leak:.3g} vs {scale:.3g} for its own): something after "
-                        f"the projection mixes heads (a {letter} norm over all heads, as in OLMoE, OLMo-2), "
-                        f"so a head's {letter} input cannot be patched alone and per-head {letter} edges are "
-                        "undefined for this architecture"
+                        f"{spec.name}: in layer {layer}, head 0's {letter} input (at "
+                        f"{model.head_input_hook(layer, letter)}) also moves other heads' outputs (gradient "
+                        f"{leak:.3g} vs {scale:.3g} for its own): something after that point mixes heads, so "
+                        f"the graph's per-head {letter} inputs are not where this architecture's heads read "
+                        "their own"
                     )
 
 

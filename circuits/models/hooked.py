@@ -9,6 +9,7 @@ nodes and asks this adapter for the hook point that carries each of them:
 | head outputs (before W_O)       | `blocks.{l}.attn.o.hook_in`       | [batch, pos, n_heads * d_head] |
 | MLP output                      | `blocks.{l}.hook_mlp_out`         | [batch, pos, d_model]          |
 | q / k / v projections (pre-RoPE)| `blocks.{l}.attn.{q,k,v}.hook_out`| [batch, pos, n * d_head]       |
+| q / k past a norm over all heads| `blocks.{l}.attn.{q,k}_norm.hook_out`| [batch, pos, n * d_head]    |
 | attention-block input (pre-norm)| `blocks.{l}.ln1.hook_in`          | [batch, pos, d_model]          |
 | MLP input (pre-norm)            | `blocks.{l}.ln2.hook_in`          | [batch, pos, d_model]          |
 | MLP input (normed; shared norm) | `blocks.{l}.mlp.hook_in`          | [batch, pos, d_model]          |
@@ -34,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from circuits.errors import InputError, UnsupportedModelError
-from circuits.models.norms import ProjectedNorm
+from circuits.models.norms import HeadsNorm, ProjectedNorm
 
 QKV = Literal["q", "k", "v"]
 QKV_LETTERS: tuple[QKV, ...] = ("q", "k", "v")
@@ -111,6 +112,10 @@ class HookedModel:
         self.recomputing = False  # a block is running again in the backward pass (`models.recompute`)
         self.source: Any = None  # the Hugging Face model before the bridge wrapped it (`models.ungroup`)
         self.ungrouped: HookedModel | None = None  # the ungrouped twin, once made (`models.ungroup`)
+        # q/k/v input gradients in closed form where the norms are verified to have one; False: autograd
+        # through `qkv_from_residual` for every head (the reference path, and its cost in benchmarks)
+        self.closed_form_pullbacks = True
+        self._heads_norms: dict[tuple[int, str], tuple[tuple, HeadsNorm]] = {}
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
@@ -129,6 +134,27 @@ class HookedModel:
     @staticmethod
     def qkv_out_hook(layer: int, letter: QKV) -> str:
         return f"blocks.{layer}.attn.{letter}.hook_out"
+
+    def head_input_hook(self, layer: int, letter: QKV) -> str:
+        """Where each head's own q (k, v) input value lives, [batch, pos, n * d_head]: the projection's
+        output, or past a norm over all heads' projections together (`head_input_norm`), its output."""
+        if self.head_input_norm(layer, letter) is not None:
+            return f"blocks.{layer}.attn.{letter}_norm.hook_out"
+        return self.qkv_out_hook(layer, letter)
+
+    def head_input_norm(self, layer: int, letter: QKV) -> nn.Module | None:
+        """The q (k) norm when it normalises all heads' projections together (OLMo-2, OLMoE, MiniMax-M2:
+        its width is n * d_head), or None (per-head norms, Qwen3's, do not mix heads).
+
+        Head h's input is then slice_h N(W n(x) + b): still a function of the residual x alone, patched by
+        recomputing the projection and N from the patched residual and keeping slice h."""
+        if letter == "v" or self.spec.n_qkv_heads(letter) == 1:
+            return None
+        norm = self.qk_norm(layer, letter)
+        weight = getattr(norm, "weight", None)
+        shape = weight.shape if isinstance(weight, Tensor) else getattr(norm, "normalized_shape", None)
+        width = self.spec.n_qkv_heads(letter) * self.spec.d_head
+        return norm if shape is not None and int(torch.Size(shape).numel()) == width else None
 
     def attn_norm_in_hook(self, layer: int) -> str:
         """Input of the norm in front of attention, or of attention itself where there is none (OLMo-2)."""
@@ -300,11 +326,22 @@ class HookedModel:
         )
 
     def qkv_from_residual(self, layer: int, letter: QKV, resid: Tensor) -> Tensor:
-        """Each head's q (k, v) projection of its own residual stream: [b, P, n, d_head] from resid
-        [b, P, n, d_model], through the attention norm and W[h] (+ bias) alone."""
-        out = torch.einsum("bpnd,nhd->bpnh", self.attn_norm(layer)(resid), self.W_qkv(layer, letter))
-        bias = self.b_qkv(layer, letter)
-        return out if bias is None else out + bias
+        """Each head's q (k, v) input value computed from its own residual stream: [b, P, n, d_head] from
+        resid [b, P, n, d_model], through the attention norm and W[h] (+ bias) alone; past a norm over all
+        heads (`head_input_norm`), head h's slice of N(W norm(resid_h) + b), the full width per head."""
+        heads_norm = self.head_input_norm(layer, letter)
+        normed = self.attn_norm(layer)(resid)
+        if heads_norm is None:
+            out = torch.einsum("bpnd,nhd->bpnh", normed, self.W_qkv(layer, letter))
+            bias = self.b_qkv(layer, letter)
+            return out if bias is None else out + bias
+        n = resid.shape[2]
+        full = heads_norm(self._projection(layer, letter)(normed))  # [b, P, n (residuals), n * d_head]
+        return full.view(*full.shape[:3], n, -1).diagonal(dim1=2, dim2=3).movedim(-1, 2)
+
+    def _projection(self, layer: int, letter: QKV) -> nn.Module:
+        """The q (k, v) projection of all heads (the Hugging Face module)."""
+        return getattr(self._block(layer).attn, letter)._original_component  # type: ignore[no-any-return]
 
     def W_O(self, layer: int) -> Tensor:
         """Per-head output weights [n_heads, d_head, d_model]: head h's result z_h @ W_O[h] is what it adds
@@ -365,9 +402,73 @@ class HookedModel:
             view of head-major storage).
         """
         spec = self.spec
-        grads = torch.cat([g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj], dim=2)
         weights = torch.ones(1, device=resid.device) if weights is None else weights
-        return self._projected_norm(layer, "qkv").vjp(resid, grads, weights, out, frozen_scale)
+        grads = [g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj]
+        starts = [0, spec.n_heads, spec.n_heads + spec.n_kv_heads, spec.n_heads + 2 * spec.n_kv_heads]
+        corrections: list[tuple[slice, list[tuple[Tensor, Tensor]]]] = []
+        by_autograd: list[tuple[slice, QKV, Tensor]] = []
+        for i, letter in enumerate(QKV_LETTERS):
+            rows = slice(starts[i], starts[i + 1])
+            heads_norm = self._heads_norm(layer, letter)
+            if not self.closed_form_pullbacks or (heads_norm is not None and heads_norm.form is None):
+                by_autograd.append((rows, letter, grads[i]))
+                grads[i] = torch.zeros_like(grads[i])
+            elif heads_norm is not None:
+                y = self._projection(layer, letter)(self.attn_norm(layer)(resid))
+                w = self.W_qkv(layer, letter)
+                grads[i], terms = heads_norm.pull_back(y, grads[i], w, frozen_scale)
+                corrections.append((rows, terms))
+        result = self._projected_norm(layer, "qkv").vjp(
+            resid, torch.cat(grads, 2), weights, out, frozen_scale
+        )
+        step_weights = weights.to(resid.device, result.dtype).view(-1, 1, 1, 1, 1)
+        for rows, terms in corrections:  # the terms shared by all heads, pulled back through the norm
+            for coefficients, vector in terms:
+                pulled = self._projected_norm(layer, "mlp").vjp(
+                    resid, vector.unsqueeze(2), torch.ones(1, device=resid.device), frozen_scale=frozen_scale
+                )[:, :, 0]  # [K * b, P, d], per step
+                k = weights.shape[0]
+                per_step = coefficients.reshape(k, -1, *coefficients.shape[1:]).to(result.dtype)
+                result[:, :, rows] += torch.einsum(
+                    "kbpn,kbpd->bpnd",
+                    (step_weights[..., 0] * per_step),
+                    pulled.reshape(k, -1, *pulled.shape[1:]),
+                )
+        for rows, letter, g in by_autograd:
+            if frozen_scale:
+                raise UnsupportedModelError(
+                    f"{spec.name}: layer {layer}'s {letter} heads read the residual through a norm that is "
+                    "neither a LayerNorm nor an RMSNorm, so RelP's LN rule (its scale held constant) "
+                    "cannot be applied to it"
+                )
+            result[:, :, rows] = self._autograd_head_grads(layer, letter, resid, g, weights).to(result.dtype)
+        return result
+
+    def _autograd_head_grads(
+        self, layer: int, letter: QKV, resid: Tensor, grads: Tensor, weights: Tensor
+    ) -> Tensor:
+        """sum_k weights[k] (d q_h / d x)(x_k)^T g_{k,h} for each head h, by autograd through
+        `qkv_from_residual` on a copy of the residual per head: [b, P, n, d] from resid [K * b, P, d] and
+        grads [K * b, P, n, d_head]."""
+        n = grads.shape[2]
+        with torch.enable_grad():
+            x = resid.detach().unsqueeze(2).expand(-1, -1, n, -1).contiguous().requires_grad_(True)
+            values = self.qkv_from_residual(layer, letter, x)
+            (full,) = torch.autograd.grad(values, x, grads.to(values.dtype))
+        full = full.reshape(weights.shape[0], -1, *full.shape[1:])
+        return (weights.to(full.device, full.dtype).view(-1, 1, 1, 1, 1) * full).sum(0)
+
+    def _heads_norm(self, layer: int, letter: QKV) -> HeadsNorm | None:
+        """`HeadsNorm` of the layer's q (k) norm over all heads, made once, or None."""
+        norm = self.head_input_norm(layer, letter)
+        if norm is None:
+            return None
+        key = tuple((t.data_ptr(), t._version) for t in norm.parameters())
+        cached = self._heads_norms.get((layer, letter))
+        if cached is None or cached[0] != key:
+            cached = (key, HeadsNorm(norm, self.spec.n_qkv_heads(letter) * self.spec.d_head))
+            self._heads_norms[layer, letter] = cached
+        return cached[1]
 
     def shared_norm_grads(
         self, layer: int, resid: Tensor, grad: Tensor, weights: Tensor, frozen_scale: bool = False

@@ -165,3 +165,54 @@ def _autograd_projected_vjp(norm: nn.Module, x: Tensor, grads: Tensor, w: Tensor
         (full,) = torch.autograd.grad(norm(xs), xs, grads_normed)
     full = full.reshape(weights.shape[0], -1, *full.shape[1:])
     return (weights.to(full.device, full.dtype).reshape(-1, 1, 1, 1, 1) * full).sum(0)
+
+
+class HeadsNorm:
+    """A norm over all heads' projection outputs together, after the projection (OLMo-2, OLMoE,
+    MiniMax-M2: q_h = slice_h N(y), y = W n(x) + b of width D = n * e): its pull-back for each head.
+
+    For a LayerNorm or RMSNorm N (`norm_form`), the gradient g_h at head h's slice of N's output pulls
+    back to y as J_N^T (e_h g_h) = r (e_h u_h - m_h 1 - c_h y_hat), u_h = gain_h * g_h, m_h = sum(u_h) / D
+    (LayerNorm only), c_h = y_hat_h . u_h / D. So W^T of it is W_h^T (r u_h) (what `ProjectedNorm` does
+    for a head-separable projection) plus two terms shared by all heads up to a per-head coefficient:
+    -r m_h W^T 1 and -r c_h W^T y_hat. With the scale frozen (RelP's LN rule) the c_h term drops.
+    """
+
+    def __init__(self, norm: nn.Module, width: int) -> None:
+        self.norm = norm
+        self.form = norm_form(norm, width)
+
+    def pull_back(
+        self, y: Tensor, grads: Tensor, w: Tensor, frozen_scale: bool = False
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """(grads for the projection slices, [(coefficients, vector)]): the gradient at the projection's
+        input for head h is W_h^T grads'[..., h, :] + sum over terms of coefficients[..., h] * vector.
+
+        Args:
+            y: [rows, P, D] the projection's output (N's input).
+            grads: [rows, P, n, e] gradients at each head's slice of N's output.
+            w: [n, e, d] the projection's per-head weights.
+        Returns:
+            grads' [rows, P, n, e]; each term: coefficients [rows, P, n], vector [rows, P, d] (float32 or
+            wider).
+        """
+        form = self.form
+        assert form is not None, "HeadsNorm.pull_back needs a LayerNorm or RMSNorm (see `form`)"
+        dtype = torch.promote_types(grads.dtype, torch.float32)
+        y, g = y.to(dtype), grads.to(dtype)
+        rows, p, n, e = g.shape
+        width = n * e
+        centred = y - y.mean(-1, keepdim=True) if form.centre else y
+        r = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + form.eps)  # [rows, P, 1]
+        u = g * form.gain.to(y.device, dtype).view(n, e)
+        w = w.to(dtype)
+        terms: list[tuple[Tensor, Tensor]] = []
+        if form.centre:
+            m = u.sum(-1) / width  # [rows, P, n]
+            ones = w.sum(1).sum(0)  # W^T 1 [d]
+            terms.append((-r * m, ones.expand(rows, p, -1)))
+        if not frozen_scale:
+            y_hat = (centred * r).view(rows, p, n, e)
+            c = (y_hat * u).sum(-1) / width
+            terms.append((-r * c, torch.einsum("bpne,ned->bpd", y_hat, w)))
+        return r.unsqueeze(-1) * u, terms

@@ -18,6 +18,7 @@ refused with `UnsupportedModelError` naming the place; turn that rule off to go 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from circuits.errors import UnsupportedModelError
 from circuits.models.checks import pattern_problem, probe_ids, probed
-from circuits.models.hooked import HookedModel, HookFn
+from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
 from circuits.models.norms import NormForm, norm_form
 
 _STABILISER = 1e-6  # |denominator| below which the identity rule's ratio is taken against +-1e-6
@@ -91,14 +92,27 @@ class RelPBackward:
                 raise UnsupportedModelError(f"{model.spec.name}: RelP's CP rule cannot be placed: {problem}")
             self.patterns = tuple(model.attn_pattern_hook(layer) for layer in range(model.spec.n_layers))
 
-    def hooks(self) -> list[tuple[str, HookFn]]:
-        hooks: list[tuple[str, HookFn]] = []
+    def around(self, hooks: Sequence[tuple[str, HookFn]]) -> list[tuple[str, HookFn]]:
+        """`hooks` with a fresh set of the rules around them: after them, except where a norm's output is
+        where the heads' q/k inputs are read (a q/k norm over all heads): there the rule goes first, so
+        that the gradient read at that point has passed the rule and the backward pass goes on through it
+        (the destinations' pull-back freezes that norm's scale itself: `HookedModel.attn_input_grads`)."""
+        model = self.model
+        head_inputs = {
+            model.head_input_hook(layer, letter)
+            for layer in range(model.spec.n_layers)
+            for letter in QKV_LETTERS
+        }
+        first: list[tuple[str, HookFn]] = []
+        last: list[tuple[str, HookFn]] = []
         for (in_hook, out_hook), form in self.forms.items():
-            hooks += _ln_rule(in_hook, out_hook, form)
+            keep, frozen = _ln_rule(in_hook, out_hook, form)
+            last.append(keep)
+            (first if out_hook in head_inputs else last).append(frozen)
         for mlp in self.mlps:
-            hooks += _mlp_rule(mlp, self.rules.identity, self.rules.half)
-        hooks += [(name, _constant) for name in self.patterns]
-        return hooks
+            last += _mlp_rule(mlp, self.rules.identity, self.rules.half)
+        last += [(name, _constant) for name in self.patterns]
+        return [*first, *hooks, *last]
 
 
 # ------------------------------------------------------------------------------------------- rules
@@ -111,7 +125,7 @@ def _constant(x: Tensor) -> Tensor:
     return x.detach()
 
 
-def _ln_rule(in_hook: str, out_hook: str, form: NormForm) -> list[tuple[str, HookFn]]:
+def _ln_rule(in_hook: str, out_hook: str, form: NormForm) -> tuple[tuple[str, HookFn], tuple[str, HookFn]]:
     seen: list[Tensor] = []
 
     def keep(x: Tensor) -> None:
@@ -126,7 +140,7 @@ def _ln_rule(in_hook: str, out_hook: str, form: NormForm) -> list[tuple[str, Hoo
         r = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + form.eps).detach()
         return _through(y, c * (r * form.gain.to(x.device, torch.float32)))
 
-    return [(in_hook, keep), (out_hook, frozen_scale)]
+    return (in_hook, keep), (out_hook, frozen_scale)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:

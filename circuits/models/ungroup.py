@@ -79,6 +79,17 @@ def _expand_key_values(hf_model: nn.Module, spec: ModelSpec) -> None:
             continue
         for name, projection in zip(("k_proj", "v_proj"), projections):
             setattr(module, name, _repeated(projection, spec.n_kv_heads, groups))  # type: ignore[arg-type]
+        k_norm = getattr(module, "k_norm", None)
+        weight = getattr(k_norm, "weight", None)
+        if isinstance(weight, nn.Parameter) and weight.numel() == rows and spec.n_kv_heads > 1:
+            # a k norm over all key heads (OLMo-2): repeating every head's keys leaves their mean and mean
+            # square unchanged (with one key head it cannot be told from a per-head norm; the check below
+            # refuses the twin if it was one)
+            repeated = weight.detach().view(spec.n_kv_heads, -1).repeat_interleave(groups, 0).reshape(-1)
+            k_norm.weight = nn.Parameter(repeated, requires_grad=False)  # type: ignore[union-attr]
+            for attribute in ("normalized_shape", "hidden_size"):
+                if isinstance(getattr(k_norm, attribute, None), tuple):
+                    setattr(k_norm, attribute, (repeated.numel(),))
         for attribute in ("num_key_value_groups",):
             if hasattr(module, attribute):
                 setattr(module, attribute, 1)

@@ -13,8 +13,9 @@ Sources (`SourceSite.hook` carries their value; `output_hook` is where their sum
 
 Destinations (`DestinationSite.hook` is where the input is patched and its gradient read):
 
-    q, k, v    `a{l}.h{h}<q>` ...     the projection's output [B, P, n * d_head], rebuilt from the
-                                      residual read at `residual_hook` (the attention norm's input)
+    q, k, v    `a{l}.h{h}<q>` ...     the projection's output [B, P, n * d_head] (past a q/k norm over all
+                                      heads, that norm's output), rebuilt per head from the residual read
+                                      at `residual_hook` (the attention norm's input)
     mlp        `m{l}`                 `HookedModel.mlp_destination_hook`; with `residual_hook` set, the MLP
                                       reads through the attention norm it shares (parallel blocks)
     logits     `logits`               the final norm's input                             [B, P, d]
@@ -147,7 +148,7 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
         residual = None
         match block.kind:
             case "q" | "k" | "v":
-                hook = model.qkv_out_hook(layer, block.kind)
+                hook = model.head_input_hook(layer, block.kind)
                 residual = model.attn_norm_in_hook(layer)
             case "mlp":
                 hook = model.mlp_destination_hook(layer)

@@ -23,6 +23,12 @@ from tests.pairs import make_pairs
 OFF = RelPRules(ln=False, identity=False, half=False, cp=False)
 
 
+def _olmo2() -> HookedModel:
+    """Grouped-query attention with q/k norms over all heads (their scales frozen by the LN rule too)."""
+    arch = next(a for a in ARCHITECTURES if a.name == "olmo2")
+    return load_model(arch.build(), tiny_tokenizer())
+
+
 def _edges(model: HookedModel, graph: Graph, pairs, **options: Any) -> torch.Tensor:
     scores = attribute(model, graph, pairs, quiet=True, **options).edge_scores
     assert scores is not None
@@ -137,9 +143,9 @@ def _reference_scores(model: HookedModel, graph: Graph, pairs, rules: RelPRules)
     ],
     ids=["default", "ln", "identity", "half", "cp"],
 )
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2"])
 def test_relp_matches_a_hand_written_detach_reference(name, rules, request):
-    model = request.getfixturevalue(name)
+    model = _olmo2() if name == "olmo2" else request.getfixturevalue(name)
     graph, pairs = Graph.from_model(model), make_pairs(model)
     ours = _edges(model, graph, pairs, method="relp", rules=rules)
     want = _reference_scores(model, graph, pairs, rules)
