@@ -20,6 +20,9 @@ PARALLEL_TWO = "parallel attention and MLP, a norm each"
 SANDWICH = "post-norm (sandwich) blocks: one attention source `a{l}` per layer, per-head q/k/v inputs"
 SCALED = "residual multiplier: head and MLP outputs as scaled into the residual"
 HEADS_NORM = "q/k norm over all heads: each head's input patched and differentiated past it"
+MIXED_OUTPUTS = (
+    "a norm over all heads' outputs before W_O: one attention source `a{l}` per layer, per-head q/k/v"
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ RELP_WITHOUT_MLP_RULES = {
     "olmoe",
     "flex_olmo",
     "minimax_m2",
+    "bitnet",  # a norm between the activation and the down projection
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -90,7 +94,6 @@ ATP_STAR_REFUSALS = {
     "hunyuan_v1_dense": "through its norm alone",
     "gemma2": "soft-capping",
 }
-COUPLED = "q/k norm over all heads: one head's query input cannot be patched alone"
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 NO_ADAPTER = "TransformerLens 4.3 has no adapter for it"
 
@@ -166,8 +169,8 @@ ARCHITECTURES = [
     Architecture("olmoe", dict(num_experts=4, num_experts_per_tok=2), how=HEADS_NORM),
     Architecture("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, **PAD), how=HEADS_NORM),
     Architecture("minimax_m2", dict(num_local_experts=4, num_experts_per_tok=2, **GQA16), how=HEADS_NORM),
+    Architecture("bitnet", GQA, how=MIXED_OUTPUTS),
     # ------------------------------------------------------------------------------------ refused
-    Architecture("bitnet", GQA, refusal="mixes heads", why=COUPLED),
     Architecture(
         "falcon_h1",
         GQA,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from circuits.errors import UnsupportedModelError
-from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
+from circuits.models.hooked import QKV, QKV_LETTERS, HookedModel, HookFn
 from circuits.models.plain import plain_model
 from circuits.models.wiring import wiring
 
@@ -174,12 +174,12 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
     live (`HookedModel.head_input_hook`: the projection's output, or past a q/k norm over all heads that
     norm's output); that is head h's input alone only if nothing after that point mixes heads. Checked on
     a probe batch: the Jacobian of the other heads' z with respect to head 0's slice must vanish, layer by
-    layer.
+    layer. Where heads are mixed before the output projection (`heads_mixed_before_output`), only q and k
+    are checked, on the attention pattern.
     """
     spec = model.spec
     ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
     leaves: dict[tuple[int, str], Tensor] = {}
-    z: dict[int, Tensor] = {}
 
     def as_leaf(key: tuple[int, str]) -> HookFn:
         def fn(x: Tensor) -> Tensor:
@@ -188,19 +188,30 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
 
         return fn
 
-    def keep_z(layer: int) -> HookFn:
-        return lambda x: z.__setitem__(layer, x.reshape(*x.shape[:2], spec.n_heads, spec.d_head))
+    # where a head's own output is read: z, or where heads are mixed before the output projection
+    # (BitNet), the attention pattern (which q and k alone reach; v then reaches only mixed outputs)
+    mixed = probed(model, heads_mixed_before_output.__name__, heads_mixed_before_output)
+    letters: tuple[QKV, ...] = ("q", "k") if mixed else QKV_LETTERS
+    outputs = model.attn_pattern_hook if mixed else model.head_z_hook
 
+    def keep(layer: int) -> HookFn:
+        def fn(x: Tensor) -> None:  # [b, P, n_heads * d_head] or a pattern [b, n_heads, P, P]
+            heads = x.transpose(1, 2) if mixed else x.reshape(*x.shape[:2], spec.n_heads, spec.d_head)
+            out[layer] = heads
+
+        return fn
+
+    out: dict[int, Tensor] = {}
     hooks: list[tuple[str, HookFn]] = []
     for layer in range(spec.n_layers):
-        hooks += [(model.head_input_hook(layer, letter), as_leaf((layer, letter))) for letter in QKV_LETTERS]
-        hooks.append((model.head_z_hook(layer), keep_z(layer)))
+        hooks += [(model.head_input_hook(layer, letter), as_leaf((layer, letter))) for letter in letters]
+        hooks.append((outputs(layer), keep(layer)))
     gen = torch.Generator().manual_seed(1)
     with torch.enable_grad(), model.hooks(hooks):
         model(ids)
         for layer in range(spec.n_layers):
-            probe = torch.randn(z[layer].shape, generator=gen).to(z[layer]) * z[layer]
-            for letter in QKV_LETTERS:
+            probe = torch.randn(out[layer].shape, generator=gen).to(out[layer]) * out[layer]
+            for letter in letters:
                 readers = 1 if letter == "q" else spec.n_heads // spec.n_kv_heads  # heads reading slice 0
                 own, others = probe[:, :, :readers].sum(), probe[:, :, readers:].sum()
                 leak, scale = (
@@ -214,6 +225,46 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
                         f"the graph's per-head {letter} inputs are not where this architecture's heads read "
                         "their own"
                     )
+
+
+def heads_mixed_before_output(model: HookedModel, input_ids: Tensor | None = None) -> bool:
+    """Whether something between attention and the output projection mixes heads (BitNet's norm over
+    the concatenated head outputs, `attn_sub_norm`): in some layer, another head's value of z (the output
+    projection's input) moves with head 0's v input. Then a head's z W_O[h] is no output of that head
+    alone, and the layer's attention output is one source (as for post-norm blocks)."""
+    spec = model.spec
+    reads = [model.head_input_hook(layer, "v") for layer in range(spec.n_layers)]
+    reads += [model.head_z_hook(layer) for layer in range(spec.n_layers)]
+    if spec.n_heads == 1 or not all(model.has_hook(name) for name in reads):
+        return False  # nothing to mix, or no heads where the checks look for them (they refuse the model)
+    ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
+    leaves: dict[int, Tensor] = {}
+    z: dict[int, Tensor] = {}
+
+    def as_leaf(layer: int) -> HookFn:
+        def fn(x: Tensor) -> Tensor:
+            leaves[layer] = x.detach().requires_grad_(True)
+            return leaves[layer]
+
+        return fn
+
+    def keep_z(layer: int) -> HookFn:
+        return lambda x: z.__setitem__(layer, x)
+
+    hooks: list[tuple[str, HookFn]] = []
+    for layer in range(spec.n_layers):
+        hooks.append((model.head_input_hook(layer, "v"), as_leaf(layer)))
+        hooks.append((model.head_z_hook(layer), keep_z(layer)))
+    with torch.enable_grad(), model.hooks(hooks):
+        model(ids)
+        readers = spec.n_heads // spec.n_kv_heads  # the heads reading value head 0
+        for layer in range(spec.n_layers):
+            heads = z[layer].reshape(*z[layer].shape[:2], spec.n_heads, spec.d_head)
+            leak = _slice_grad(heads[:, :, readers:].pow(2).sum(), leaves[layer], spec.d_head)
+            own = _slice_grad(heads[:, :, :readers].pow(2).sum(), leaves[layer], spec.d_head)
+            if leak > 1e-5 * max(own, 1e-6):
+                return True
+    return False
 
 
 def _slice_grad(loss: Tensor, x: Tensor, width: int) -> float:

@@ -245,7 +245,7 @@ class HookedModel:
 
     def qk_norm(self, layer: int, letter: Literal["q", "k"]) -> nn.Module | None:
         """The per-head q (k) norm (the Hugging Face module), or None."""
-        attn = self._block(layer).attn
+        attn = getattr(self._block(layer), "attn", None)  # a block without attention has none
         norm = getattr(attn, f"{letter}_norm", None)
         return None if norm is None else getattr(norm, "_original_component", norm)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -11,7 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from circuits.distributed import check_available, local_world_size, process_device
 from circuits.errors import CircuitsError, InputError, ModelLoadError, UnsupportedModelError
-from circuits.models.checks import check_additivity, check_bridge, check_heads_independent
+from circuits.models.checks import (
+    check_additivity,
+    check_bridge,
+    check_heads_independent,
+    heads_mixed_before_output,
+    probed,
+)
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded
 from circuits.models.hooked import HookedModel, ModelSpec
 
@@ -66,9 +74,25 @@ def load_model(
         prepend_bos = _default_prepend_bos(hf_model, tokenizer)
     model = HookedModel(bridge, tokenizer, _spec_from_bridge(bridge, model_name), prepend_bos)
     model.source = source
+    if model.spec.per_head_sources and _probe_layout(model, heads_mixed_before_output, check):
+        model.spec = replace(model.spec, per_head_sources=False)  # BitNet: one attention source per layer
     if check:
         _run_checks(model)
     return model
+
+
+def _probe_layout(model: HookedModel, probe: Callable[[HookedModel], bool], check: bool) -> bool:
+    """`probe(model)`: a question about the block layout, asked on a probe batch. Where it cannot run, a
+    refusal (as for the checks), or with `check=False` (everything at the caller's risk) False."""
+    try:
+        return probed(model, probe.__name__, probe)  # type: ignore[no-any-return]
+    except CircuitsError:
+        if check:
+            raise
+    except Exception as err:
+        if check:
+            raise _cannot_run(model, "the load-time probe of its block layout", err) from err
+    return False
 
 
 def _run_checks(model: HookedModel) -> None:
@@ -82,11 +106,15 @@ def _run_checks(model: HookedModel) -> None:
     except CircuitsError:
         raise
     except Exception as err:
-        raise UnsupportedModelError(
-            f"{model.spec.name}: the load-time checks cannot run on this architecture "
-            f"({type(err).__name__}: {' '.join(str(err).split())[:200]}): its blocks do not have the "
-            "layout the edge graph needs (attention heads and an MLP reading and writing one residual stream)"
-        ) from err
+        raise _cannot_run(model, "the load-time checks", err) from err
+
+
+def _cannot_run(model: HookedModel, what: str, err: Exception) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{model.spec.name}: {what} cannot run on this architecture "
+        f"({type(err).__name__}: {' '.join(str(err).split())[:200]}): its blocks do not have the "
+        "layout the edge graph needs (attention heads and an MLP reading and writing one residual stream)"
+    )
 
 
 def _check_device_map(hf_model: PreTrainedModel, device_map: dict[str, str | int]) -> None:

@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-from circuits import load_model
+from circuits import Graph, load_model
 from circuits.errors import ModelLoadError, UnsupportedModelError
 from circuits.models import AdditivityError, EmbeddedModelMissing, check_additivity, embedded
+from circuits.models.checks import check_heads_independent, heads_mixed_before_output
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
+from tests.architectures import ARCHITECTURES
 
 
 def test_tiny_models_pass_additivity(tiny):
@@ -92,3 +94,36 @@ def test_the_embedded_model_loads_in_half_precision(dtype):
     # which a max-|logit| tolerance refused in bfloat16 (0.69 at |logit| 33)
     model = load_model("smollm2-135m", dtype=dtype)
     assert model.dtype == dtype
+
+
+def _mixing_hook(model, name: str):
+    """A hook point rewritten for good: every head's value plus the mean over heads ([b, P, H, e])."""
+    point = model.hook_point(name)
+    point.add_hook(lambda x, hook: x + x.mean(2, keepdim=True))
+    return point
+
+
+@pytest.mark.parametrize("name", ["llama", "bitnet"])
+def test_heads_mixed_after_their_inputs_are_refused(name, llama):
+    """Something mixing the heads' rotated queries: per-head q inputs are no heads' own, refused (on z, or
+    for BitNet, whose heads are mixed before W_O anyway, on the attention pattern)."""
+    model = llama if name == "llama" else _loaded("bitnet")
+    assert heads_mixed_before_output(model) == (name == "bitnet")
+    check_heads_independent(model)  # passes as the model is
+    point = _mixing_hook(model, "blocks.1.attn.hook_rot_q")
+    try:
+        with pytest.raises(AdditivityError, match=r"in layer 1, head 0's q input"):
+            check_heads_independent(model)
+    finally:
+        point.remove_hooks()
+
+
+def test_heads_mixed_before_the_output_projection_make_one_attention_source_per_layer():
+    model = _loaded("bitnet")
+    assert not model.spec.per_head_sources  # BitNet: a norm over all heads' outputs before o_proj
+    assert Graph.from_model(model).sources[:3] == ["input", "a0", "m0"]
+
+
+def _loaded(name: str):
+    arch = next(a for a in ARCHITECTURES if a.name == name)
+    return load_model(arch.build(), tiny_tokenizer())
