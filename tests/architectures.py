@@ -93,9 +93,12 @@ ATP_STAR_REFUSALS = {
     "gpt_oss": "not the softmax of its scores",
     "hunyuan_v1_dense": "through its norm alone",
     "gemma2": "soft-capping",
+    "helium": NO_PATTERN,
+    "persimmon": NO_PATTERN,
+    "biogpt": NO_PATTERN,
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
-NO_ADAPTER = "TransformerLens 4.3 has no adapter for it"
+OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
 
 ARCHITECTURES = [
     Architecture("gpt2"),
@@ -170,6 +173,9 @@ ARCHITECTURES = [
     Architecture("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, **PAD), how=HEADS_NORM),
     Architecture("minimax_m2", dict(num_local_experts=4, num_experts_per_tok=2, **GQA16), how=HEADS_NORM),
     Architecture("bitnet", GQA, how=MIXED_OUTPUTS),
+    Architecture("helium", GQA16, how=OWN_ADAPTER),
+    Architecture("persimmon", how=OWN_ADAPTER),
+    Architecture("biogpt", how=OWN_ADAPTER),
     # ------------------------------------------------------------------------------------ refused
     Architecture(
         "falcon_h1",
@@ -195,9 +201,6 @@ ARCHITECTURES = [
         why="multi-head latent attention: no per-head q/k/v projections of the residual",
     ),
     Architecture("recurrent_gemma", refusal="load-time checks cannot run", why=BRIDGE),
-    Architecture("helium", GQA16, refusal="cannot wrap", why=NO_ADAPTER),
-    Architecture("persimmon", refusal="cannot wrap", why=NO_ADAPTER),
-    Architecture("biogpt", refusal="cannot wrap", why=NO_ADAPTER),
     Architecture(
         "mamba", refusal="no hook point 'blocks.0.hook_attn_out'", why="no attention (a state-space model)"
     ),

@@ -237,6 +237,9 @@ def _boot(
 ) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
+    from circuits.models.adapters import register
+
+    register()  # the adapters kept here, for architectures TransformerLens does not wrap
     # The bridge reloads a tokenizer by name unless it already "adds BOS"; give it a copy marked so, which
     # keeps the boot offline. Our own tokenisation (HookedModel.to_ids) uses the caller's tokenizer.
     bridge_tokenizer = copy.copy(tokenizer)

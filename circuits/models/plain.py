@@ -41,6 +41,9 @@ def plain_model(model: HookedModel, attention: str | None = None) -> PreTrainedM
         config._attn_implementation = attention
     with no_init_weights():
         plain = type(bridged)(config)
+    adapter = model.bridge.adapter
+    if getattr(adapter, "restructures_modules", False):  # as the bridged model was (`models.adapters`)
+        adapter.prepare_model(plain)
     state = {k.replace(_WRAPPER, ""): v for k, v in bridged.state_dict(keep_vars=True).items()}
     wanted = plain.state_dict()
     missing = [k for k in wanted if k not in state]
