@@ -36,11 +36,12 @@ from circuits.models.wiring import Block, DestinationKind, SourceKind, blocks
 from circuits.textfiles import read_text
 
 _DST_RE = re.compile(r"^(a(\d+)\.(?:h|kv)(\d+))<([qkv])>$")
-NodeKind = Literal["input", "head", "attention", "mlp", "logits"]
+NodeKind = Literal["input", "head", "attention", "mixer", "mlp", "logits"]
 _NAMES: dict[str, Callable[[int, int], str]] = {  # a block's node names, by kind: (layer, i) -> name
     "input": lambda _layer, _i: "input",
     "heads": lambda layer, h: f"a{layer}.h{h}",
     "attention": lambda layer, _i: f"a{layer}",
+    "mixer": lambda layer, _i: f"mix{layer}",
     "mlp": lambda layer, _i: f"m{layer}",
     "q": lambda layer, h: f"a{layer}.h{h}<q>",
     "k": lambda layer, h: f"a{layer}.h{h}<k>",
@@ -67,9 +68,13 @@ class Graph:
 
         self._where: dict[str, tuple[NodeKind, int | None, int | None]] = {"input": ("input", None, None)}
         for layer in range(spec.n_layers):
-            for h in range(spec.n_heads):
-                self._where[f"a{layer}.h{h}"] = ("head", layer, h)
-            self._where[f"a{layer}"] = ("attention", layer, None)
+            if not spec.has_attention(layer):
+                self._where[f"mix{layer}"] = ("mixer", layer, None)
+            elif spec.per_head_sources:
+                for h in range(spec.n_heads):
+                    self._where[f"a{layer}.h{h}"] = ("head", layer, h)
+            else:
+                self._where[f"a{layer}"] = ("attention", layer, None)
             self._where[f"m{layer}"] = ("mlp", layer, None)
         self._where["logits"] = ("logits", None, None)
         self.src_index = {name: i for i, name in enumerate(self.sources)}
@@ -230,7 +235,8 @@ class Graph:
         return int(self.valid.sum())
 
     def node_kind(self, node: str) -> NodeKind:
-        """`input`, `head` (`a3.h1`), `attention` (a post-norm layer's `a3`), `mlp` or `logits`."""
+        """`input`, `head` (`a3.h1`), `attention` (a post-norm layer's `a3`), `mixer` (a layer without
+        attention: `mix3`), `mlp` or `logits`."""
         return self._node(node)[0]
 
     def node_layer(self, node: str) -> int | None:
@@ -273,8 +279,18 @@ class Graph:
             ) from None
 
     def head_sources(self, layer: int) -> slice:
-        """Source indices of layer `layer`'s attention: its heads, or its one `a{l}` source."""
+        """Source indices of layer `layer`'s token mixer: its heads, its one `a{l}` source (post-norm), or
+        its one `mix{l}` (a layer without attention)."""
+        if not self.spec.has_attention(layer):
+            return self.source_block("mixer", layer).indices
         return self.source_block("heads" if self.spec.per_head_sources else "attention", layer).indices
+
+    def mixer_inputs(self, layer: int) -> slice:
+        """Destination indices of what layer `layer`'s token mixer reads: its heads' q, k and v inputs, or
+        a mixer layer's one input."""
+        if not self.spec.has_attention(layer):
+            return self.destination_block("mixer", layer).indices
+        return slice(self.qkv_destinations(layer, "q").start, self.qkv_destinations(layer, "v").stop)
 
     def mlp_source(self, layer: int) -> int:
         return self.source_block("mlp", layer).indices.start
@@ -325,7 +341,7 @@ class Graph:
         Sizes the graph does not know (0: a circuit file whose cfg lacks them, as EAP-IG's and MIB's carry
         only the layer and head counts) are taken from `spec`.
         """
-        shape = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "per_head_sources")
+        shape = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "per_head_sources", "mixer_layers")
         sizes = ("d_model", "d_head", "d_mlp")
         mine, theirs = asdict(self.spec), asdict(spec)
         wrong = [f for f in shape if mine[f] != theirs[f]] + [
@@ -347,7 +363,9 @@ class Graph:
         counts: Counter[str] = Counter()
         counts["nodes: input"] = 1
         attention = "attention heads" if self.spec.per_head_sources else "attention layers"
-        counts[f"nodes: {attention}"] = self.spec.n_layers * self.spec.n_attn_sources
+        counts[f"nodes: {attention}"] = len(self.spec.attention_layers) * self.spec.n_attn_sources
+        if self.spec.mixer_layers:
+            counts["nodes: mixers"] = len(self.spec.mixer_layers)
         counts["nodes: MLPs"] = self.spec.n_layers
         counts["nodes: logits"] = 1
         per_dst = self.valid.sum(0)
@@ -356,7 +374,11 @@ class Graph:
             kind = (
                 f"edges into {match.group(4)} inputs"
                 if match
-                else ("edges into logits" if dst == "logits" else "edges into MLPs")
+                else "edges into logits"
+                if dst == "logits"
+                else "edges into mixers"
+                if dst.startswith("mix")
+                else "edges into MLPs"
             )
             counts[kind] += int(per_dst[j])
         counts["edges: total"] = self.n_edges
@@ -685,6 +707,15 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
     _expect(isinstance(parallel, bool), where, "cfg.parallel_attn_mlp", "true or false", parallel)
     per_head = cfg.get("per_head_sources", True)
     _expect(isinstance(per_head, bool), where, "cfg.per_head_sources", "true or false", per_head)
+    mixers = cfg.get("mixer_layers", [])
+    _expect(
+        isinstance(mixers, (list, tuple))
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in mixers),
+        where,
+        "cfg.mixer_layers",
+        "a list of layer indices",
+        mixers,
+    )
     try:
         return ModelSpec(
             n_layers=_count(cfg, "n_layers", where),
@@ -696,6 +727,7 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
             parallel_attn_mlp=parallel,
             name=str(cfg.get("name") or cfg.get("model_name") or ""),  # ours, or TransformerLens's
             per_head_sources=per_head,
+            mixer_layers=tuple(mixers),
         )
     except InputError as err:
         raise FileFormatError(f"{where}: cfg: {err}") from None

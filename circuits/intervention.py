@@ -228,7 +228,7 @@ def _ablation_hooks(
                 hooks.append((dst.hook, rebuild_qkv(dst, dst.kind)))
             case "mlp" if dst.residual_hook is not None:
                 hooks.append((dst.hook, renorm_mlp_input(dst)))
-            case "mlp" | "logits":
+            case "mixer" | "mlp" | "logits":
                 hooks.append((dst.hook, add_to_input(dst.destinations.start)))
     return hooks
 
@@ -297,7 +297,7 @@ def forward_with_node_ablation(
                 heads = nodes[inside] - site.sources.start
                 hooks.append((site.hook, head_results(site.layer, selected, heads)))
                 hooks.append((site.output_hook, add_head_delta(site.layer, selected)))
-            case "input" | "attention" | "mlp":
+            case "input" | "attention" | "mixer" | "mlp":
                 hooks.append((site.hook, replace_rows(selected)))
     with torch.no_grad(), model.hooks(hooks):
         return model(input_ids, attention_mask)

@@ -58,7 +58,7 @@ def top_heads(graph: Graph, attribution: Attribution, k: int) -> list[HeadScore]
     if scores is None:
         raise InputError("top heads need node scores (gradient methods, or level='node')")
     rows = range(graph.n_sources)
-    heads = [i for layer in range(graph.spec.n_layers) for i in rows[graph.head_sources(layer)]]
+    heads = [i for layer in graph.spec.attention_layers for i in rows[graph.head_sources(layer)]]
     found = []
     for i in sorted(heads, key=lambda i: float(scores[i]))[:k]:
         source = graph.sources[i]

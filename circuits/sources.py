@@ -219,7 +219,7 @@ def source_hooks(
         match site.kind:
             case "heads":
                 hooks.append((site.hook, write_heads(site.layer, site.sources)))
-            case "input" | "attention" | "mlp":  # one source: the hook carries its output
+            case "input" | "attention" | "mixer" | "mlp":  # one source: the hook carries its output
                 hooks.append((site.hook, write(site.sources.start)))
     return hooks
 

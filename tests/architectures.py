@@ -20,6 +20,9 @@ PARALLEL_TWO = "parallel attention and MLP, a norm each"
 SANDWICH = "post-norm (sandwich) blocks: one attention source `a{l}` per layer, per-head q/k/v inputs"
 SCALED = "residual multiplier: head and MLP outputs as scaled into the residual"
 HEADS_NORM = "q/k norm over all heads: each head's input patched and differentiated past it"
+MIXERS = (
+    "hybrid: a mixer layer's token mixer (state space, convolution, linear attention) is one node `mix{l}`"
+)
 MIXED_OUTPUTS = (
     "a norm over all heads' outputs before W_O: one attention source `a{l}` per layer, per-head q/k/v"
 )
@@ -81,6 +84,7 @@ RELP_WITHOUT_MLP_RULES = {
     "flex_olmo",
     "minimax_m2",
     "bitnet",  # a norm between the activation and the down projection
+    "jamba",
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -96,6 +100,9 @@ ATP_STAR_REFUSALS = {
     "helium": NO_PATTERN,
     "persimmon": NO_PATTERN,
     "biogpt": NO_PATTERN,
+    "lfm2 (hybrid)": "every layer is attention",
+    "bamba": "every layer is attention",
+    "jamba": "every layer is attention",
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
@@ -173,6 +180,23 @@ ARCHITECTURES = [
     Architecture("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, **PAD), how=HEADS_NORM),
     Architecture("minimax_m2", dict(num_local_experts=4, num_experts_per_tok=2, **GQA16), how=HEADS_NORM),
     Architecture("bitnet", GQA, how=MIXED_OUTPUTS),
+    Architecture(
+        "lfm2", dict(**GQA, layer_types=["conv", "full_attention"]), how=MIXERS, label="lfm2 (hybrid)"
+    ),
+    Architecture("bamba", dict(**GQA, attn_layer_indices=[1], mamba_chunk_size=8), how=MIXERS),
+    Architecture(
+        "jamba",
+        dict(
+            **GQA,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            num_experts=2,
+            use_mamba_kernels=False,
+        ),
+        how=MIXERS,
+    ),
     Architecture("helium", GQA16, how=OWN_ADAPTER),
     Architecture("persimmon", how=OWN_ADAPTER),
     Architecture("biogpt", how=OWN_ADAPTER),
@@ -202,7 +226,7 @@ ARCHITECTURES = [
     ),
     Architecture("recurrent_gemma", refusal="load-time checks cannot run", why=BRIDGE),
     Architecture(
-        "mamba", refusal="no hook point 'blocks.0.hook_attn_out'", why="no attention (a state-space model)"
+        "mamba", refusal="no hook point 'blocks.0.hook_mlp_out'", why="blocks of a mixer alone, without an MLP"
     ),
     Architecture(
         "jetmoe", GQA, refusal="no hook point 'blocks.0.attn.o.hook_in'", why="mixture-of-attention heads"

@@ -10,6 +10,7 @@ recomputing, with the real norm and projection modules, what the destination rea
   qk_norm(proj(norm(resid + delta)));
 - `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
   shared with attention, norm(resid + delta);
+- `mix{l}` (a layer whose token mixer is no attention): the layer's first norm's input + delta;
 - `logits`: the final norm's input + delta.
 EAP's reference is the same patch made differentiable: dM/d(delta_v) at delta_v = 0, dotted with each
 source's corrupted - clean difference.
@@ -51,15 +52,22 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
         return lambda x: captured.__setitem__(name, x.detach().clone())
 
     hooks = [("blocks.0.hook_resid_pre", keep("input"))]
-    for layer in range(spec.n_layers):
+    attention = [layer for layer in range(spec.n_layers) if layer not in spec.mixer_layers]
+    for layer in attention:
         hooks += [(f"blocks.{layer}.attn.o.hook_in", keep(f"z{layer}"))]
         hooks += [(f"blocks.{layer}.hook_attn_out", keep(f"a{layer}"))]
+    for layer in spec.mixer_layers:  # the output of the block's one mixer component, whatever its name
+        children = dict(model.bridge.blocks[layer].named_children())
+        (mixer,) = [n for n in ("linear_attn", "mixer", "conv", "mamba") if n in children]
+        hooks += [(f"blocks.{layer}.{mixer}.hook_out", keep(f"mix{layer}"))]
+    for layer in range(spec.n_layers):
         hooks += [(f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}"))]
     with torch.no_grad(), model.hooks(hooks):
         model(ids)
     out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in range(spec.n_layers)}}
+    out |= {f"mix{i}": captured[f"mix{i}"] for i in spec.mixer_layers}
     if not spec.per_head_sources:  # post-norm blocks: the normed attention output of each layer
-        return out | {f"a{i}": captured[f"a{i}"] for i in range(spec.n_layers)}
+        return out | {f"a{i}": captured[f"a{i}"] for i in attention}
 
     def attn_out_with(layer: int, z: Tensor) -> Tensor:
         seen: dict[str, Tensor] = {}
@@ -71,7 +79,7 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
             model(ids)
         return seen["out"]
 
-    for layer in range(spec.n_layers):
+    for layer in attention:
         z = captured[f"z{layer}"].reshape(*captured[f"z{layer}"].shape[:2], spec.n_heads, spec.d_head)
         zero = attn_out_with(layer, torch.zeros_like(z))
         for head in range(spec.n_heads):
@@ -125,6 +133,8 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
             hooks.append((at, rebuild))
         elif dst == "logits":
             hooks.append(("ln_final.hook_in", lambda x, delta=delta: x + delta))
+        elif dst.startswith("mix"):  # a mixer layer's first norm, which only its mixer reads
+            hooks.append((f"blocks.{int(dst[3:])}.ln1.hook_in", lambda x, delta=delta: x + delta))
         else:
             layer = int(dst[1:])
             own_norm = f"blocks.{layer}.ln2.hook_in"

@@ -49,6 +49,7 @@ LAYOUTS = {
     "granite": "residual multiplier",
     "opt": "flattened MLP",
     "olmo2": "q/k norm over all heads (grouped-query)",
+    "bamba": "hybrid: a state-space mixer layer, then an attention layer",
 }
 
 

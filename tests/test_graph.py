@@ -155,3 +155,30 @@ def test_post_norm_graph_has_one_attention_source_per_layer(tmp_path):
     assert not back.spec.per_head_sources and torch.equal(back.in_graph, circuit.in_graph)
     with pytest.raises(GraphMismatchError, match="per_head_sources"):
         back.check_fits(ModelSpec(3, 4, 2, 16, 4, 32))
+
+
+def test_a_hybrid_graph_has_one_mixer_node_per_mixer_layer(tmp_path):
+    """Layers 0 and 2 are mixers (one node `mix{l}`, one input each), layer 1 attention with 4 heads and 2
+    key-value heads. Edge count walked by hand; files keep which layers are mixers."""
+    spec = ModelSpec(3, 4, 2, 16, 4, 32, name="hybrid", mixer_layers=(2, 0))
+    assert spec.mixer_layers == (0, 2) and spec.attention_layers == [1]
+    graph = Graph.from_model(spec)
+    assert graph.sources == ["input", "mix0", "m0", *[f"a1.h{h}" for h in range(4)], "m1", "mix2", "m2"]
+    assert graph.destinations[:2] == ["mix0", "m0"] and graph.node_kind("mix2") == "mixer"
+    upstream, edges = 1, 0
+    for layer in range(3):
+        reads, writes = (1, 1) if layer != 1 else (4 + 2 * 2, 4)  # a mixer's input, or q/k/v inputs
+        edges += upstream * reads + (upstream + writes)  # then the MLP input sees the layer's writes
+        upstream += writes + 1
+    assert graph.n_edges == edges + upstream
+    assert (
+        graph.count_by_kind()["nodes: mixers"] == 2 and graph.count_by_kind()["nodes: attention heads"] == 4
+    )
+    graph.scores[graph.valid] = torch.randn(graph.n_edges)
+    circuit = graph.top_n(6)
+    for write, read in (("to_json", "from_json"), ("to_pt", "from_pt")):
+        getattr(circuit, write)(tmp_path / f"c.{write}")
+        back = getattr(Graph, read)(tmp_path / f"c.{write}")
+        assert back.spec.mixer_layers == (0, 2) and torch.equal(back.in_graph, circuit.in_graph)
+    with pytest.raises(GraphMismatchError, match="mixer_layers"):
+        back.check_fits(ModelSpec(3, 4, 2, 16, 4, 32))

@@ -44,6 +44,9 @@ def test_sites_name_the_graphs_nodes(layout):
                 assert graph.head_sources(site.layer) == site.sources
             case "attention":
                 assert names == [f"a{site.layer}"] and not layout.spec.per_head_sources
+            case "mixer":
+                assert names == [f"mix{site.layer}"] and site.layer in layout.spec.mixer_layers
+                assert graph.head_sources(site.layer) == site.sources
             case "mlp":
                 assert names == [f"m{site.layer}"] and graph.mlp_source(site.layer) == site.sources.start
     for dst in wiring(layout).destinations:
@@ -53,6 +56,8 @@ def test_sites_name_the_graphs_nodes(layout):
             head = "kv" if len(into) < layout.spec.n_heads else "h"  # a key/value head's, grouped
             assert into == [f"a{dst.layer}.{head}{h}<{dst.letter}>" for h in range(len(into))]
             assert len(into) == layout.spec.n_qkv_heads(dst.letter)
+        elif dst.kind == "mixer":
+            assert into == [f"mix{dst.layer}"] and graph.mixer_inputs(dst.layer) == dst.destinations
         elif dst.kind == "mlp":
             assert into == [f"m{dst.layer}"] and graph.mlp_destination(dst.layer) == dst.destinations.start
             assert (dst.residual_hook is not None) == layout.mlp_shares_attn_norm

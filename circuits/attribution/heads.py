@@ -31,7 +31,8 @@ def head_patching(
     quiet: bool = False,
 ) -> Tensor:
     """[n_layers, n_heads] effects M(head patched to corrupted) - M(clean), mean over the pairs (prompts of
-    different lengths: at the aligned positions, `PromptPairs.alignment`).
+    different lengths: at the aligned positions, `PromptPairs.alignment`); NaN for the rows of layers
+    without attention heads (a hybrid model's mixer layers).
 
     Args:
         batch_size: pairs per batch; `max_rows` bounds the rows of one forward pass (patched copies of a
@@ -42,7 +43,7 @@ def head_patching(
     pairs = check_pairs(model, pairs)
     metric_fn = get_metric(pairs.metric_for(metric))
     spec = model.spec
-    units = [(layer, head) for layer in range(spec.n_layers) for head in range(spec.n_heads)]
+    units = [(layer, head) for layer in spec.attention_layers for head in range(spec.n_heads)]
     totals = torch.zeros(len(units), dtype=torch.float64)
     for where, batch in pairs.process_batches(batch_size, model.device, "head patching", quiet):
         mask = batch.attention_mask.to(model.device)
@@ -68,12 +69,14 @@ def head_patching(
             values = check_values(values, k * len(batch), where).reshape(k, len(batch))
             totals[start : start + k] += (values - base).double().sum(1).cpu()
     totals = sum_tensor(totals, model.device).cpu()  # over processes, under torchrun
-    return (totals / len(pairs)).float().reshape(spec.n_layers, spec.n_heads)
+    effects = torch.full((spec.n_layers, spec.n_heads), float("nan"))
+    effects[spec.attention_layers] = (totals / len(pairs)).float().reshape(-1, spec.n_heads)
+    return effects
 
 
 def _head_inputs(model: HookedModel, ids: Tensor, mask: Tensor) -> dict[int, Tensor]:
     """Every layer's z (the output projection's input) [b, P, n_heads * d_head] in a plain forward pass."""
-    names = {layer: model.head_z_hook(layer) for layer in range(model.spec.n_layers)}
+    names = {layer: model.head_z_hook(layer) for layer in model.spec.attention_layers}
     with torch.no_grad(), model.capture(list(names.values()), clone=True) as captured:
         model(ids, mask.to(ids.device))
     return {layer: captured[name] for layer, name in names.items()}

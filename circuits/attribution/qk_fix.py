@@ -51,6 +51,11 @@ class QKCapture:
     """
 
     def __init__(self, model: HookedModel, graph: Graph) -> None:
+        if graph.spec.mixer_layers:
+            raise UnsupportedModelError(
+                f"{model.spec.name}: AtP*'s QK fix and GradDrop are written here for models whose every "
+                f"layer is attention; layers {list(graph.spec.mixer_layers)} have another token mixer"
+            )
         problem = probed(model, "pattern", pattern_problem)
         if problem:
             raise UnsupportedModelError(

@@ -227,7 +227,7 @@ class ScoreRecorder:
                     hooks.append((dst.hook, self._qkv_hook(dst.layer, dst.kind)))  # type: ignore[arg-type]
                 case "mlp":
                     hooks.append((dst.hook, self._mlp_hook(dst)))
-                case "logits":
+                case "mixer" | "logits":
                     hooks.append((dst.hook, self._edge_hook(dst.destinations.start)))
         for src in sites.sources:
             # the input's node scores per example (IG completeness); at edge level the others' node scores

@@ -115,8 +115,10 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         names += [model.resid_pre_hook(layer), model.resid_post_hook(layer)]
         names += [src.output_hook for src in sources] + [src.hook for src in sources]
         names += [dst.residual_hook for dst in destinations if dst.residual_hook]
-        names += [dst.hook for dst in destinations if dst.kind == "mlp"]
+        names += [dst.hook for dst in destinations if dst.kind in ("mixer", "mlp")]
         names += [dst.hook for dst in destinations if dst.letter]
+        if not spec.has_attention(layer):
+            names.append(model.mixer_in_hook(layer))
     names = list(dict.fromkeys(names))  # one hook each
 
     def make_leaf(x: Tensor) -> Tensor:
@@ -139,7 +141,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         pre, post = acts[model.resid_pre_hook(layer)], acts[model.resid_post_hook(layer)]
         attn, mlp = acts[model.attn_out_hook(layer)], acts[model.mlp_out_hook(layer)]
         _close(spec.name, model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
-        if spec.per_head_sources:
+        if spec.per_head_sources and spec.has_attention(layer):
             heads = model.head_results(layer, acts[model.head_z_hook(layer)]).sum(2)
             b_o = model.b_O(layer)
             _close(spec.name, model.attn_out_hook(layer), attn, heads if b_o is None else heads + b_o, rtol)
@@ -153,14 +155,18 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         _close(spec.name, following, acts[following], post, rtol)
 
         resid = acts[model.attn_norm_in_hook(layer)]
-        per_head = [grads[model.head_input_hook(layer, letter)] for letter in QKV_LETTERS]
-        total = model.attn_input_grads(layer, resid, per_head).sum(2)
+        one = torch.ones(1, device=resid.device)
+        if spec.has_attention(layer):
+            per_head = [grads[model.head_input_hook(layer, letter)] for letter in QKV_LETTERS]
+            total = model.attn_input_grads(layer, resid, per_head).sum(2)
+        else:  # the mixer alone reads the norm: its input's gradient pulled back through it is all of it
+            total = model.shared_norm_grads(layer, resid, grads[model.mixer_in_hook(layer)], one)
         if model.mlp_shares_attn_norm:
-            one = torch.ones(1, device=resid.device)
             total = total + model.shared_norm_grads(layer, resid, grads[mlp_hook], one)
         _close(
             spec.name,
-            f"{model.attn_norm_in_hook(layer)} (gradient through per-head q/k/v and a sharing MLP)",
+            f"{model.attn_norm_in_hook(layer)} (gradient through per-head q/k/v or the mixer, and a sharing "
+            "MLP)",
             total,  # type: ignore[arg-type]
             grads[model.attn_norm_in_hook(layer)],
             rtol * 10,
@@ -203,13 +209,13 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
 
     out: dict[int, Tensor] = {}
     hooks: list[tuple[str, HookFn]] = []
-    for layer in range(spec.n_layers):
+    for layer in spec.attention_layers:
         hooks += [(model.head_input_hook(layer, letter), as_leaf((layer, letter))) for letter in letters]
         hooks.append((outputs(layer), keep(layer)))
     gen = torch.Generator().manual_seed(1)
     with torch.enable_grad(), model.hooks(hooks):
         model(ids)
-        for layer in range(spec.n_layers):
+        for layer in spec.attention_layers:
             probe = torch.randn(out[layer].shape, generator=gen).to(out[layer]) * out[layer]
             for letter in letters:
                 readers = 1 if letter == "q" else spec.n_heads // spec.n_kv_heads  # heads reading slice 0
@@ -233,8 +239,10 @@ def heads_mixed_before_output(model: HookedModel, input_ids: Tensor | None = Non
     projection's input) moves with head 0's v input. Then a head's z W_O[h] is no output of that head
     alone, and the layer's attention output is one source (as for post-norm blocks)."""
     spec = model.spec
-    reads = [model.head_input_hook(layer, "v") for layer in range(spec.n_layers)]
-    reads += [model.head_z_hook(layer) for layer in range(spec.n_layers)]
+    layers = spec.attention_layers
+    reads = [model.head_input_hook(layer, "v") for layer in layers] + [
+        model.head_z_hook(layer) for layer in layers
+    ]
     if spec.n_heads == 1 or not all(model.has_hook(name) for name in reads):
         return False  # nothing to mix, or no heads where the checks look for them (they refuse the model)
     ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
@@ -252,13 +260,13 @@ def heads_mixed_before_output(model: HookedModel, input_ids: Tensor | None = Non
         return lambda x: z.__setitem__(layer, x)
 
     hooks: list[tuple[str, HookFn]] = []
-    for layer in range(spec.n_layers):
+    for layer in layers:
         hooks.append((model.head_input_hook(layer, "v"), as_leaf(layer)))
         hooks.append((model.head_z_hook(layer), keep_z(layer)))
     with torch.enable_grad(), model.hooks(hooks):
         model(ids)
         readers = spec.n_heads // spec.n_kv_heads  # the heads reading value head 0
-        for layer in range(spec.n_layers):
+        for layer in layers:
             heads = z[layer].reshape(*z[layer].shape[:2], spec.n_heads, spec.d_head)
             leak = _slice_grad(heads[:, :, readers:].pow(2).sum(), leaves[layer], spec.d_head)
             own = _slice_grad(heads[:, :, :readers].pow(2).sum(), leaves[layer], spec.d_head)
@@ -287,11 +295,11 @@ def probed(model: HookedModel, key: str, probe: Callable[[HookedModel], Any]) ->
 def pattern_problem(model: HookedModel) -> str | None:
     """Why the attention pattern hooks do not feed the heads' outputs (replacing the pattern must change
     them), or None."""
-    names = [model.attn_pattern_hook(layer) for layer in range(model.spec.n_layers)]
+    names = [model.attn_pattern_hook(layer) for layer in model.spec.attention_layers]
     if not all(model.has_hook(name) for name in names):
         return "the bridge has no attention pattern hook"
     ids = probe_ids(model).to(model.device)
-    heads = [model.head_z_hook(layer) for layer in range(model.spec.n_layers)]
+    heads = [model.head_z_hook(layer) for layer in model.spec.attention_layers]
     with torch.no_grad(), model.capture(heads, clone=True) as clean:
         model(ids)
     flat = [(n, lambda p: torch.full_like(p, 1.0 / p.shape[-1])) for n in names]

@@ -57,10 +57,24 @@ class ModelSpec:
     # False for post-norm ("sandwich") blocks, whose attention output passes a norm before the residual
     # stream: head results then do not add into it, and a layer's attention output is one source `a{l}`.
     per_head_sources: bool = True
+    # layers whose token mixer is no attention (a state-space, linear-attention or convolution mixer, as
+    # in Qwen3.5, Jamba, LFM2): one node `mix{l}` reading the residual through the layer's first norm
+    mixer_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise InputError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if any(not 0 <= layer < self.n_layers for layer in self.mixer_layers):
+            raise InputError(f"mixer_layers {self.mixer_layers} name layers outside 0..{self.n_layers - 1}")
+        object.__setattr__(self, "mixer_layers", tuple(sorted(set(self.mixer_layers))))
+
+    def has_attention(self, layer: int) -> bool:
+        """Layer `layer`'s token mixer is attention (heads), not one mixer node."""
+        return layer not in self.mixer_layers
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [layer for layer in range(self.n_layers) if self.has_attention(layer)]
 
     @property
     def n_attn_sources(self) -> int:
@@ -82,6 +96,24 @@ def linear_weight(module: nn.Module) -> Tensor:
         f"expected a linear projection (nn.Linear or Conv1D), got {type(module).__name__}: the graph needs "
         "one weight matrix per projection"
     )
+
+
+MIXER_COMPONENTS = (
+    "linear_attn",
+    "mixer",
+    "conv",
+    "mamba",
+)  # TransformerLens' names for non-attention mixers
+
+
+def mixer_component(block: Any) -> str | None:
+    """The name of a bridge block's token mixer when it is no attention (`linear_attn` for Qwen3.5's and
+    Qwen3-Next's gated delta nets, `mixer` for Jamba's and Bamba's state-space mixers, `conv` for LFM2's
+    convolutions), or None: a block with attention, or with no mixer this toolkit knows."""
+    children = dict(block.named_children())  # the bridge's components (attribute lookup also finds HF's)
+    if "attn" in children:
+        return None
+    return next((name for name in MIXER_COMPONENTS if name in children), None)
 
 
 class HookedModel:
@@ -249,9 +281,22 @@ class HookedModel:
         norm = getattr(attn, f"{letter}_norm", None)
         return None if norm is None else getattr(norm, "_original_component", norm)
 
-    @staticmethod
-    def attn_out_hook(layer: int) -> str:
-        return f"blocks.{layer}.hook_attn_out"
+    def attn_out_hook(self, layer: int) -> str:
+        """Where the layer's token mixer's output enters the residual stream: the attention output, or a
+        mixer layer's output (the output of its `mixer_component`)."""
+        mixer = self.mixer_component(layer)
+        return f"blocks.{layer}.hook_attn_out" if mixer is None else f"blocks.{layer}.{mixer}.hook_out"
+
+    def mixer_in_hook(self, layer: int) -> str:
+        """A mixer layer's mixer input (the first norm's output), [batch, pos, d_model]."""
+        return f"blocks.{layer}.{self.mixer_component(layer)}.hook_in"
+
+    def mixer_component(self, layer: int) -> str | None:
+        """The bridge component of a mixer layer's token mixer (`linear_attn`, `mixer`, `conv`), or None
+        for an attention layer."""
+        if self.spec.has_attention(layer):
+            return None
+        return mixer_component(self.bridge.blocks[layer])
 
     # ----------------------------------------------------------------------------- modules, weights
     @property

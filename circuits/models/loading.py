@@ -21,7 +21,7 @@ from circuits.models.checks import (
     probed,
 )
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded, load_gguf
-from circuits.models.hooked import HookedModel, ModelSpec
+from circuits.models.hooked import HookedModel, ModelSpec, mixer_component
 
 logger = logging.getLogger(__name__)
 DEVICE_MAP_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
@@ -323,5 +323,8 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
         d_mlp=cfg.d_mlp,
         parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
         name=name,
-        per_head_sources=HookedModel.post_attn_norm_in_hook(0) not in bridge.hook_dict,
+        per_head_sources=not any(
+            HookedModel.post_attn_norm_in_hook(layer) in bridge.hook_dict for layer in range(cfg.n_layers)
+        ),
+        mixer_layers=tuple(i for i, block in enumerate(bridge.blocks) if mixer_component(block) is not None),
     )

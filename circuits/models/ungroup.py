@@ -97,11 +97,11 @@ def _expand_key_values(hf_model: nn.Module, spec: ModelSpec) -> None:
             if hasattr(module, attribute):
                 setattr(module, attribute, spec.n_heads)
         found += 1
-    if found != spec.n_layers:
+    if found != len(spec.attention_layers):
         raise UnsupportedModelError(
-            f"{spec.name}: {found} of its {spec.n_layers} attention layers have separate k_proj / v_proj "
-            f"projections of {spec.n_kv_heads} key-value heads; the ungrouped graph repeats those (a fused "
-            "qkv projection is not split here)"
+            f"{spec.name}: {found} of its {len(spec.attention_layers)} attention layers have separate "
+            f"k_proj / v_proj projections of {spec.n_kv_heads} key-value heads; the ungrouped graph repeats "
+            "those (a fused qkv projection is not split here)"
         )
     config = getattr(hf_model, "config", None)
     for key in ("num_key_value_heads", "n_kv_heads", "num_kv_heads"):

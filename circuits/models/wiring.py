@@ -9,6 +9,7 @@ Sources (`SourceSite.hook` carries their value; `output_hook` is where their sum
     heads      `a{l}.h{h}`            the heads' mixed values before W_O, per head      [B, P, H, d_head]
                                       (head h's output is z_h W_O[h]: `HookedModel.head_results`)
     attention  `a{l}` (post-norm)     the layer's normed attention output                [B, P, d]
+    mixer      `mix{l}`               a mixer layer's output (no attention: Qwen3.5)     [B, P, d]
     mlp        `m{l}`                 the MLP's output                                   [B, P, d]
 
 Destinations (`DestinationSite.hook` is where the input is patched and its gradient read):
@@ -16,6 +17,7 @@ Destinations (`DestinationSite.hook` is where the input is patched and its gradi
     q, k, v    `a{l}.h{h}<q>` ...     the projection's output [B, P, n * d_head] (past a q/k norm over all
                                       heads, that norm's output), rebuilt per head from the residual read
                                       at `residual_hook` (the attention norm's input)
+    mixer      `mix{l}`               the input of the layer's first norm, which only the mixer reads
     mlp        `m{l}`                 `HookedModel.mlp_destination_hook`; with `residual_hook` set, the MLP
                                       reads through the attention norm it shares (parallel blocks)
     logits     `logits`               the final norm's input                             [B, P, d]
@@ -31,8 +33,8 @@ from weakref import WeakKeyDictionary
 
 from circuits.models.hooked import QKV, QKV_LETTERS, HookedModel, ModelSpec
 
-SourceKind = Literal["input", "heads", "attention", "mlp"]
-DestinationKind = Literal["q", "k", "v", "mlp", "logits"]
+SourceKind = Literal["input", "heads", "attention", "mixer", "mlp"]
+DestinationKind = Literal["q", "k", "v", "mixer", "mlp", "logits"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,9 @@ def blocks(spec: ModelSpec) -> tuple[list[Block], list[Block]]:
     """(source blocks, destination blocks) of the graph of a model of shape `spec`, in index order.
 
     Sources: input, then per layer its heads (one per query head; one `attention` source for post-norm
-    blocks) and its MLP. Destinations: per layer one q input per query head, one k and one v input per
-    key-value head (grouped-query attention is native), the MLP's input; then the logits.
+    blocks; one `mixer` for a layer without attention) and its MLP. Destinations: per layer one q input
+    per query head, one k and one v input per key-value head (grouped-query attention is native) or the
+    mixer's input, the MLP's input; then the logits.
     """
     sources: list[Block] = []
     destinations: list[Block] = []
@@ -68,12 +71,16 @@ def blocks(spec: ModelSpec) -> tuple[list[Block], list[Block]]:
     add(sources, "input", -1, 1, 0)
     for layer in range(spec.n_layers):
         attention, mlp = 2 * layer + 1, 2 * layer + 2  # the order of the layer's two residual writes
-        if spec.per_head_sources:
+        if not spec.has_attention(layer):
+            add(sources, "mixer", layer, 1, attention)
+        elif spec.per_head_sources:
             add(sources, "heads", layer, spec.n_heads, attention)
         else:
             add(sources, "attention", layer, 1, attention)
         add(sources, "mlp", layer, 1, mlp)
-        for letter in QKV_LETTERS:
+        if not spec.has_attention(layer):
+            add(destinations, "mixer", layer, 1, attention)
+        for letter in QKV_LETTERS if spec.has_attention(layer) else ():
             add(destinations, letter, layer, spec.n_qkv_heads(letter), attention)
         add(destinations, "mlp", layer, 1, attention if spec.parallel_attn_mlp else mlp)
     add(destinations, "logits", spec.n_layers, 1, 2 * spec.n_layers + 1)
@@ -135,7 +142,7 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
                 hook = output = model.input_hook
             case "heads":
                 hook, output = model.head_z_hook(layer), model.attn_out_hook(layer)
-            case "attention":
+            case "attention" | "mixer":
                 hook = output = model.attn_out_hook(layer)
             case "mlp":
                 hook = output = model.mlp_out_hook(layer)
@@ -150,6 +157,8 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
             case "q" | "k" | "v":
                 hook = model.head_input_hook(layer, block.kind)
                 residual = model.attn_norm_in_hook(layer)
+            case "mixer":
+                hook = model.attn_norm_in_hook(layer)
             case "mlp":
                 hook = model.mlp_destination_hook(layer)
                 if model.mlp_shares_attn_norm:

@@ -129,16 +129,16 @@ def top_nodes(graph: Graph, k: int, absolute: bool = True, prune: bool = True) -
 
 def destination_owners(graph: Graph) -> Tensor:
     """bool [n_destinations, n_sources]: which nodes read each destination (a k/v input feeds every query
-    head of its key-value group, or a layer's one attention source; logits feed no source)."""
+    head of its key-value group, or a layer's one attention source or mixer; logits feed no source)."""
     owners = torch.zeros(graph.n_destinations, graph.n_sources, dtype=torch.bool)
     spec = graph.spec
     group = torch.arange(spec.n_heads) // (spec.n_heads // spec.n_kv_heads)
     for layer in range(spec.n_layers):
         heads = torch.arange(graph.n_sources)[graph.head_sources(layer)]
-        q = graph.qkv_destinations(layer, "q")
-        if not spec.per_head_sources:  # one attention source reads every q/k/v input of its layer
-            owners[q.start : graph.qkv_destinations(layer, "v").stop, heads] = True
+        if not (spec.per_head_sources and spec.has_attention(layer)):
+            owners[graph.mixer_inputs(layer), heads] = True  # one node (post-norm attention, a mixer)
         else:
+            q = graph.qkv_destinations(layer, "q")
             owners[torch.arange(q.start, q.stop), heads] = True
             for letter in ("k", "v"):
                 cols = graph.qkv_destinations(layer, letter)
@@ -184,10 +184,9 @@ def prune_dead(circuit: Graph) -> None:
 
 def _layer_blocks(graph: Graph, layer: int) -> list[tuple[slice, slice]]:
     """(destination columns, source nodes) of a layer's attention, then of its MLP, in forward order."""
-    q, v = graph.qkv_destinations(layer, "q"), graph.qkv_destinations(layer, "v")
     mlp_dst, mlp_src = graph.mlp_destination(layer), graph.mlp_source(layer)
     return [
-        (slice(q.start, v.stop), graph.head_sources(layer)),
+        (graph.mixer_inputs(layer), graph.head_sources(layer)),
         (slice(mlp_dst, mlp_dst + 1), slice(mlp_src, mlp_src + 1)),
     ]
 

@@ -38,7 +38,7 @@ def mib_edge_weights(graph: Graph) -> Tensor:
     """
     spec = graph.spec
     weights = torch.ones(graph.valid.shape, dtype=torch.long)
-    for layer in range(spec.n_layers):
+    for layer in spec.attention_layers:
         for letter in ("k", "v"):
             weights[:, graph.qkv_destinations(layer, letter)] = spec.n_heads // spec.n_kv_heads
     return weights * graph.valid

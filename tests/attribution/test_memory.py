@@ -24,8 +24,8 @@ def _scores(model, method, level, **options):
 @pytest.mark.parametrize("level", ["edge", "node"])
 def test_recomputed_blocks_give_the_same_scores(layout, method, level):
     runs = []
-    attn = layout.bridge.blocks[0].attn
-    handle = attn.register_forward_hook(lambda *_: runs.append(1))
+    mixer = getattr(layout.bridge.blocks[0], layout.mixer_component(0) or "attn")  # attention, or a mixer
+    handle = mixer.register_forward_hook(lambda *_: runs.append(1))
     try:
         _scores(layout, method, level)  # once for the model's one-off probes
         start = len(runs)
