@@ -75,7 +75,8 @@ class Graph:
                     self._where[f"a{layer}.h{h}"] = ("head", layer, h)
             else:
                 self._where[f"a{layer}"] = ("attention", layer, None)
-            self._where[f"m{layer}"] = ("mlp", layer, None)
+            if spec.has_mlp(layer):
+                self._where[f"m{layer}"] = ("mlp", layer, None)
         self._where["logits"] = ("logits", None, None)
         self.src_index = {name: i for i, name in enumerate(self.sources)}
         self.dst_index = {name: i for i, name in enumerate(self.destinations)}
@@ -341,7 +342,15 @@ class Graph:
         Sizes the graph does not know (0: a circuit file whose cfg lacks them, as EAP-IG's and MIB's carry
         only the layer and head counts) are taken from `spec`.
         """
-        shape = ("n_layers", "n_heads", "n_kv_heads", "parallel_attn_mlp", "per_head_sources", "mixer_layers")
+        shape = (
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "parallel_attn_mlp",
+            "per_head_sources",
+            "mixer_layers",
+            "layers_without_mlp",
+        )
         sizes = ("d_model", "d_head", "d_mlp")
         mine, theirs = asdict(self.spec), asdict(spec)
         wrong = [f for f in shape if mine[f] != theirs[f]] + [
@@ -366,7 +375,7 @@ class Graph:
         counts[f"nodes: {attention}"] = len(self.spec.attention_layers) * self.spec.n_attn_sources
         if self.spec.mixer_layers:
             counts["nodes: mixers"] = len(self.spec.mixer_layers)
-        counts["nodes: MLPs"] = self.spec.n_layers
+        counts["nodes: MLPs"] = self.spec.n_layers - len(self.spec.layers_without_mlp)
         counts["nodes: logits"] = 1
         per_dst = self.valid.sum(0)
         for j, dst in enumerate(self.destinations):
@@ -707,15 +716,7 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
     _expect(isinstance(parallel, bool), where, "cfg.parallel_attn_mlp", "true or false", parallel)
     per_head = cfg.get("per_head_sources", True)
     _expect(isinstance(per_head, bool), where, "cfg.per_head_sources", "true or false", per_head)
-    mixers = cfg.get("mixer_layers", [])
-    _expect(
-        isinstance(mixers, (list, tuple))
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in mixers),
-        where,
-        "cfg.mixer_layers",
-        "a list of layer indices",
-        mixers,
-    )
+    mixers, without_mlp = (_layers(cfg, key, where) for key in ("mixer_layers", "layers_without_mlp"))
     try:
         return ModelSpec(
             n_layers=_count(cfg, "n_layers", where),
@@ -727,10 +728,25 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
             parallel_attn_mlp=parallel,
             name=str(cfg.get("name") or cfg.get("model_name") or ""),  # ours, or TransformerLens's
             per_head_sources=per_head,
-            mixer_layers=tuple(mixers),
+            mixer_layers=mixers,
+            layers_without_mlp=without_mlp,
         )
     except InputError as err:
         raise FileFormatError(f"{where}: cfg: {err}") from None
+
+
+def _layers(cfg: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
+    """A cfg's list of layer indices (absent: none)."""
+    layers = cfg.get(key, [])
+    _expect(
+        isinstance(layers, (list, tuple))
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
+        where,
+        f"cfg.{key}",
+        "a list of layer indices",
+        layers,
+    )
+    return tuple(layers)
 
 
 def _not_emptied(circuit: Graph, chosen: int) -> Graph:

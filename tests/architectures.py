@@ -23,6 +23,8 @@ HEADS_NORM = "q/k norm over all heads: each head's input patched and differentia
 MIXERS = (
     "hybrid: a mixer layer's token mixer (state space, convolution, linear attention) is one node `mix{l}`"
 )
+SSM = "state-space blocks (a norm and a mixer, no MLP): one node `mix{l}` per layer"
+BLOCKS = "one node `mix{l}` per block (a Mamba-2 mixer, an attention, an MLP or a mixture of experts each)"
 MIXED_OUTPUTS = (
     "a norm over all heads' outputs before W_O: one attention source `a{l}` per layer, per-head q/k/v"
 )
@@ -103,6 +105,10 @@ ATP_STAR_REFUSALS = {
     "lfm2 (hybrid)": "every layer is attention",
     "bamba": "every layer is attention",
     "jamba": "every layer is attention",
+    "mamba": "every layer is attention",
+    "mamba2": "every layer is attention",
+    "falcon_mamba": "every layer is attention",
+    "nemotron_h": "every layer is attention",
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
@@ -197,6 +203,10 @@ ARCHITECTURES = [
         ),
         how=MIXERS,
     ),
+    Architecture("mamba", how=SSM),
+    Architecture("mamba2", dict(num_heads=4, head_dim=32, n_groups=1, expand=2, chunk_size=8), how=SSM),
+    Architecture("falcon_mamba", how=SSM),
+    Architecture("nemotron_h", dict(num_key_value_heads=2, chunk_size=8), how=BLOCKS),
     Architecture("helium", GQA16, how=OWN_ADAPTER),
     Architecture("persimmon", how=OWN_ADAPTER),
     Architecture("biogpt", how=OWN_ADAPTER),
@@ -225,9 +235,6 @@ ARCHITECTURES = [
         why="multi-head latent attention: no per-head q/k/v projections of the residual",
     ),
     Architecture("recurrent_gemma", refusal="load-time checks cannot run", why=BRIDGE),
-    Architecture(
-        "mamba", refusal="no hook point 'blocks.0.hook_mlp_out'", why="blocks of a mixer alone, without an MLP"
-    ),
     Architecture(
         "jetmoe", GQA, refusal="no hook point 'blocks.0.attn.o.hook_in'", why="mixture-of-attention heads"
     ),

@@ -10,7 +10,8 @@ recomputing, with the real norm and projection modules, what the destination rea
   qk_norm(proj(norm(resid + delta)));
 - `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
   shared with attention, norm(resid + delta);
-- `mix{l}` (a layer whose token mixer is no attention): the layer's first norm's input + delta;
+- `mix{l}` (a layer whose token mixer is no attention): the layer's first norm's input + delta (`ln1`, or
+  `norm` in Mamba's blocks);
 - `logits`: the final norm's input + delta.
 EAP's reference is the same patch made differentiable: dM/d(delta_v) at delta_v = 0, dotted with each
 source's corrupted - clean difference.
@@ -60,11 +61,12 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
         children = dict(model.bridge.blocks[layer].named_children())
         (mixer,) = [n for n in ("linear_attn", "mixer", "conv", "mamba") if n in children]
         hooks += [(f"blocks.{layer}.{mixer}.hook_out", keep(f"mix{layer}"))]
-    for layer in range(spec.n_layers):
+    with_mlp = [layer for layer in range(spec.n_layers) if layer not in spec.layers_without_mlp]
+    for layer in with_mlp:
         hooks += [(f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}"))]
     with torch.no_grad(), model.hooks(hooks):
         model(ids)
-    out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in range(spec.n_layers)}}
+    out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in with_mlp}}
     out |= {f"mix{i}": captured[f"mix{i}"] for i in spec.mixer_layers}
     if not spec.per_head_sources:  # post-norm blocks: the normed attention output of each layer
         return out | {f"a{i}": captured[f"a{i}"] for i in attention}
@@ -102,7 +104,9 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
     has = model.bridge.hook_dict.__contains__
     resid: dict[int, Tensor] = {}
     hooks: list[tuple[str, Callable]] = []
-    for layer in range(spec.n_layers):
+    for layer in range(spec.n_layers):  # the residual each attention layer's q, k and v read
+        if layer in spec.mixer_layers:
+            continue
         reads = (
             f"blocks.{layer}.ln1.hook_in"
             if has(f"blocks.{layer}.ln1.hook_in")
@@ -133,8 +137,9 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
             hooks.append((at, rebuild))
         elif dst == "logits":
             hooks.append(("ln_final.hook_in", lambda x, delta=delta: x + delta))
-        elif dst.startswith("mix"):  # a mixer layer's first norm, which only its mixer reads
-            hooks.append((f"blocks.{int(dst[3:])}.ln1.hook_in", lambda x, delta=delta: x + delta))
+        elif dst.startswith("mix"):  # a mixer layer's first norm (`norm` in Mamba's blocks), read by it alone
+            first = next(n for n in ("ln1", "norm") if has(f"blocks.{int(dst[3:])}.{n}.hook_in"))
+            hooks.append((f"blocks.{int(dst[3:])}.{first}.hook_in", lambda x, delta=delta: x + delta))
         else:
             layer = int(dst[1:])
             own_norm = f"blocks.{layer}.ln2.hook_in"

@@ -182,3 +182,14 @@ def test_a_hybrid_graph_has_one_mixer_node_per_mixer_layer(tmp_path):
         assert back.spec.mixer_layers == (0, 2) and torch.equal(back.in_graph, circuit.in_graph)
     with pytest.raises(GraphMismatchError, match="mixer_layers"):
         back.check_fits(ModelSpec(3, 4, 2, 16, 4, 32))
+
+
+def test_a_state_space_graph_has_one_mixer_per_block_and_no_mlps(tmp_path):
+    spec = ModelSpec(2, 1, 1, 16, 16, 32, name="mamba", mixer_layers=(0, 1), layers_without_mlp=(0, 1))
+    graph = Graph.from_model(spec)
+    assert graph.sources == ["input", "mix0", "mix1"] and graph.destinations == ["mix0", "mix1", "logits"]
+    assert graph.n_edges == 1 + 2 + 3  # mix0 reads the input; mix1 the input and mix0; logits all three
+    assert "nodes: attention heads" in graph.count_by_kind() and graph.count_by_kind()["nodes: MLPs"] == 0
+    graph.scores[graph.valid] = torch.randn(graph.n_edges)
+    graph.top_n(2).to_json(tmp_path / "c.json")
+    assert Graph.from_json(tmp_path / "c.json").spec.layers_without_mlp == (0, 1)

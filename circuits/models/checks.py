@@ -139,7 +139,8 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
     rtol = 1e-4 if logits.dtype == torch.float32 else 2e-2
     for layer in range(spec.n_layers):
         pre, post = acts[model.resid_pre_hook(layer)], acts[model.resid_post_hook(layer)]
-        attn, mlp = acts[model.attn_out_hook(layer)], acts[model.mlp_out_hook(layer)]
+        attn = acts[model.attn_out_hook(layer)]
+        mlp = acts[model.mlp_out_hook(layer)] if spec.has_mlp(layer) else torch.zeros_like(attn)
         _close(spec.name, model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
         if spec.per_head_sources and spec.has_attention(layer):
             heads = model.head_results(layer, acts[model.head_z_hook(layer)]).sum(2)
@@ -149,7 +150,8 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         if model.mlp_shares_attn_norm:
             mlp_in = model.attn_norm(layer)(mlp_in)
         mlp_hook = model.mlp_destination_hook(layer)
-        _close(spec.name, mlp_hook, acts[mlp_hook], mlp_in, rtol)
+        if spec.has_mlp(layer):
+            _close(spec.name, mlp_hook, acts[mlp_hook], mlp_in, rtol)
         _close(spec.name, model.resid_post_hook(layer), post, pre + attn + mlp, rtol)
         following = model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
         _close(spec.name, following, acts[following], post, rtol)

@@ -60,13 +60,20 @@ class ModelSpec:
     # layers whose token mixer is no attention (a state-space, linear-attention or convolution mixer, as
     # in Qwen3.5, Jamba, LFM2): one node `mix{l}` reading the residual through the layer's first norm
     mixer_layers: tuple[int, ...] = ()
+    # layers without an MLP (Mamba's blocks: a norm and a mixer alone)
+    layers_without_mlp: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise InputError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if any(not 0 <= layer < self.n_layers for layer in self.mixer_layers):
-            raise InputError(f"mixer_layers {self.mixer_layers} name layers outside 0..{self.n_layers - 1}")
-        object.__setattr__(self, "mixer_layers", tuple(sorted(set(self.mixer_layers))))
+        for name in ("mixer_layers", "layers_without_mlp"):
+            layers = getattr(self, name)
+            if any(not 0 <= layer < self.n_layers for layer in layers):
+                raise InputError(f"{name} {layers} name layers outside 0..{self.n_layers - 1}")
+            object.__setattr__(self, name, tuple(sorted(set(layers))))
+
+    def has_mlp(self, layer: int) -> bool:
+        return layer not in self.layers_without_mlp
 
     def has_attention(self, layer: int) -> bool:
         """Layer `layer`'s token mixer is attention (heads), not one mixer node."""
@@ -189,9 +196,12 @@ class HookedModel:
         return norm if shape is not None and int(torch.Size(shape).numel()) == width else None
 
     def attn_norm_in_hook(self, layer: int) -> str:
-        """Input of the norm in front of attention, or of attention itself where there is none (OLMo-2)."""
-        name = f"blocks.{layer}.ln1.hook_in"
-        return name if name in self._hook_points else f"blocks.{layer}.attn.hook_in"
+        """Input of the norm in front of the token mixer (`ln1`, or `norm` in a Mamba block), or of
+        attention itself where there is none (OLMo-2)."""
+        for norm in ("ln1", "norm"):
+            if f"blocks.{layer}.{norm}.hook_in" in self._hook_points:
+                return f"blocks.{layer}.{norm}.hook_in"
+        return f"blocks.{layer}.attn.hook_in"
 
     @staticmethod
     def post_attn_norm_in_hook(layer: int) -> str:
@@ -351,9 +361,11 @@ class HookedModel:
         return self.bridge.blocks[layer]
 
     def attn_norm(self, layer: int) -> nn.Module:
-        """The norm in front of attention (the Hugging Face module, no hooks); identity if there is none."""
-        block = self._block(layer)
-        return block.ln1._original_component if hasattr(block, "ln1") else nn.Identity()
+        """The norm in front of the token mixer (the Hugging Face module, no hooks); identity if there is
+        none."""
+        children = dict(self._block(layer).named_children())
+        norm = children.get("ln1", children.get("norm"))
+        return nn.Identity() if norm is None else norm._original_component
 
     def W_qkv(self, layer: int, letter: QKV) -> Tensor:
         """Per-head projection weights [n, d_head, d_model] (n = n_heads for q, n_kv_heads for k/v)."""

@@ -327,4 +327,7 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
             HookedModel.post_attn_norm_in_hook(layer) in bridge.hook_dict for layer in range(cfg.n_layers)
         ),
         mixer_layers=tuple(i for i, block in enumerate(bridge.blocks) if mixer_component(block) is not None),
+        layers_without_mlp=tuple(
+            i for i, block in enumerate(bridge.blocks) if "mlp" not in dict(block.named_children())
+        ),
     )

@@ -191,6 +191,8 @@ def _norm_form(model: HookedModel, module: torch.nn.Module) -> NormForm | None:
 def _find_mlps(model: HookedModel) -> tuple[_Mlp, ...] | str:
     mlps = []
     for layer in range(model.spec.n_layers):
+        if not model.spec.has_mlp(layer):
+            continue  # a Mamba block: nothing to place
         mlp = _Mlp(*model.mlp_activation_hooks(layer))
         missing = [n for n in (mlp.z, mlp.u, mlp.h) if n is not None and not model.has_hook(n)]
         if missing:
@@ -199,7 +201,7 @@ def _find_mlps(model: HookedModel) -> tuple[_Mlp, ...] | str:
                 "the bridge does not split)"
             )
         mlps.append(mlp)
-    problem = _check_mlps(model, mlps)
+    problem = _check_mlps(model, mlps) if mlps else None
     return problem if problem else tuple(mlps)
 
 

@@ -59,7 +59,7 @@ def blocks(spec: ModelSpec) -> tuple[list[Block], list[Block]]:
     Sources: input, then per layer its heads (one per query head; one `attention` source for post-norm
     blocks; one `mixer` for a layer without attention) and its MLP. Destinations: per layer one q input
     per query head, one k and one v input per key-value head (grouped-query attention is native) or the
-    mixer's input, the MLP's input; then the logits.
+    mixer's input, the MLP's input (a layer may have none: Mamba); then the logits.
     """
     sources: list[Block] = []
     destinations: list[Block] = []
@@ -77,12 +77,14 @@ def blocks(spec: ModelSpec) -> tuple[list[Block], list[Block]]:
             add(sources, "heads", layer, spec.n_heads, attention)
         else:
             add(sources, "attention", layer, 1, attention)
-        add(sources, "mlp", layer, 1, mlp)
+        if spec.has_mlp(layer):
+            add(sources, "mlp", layer, 1, mlp)
         if not spec.has_attention(layer):
             add(destinations, "mixer", layer, 1, attention)
         for letter in QKV_LETTERS if spec.has_attention(layer) else ():
             add(destinations, letter, layer, spec.n_qkv_heads(letter), attention)
-        add(destinations, "mlp", layer, 1, attention if spec.parallel_attn_mlp else mlp)
+        if spec.has_mlp(layer):
+            add(destinations, "mlp", layer, 1, attention if spec.parallel_attn_mlp else mlp)
     add(destinations, "logits", spec.n_layers, 1, 2 * spec.n_layers + 1)
     return sources, destinations
 

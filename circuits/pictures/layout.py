@@ -76,7 +76,7 @@ def layer_layout(circuit: Graph, edges: list[ShownEdge]) -> dict[str, tuple[floa
     for layer in range(circuit.spec.n_layers):
         heads = range(circuit.n_sources)[circuit.head_sources(layer)]
         row = [circuit.sources[i] for i in heads if circuit.sources[i] in touched]
-        mlp = circuit.sources[circuit.mlp_source(layer)]
+        mlp = circuit.sources[circuit.mlp_source(layer)] if circuit.spec.has_mlp(layer) else None
         if mlp in touched:
             row.append(mlp)
         if not row:

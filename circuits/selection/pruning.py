@@ -143,7 +143,8 @@ def destination_owners(graph: Graph) -> Tensor:
             for letter in ("k", "v"):
                 cols = graph.qkv_destinations(layer, letter)
                 owners[cols.start + group, heads] = True
-        owners[graph.mlp_destination(layer), graph.mlp_source(layer)] = True
+        if spec.has_mlp(layer):
+            owners[graph.mlp_destination(layer), graph.mlp_source(layer)] = True
     return owners
 
 
@@ -184,11 +185,11 @@ def prune_dead(circuit: Graph) -> None:
 
 def _layer_blocks(graph: Graph, layer: int) -> list[tuple[slice, slice]]:
     """(destination columns, source nodes) of a layer's attention, then of its MLP, in forward order."""
-    mlp_dst, mlp_src = graph.mlp_destination(layer), graph.mlp_source(layer)
-    return [
-        (graph.mixer_inputs(layer), graph.head_sources(layer)),
-        (slice(mlp_dst, mlp_dst + 1), slice(mlp_src, mlp_src + 1)),
-    ]
+    blocks = [(graph.mixer_inputs(layer), graph.head_sources(layer))]
+    if graph.spec.has_mlp(layer):
+        mlp_dst, mlp_src = graph.mlp_destination(layer), graph.mlp_source(layer)
+        blocks.append((slice(mlp_dst, mlp_dst + 1), slice(mlp_src, mlp_src + 1)))
+    return blocks
 
 
 def nodes_touched(circuit: Graph) -> Tensor:
