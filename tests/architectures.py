@@ -23,6 +23,8 @@ HEADS_NORM = "q/k norm over all heads: each head's input patched and differentia
 MIXERS = (
     "hybrid: a mixer layer's token mixer (state space, convolution, linear attention) is one node `mix{l}`"
 )
+HYBRID = ["linear_attention", "full_attention"]
+GATED = "hybrid (`mix{l}` linear-attention layers); a head's q input also computes its output gate"
 SSM = "state-space blocks (a norm and a mixer, no MLP): one node `mix{l}` per layer"
 BLOCKS = "one node `mix{l}` per block (a Mamba-2 mixer, an attention, an MLP or a mixture of experts each)"
 MIXED_OUTPUTS = (
@@ -87,6 +89,7 @@ RELP_WITHOUT_MLP_RULES = {
     "minimax_m2",
     "bitnet",  # a norm between the activation and the down projection
     "jamba",
+    "qwen3_next",
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -109,6 +112,8 @@ ATP_STAR_REFUSALS = {
     "mamba2": "every layer is attention",
     "falcon_mamba": "every layer is attention",
     "nemotron_h": "every layer is attention",
+    "qwen3_5_text": "every layer is attention",
+    "qwen3_next": "every layer is attention",
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
@@ -202,6 +207,19 @@ ARCHITECTURES = [
             use_mamba_kernels=False,
         ),
         how=MIXERS,
+    ),
+    Architecture("qwen3_5_text", dict(**GQA16, layer_types=HYBRID), how=GATED),
+    Architecture(
+        "qwen3_next",
+        dict(
+            **GQA16,
+            layer_types=HYBRID,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        how=GATED,
     ),
     Architecture("mamba", how=SSM),
     Architecture("mamba2", dict(num_heads=4, head_dim=32, n_groups=1, expand=2, chunk_size=8), how=SSM),

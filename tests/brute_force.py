@@ -5,7 +5,8 @@ patches. Source outputs come from the model's own forward passes (a head's resul
 with only its z kept, minus that with none; a post-norm layer's attention source is its normed attention
 output); a destination's input is patched by
 recomputing, with the real norm and projection modules, what the destination reads from `resid + delta`:
-- `a{l}.h{h}<q|k|v>`: the projection's output slice of head h, from norm(resid + delta); where a q/k norm
+- `a{l}.h{h}<q|k|v>`: the projection's output slice of head h (for a q projection that also computes the
+  heads' output gates, Qwen3.5's, both), from norm(resid + delta); where a q/k norm
   normalises all heads' projections together (OLMo-2), that norm's output slice, from
   qk_norm(proj(norm(resid + delta)));
 - `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
@@ -128,9 +129,12 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
             if has(f"{qk_norm}.hook_out") and _width(_module(model, qk_norm)) == _width(proj, "out"):
                 proj, at = torch.nn.Sequential(proj, _module(model, qk_norm)), f"{qk_norm}.hook_out"
 
-            def rebuild(x, layer=layer, head=head, norm=norm, proj=proj, delta=delta):
+            heads = spec.n_heads if letter == "q" else spec.n_kv_heads
+            width = _width(_module(model, f"blocks.{layer}.attn.{letter}"), "out") // heads  # gates too
+
+            def rebuild(x, layer=layer, head=head, norm=norm, proj=proj, delta=delta, width=width):
                 out = x.clone()
-                cols = slice(head * spec.d_head, (head + 1) * spec.d_head)
+                cols = slice(head * width, (head + 1) * width)
                 out[..., cols] = proj(norm(resid[layer] + delta))[..., cols]
                 return out
 

@@ -222,12 +222,18 @@ def _path(model: HookedModel, layer: int, letter: str) -> _Path:
     across = model.head_input_norm(layer, letter) is not None  # type: ignore[arg-type]
     width = model.spec.d_head * (model.spec.n_qkv_heads(letter) if across else 1)  # type: ignore[arg-type]
     head_form = None if head_norm is None else norm_form(head_norm, width)
+    weight = model.W_qkv(layer, letter)  # type: ignore[arg-type]
+    if weight.shape[1] != model.spec.d_head:
+        raise UnsupportedModelError(
+            f"{model.spec.name}: layer {layer}'s {letter} projection also computes the heads' output gates, "
+            "which AtP*'s QK fix does not move"
+        )
     if (form is None and not isinstance(norm, nn.Identity)) or (head_norm is not None and head_form is None):
         raise UnsupportedModelError(
             f"{model.spec.name}: AtP*'s QK fix needs the attention norm (and q/k norms) to be LayerNorm or "
             "RMSNorm, to move q and k exactly"
         )
-    return _Path(norm, form, model.W_qkv(layer, letter), head_norm, head_form, across)  # type: ignore[arg-type]
+    return _Path(norm, form, weight, head_norm, head_form, across)  # type: ignore[arg-type]
 
 
 def _moves(path: _Path, resid: Tensor, proj: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:

@@ -202,7 +202,9 @@ class ScoreRecorder:
         per_head = [  # q and k get none with the attention pattern held constant (RelP's CP rule)
             stashed[letter]
             if letter in stashed
-            else like.new_zeros(*like.shape[:2], spec.n_qkv_heads(letter) * spec.d_head)
+            else like.new_zeros(
+                *like.shape[:2], spec.n_qkv_heads(letter) * self.model.qkv_width(layer, letter)
+            )
             for letter in ("q", "k", "v")
         ]
         resid = self._resid.pop(layer)

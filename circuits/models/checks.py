@@ -222,9 +222,8 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
             for letter in letters:
                 readers = 1 if letter == "q" else spec.n_heads // spec.n_kv_heads  # heads reading slice 0
                 own, others = probe[:, :, :readers].sum(), probe[:, :, readers:].sum()
-                leak, scale = (
-                    _slice_grad(loss, leaves[layer, letter], spec.d_head) for loss in (others, own)
-                )
+                width = model.qkv_width(layer, letter)
+                leak, scale = (_slice_grad(loss, leaves[layer, letter], width) for loss in (others, own))
                 if leak > 1e-5 * max(scale, 1e-6):
                     raise AdditivityError(
                         f"{spec.name}: in layer {layer}, head 0's {letter} input (at "
@@ -270,8 +269,9 @@ def heads_mixed_before_output(model: HookedModel, input_ids: Tensor | None = Non
         readers = spec.n_heads // spec.n_kv_heads  # the heads reading value head 0
         for layer in layers:
             heads = z[layer].reshape(*z[layer].shape[:2], spec.n_heads, spec.d_head)
-            leak = _slice_grad(heads[:, :, readers:].pow(2).sum(), leaves[layer], spec.d_head)
-            own = _slice_grad(heads[:, :, :readers].pow(2).sum(), leaves[layer], spec.d_head)
+            width = model.qkv_width(layer, "v")
+            leak = _slice_grad(heads[:, :, readers:].pow(2).sum(), leaves[layer], width)
+            own = _slice_grad(heads[:, :, :readers].pow(2).sum(), leaves[layer], width)
             if leak > 1e-5 * max(own, 1e-6):
                 return True
     return False

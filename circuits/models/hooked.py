@@ -368,19 +368,22 @@ class HookedModel:
         return nn.Identity() if norm is None else norm._original_component
 
     def W_qkv(self, layer: int, letter: QKV) -> Tensor:
-        """Per-head projection weights [n, d_head, d_model] (n = n_heads for q, n_kv_heads for k/v)."""
-        proj = getattr(self._block(layer).attn, letter)._original_component
-        w = linear_weight(proj)
-        return w.reshape(self.spec.n_qkv_heads(letter), self.spec.d_head, self.spec.d_model)
+        """Per-head projection weights [n, width, d_model] (n = n_heads for q, n_kv_heads for k/v; width
+        `qkv_width`: d_head, or for a q projection that also computes each head's output gate, Qwen3.5's,
+        2 d_head)."""
+        w = linear_weight(self._projection(layer, letter))
+        return w.reshape(self.spec.n_qkv_heads(letter), -1, self.spec.d_model)
 
     def b_qkv(self, layer: int, letter: QKV) -> Tensor | None:
-        """Per-head projection biases [n, d_head], or None."""
-        bias = getattr(self._block(layer).attn, letter)._original_component.bias
-        return (
-            bias.reshape(self.spec.n_qkv_heads(letter), self.spec.d_head)
-            if isinstance(bias, Tensor)
-            else None
-        )
+        """Per-head projection biases [n, width], or None."""
+        bias = self._projection(layer, letter).bias
+        return bias.reshape(self.spec.n_qkv_heads(letter), -1) if isinstance(bias, Tensor) else None
+
+    def qkv_width(self, layer: int, letter: QKV) -> int:
+        """Values per head in the q (k, v) projection's output: d_head, or 2 d_head where the q projection
+        computes each head's query and output gate together (Qwen3.5, Qwen3-Next: head h's q input is the
+        residual both are computed from)."""
+        return int(self.W_qkv(layer, letter).shape[1])
 
     def qkv_from_residual(self, layer: int, letter: QKV, resid: Tensor) -> Tensor:
         """Each head's q (k, v) input value computed from its own residual stream: [b, P, n, d_head] from
@@ -450,7 +453,7 @@ class HookedModel:
 
         Args:
             resid: [K * b, P, d_model] input of the attention norm (K integration steps, step-major).
-            grad_proj: gradients at the q, k and v projection outputs, each [K * b, P, n * d_head].
+            grad_proj: gradients at the q, k and v projection outputs, each [K * b, P, n * width].
             weights: [K] step weights to sum the steps with (default: one step, weight 1).
             out: optional contiguous storage for n_heads + 2 n_kv_heads rows of b * P * d_model values.
             frozen_scale: the norm's scale held constant (RelP's LN rule).
@@ -460,8 +463,8 @@ class HookedModel:
         """
         spec = self.spec
         weights = torch.ones(1, device=resid.device) if weights is None else weights
-        grads = [g.reshape(*g.shape[:2], -1, spec.d_head) for g in grad_proj]
         starts = [0, spec.n_heads, spec.n_heads + spec.n_kv_heads, spec.n_heads + 2 * spec.n_kv_heads]
+        grads = [g.reshape(*g.shape[:2], starts[i + 1] - starts[i], -1) for i, g in enumerate(grad_proj)]
         corrections: list[tuple[slice, list[tuple[Tensor, Tensor]]]] = []
         by_autograd: list[tuple[slice, QKV, Tensor]] = []
         for i, letter in enumerate(QKV_LETTERS):
@@ -475,9 +478,23 @@ class HookedModel:
                 w = self.W_qkv(layer, letter)
                 grads[i], terms = heads_norm.pull_back(y, grads[i], w, frozen_scale)
                 corrections.append((rows, terms))
-        result = self._projected_norm(layer, "qkv").vjp(
-            resid, torch.cat(grads, 2), weights, out, frozen_scale
-        )
+        if len({g.shape[-1] for g in grads}) == 1:  # one width: all heads' pull-backs at once
+            result = self._projected_norm(layer, "qkv").vjp(
+                resid, torch.cat(grads, 2), weights, out, frozen_scale
+            )
+        else:  # a q projection that also computes gates: each letter apart, into one head-major storage
+            b, p, d = resid.shape[0] // weights.shape[0], resid.shape[1], resid.shape[2]
+            dtype = torch.promote_types(grads[0].dtype, torch.float32) if out is None else out.dtype
+            rows_of = (
+                out
+                if out is not None
+                else torch.empty(starts[-1], b * p * d, dtype=dtype, device=resid.device)
+            )
+            storage = rows_of.view(starts[-1], -1)
+            for i, letter in enumerate(QKV_LETTERS):
+                part = storage[starts[i] : starts[i + 1]]
+                self._projected_norm(layer, letter).vjp(resid, grads[i], weights, part, frozen_scale)
+            result = storage.view(starts[-1], b, p, d).permute(1, 2, 0, 3)
         step_weights = weights.to(resid.device, result.dtype).view(-1, 1, 1, 1, 1)
         for rows, terms in corrections:  # the terms shared by all heads, pulled back through the norm
             for coefficients, vector in terms:
@@ -543,11 +560,12 @@ class HookedModel:
         norm = self._projected_norm(layer, "mlp")
         return norm.vjp(resid, grad.unsqueeze(2), weights, frozen_scale=frozen_scale)[:, :, 0]
 
-    def _projected_norm(self, layer: int, reader: Literal["qkv", "mlp"]) -> ProjectedNorm:
-        """The layer's attention norm with its readers' weights folded in (the q/k/v heads, or the identity
-        for an MLP sharing the norm), rebuilt when a weight changes."""
+    def _projected_norm(self, layer: int, reader: Literal["qkv", "q", "k", "v", "mlp"]) -> ProjectedNorm:
+        """The layer's attention norm with its readers' weights folded in (the q/k/v heads, one letter's, or
+        the identity for an MLP sharing the norm), rebuilt when a weight changes."""
         norm = self.attn_norm(layer)
-        weights = [self.W_qkv(layer, letter) for letter in ("q", "k", "v")] if reader == "qkv" else []
+        letters: tuple[QKV, ...] = QKV_LETTERS if reader == "qkv" else () if reader == "mlp" else (reader,)
+        weights = [self.W_qkv(layer, letter) for letter in letters]
         key = tuple((t.data_ptr(), t._version) for t in [*weights, *norm.parameters()])
         cached = self._projected_norms.get((layer, reader))
         if cached is None or cached[0] != key:

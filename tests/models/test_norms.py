@@ -130,18 +130,22 @@ def test_a_norm_over_all_heads_pulls_back_per_head_as_autograd_does(norm: nn.Mod
     assert HeadsNorm(TanhNorm(), 40).form is None  # no closed form: the model takes autograd instead
 
 
-@pytest.mark.parametrize("name", ["olmo2", "minimax_m2"])
+@pytest.mark.parametrize("name", ["olmo2", "minimax_m2", "qwen3_5_text"])
 def test_q_k_v_input_gradients_in_closed_form_are_autograds_through_each_head(name: str) -> None:
-    """`attn_input_grads` with q/k norms over all heads (OLMo-2, MiniMax-M2, grouped-query) against the
+    """`attn_input_grads` with q/k norms over all heads (OLMo-2, MiniMax-M2, grouped-query) or a q
+    projection that also computes the output gates (Qwen3.5: widths 2 d_head and d_head) against the
     generic path: autograd through `qkv_from_residual` on a copy of the residual per head, 3 steps."""
     arch = next(a for a in ARCHITECTURES if a.name == name)
     model = load_model(arch.build(), tiny_tokenizer())
     spec = model.spec
     torch.manual_seed(1)
     resid = torch.randn(3 * 2, 5, spec.d_model)
-    grads = [torch.randn(3 * 2, 5, spec.n_qkv_heads(x) * spec.d_head) for x in "qkv"]
+    grads = [torch.randn(3 * 2, 5, spec.n_qkv_heads(x) * model.qkv_width(1, x)) for x in "qkv"]  # type: ignore[arg-type]
     weights = torch.tensor([0.2, 0.5, 0.3])
-    assert model.head_input_norm(0, "q") is not None and model.head_input_norm(0, "k") is not None
+    if name == "qwen3_5_text":
+        assert (model.qkv_width(1, "q"), model.qkv_width(1, "k")) == (2 * spec.d_head, spec.d_head)
+    else:
+        assert model.head_input_norm(1, "q") is not None and model.head_input_norm(1, "k") is not None
     closed = model.attn_input_grads(1, resid, grads, weights)
     model.closed_form_pullbacks = False
     generic = model.attn_input_grads(1, resid, grads, weights)
