@@ -103,6 +103,7 @@ ATP_STAR_REFUSALS = {
     "hunyuan_v1_dense": "through its norm alone",
     "gemma2": "soft-capping",
     "helium": NO_PATTERN,
+    "gemma4_text (layer scalars 1, no per-layer inputs)": NO_PATTERN,
     "persimmon": NO_PATTERN,
     "biogpt": NO_PATTERN,
     "lfm2 (hybrid)": "every layer is attention",
@@ -116,6 +117,25 @@ ATP_STAR_REFUSALS = {
     "qwen3_next": "every layer is attention",
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
+DEEPSEEK = dict(
+    num_key_value_heads=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    first_k_dense_replace=1,
+)
+LATENT = (
+    "multi-head latent attention: one rotary key part shared by all heads, hooked only after the rotary "
+    "embedding (a per-head key input needs it recomputed)"
+)
+GATE_PROJ = "a per-head output gate from its own projection of the residual: a fourth per-head input"
+PER_LAYER_INPUTS = "per-layer inputs (a second token embedding entering every layer): no node for them yet"
+PARALLEL_MIXERS = "attention and a Mamba mixer side by side in one layer, with multipliers"
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
 
 ARCHITECTURES = [
@@ -225,33 +245,24 @@ ARCHITECTURES = [
     Architecture("mamba2", dict(num_heads=4, head_dim=32, n_groups=1, expand=2, chunk_size=8), how=SSM),
     Architecture("falcon_mamba", how=SSM),
     Architecture("nemotron_h", dict(num_key_value_heads=2, chunk_size=8), how=BLOCKS),
+    Architecture(
+        "gemma4_text",
+        dict(**GQA16, hidden_size_per_layer_input=0, global_head_dim=16),
+        how=SANDWICH,
+        label="gemma4_text (layer scalars 1, no per-layer inputs)",
+    ),
     Architecture("helium", GQA16, how=OWN_ADAPTER),
     Architecture("persimmon", how=OWN_ADAPTER),
     Architecture("biogpt", how=OWN_ADAPTER),
     # ------------------------------------------------------------------------------------ refused
+    Architecture("falcon_h1", GQA, refusal="side by side in each layer", why=PARALLEL_MIXERS),
+    Architecture("deepseek_v2", DEEPSEEK | dict(q_lora_rank=None), refusal="latent attention", why=LATENT),
     Architecture(
-        "falcon_h1",
-        GQA,
-        refusal="additivity check failed at blocks.0.ln2.hook_in",
-        why="hybrid attention / Mamba",
+        "deepseek_v3", DEEPSEEK | dict(q_lora_rank=24, n_group=1, topk_group=1), refusal="latent", why=LATENT
     ),
-    Architecture(
-        "deepseek_v2",
-        dict(
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            n_shared_experts=1,
-            kv_lora_rank=16,
-            q_lora_rank=None,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=16,
-            first_k_dense_replace=1,
-        ),
-        refusal="no hook point 'blocks.0.attn.q.hook_out'",
-        why="multi-head latent attention: no per-head q/k/v projections of the residual",
-    ),
+    Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),
+    Architecture("afmoe", GQA16, refusal="gate its own projection", why=GATE_PROJ),
+    Architecture("laguna", GQA16, refusal="gate its own projection", why=GATE_PROJ),
     Architecture("recurrent_gemma", refusal="load-time checks cannot run", why=BRIDGE),
     Architecture(
         "jetmoe", GQA, refusal="no hook point 'blocks.0.attn.o.hook_in'", why="mixture-of-attention heads"

@@ -94,8 +94,9 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
 
 def _width(module: torch.nn.Module, side: str = "") -> int:
     """A norm's width (its weight's size), or a linear map's output width (`side="out"`)."""
-    weight = module.weight
-    assert isinstance(weight, Tensor)
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return -1  # a norm without a gain (Gemma-4's): not the width of anything
     return int(weight.shape[0] if side else weight.numel())
 
 

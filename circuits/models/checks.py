@@ -53,6 +53,57 @@ def probe_ids(model: HookedModel) -> Tensor:
     return torch.randint(0, vocab, (2, 7), generator=gen)
 
 
+def unhandled_features(model: HookedModel) -> str | None:
+    """A block feature the graph does not express yet, named from the Hugging Face model it wraps, or None.
+
+    Each is an exact intervention in principle; these say which piece is missing, so that a refusal names
+    the cause instead of the first hook or sum that comes out wrong.
+    """
+    hf = model.bridge.original_model
+    config = hf.config
+    modules = dict(hf.named_modules())
+    attention = [m for name, m in modules.items() if name.endswith("self_attn")]
+    if any(hasattr(m, "kv_a_proj_with_mqa") for m in attention):
+        return (
+            "multi-head latent attention (DeepSeek-V2 / V3): every head's key holds one rotary part computed "
+            "from the residual for all heads, and TransformerLens hooks the per-head keys only after the "
+            "rotary embedding; a head's own key input is well defined (its key recomputed from the patched "
+            "residual), but patching it there would need the rotary embedding recomputed, not done here yet"
+        )
+    gates = [name for m in attention for name in ("gate_proj", "g_proj") if hasattr(m, name)]
+    if gates:
+        return (
+            f"each head's output is multiplied by a gate its own projection (`self_attn.{gates[0]}`) "
+            "computes from the residual (AFMoE, Laguna): a per-head input besides q, k and v, which the "
+            "graph has no node input for yet"
+        )
+    scalars = [
+        m.layer_scalar for m in modules.values() if isinstance(getattr(m, "layer_scalar", None), Tensor)
+    ]
+    if any(not bool((scalar == 1).all()) for scalar in scalars):
+        return (
+            "every layer multiplies the whole residual stream by a learned scalar (Gemma-4's layer_scalar): "
+            "an edge's effect is then scaled by the scalars of the layers between its ends, which the graph "
+            "does not apply yet"
+        )
+    if getattr(config, "hidden_size_per_layer_input", 0):
+        return (
+            "per-layer inputs (Gemma-3n, Gemma-4: a second embedding of the tokens enters every layer "
+            "through its own gate): no input node per layer yet"
+        )
+    if getattr(config, "num_kv_shared_layers", 0):
+        return (
+            "the last layers reuse the keys and values of earlier layers (num_kv_shared_layers): their k / v "
+            "inputs are another layer's, which the graph does not express yet"
+        )
+    if any(hasattr(m, "mamba") and hasattr(m, "self_attn") for m in modules.values()):
+        return (
+            "attention and a Mamba mixer side by side in each layer, with multipliers on their inputs and "
+            "outputs (Falcon-H1): one layer's two token mixers are not separate nodes yet"
+        )
+    return None
+
+
 def check_bridge(model: HookedModel, input_ids: Tensor | None = None) -> None:
     """Raise `UnsupportedModelError` unless the bridge computes the Hugging Face model it wraps: its logits
     are compared with those of the un-bridged model (same parameters) on a probe batch."""

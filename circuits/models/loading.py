@@ -19,6 +19,7 @@ from circuits.models.checks import (
     check_heads_independent,
     heads_mixed_before_output,
     probed,
+    unhandled_features,
 )
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded, load_gguf
 from circuits.models.hooked import HookedModel, ModelSpec, mixer_component
@@ -97,9 +98,12 @@ def _probe_layout(model: HookedModel, probe: Callable[[HookedModel], bool], chec
 
 
 def _run_checks(model: HookedModel) -> None:
-    """`check_bridge`, `check_additivity`, then `check_heads_independent`; a failure inside them (an
-    architecture whose tensors do not have the shapes the checks expect) is a refusal with its cause, not an
-    internal traceback."""
+    """`unhandled_features`, `check_bridge`, `check_additivity`, then `check_heads_independent`; a failure
+    inside them (an architecture whose tensors do not have the shapes the checks expect) is a refusal with
+    its cause, not an internal traceback."""
+    unhandled = unhandled_features(model)
+    if unhandled:
+        raise UnsupportedModelError(f"{model.spec.name}: {unhandled}")
     try:
         check_bridge(model)
         check_additivity(model)

@@ -127,3 +127,16 @@ def test_heads_mixed_before_the_output_projection_make_one_attention_source_per_
 def _loaded(name: str):
     arch = next(a for a in ARCHITECTURES if a.name == name)
     return load_model(arch.build(), tiny_tokenizer())
+
+
+def test_learned_layer_scalars_are_refused_for_what_they_do():
+    """Gemma-4 with its layer scalars at 1 is exact (the matrix); a learned scalar rescales the residual
+    stream after its layer, which the graph does not apply: refused with that reason."""
+    arch = next(a for a in ARCHITECTURES if a.name.startswith("gemma4_text (layer scalars 1"))
+    hf = arch.build()
+    load_model(hf, tiny_tokenizer())
+    hf.model.layers[0].layer_scalar.fill_(0.5)
+    with pytest.raises(
+        UnsupportedModelError, match="multiplies the whole residual stream by a learned scalar"
+    ):
+        load_model(hf, tiny_tokenizer())
