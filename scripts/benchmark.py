@@ -10,6 +10,7 @@ that one only (an extra EAP row shows the ratio with every position unembedded).
     python scripts/benchmark.py                  # SmolLM2 IOI (32 pairs, batch 8) + GPT-2-small-shaped model
     python scripts/benchmark.py --models smollm2 --methods eap eap-ig-inputs
     python scripts/benchmark.py --sections selection neurons   # pruning speed; neuron IG cached vs full
+    python scripts/benchmark.py --sections head-inputs --n 16   # q/k/v pull-backs: closed form vs autograd
     python scripts/benchmark.py --sections memory --lengths 128 512   # peak RSS against prompt length
     python scripts/benchmark.py --sections memory --lengths 2048 --max-memory 8   # within a budget
     python scripts/benchmark.py --device cuda --dtype bfloat16 --sections edges \
@@ -192,6 +193,49 @@ def selection_rows() -> None:
         print(f"| {label} | {graph.n_edges:,} | {t_top:.3f} s | {t_threshold:.3f} s | {t_greedy:.3f} s |")
 
 
+def head_input_rows(n: int, batch_size: int, steps: int, repeats: int) -> None:
+    """The per-head q/k/v pull-back in closed form against the generic path (autograd through each head's
+    input recomputed from its own copy of the residual, `HookedModel.closed_form_pullbacks = False`): on
+    SmolLM2 (the slice shortcut applies) and on a random OLMo-2 of SmolLM2's shape (q/k norms over all
+    heads: the closed form adds shared rank-one terms). Same scores either way (max difference shown)."""
+    smollm2 = load_model("smollm2-135m")
+    olmo_config = transformers.Olmo2Config(
+        vocab_size=len(smollm2.tokenizer),
+        hidden_size=smollm2.spec.d_model,
+        intermediate_size=smollm2.spec.d_mlp,
+        num_hidden_layers=smollm2.spec.n_layers,
+        num_attention_heads=smollm2.spec.n_heads,
+        num_key_value_heads=smollm2.spec.n_kv_heads,
+        initializer_range=0.02,
+    )
+    torch.manual_seed(0)
+    olmo = load_model(transformers.Olmo2ForCausalLM(olmo_config).eval(), smollm2.tokenizer)
+    print("\n| model | method | closed form | generic (autograd per head) | generic / closed | max |diff| |")
+    print("|---|---|---|---|---|---|")
+    for label, model in [("SmolLM2-135M", smollm2), ("OLMo-2, SmolLM2's shape, random", olmo)]:
+        pairs = ioi_pairs(model, n).pairs
+        graph = Graph.from_model(model)
+        methods: list[MethodName] = ["eap", "eap-ig-inputs"]
+        for method in methods:
+            times, scores = [], []
+            for closed in (True, False):
+                model.closed_form_pullbacks = closed
+
+                def go(model: HookedModel = model, graph: Graph = graph, pairs=pairs, method=method) -> Any:
+                    return attribute(
+                        model, graph, pairs, method=method, ig_steps=steps, batch_size=batch_size, quiet=True
+                    ).edge_scores
+
+                times.append(best_of(go, repeats))
+                scores.append(go())
+            model.closed_form_pullbacks = True
+            diff = float((scores[0] - scores[1]).abs().max())
+            print(
+                f"| {label} | {method} | {times[0]:.2f} s | {times[1]:.2f} s | {times[1] / times[0]:.2f}x | "
+                f"{diff:.1e} |"
+            )
+
+
 def neuron_rows(n_prompts: int, steps: int) -> None:
     """Neuron IG on SmolLM2 / MemoTrap: the cached one-position path against the full-sequence path."""
     model = load_model("smollm2-135m")
@@ -319,6 +363,8 @@ def main() -> None:
         selection_rows()
     if "neurons" in args.sections:
         neuron_rows(args.neuron_prompts, 20)
+    if "head-inputs" in args.sections:
+        head_input_rows(args.n, args.batch_size, args.steps, args.repeats)
     if "memory" in args.sections:
         memory_rows(args.lengths, args.steps, args.max_rows, args.max_memory)
     if "edges" not in args.sections:
