@@ -90,6 +90,12 @@ RELP_WITHOUT_MLP_RULES = {
     "bitnet",  # a norm between the activation and the down projection
     "jamba",
     "qwen3_next",
+    "ernie4_5_moe",
+    "glm4_moe",
+    "lfm2_moe",
+    "llama4_text",
+    "qwen3_5_moe_text",
+    "modernbert-decoder",  # a gated MLP whose gate and up halves come from one fused projection
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -106,6 +112,9 @@ ATP_STAR_REFUSALS = {
     "gemma4_text (layer scalars 1, no per-layer inputs)": NO_PATTERN,
     "persimmon": NO_PATTERN,
     "biogpt": NO_PATTERN,
+    "vaultgemma": "soft-capping",
+    "modernbert-decoder": NO_PATTERN,
+    "llama4_text": NO_PATTERN,
     "lfm2 (hybrid)": "every layer is attention",
     "bamba": "every layer is attention",
     "jamba": "every layer is attention",
@@ -115,6 +124,9 @@ ATP_STAR_REFUSALS = {
     "nemotron_h": "every layer is attention",
     "qwen3_5_text": "every layer is attention",
     "qwen3_next": "every layer is attention",
+    "lfm2_moe": "every layer is attention",
+    "olmo_hybrid": "every layer is attention",
+    "qwen3_5_moe_text": "every layer is attention",
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
 DEEPSEEK = dict(
@@ -241,6 +253,52 @@ ARCHITECTURES = [
         ),
         how=GATED,
     ),
+    Architecture("ernie4_5_moe", dict(**GQA, **PAD)),
+    Architecture("jais2", dict(**GQA, **PAD)),
+    Architecture("ministral3", dict(**GQA, **PAD)),
+    Architecture(
+        "glm4_moe",
+        dict(
+            **GQA16,
+            **PAD,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),
+    Architecture(
+        "lfm2_moe",
+        dict(
+            **GQA,
+            **PAD,
+            layer_types=["conv", "full_attention"],
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            num_dense_layers=1,
+        ),
+        how=MIXERS,
+    ),
+    Architecture("llama4_text", dict(**GQA16, **PAD, num_local_experts=2, interleave_moe_layer_step=2)),
+    Architecture("modernbert-decoder", PAD),
+    Architecture("olmo_hybrid", dict(**GQA, **PAD), how=MIXERS),
+    Architecture(
+        "qwen3_5_moe_text",
+        dict(
+            **GQA16,
+            **PAD,
+            layer_types=HYBRID,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+        how=GATED,
+    ),
+    Architecture("vaultgemma", dict(**GQA16, **PAD)),
     Architecture("mamba", how=SSM),
     Architecture("mamba2", dict(num_heads=4, head_dim=32, n_groups=1, expand=2, chunk_size=8), how=SSM),
     Architecture("falcon_mamba", how=SSM),
@@ -263,6 +321,34 @@ ARCHITECTURES = [
     Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),
     Architecture("afmoe", GQA16, refusal="gate its own projection", why=GATE_PROJ),
     Architecture("laguna", GQA16, refusal="gate its own projection", why=GATE_PROJ),
+    Architecture("glm4_moe_lite", dict(**GQA, **PAD), refusal="latent attention", why=LATENT),
+    Architecture("glm_moe_dsa", dict(**GQA, **PAD), refusal="latent attention", why=LATENT),
+    Architecture("granitemoehybrid", dict(**GQA, **PAD), refusal="bridge fails to run", why=BRIDGE),
+    Architecture(
+        "hrm_text", dict(**GQA, **PAD), refusal="no layer blocks", why="the adapter maps no layer blocks"
+    ),
+    Architecture(
+        "deepseek_v4",
+        dict(**GQA, **PAD),
+        refusal="no hook point 'blocks.0.hook_resid_pre'",
+        why="the adapter hooks no residual stream around its blocks",
+    ),
+    Architecture(
+        "nanochat",
+        dict(**GQA, **PAD),
+        refusal="run more than once in a forward pass (ln_final.hook_in: 2 times",
+        why="its final norm module also normalises the embeddings: the logits' input hook runs twice",
+    ),
+    Architecture("youtu", dict(num_key_value_heads=4, **PAD), refusal="latent attention", why=LATENT),
+    Architecture(
+        "zamba2", dict(**GQA, **PAD, layer_types=["mamba", "hybrid"]), refusal="fails to run", why=BRIDGE
+    ),
+    Architecture(
+        "rwkv",
+        PAD,
+        refusal="no hook point 'blocks.0.hook_attn_out'",
+        why="RWKV's time and channel mixing (both mix tokens) are no attention and MLP",
+    ),
     Architecture("recurrent_gemma", refusal="load-time checks cannot run", why=BRIDGE),
     Architecture(
         "jetmoe", GQA, refusal="no hook point 'blocks.0.attn.o.hook_in'", why="mixture-of-attention heads"

@@ -96,7 +96,10 @@ def unhandled_features(model: HookedModel) -> str | None:
             "the last layers reuse the keys and values of earlier layers (num_kv_shared_layers): their k / v "
             "inputs are another layer's, which the graph does not express yet"
         )
-    if any(hasattr(m, "mamba") and hasattr(m, "self_attn") for m in modules.values()):
+    if any(
+        getattr(m, "mamba", None) is not None and getattr(m, "self_attn", None) is not None
+        for m in modules.values()
+    ):
         return (
             "attention and a Mamba mixer side by side in each layer, with multipliers on their inputs and "
             "outputs (Falcon-H1): one layer's two token mixers are not separate nodes yet"
@@ -145,11 +148,13 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
     input_ids = (probe_ids(model) if input_ids is None else input_ids).to(model.device)
     acts: dict[str, Tensor] = {}
     grads: dict[str, Tensor] = {}
+    fired: dict[str, int] = {}
 
     def save(name: str) -> HookFn:
         def fn(x: Tensor) -> Tensor:
             # A fresh view, so that its gradient is the one of this branch alone (hook points return
             # the very tensor they get, which the residual stream also carries on).
+            fired[name] = fired.get(name, 0) + 1
             y = x.view_as(x)
             acts[name] = y.detach()
             if y.requires_grad:
@@ -180,6 +185,13 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         logits = model(input_ids)
         logits.float().pow(2).mean().backward()
 
+    twice = [name for name in names if fired.get(name, 0) > 1]
+    if twice:
+        raise AdditivityError(
+            f"{spec.name}: hook points the graph reads run more than once in a forward pass ({twice[0]}: "
+            f"{fired[twice[0]]} times; NanoChat's final norm also normalises the embeddings): a patch or a "
+            "gradient read there would also land on the other use, so its edges cannot be read"
+        )
     unreached = [name for name in names if name not in acts]
     if unreached:
         raise AdditivityError(

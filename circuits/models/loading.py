@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -76,42 +75,46 @@ def load_model(
         prepend_bos = _default_prepend_bos(hf_model, tokenizer)
     model = HookedModel(bridge, tokenizer, _spec_from_bridge(bridge, model_name), prepend_bos)
     model.source = source
-    if model.spec.per_head_sources and _probe_layout(model, heads_mixed_before_output, check):
-        model.spec = replace(model.spec, per_head_sources=False)  # BitNet: one attention source per layer
     if check:
         _run_checks(model)
+    else:
+        _probe_layout(model, check=False)
     return model
 
 
-def _probe_layout(model: HookedModel, probe: Callable[[HookedModel], bool], check: bool) -> bool:
-    """`probe(model)`: a question about the block layout, asked on a probe batch. Where it cannot run, a
-    refusal (as for the checks), or with `check=False` (everything at the caller's risk) False."""
+def _probe_layout(model: HookedModel, check: bool = True) -> None:
+    """Block-layout questions asked on a probe batch, which set the graph's shape: heads mixed before the
+    output projection (BitNet) make one attention source per layer. Where a probe cannot run, a refusal
+    (as for the checks), or with `check=False` (everything at the caller's risk) the layout as it is."""
+    probe = heads_mixed_before_output
     try:
-        return probed(model, probe.__name__, probe)  # type: ignore[no-any-return]
+        mixed = model.spec.per_head_sources and probed(model, probe.__name__, probe)
     except CircuitsError:
         if check:
             raise
+        return
     except Exception as err:
         if check:
             raise _cannot_run(model, "the load-time probe of its block layout", err) from err
-    return False
+        return
+    if mixed:
+        model.spec = replace(model.spec, per_head_sources=False)
 
 
 def _run_checks(model: HookedModel) -> None:
-    """`unhandled_features`, `check_bridge`, `check_additivity`, then `check_heads_independent`; a failure
-    inside them (an architecture whose tensors do not have the shapes the checks expect) is a refusal with
-    its cause, not an internal traceback."""
+    """`unhandled_features`, `check_bridge`, the layout probe, `check_additivity`, then
+    `check_heads_independent`; a failure inside them (an architecture whose tensors do not have the shapes
+    the checks expect) is a refusal with its cause, not an internal traceback."""
     unhandled = unhandled_features(model)
     if unhandled:
         raise UnsupportedModelError(f"{model.spec.name}: {unhandled}")
-    try:
-        check_bridge(model)
-        check_additivity(model)
-        check_heads_independent(model)
-    except CircuitsError:
-        raise
-    except Exception as err:
-        raise _cannot_run(model, "the load-time checks", err) from err
+    for check in (check_bridge, _probe_layout, check_additivity, check_heads_independent):
+        try:
+            check(model)
+        except CircuitsError:
+            raise
+        except Exception as err:
+            raise _cannot_run(model, "the load-time checks", err) from err
 
 
 def _cannot_run(model: HookedModel, what: str, err: Exception) -> UnsupportedModelError:
@@ -311,6 +314,11 @@ def _default_prepend_bos(hf_model: PreTrainedModel, tokenizer: PreTrainedTokeniz
 
 
 def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
+    if not hasattr(bridge, "blocks"):
+        raise UnsupportedModelError(
+            f"{name}: the TransformerLens bridge has no layer blocks for this architecture (its adapter maps "
+            "it otherwise), so there are no residual-stream layers to build a graph on"
+        )
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     if cfg.n_heads % n_kv:
