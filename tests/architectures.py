@@ -73,6 +73,14 @@ class Architecture:
 GQA = dict(num_key_value_heads=2)
 GQA16 = dict(num_key_value_heads=2, head_dim=16)
 PAD = dict(pad_token_id=0)
+QWEN_HYBRID_MOE = dict(  # Qwen3-Next and Qwen3.5-MoE: a linear-attention layer, then attention; experts
+    **GQA16,
+    layer_types=HYBRID,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
 MULTIPLIERS = dict(
     residual_multiplier=0.5, embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0
 )
@@ -243,14 +251,7 @@ ARCHITECTURES = [
     Architecture("qwen3_5_text", dict(**GQA16, layer_types=HYBRID), how=GATED),
     Architecture(
         "qwen3_next",
-        dict(
-            **GQA16,
-            layer_types=HYBRID,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=32,
-        ),
+        QWEN_HYBRID_MOE,
         how=GATED,
     ),
     Architecture("ernie4_5_moe", dict(**GQA, **PAD)),
@@ -287,15 +288,7 @@ ARCHITECTURES = [
     Architecture("olmo_hybrid", dict(**GQA, **PAD), how=MIXERS),
     Architecture(
         "qwen3_5_moe_text",
-        dict(
-            **GQA16,
-            **PAD,
-            layer_types=HYBRID,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=32,
-        ),
+        dict(**QWEN_HYBRID_MOE, **PAD),
         how=GATED,
     ),
     Architecture("vaultgemma", dict(**GQA16, **PAD)),

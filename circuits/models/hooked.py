@@ -105,12 +105,8 @@ def linear_weight(module: nn.Module) -> Tensor:
     )
 
 
-MIXER_COMPONENTS = (
-    "linear_attn",
-    "mixer",
-    "conv",
-    "mamba",
-)  # TransformerLens' names for non-attention mixers
+# TransformerLens' names for the token mixers of blocks without attention
+MIXER_COMPONENTS = ("linear_attn", "mixer", "conv", "mamba")
 
 
 def mixer_component(block: Any) -> str | None:
