@@ -104,6 +104,10 @@ RELP_WITHOUT_MLP_RULES = {
     "llama4_text",
     "qwen3_5_moe_text",
     "modernbert-decoder",  # a gated MLP whose gate and up halves come from one fused projection
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe_lite",
+    "glm_moe_dsa",
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -135,23 +139,26 @@ ATP_STAR_REFUSALS = {
     "lfm2_moe": "every layer is attention",
     "olmo_hybrid": "every layer is attention",
     "qwen3_5_moe_text": "every layer is attention",
+    **dict.fromkeys(
+        ["deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm_moe_dsa", "youtu"], "latent attention"
+    ),
 }
 BRIDGE = "the TransformerLens 4.3 adapter fails to run the model"
+# multi-head latent attention: every head its own key and value; q/k (16 wide) and v (12) widths differ
+LATENT_DIMS = dict(
+    num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12
+)
 DEEPSEEK = dict(
-    num_key_value_heads=4,
+    **LATENT_DIMS,
     n_routed_experts=4,
     num_experts_per_tok=2,
     moe_intermediate_size=32,
     n_shared_experts=1,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=16,
     first_k_dense_replace=1,
 )
 LATENT = (
-    "multi-head latent attention: one rotary key part shared by all heads, hooked only after the rotary "
-    "embedding (a per-head key input needs it recomputed)"
+    "multi-head latent attention: each head's q, k and v (one rotary key part shared by all) recomputed from "
+    "the patched residual through the latent projections and the rotary embedding"
 )
 GATE_PROJ = "a per-head output gate from its own projection of the residual: a fourth per-head input"
 PER_LAYER_INPUTS = "per-layer inputs (a second token embedding entering every layer): no node for them yet"
@@ -305,17 +312,16 @@ ARCHITECTURES = [
     Architecture("helium", GQA16, how=OWN_ADAPTER),
     Architecture("persimmon", how=OWN_ADAPTER),
     Architecture("biogpt", how=OWN_ADAPTER),
+    Architecture("deepseek_v2", DEEPSEEK | dict(q_lora_rank=None), how=LATENT),
+    Architecture("deepseek_v3", DEEPSEEK | dict(q_lora_rank=24, n_group=1, topk_group=1), how=LATENT),
+    Architecture("glm4_moe_lite", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
+    Architecture("glm_moe_dsa", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
+    Architecture("youtu", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
     # ------------------------------------------------------------------------------------ refused
     Architecture("falcon_h1", GQA, refusal="side by side in each layer", why=PARALLEL_MIXERS),
-    Architecture("deepseek_v2", DEEPSEEK | dict(q_lora_rank=None), refusal="latent attention", why=LATENT),
-    Architecture(
-        "deepseek_v3", DEEPSEEK | dict(q_lora_rank=24, n_group=1, topk_group=1), refusal="latent", why=LATENT
-    ),
     Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),
     Architecture("afmoe", GQA16, refusal="gate its own projection", why=GATE_PROJ),
     Architecture("laguna", GQA16, refusal="gate its own projection", why=GATE_PROJ),
-    Architecture("glm4_moe_lite", dict(**GQA, **PAD), refusal="latent attention", why=LATENT),
-    Architecture("glm_moe_dsa", dict(**GQA, **PAD), refusal="latent attention", why=LATENT),
     Architecture("granitemoehybrid", dict(**GQA, **PAD), refusal="bridge fails to run", why=BRIDGE),
     Architecture(
         "hrm_text", dict(**GQA, **PAD), refusal="no layer blocks", why="the adapter maps no layer blocks"
@@ -332,7 +338,6 @@ ARCHITECTURES = [
         refusal="run more than once in a forward pass (ln_final.hook_in: 2 times",
         why="its final norm module also normalises the embeddings: the logits' input hook runs twice",
     ),
-    Architecture("youtu", dict(num_key_value_heads=4, **PAD), refusal="latent attention", why=LATENT),
     Architecture(
         "zamba2", dict(**GQA, **PAD, layer_types=["mamba", "hybrid"]), refusal="fails to run", why=BRIDGE
     ),
@@ -406,6 +411,9 @@ CHECKPOINTS = {
     "falcon_h1": "tiiuae/Falcon-H1-1.5B-Base",
     "deepseek_v2": "deepseek-ai/DeepSeek-V2-Lite",
     "deepseek_v3": "deepseek-ai/DeepSeek-V3",
+    "glm4_moe_lite": "zai-org/GLM-4.7-Flash",
+    "glm_moe_dsa": "zai-org/GLM-5",
+    "youtu": "tencent/Youtu-LLM-2B",
     "granitemoehybrid": "ibm-granite/granite-4.0-h-tiny",
     "zamba2": "Zyphra/Zamba2-1.2B",
     "rwkv": "RWKV/rwkv-4-169m-pile",

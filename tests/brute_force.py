@@ -21,7 +21,8 @@ source's corrupted - clean difference.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -100,7 +101,9 @@ def _width(module: torch.nn.Module, side: str = "") -> int:
     return int(weight.shape[0] if side else weight.numel())
 
 
-def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[str, Callable]]:
+def _patch_hooks(
+    model: HookedModel, deltas: dict[str, Tensor], latent: _LatentInputs
+) -> list[tuple[str, Callable]]:
     """Hooks adding deltas[dst] to each named destination's input (see module doc)."""
     spec = model.spec
     has = model.bridge.hook_dict.__contains__
@@ -119,9 +122,13 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
     def attn_norm(layer: int) -> Callable[[Tensor], Tensor]:
         return _module(model, f"blocks.{layer}.ln1") if has(f"blocks.{layer}.ln1.hook_in") else (lambda x: x)
 
+    latent.resid, latent.attn_norm = resid, attn_norm
     for dst, delta in deltas.items():
         head_input = _HEAD_INPUT.match(dst)
-        if head_input:
+        if head_input and has(f"blocks.{head_input.group(1)}.attn.hook_kv_latent"):
+            layer, head, letter = int(head_input.group(1)), int(head_input.group(2)), head_input.group(3)
+            hooks += latent.patch(layer, head, letter, delta)
+        elif head_input:
             layer, head, letter = int(head_input.group(1)), int(head_input.group(2)), head_input.group(3)
             norm = attn_norm(layer)
             proj = _module(model, f"blocks.{layer}.attn.{letter}")
@@ -163,6 +170,67 @@ def _patch_hooks(model: HookedModel, deltas: dict[str, Tensor]) -> list[tuple[st
     return hooks
 
 
+class _LatentInputs:
+    """Head inputs of multi-head latent attention, patched through the model's own attention module: its
+    q (k, v) for head h is what the bridge's attention computes at `attn.hook_<letter>` when called again on
+    norm(resid + delta) with the other arguments its block gave it (position embeddings, mask); head h's
+    slice of that replaces head h's. While the attention runs again, every hook here only records."""
+
+    def __init__(self, model: HookedModel) -> None:
+        self.model = model
+        self.resid: dict[int, Tensor] = {}
+        self.attn_norm: Callable = lambda layer: lambda x: x
+        self.running_again = False
+        self.seen: dict[str, Tensor] = {}
+        self.calls: dict[int, dict] = {}  # each latent layer's attention arguments, as its block passed them
+
+    @contextmanager
+    def recording_calls(self) -> Iterator[None]:
+        """Within the block, each attention module's keyword arguments (position embeddings, mask) are kept
+        for calling it again."""
+
+        def keep(layer: int) -> Callable:
+            def hook(_module, _args, kwargs) -> None:
+                if not self.running_again:
+                    self.calls[layer] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+            return hook
+
+        blocks = self.model.bridge.blocks
+        handles = [
+            blocks[layer].attn.register_forward_pre_hook(keep(layer), with_kwargs=True)
+            for layer in range(len(blocks))
+            if f"blocks.{layer}.attn.hook_kv_latent" in self.model.bridge.hook_dict
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def patch(self, layer: int, head: int, letter: str, delta: Tensor) -> list[tuple[str, Callable]]:
+        at = f"blocks.{layer}.attn.hook_{letter}"
+        attention = self.model.bridge.blocks[layer].attn
+
+        def rebuild(x: Tensor) -> Tensor | None:
+            if self.running_again:
+                self.seen[at] = x
+                return None
+            self.running_again = True
+            try:
+                x_in = self.attn_norm(layer)(self.resid[layer] + delta)
+                attention(hidden_states=x_in, **self.calls[layer])
+            finally:
+                self.running_again = False
+            width = x.shape[-1] // self.model.spec.n_heads
+            out = x.clone()
+            cols = slice(head * width, (head + 1) * width)
+            out[..., cols] = self.seen[at][..., cols]
+            return out
+
+        return [(at, rebuild)]
+
+
 def metric(
     model: HookedModel,
     pairs: PromptPairs,
@@ -172,7 +240,8 @@ def metric(
 ) -> Tensor:
     """Per-example logit difference [b] on `ids` (default: the clean prompts), with the destinations in
     `deltas` patched and any `extra_hooks` applied."""
-    with model.hooks([*_patch_hooks(model, deltas or {}), *extra_hooks]):
+    latent = _LatentInputs(model)
+    with latent.recording_calls(), model.hooks([*_patch_hooks(model, deltas or {}, latent), *extra_hooks]):
         return logit_diff(model(pairs.clean if ids is None else ids), pairs)
 
 

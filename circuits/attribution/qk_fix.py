@@ -56,6 +56,14 @@ class QKCapture:
                 f"{model.spec.name}: AtP*'s QK fix and GradDrop are written here for models whose every "
                 f"layer is attention; layers {list(graph.spec.mixer_layers)} have another token mixer"
             )
+        latent = [layer for layer in model.spec.attention_layers if model.latent_attention(layer) is not None]
+        if latent:
+            raise UnsupportedModelError(
+                f"{model.spec.name}: AtP*'s QK fix moves each head's q and k through the attention norm and "
+                f"one projection slice; layers {latent} have multi-head latent attention (q, k through "
+                "latent projections, norms and the rotary embedding), for which the fix is not written: use "
+                "method='eap' or the exact method for their q/k edges"
+            )
         problem = probed(model, "pattern", pattern_problem)
         if problem:
             raise UnsupportedModelError(

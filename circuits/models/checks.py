@@ -63,13 +63,6 @@ def unhandled_features(model: HookedModel) -> str | None:
     config = hf.config
     modules = dict(hf.named_modules())
     attention = [m for name, m in modules.items() if name.endswith("self_attn")]
-    if any(hasattr(m, "kv_a_proj_with_mqa") for m in attention):
-        return (
-            "multi-head latent attention (DeepSeek-V2 / V3): every head's key holds one rotary part computed "
-            "from the residual for all heads, and TransformerLens hooks the per-head keys only after the "
-            "rotary embedding; a head's own key input is well defined (its key recomputed from the patched "
-            "residual), but patching it there would need the rotary embedding recomputed, not done here yet"
-        )
     gates = [name for m in attention for name in ("gate_proj", "g_proj") if hasattr(m, name)]
     if gates:
         return (

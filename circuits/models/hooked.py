@@ -10,10 +10,14 @@ nodes and asks this adapter for the hook point that carries each of them:
 | MLP output                      | `blocks.{l}.hook_mlp_out`         | [batch, pos, d_model]          |
 | q / k / v projections (pre-RoPE)| `blocks.{l}.attn.{q,k,v}.hook_out`| [batch, pos, n * d_head]       |
 | q / k past a norm over all heads| `blocks.{l}.attn.{q,k}_norm.hook_out`| [batch, pos, n * d_head]    |
+| q / k / v of latent attention   | `blocks.{l}.attn.hook_{q,k,v}`    | [batch, pos, n * width] (*)    |
 | attention-block input (pre-norm)| `blocks.{l}.ln1.hook_in`          | [batch, pos, d_model]          |
 | MLP input (pre-norm)            | `blocks.{l}.ln2.hook_in`          | [batch, pos, d_model]          |
 | MLP input (normed; shared norm) | `blocks.{l}.mlp.hook_in`          | [batch, pos, d_model]          |
 | logits input (pre final norm)   | `ln_final.hook_in`                | [batch, pos, d_model]          |
+
+(*) head-major in the bridge, [batch, n, pos, width]; `hooks` shows them position-major like every other
+per-head input.
 
 Parallel blocks with one shared norm (GPT-J, Phi, Falcon-7B, Cohere, CodeGen, StableLM parallel) have no
 MLP norm: the MLP reads the attention norm's output, so its destination input is the pre-norm residual seen
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -35,7 +39,8 @@ from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from circuits.errors import InputError, UnsupportedModelError
-from circuits.models.norms import HeadsNorm, ProjectedNorm
+from circuits.models.latent import LatentAttention, is_latent
+from circuits.models.norms import HeadsNorm, ProjectedNorm, norm_form, with_frozen_scale
 
 QKV = Literal["q", "k", "v"]
 QKV_LETTERS: tuple[QKV, ...] = ("q", "k", "v")
@@ -151,6 +156,16 @@ class HookedModel:
         # through `qkv_from_residual` for every head (the reference path, and its cost in benchmarks)
         self.closed_form_pullbacks = True
         self._heads_norms: dict[tuple[int, str], tuple[tuple, HeadsNorm]] = {}
+        self._latent: dict[int, LatentAttention] = {}
+        self._norm_hooks: list[tuple[str, str]] | None = None
+        # hook points whose tensors are head-major [batch, heads, pos, width] (latent attention's q / k / v):
+        # shown to hooks as [batch, pos, heads * width], as every per-head input is
+        self._head_major = {
+            self.head_input_hook(layer, letter)
+            for layer in spec.attention_layers
+            if self.latent_attention(layer) is not None
+            for letter in QKV_LETTERS
+        }
 
     # ----------------------------------------------------------------- hook names (the only place)
     input_hook = "blocks.0.hook_resid_pre"
@@ -171,8 +186,11 @@ class HookedModel:
         return f"blocks.{layer}.attn.{letter}.hook_out"
 
     def head_input_hook(self, layer: int, letter: QKV) -> str:
-        """Where each head's own q (k, v) input value lives, [batch, pos, n * d_head]: the projection's
-        output, or past a norm over all heads' projections together (`head_input_norm`), its output."""
+        """Where each head's own q (k, v) input value lives, [batch, pos, n * width]: the projection's
+        output, or past a norm over all heads' projections together (`head_input_norm`), its output; with
+        latent attention, each head's final q (k, v) after the rotary embedding."""
+        if self.latent_attention(layer) is not None:
+            return f"blocks.{layer}.attn.hook_{letter}"
         if self.head_input_norm(layer, letter) is not None:
             return f"blocks.{layer}.attn.{letter}_norm.hook_out"
         return self.qkv_out_hook(layer, letter)
@@ -183,7 +201,7 @@ class HookedModel:
 
         Head h's input is then slice_h N(W n(x) + b): still a function of the residual x alone, patched by
         recomputing the projection and N from the patched residual and keeping slice h."""
-        if letter == "v" or self.spec.n_qkv_heads(letter) == 1:
+        if letter == "v" or self.spec.n_qkv_heads(letter) == 1 or self.latent_attention(layer) is not None:
             return None
         norm = self.qk_norm(layer, letter)
         weight = getattr(norm, "weight", None)
@@ -239,13 +257,38 @@ class HookedModel:
         return f"blocks.{layer}.attn.hook_pattern"
 
     def norm_hooks(self) -> list[tuple[str, str]]:
-        """(input, output) hook points of every normalisation component of the bridge (those with a scale
-        hook): the blocks' norms, q/k norms, the final norm."""
-        return [
-            (name.replace(".hook_scale", ".hook_in"), name.replace(".hook_scale", ".hook_out"))
-            for name in self._hook_points
-            if name.endswith(".hook_scale") and name.replace(".hook_scale", ".hook_in") in self._hook_points
-        ]
+        """(input, output) hook points of every normalisation component of the bridge: those with a scale
+        hook (the blocks' norms, q/k norms, the final norm), and a norm the bridge wraps as a generic
+        component (Youtu's query-latent norm), found by what its module computes."""
+        if self._norm_hooks is None:
+            named = [
+                (name.replace(".hook_scale", ".hook_in"), name.replace(".hook_scale", ".hook_out"))
+                for name in self._hook_points
+                if name.endswith(".hook_scale")
+                and name.replace(".hook_scale", ".hook_in") in self._hook_points
+            ]
+            self._norm_hooks = named + self._generic_norm_hooks({a for a, _ in named})
+        return self._norm_hooks
+
+    def _generic_norm_hooks(self, known: set[str]) -> list[tuple[str, str]]:
+        """(input, output) hooks of components without a scale hook whose module has one weight vector
+        (and maybe a bias) and computes a LayerNorm or RMSNorm with it (`norms.norm_form`)."""
+        found = []
+        for hook in self._hook_points:
+            name = hook.removesuffix(".hook_in")
+            hooks = (hook, f"{name}.hook_out")
+            if name == hook or hook in known or hooks[1] not in self._hook_points:
+                continue
+            module = getattr(self.bridge.get_submodule(name), "_original_component", None)
+            if not isinstance(module, nn.Module):
+                continue
+            params = dict(module.named_parameters())
+            weight = params.get("weight")
+            if weight is None or weight.dim() != 1 or set(params) - {"weight", "bias"}:
+                continue
+            if norm_form(module, weight.numel()) is not None:
+                found.append(hooks)
+        return found
 
     @staticmethod
     def norm_component(in_hook: str) -> str:
@@ -378,15 +421,33 @@ class HookedModel:
     def qkv_width(self, layer: int, letter: QKV) -> int:
         """Values per head in the q (k, v) projection's output: d_head, or 2 d_head where the q projection
         computes each head's query and output gate together (Qwen3.5, Qwen3-Next: head h's q input is the
-        residual both are computed from)."""
+        residual both are computed from); with latent attention, the widths of its heads' q, k and v."""
+        latent = self.latent_attention(layer)
+        if latent is not None:
+            return latent.width(letter)
         return int(self.W_qkv(layer, letter).shape[1])
 
+    def latent_attention(self, layer: int) -> LatentAttention | None:
+        """The layer's multi-head latent attention (DeepSeek-V2 / V3), or None for any other."""
+        if layer not in self._latent:
+            attn = getattr(self._block(layer), "attn", None)
+            hf = None if attn is None else attn._original_component
+            if hf is None or not is_latent(hf):
+                return None
+            rotary = self.bridge.rotary_emb._original_component
+            self._latent[layer] = LatentAttention(hf, rotary)
+        return self._latent[layer]
+
     def qkv_from_residual(self, layer: int, letter: QKV, resid: Tensor) -> Tensor:
-        """Each head's q (k, v) input value computed from its own residual stream: [b, P, n, d_head] from
+        """Each head's q (k, v) input value computed from its own residual stream: [b, P, n, width] from
         resid [b, P, n, d_model], through the attention norm and W[h] (+ bias) alone; past a norm over all
-        heads (`head_input_norm`), head h's slice of N(W norm(resid_h) + b), the full width per head."""
+        heads (`head_input_norm`), head h's slice of N(W norm(resid_h) + b), the full width per head; with
+        latent attention, head h's q (k, v) through the latent projections and the rotary embedding."""
         heads_norm = self.head_input_norm(layer, letter)
         normed = self.attn_norm(layer)(resid)
+        latent = self.latent_attention(layer)
+        if latent is not None:
+            return latent(letter, normed)
         if heads_norm is None:
             out = torch.einsum("bpnd,nhd->bpnh", normed, self.W_qkv(layer, letter))
             bias = self.b_qkv(layer, letter)
@@ -463,10 +524,15 @@ class HookedModel:
         grads = [g.reshape(*g.shape[:2], starts[i + 1] - starts[i], -1) for i, g in enumerate(grad_proj)]
         corrections: list[tuple[slice, list[tuple[Tensor, Tensor]]]] = []
         by_autograd: list[tuple[slice, QKV, Tensor]] = []
+        latent = self.latent_attention(layer) is not None  # no projection matrices: autograd throughout
         for i, letter in enumerate(QKV_LETTERS):
             rows = slice(starts[i], starts[i + 1])
             heads_norm = self._heads_norm(layer, letter)
-            if not self.closed_form_pullbacks or (heads_norm is not None and heads_norm.form is None):
+            if (
+                latent
+                or not self.closed_form_pullbacks
+                or (heads_norm is not None and heads_norm.form is None)
+            ):
                 by_autograd.append((rows, letter, grads[i]))
                 grads[i] = torch.zeros_like(grads[i])
             elif heads_norm is not None:
@@ -474,11 +540,11 @@ class HookedModel:
                 w = self.W_qkv(layer, letter)
                 grads[i], terms = heads_norm.pull_back(y, grads[i], w, frozen_scale)
                 corrections.append((rows, terms))
-        if len({g.shape[-1] for g in grads}) == 1:  # one width: all heads' pull-backs at once
+        if len({g.shape[-1] for g in grads}) == 1 and not latent:  # one width: all heads' pull-backs at once
             result = self._projected_norm(layer, "qkv").vjp(
                 resid, torch.cat(grads, 2), weights, out, frozen_scale
             )
-        else:  # a q projection that also computes gates: each letter apart, into one head-major storage
+        else:  # widths differ (a q projection computing gates, latent attention): one letter at a time
             b, p, d = resid.shape[0] // weights.shape[0], resid.shape[1], resid.shape[2]
             dtype = torch.promote_types(grads[0].dtype, torch.float32) if out is None else out.dtype
             rows_of = (
@@ -487,9 +553,11 @@ class HookedModel:
                 else torch.empty(starts[-1], b * p * d, dtype=dtype, device=resid.device)
             )
             storage = rows_of.view(starts[-1], -1)
+            by_letter = {letter for _, letter, _ in by_autograd}
             for i, letter in enumerate(QKV_LETTERS):
-                part = storage[starts[i] : starts[i + 1]]
-                self._projected_norm(layer, letter).vjp(resid, grads[i], weights, part, frozen_scale)
+                if letter not in by_letter:
+                    part = storage[starts[i] : starts[i + 1]]
+                    self._projected_norm(layer, letter).vjp(resid, grads[i], weights, part, frozen_scale)
             result = storage.view(starts[-1], b, p, d).permute(1, 2, 0, 3)
         step_weights = weights.to(resid.device, result.dtype).view(-1, 1, 1, 1, 1)
         for rows, terms in corrections:  # the terms shared by all heads, pulled back through the norm
@@ -505,28 +573,54 @@ class HookedModel:
                     pulled.reshape(k, -1, *pulled.shape[1:]),
                 )
         for rows, letter, g in by_autograd:
-            if frozen_scale:
-                raise UnsupportedModelError(
-                    f"{spec.name}: layer {layer}'s {letter} heads read the residual through a norm that is "
-                    "neither a LayerNorm nor an RMSNorm, so RelP's LN rule (its scale held constant) "
-                    "cannot be applied to it"
-                )
-            result[:, :, rows] = self._autograd_head_grads(layer, letter, resid, g, weights).to(result.dtype)
+            result[:, :, rows] = self._autograd_head_grads(layer, letter, resid, g, weights, frozen_scale).to(
+                result.dtype
+            )
         return result
 
     def _autograd_head_grads(
-        self, layer: int, letter: QKV, resid: Tensor, grads: Tensor, weights: Tensor
+        self, layer: int, letter: QKV, resid: Tensor, grads: Tensor, weights: Tensor, frozen_scale: bool
     ) -> Tensor:
         """sum_k weights[k] (d q_h / d x)(x_k)^T g_{k,h} for each head h, by autograd through
         `qkv_from_residual` on a copy of the residual per head: [b, P, n, d] from resid [K * b, P, d] and
-        grads [K * b, P, n, d_head]."""
+        grads [K * b, P, n, width]; with `frozen_scale`, every norm on the way with its scale constant."""
         n = grads.shape[2]
-        with torch.enable_grad():
+        frozen = self._frozen_norms(layer, letter) if frozen_scale else nullcontext()
+        with torch.enable_grad(), frozen:
             x = resid.detach().unsqueeze(2).expand(-1, -1, n, -1).contiguous().requires_grad_(True)
             values = self.qkv_from_residual(layer, letter, x)
             (full,) = torch.autograd.grad(values, x, grads.to(values.dtype))
         full = full.reshape(weights.shape[0], -1, *full.shape[1:])
         return (weights.to(full.device, full.dtype).view(-1, 1, 1, 1, 1) * full).sum(0)
+
+    @contextmanager
+    def _frozen_norms(self, layer: int, letter: QKV) -> Iterator[None]:
+        """Within the block, every norm between the residual and the layer's heads' inputs (the attention
+        norm, a q/k norm, latent attention's latent norms) computes its output with its scale held
+        constant in the backward pass (RelP's LN rule, `norms.with_frozen_scale`)."""
+        inside = (self.norm_component(self.attn_norm_in_hook(layer)), f"blocks.{layer}.attn.")
+        handles = []
+        try:
+            for in_hook, _ in self.norm_hooks():
+                name = self.norm_component(in_hook)
+                if name != inside[0] and not name.startswith(inside[1]):
+                    continue
+                module = self.bridge.get_submodule(name)._original_component
+                width = getattr(module, "weight", None)
+                form = norm_form(module, width.numel() if isinstance(width, Tensor) else self.spec.d_model)
+                if form is None:
+                    raise UnsupportedModelError(
+                        f"{self.spec.name}: layer {layer}'s {letter} heads read the residual through {name}, "
+                        "which is neither a LayerNorm nor an RMSNorm, so RelP's LN rule (its scale held "
+                        "constant) cannot be applied to it"
+                    )
+                handles.append(
+                    module.register_forward_hook(lambda _m, a, y, f=form: with_frozen_scale(f, a[0], y))
+                )
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _heads_norm(self, layer: int, letter: QKV) -> HeadsNorm | None:
         """`HeadsNorm` of the layer's q (k) norm over all heads, made once, or None."""
@@ -590,7 +684,7 @@ class HookedModel:
         try:
             for name, fn in hooks:
                 point = self.hook_point(name)
-                added.append((point, point.add_hook(self._as_lens_hook(fn))))
+                added.append((point, point.add_hook(self._as_lens_hook(fn, name in self._head_major))))
             yield
         finally:
             for point, handle in added:
@@ -613,19 +707,48 @@ class HookedModel:
         with self.hooks([(name, keep(name)) for name in names]):
             yield captured
 
+    @property
+    def longest_exact_prompt(self) -> int | None:
+        """The most positions a prompt may have for the graph to be exact, or None for no limit: DeepSeek
+        sparse attention (GLM-MoE-DSA) picks each query's top-k keys by an indexer the graph has no node
+        for, which changes nothing while a prompt has at most k positions."""
+        limits = [
+            latent.longest_exact_prompt
+            for layer in self.spec.attention_layers
+            if (latent := self.latent_attention(layer)) is not None
+            and latent.longest_exact_prompt is not None
+        ]
+        return min(limits) if limits else None
+
     def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [batch, pos, d_vocab] (no key-value cache is kept)."""
+        limit = self.longest_exact_prompt
+        if limit is not None and input_ids.shape[1] > limit:
+            raise UnsupportedModelError(
+                f"{self.spec.name}: prompts of {input_ids.shape[1]} positions; its sparse attention lets "
+                f"each query attend to its top {limit} keys only, chosen by an indexer the graph has no node "
+                f"for, so scores are exact only for prompts of at most {limit} positions"
+            )
         self._batch_shape = tuple(input_ids.shape)
         try:
             return self.bridge(input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             self._batch_shape = None
 
-    def _as_lens_hook(self, fn: HookFn) -> Callable[..., Tensor | None]:
+    def _as_lens_hook(self, fn: HookFn, head_major: bool = False) -> Callable[..., Tensor | None]:
         """A TransformerLens hook `hook(activation, hook=point)` calling fn on the activation as the module
         computed it: a hook point's shape conversion (q/k/v split into heads) is undone for fn and redone
-        on its result, and an activation a block flattens to [batch * pos, d] (OPT's MLP) is shown to fn
-        as [batch, pos, d]."""
+        on its result, an activation a block flattens to [batch * pos, d] (OPT's MLP) is shown to fn
+        as [batch, pos, d], and a head-major one [batch, heads, pos, width] (latent attention's q / k / v)
+        as [batch, pos, heads * width]."""
+        if head_major:
+
+            def inner(x: Tensor) -> Tensor | None:
+                heads = x.shape[1]
+                result = fn(x.transpose(1, 2).flatten(2))
+                return None if result is None else result.unflatten(2, (heads, -1)).transpose(1, 2)
+
+            return self._as_lens_hook(inner)
 
         def hook(output: Tensor, hook: Any) -> Tensor | None:
             conversion = hook.hook_conversion

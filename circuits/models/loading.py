@@ -22,6 +22,7 @@ from circuits.models.checks import (
 )
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded, load_gguf
 from circuits.models.hooked import HookedModel, ModelSpec, mixer_component
+from circuits.models.latent import is_latent
 
 logger = logging.getLogger(__name__)
 DEVICE_MAP_PLANS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named placements
@@ -321,6 +322,11 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
         )
     cfg = bridge.cfg
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    d_head = cfg.d_head
+    attentions = [dict(block.named_children()).get("attn") for block in bridge.blocks]
+    latent = [a._original_component for a in attentions if a is not None and is_latent(a._original_component)]
+    if latent:  # every head has its own key and value (`models.latent`); z is v_head_dim wide per head
+        n_kv, d_head = cfg.n_heads, int(latent[0].v_head_dim)
     if cfg.n_heads % n_kv:
         raise UnsupportedModelError(
             f"{name}: the bridge reports {cfg.n_heads} attention heads sharing {n_kv} key/value heads, "
@@ -331,7 +337,7 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
         n_heads=cfg.n_heads,
         n_kv_heads=n_kv,
         d_model=cfg.d_model,
-        d_head=cfg.d_head,
+        d_head=d_head,
         d_mlp=cfg.d_mlp,
         parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
         name=name,

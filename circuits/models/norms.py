@@ -67,6 +67,16 @@ def norm_form(norm: nn.Module, d: int) -> NormForm | None:
     return None
 
 
+def with_frozen_scale(form: NormForm, x: Tensor, y: Tensor) -> Tensor:
+    """The norm's output y (computed from x) with the gradient of gain * centre(x) * r(x), r held constant:
+    RelP's LN rule (the normalising scale a constant in the backward pass), the forward value untouched."""
+    xf = x.float()
+    c = xf - xf.mean(-1, keepdim=True) if form.centre else xf
+    r = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + form.eps).detach()
+    s = c * (r * form.gain.to(x.device, torch.float32))
+    return y.detach() + (s - s.detach()).to(y.dtype)
+
+
 def norm_jvp(form: NormForm, x: Tensor, dx: Tensor) -> Tensor:
     """J(x) dx for the norm `form` describes: gain r (c(dx) - x_hat mean(x_hat c(dx))), c the centring
     (LayerNorm) or identity (RMSNorm); x [..., d], dx broadcastable to it."""

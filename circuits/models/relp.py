@@ -27,7 +27,7 @@ from torch import Tensor
 from circuits.errors import UnsupportedModelError
 from circuits.models.checks import pattern_problem, probe_ids, probed
 from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
-from circuits.models.norms import NormForm, norm_form
+from circuits.models.norms import NormForm, norm_form, with_frozen_scale
 
 _STABILISER = 1e-6  # |denominator| below which the identity rule's ratio is taken against +-1e-6
 
@@ -133,12 +133,7 @@ def _ln_rule(in_hook: str, out_hook: str, form: NormForm) -> tuple[tuple[str, Ho
 
     def frozen_scale(y: Tensor) -> Tensor | None:
         x = seen.pop()
-        if not x.requires_grad:
-            return None
-        xf = x.float()
-        c = xf - xf.mean(-1, keepdim=True) if form.centre else xf
-        r = torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + form.eps).detach()
-        return _through(y, c * (r * form.gain.to(x.device, torch.float32)))
+        return with_frozen_scale(form, x, y) if x.requires_grad else None
 
     return (in_hook, keep), (out_hook, frozen_scale)
 

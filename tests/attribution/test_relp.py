@@ -23,9 +23,10 @@ from tests.pairs import make_pairs
 OFF = RelPRules(ln=False, identity=False, half=False, cp=False)
 
 
-def _olmo2() -> HookedModel:
-    """Grouped-query attention with q/k norms over all heads (their scales frozen by the LN rule too)."""
-    arch = next(a for a in ARCHITECTURES if a.name == "olmo2")
+def _matrix_model(name: str) -> HookedModel:
+    """olmo2: grouped-query attention with q/k norms over all heads (their scales frozen by the LN rule
+    too); youtu: multi-head latent attention (its latent norms frozen inside the heads' input pull-back)."""
+    arch = next(a for a in ARCHITECTURES if a.name == name)
     return load_model(arch.build(), tiny_tokenizer())
 
 
@@ -143,9 +144,9 @@ def _reference_scores(model: HookedModel, graph: Graph, pairs, rules: RelPRules)
     ],
     ids=["default", "ln", "identity", "half", "cp"],
 )
-@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2", "youtu"])
 def test_relp_matches_a_hand_written_detach_reference(name, rules, request):
-    model = _olmo2() if name == "olmo2" else request.getfixturevalue(name)
+    model = _matrix_model(name) if name in ("olmo2", "youtu") else request.getfixturevalue(name)
     graph, pairs = Graph.from_model(model), make_pairs(model)
     ours = _edges(model, graph, pairs, method="relp", rules=rules)
     want = _reference_scores(model, graph, pairs, rules)
