@@ -30,7 +30,7 @@ from torch import Tensor
 
 from circuits.errors import InputError
 from circuits.graph import Graph
-from circuits.models.hooked import QKV, HookedModel, HookFn
+from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.wiring import DestinationSite, wiring
 from circuits.sources import Placement, SourceOutputs, source_major, source_placement
 
@@ -152,6 +152,46 @@ def _requiring_grad(x: Tensor) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
+def _rebuilt_head_inputs(
+    model: HookedModel,
+    site: DestinationSite,
+    corrected: Callable[[slice, Tensor], Tensor | None],
+    resid: dict[int, Tensor],
+) -> list[tuple[str, HookFn]]:
+    """Hooks writing a q (k, v) block's inputs as `qkv_from_residual` computes them from the corrected
+    residual, [rows, P, n, d_model] (`resid[layer]` plus the block's correction). Where a projection of
+    their own computes the heads' output gates (`site.gate_hook`), q is written at two hooks from one
+    corrected input per pass: whichever fires first computes both and leaves the other's part for it."""
+    cols, layer, letter = site.destinations, site.layer, site.letter
+    assert letter is not None
+    n = cols.stop - cols.start
+
+    def values() -> Tensor | None:
+        heads = corrected(cols, resid[layer].unsqueeze(2).expand(-1, -1, n, -1))
+        return None if heads is None else model.qkv_from_residual(layer, letter, heads)
+
+    if site.gate_hook is None:
+
+        def hook(x: Tensor) -> Tensor | None:
+            v = values()
+            return None if v is None else v.reshape(x.shape)
+
+        return [(site.hook, hook)]
+    left: dict[str, Tensor | None] = {}
+
+    def part(which: str) -> HookFn:
+        def hook(x: Tensor) -> Tensor | None:
+            if which not in left:
+                v = values()
+                left["query"], left["gate"] = (None, None) if v is None else model.split_gate(layer, v)
+            value = left.pop(which)
+            return None if value is None else value.reshape(x.shape)
+
+        return hook
+
+    return [(site.hook, part("query")), (site.gate_hook, part("gate"))]
+
+
 def _ablation_hooks(
     model: HookedModel, graph: Graph, sums: _Corrections, inputs: list[tuple[slice, Tensor]] | None = None
 ) -> list[tuple[str, HookFn]]:
@@ -205,16 +245,6 @@ def _ablation_hooks(
 
         return hook
 
-    def rebuild_qkv(site: DestinationSite, letter: QKV) -> HookFn:
-        cols, layer = site.destinations, site.layer
-
-        def hook(x: Tensor) -> Tensor | None:
-            n = cols.stop - cols.start
-            heads = corrected(cols, resid[layer].unsqueeze(2).expand(-1, -1, n, -1))  # [rows, P, n, d_model]
-            return None if heads is None else model.qkv_from_residual(layer, letter, heads).reshape(x.shape)
-
-        return hook
-
     sites = wiring(model, graph.spec)
     recorders = [
         (src.hook, record(src.sources, src.layer if src.per_head else None)) for src in sites.sources
@@ -225,7 +255,7 @@ def _ablation_hooks(
             case "q" | "k" | "v":
                 if dst.kind == "q":  # the residual the layer's q, k and v inputs are rebuilt from
                     hooks.append((dst.residual_hook, save_resid(dst.layer)))  # type: ignore[arg-type]
-                hooks.append((dst.hook, rebuild_qkv(dst, dst.kind)))
+                hooks += _rebuilt_head_inputs(model, dst, corrected, resid)
             case "mlp" if dst.residual_hook is not None:
                 hooks.append((dst.hook, renorm_mlp_input(dst)))
             case "mixer" | "mlp" | "logits":

@@ -108,6 +108,8 @@ RELP_WITHOUT_MLP_RULES = {
     "deepseek_v3",
     "glm4_moe_lite",
     "glm_moe_dsa",
+    "afmoe",
+    "laguna",
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -124,6 +126,8 @@ ATP_STAR_REFUSALS = {
     "gemma4_text (layer scalars 1, no per-layer inputs)": NO_PATTERN,
     "persimmon": NO_PATTERN,
     "biogpt": NO_PATTERN,
+    "afmoe": NO_PATTERN,
+    "laguna": NO_PATTERN,
     "vaultgemma": "soft-capping",
     "modernbert-decoder": NO_PATTERN,
     "llama4_text": NO_PATTERN,
@@ -160,7 +164,10 @@ LATENT = (
     "multi-head latent attention: each head's q, k and v (one rotary key part shared by all) recomputed from "
     "the patched residual through the latent projections and the rotary embedding"
 )
-GATE_PROJ = "a per-head output gate from its own projection of the residual: a fourth per-head input"
+GATE_PROJ = (
+    "a per-head output gate from a projection of its own: head h's q input is the residual its query and "
+    "its gate are computed from"
+)
 PER_LAYER_INPUTS = "per-layer inputs (a second token embedding entering every layer): no node for them yet"
 PARALLEL_MIXERS = "attention and a Mamba mixer side by side in one layer, with multipliers"
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
@@ -317,11 +324,11 @@ ARCHITECTURES = [
     Architecture("glm4_moe_lite", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
     Architecture("glm_moe_dsa", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
     Architecture("youtu", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
+    Architecture("afmoe", GQA16, how=f"{SANDWICH}; {GATE_PROJ}"),
+    Architecture("laguna", GQA16, how=GATE_PROJ),
     # ------------------------------------------------------------------------------------ refused
     Architecture("falcon_h1", GQA, refusal="side by side in each layer", why=PARALLEL_MIXERS),
     Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),
-    Architecture("afmoe", GQA16, refusal="gate its own projection", why=GATE_PROJ),
-    Architecture("laguna", GQA16, refusal="gate its own projection", why=GATE_PROJ),
     Architecture("granitemoehybrid", dict(**GQA, **PAD), refusal="bridge fails to run", why=BRIDGE),
     Architecture(
         "hrm_text", dict(**GQA, **PAD), refusal="no layer blocks", why="the adapter maps no layer blocks"

@@ -6,7 +6,8 @@ with only its z kept, minus that with none; a post-norm layer's attention source
 output); a destination's input is patched by
 recomputing, with the real norm and projection modules, what the destination reads from `resid + delta`:
 - `a{l}.h{h}<q|k|v>`: the projection's output slice of head h (for a q projection that also computes the
-  heads' output gates, Qwen3.5's, both), from norm(resid + delta); where a q/k norm
+  heads' output gates, Qwen3.5's, both; where a projection of their own computes the gates, AFMoE's and
+  Laguna's, its slice too), from norm(resid + delta); where a q/k norm
   normalises all heads' projections together (OLMo-2), that norm's output slice, from
   qk_norm(proj(norm(resid + delta)));
 - `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
@@ -23,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -147,6 +149,10 @@ def _patch_hooks(
                 return out
 
             hooks.append((at, rebuild))
+            gate = f"blocks.{layer}.attn.gate"  # AFMoE, Laguna: a q input also feeds its head's output gate
+            if letter == "q" and has(f"{gate}.hook_out"):
+                width = _width(_module(model, gate), "out") // heads
+                hooks.append((f"{gate}.hook_out", partial(rebuild, proj=_module(model, gate), width=width)))
         elif dst == "logits":
             hooks.append(("ln_final.hook_in", lambda x, delta=delta: x + delta))
         elif dst.startswith("mix"):  # a mixer layer's first norm (`norm` in Mamba's blocks), read by it alone

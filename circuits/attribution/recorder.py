@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from circuits.graph import Graph
-from circuits.models.hooked import HookedModel, HookFn
+from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
 from circuits.models.wiring import DestinationSite, wiring
 from circuits.sources import SourceOutputs
 
@@ -199,14 +199,19 @@ class ScoreRecorder:
             return  # no gradient flowed into this layer's attention inputs
         like = next(iter(stashed.values()))
         spec = self.graph.spec
-        per_head = [  # q and k get none with the attention pattern held constant (RelP's CP rule)
-            stashed[letter]
-            if letter in stashed
-            else like.new_zeros(
-                *like.shape[:2], spec.n_qkv_heads(letter) * self.model.qkv_width(layer, letter)
-            )
-            for letter in ("q", "k", "v")
+
+        def stashed_or_zero(letter: str, n: int, width: int) -> Tensor:
+            # q and k get none with the attention pattern held constant (RelP's CP rule)
+            return stashed[letter] if letter in stashed else like.new_zeros(*like.shape[:2], n * width)
+
+        model = self.model
+        per_head = [
+            stashed_or_zero(letter, spec.n_qkv_heads(letter), model.qkv_width(layer, letter))
+            for letter in QKV_LETTERS
         ]
+        if model.head_gate_hook(layer) is not None:  # head h's q input also feeds its output gate
+            gate = stashed_or_zero("gate", spec.n_heads, model.gate_width(layer))
+            per_head[0] = model.join_gate(per_head[0], gate)
         resid = self._resid.pop(layer)
         width = resid.shape[0] // self.weights.shape[0] * resid.shape[1] * resid.shape[2]
         out = self._queue(cols.start, cols.stop - cols.start, width)
@@ -227,6 +232,8 @@ class ScoreRecorder:
                     if dst.kind == "q":  # the norm's hook scores the layer's q, k and v together
                         hooks.append((dst.residual_hook, self._attn_norm_hook(dst.layer)))  # type: ignore[arg-type]
                     hooks.append((dst.hook, self._qkv_hook(dst.layer, dst.kind)))  # type: ignore[arg-type]
+                    if dst.gate_hook is not None:
+                        hooks.append((dst.gate_hook, self._qkv_hook(dst.layer, "gate")))
                 case "mlp":
                     hooks.append((dst.hook, self._mlp_hook(dst)))
                 case "mixer" | "logits":

@@ -64,12 +64,18 @@ def unhandled_features(model: HookedModel) -> str | None:
     modules = dict(hf.named_modules())
     attention = [m for name, m in modules.items() if name.endswith("self_attn")]
     gates = [name for m in attention for name in ("gate_proj", "g_proj") if hasattr(m, name)]
-    if gates:
+    if gates and any(model.head_gate_hook(layer) is None for layer in model.spec.attention_layers):
         return (
             f"each head's output is multiplied by a gate its own projection (`self_attn.{gates[0]}`) "
-            "computes from the residual (AFMoE, Laguna): a per-head input besides q, k and v, which the "
-            "graph has no node input for yet"
+            "computes from the residual, and the bridge has no hook point on that projection (`attn.gate`) "
+            "where the gates could be patched with the queries"
         )
+    for layer in model.spec.attention_layers:
+        if model.head_gate_hook(layer) is not None and model.head_input_norm(layer, "q") is not None:
+            return (
+                f"layer {layer}'s heads have output gates from a projection of their own and a q norm over "
+                "all heads: head h's q input then feeds both through different maps, not written here"
+            )
     scalars = [
         m.layer_scalar for m in modules.values() if isinstance(getattr(m, "layer_scalar", None), Tensor)
     ]
@@ -166,6 +172,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         names += [dst.residual_hook for dst in destinations if dst.residual_hook]
         names += [dst.hook for dst in destinations if dst.kind in ("mixer", "mlp")]
         names += [dst.hook for dst in destinations if dst.letter]
+        names += [dst.gate_hook for dst in destinations if dst.gate_hook]
         if not spec.has_attention(layer):
             names.append(model.mixer_in_hook(layer))
     names = list(dict.fromkeys(names))  # one hook each
@@ -216,6 +223,9 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         one = torch.ones(1, device=resid.device)
         if spec.has_attention(layer):
             per_head = [grads[model.head_input_hook(layer, letter)] for letter in QKV_LETTERS]
+            gate = model.head_gate_hook(layer)
+            if gate is not None:
+                per_head[0] = model.join_gate(per_head[0], grads[gate])
             total = model.attn_input_grads(layer, resid, per_head).sum(2)
         else:  # the mixer alone reads the norm: its input's gradient pulled back through it is all of it
             total = model.shared_norm_grads(layer, resid, grads[model.mixer_in_hook(layer)], one)
@@ -265,28 +275,37 @@ def check_heads_independent(model: HookedModel, input_ids: Tensor | None = None)
 
         return fn
 
+    def read_at(layer: int) -> list[tuple[str, str, int, int]]:
+        """(name, hook, width per head, heads reading slice 0) of each per-head input value of the layer:
+        its q, k, v and the heads' own output gates where a projection of their own computes them."""
+        group = spec.n_heads // spec.n_kv_heads
+        values = [
+            (letter, model.head_input_hook(layer, letter), model.qkv_width(layer, letter), group)
+            for letter in letters
+        ]
+        gate = model.head_gate_hook(layer)
+        values[0] = (*values[0][:3], 1)  # a q slice is one head's
+        return values + ([] if gate is None or mixed else [("gate", gate, model.gate_width(layer), 1)])
+
     out: dict[int, Tensor] = {}
     hooks: list[tuple[str, HookFn]] = []
     for layer in spec.attention_layers:
-        hooks += [(model.head_input_hook(layer, letter), as_leaf((layer, letter))) for letter in letters]
+        hooks += [(hook, as_leaf((layer, name))) for name, hook, _, _ in read_at(layer)]
         hooks.append((outputs(layer), keep(layer)))
     gen = torch.Generator().manual_seed(1)
     with torch.enable_grad(), model.hooks(hooks):
         model(ids)
         for layer in spec.attention_layers:
             probe = torch.randn(out[layer].shape, generator=gen).to(out[layer]) * out[layer]
-            for letter in letters:
-                readers = 1 if letter == "q" else spec.n_heads // spec.n_kv_heads  # heads reading slice 0
+            for name, hook, width, readers in read_at(layer):
                 own, others = probe[:, :, :readers].sum(), probe[:, :, readers:].sum()
-                width = model.qkv_width(layer, letter)
-                leak, scale = (_slice_grad(loss, leaves[layer, letter], width) for loss in (others, own))
+                leak, scale = (_slice_grad(loss, leaves[layer, name], width) for loss in (others, own))
                 if leak > 1e-5 * max(scale, 1e-6):
                     raise AdditivityError(
-                        f"{spec.name}: in layer {layer}, head 0's {letter} input (at "
-                        f"{model.head_input_hook(layer, letter)}) also moves other heads' outputs (gradient "
-                        f"{leak:.3g} vs {scale:.3g} for its own): something after that point mixes heads, so "
-                        f"the graph's per-head {letter} inputs are not where this architecture's heads read "
-                        "their own"
+                        f"{spec.name}: in layer {layer}, head 0's {name} input (at {hook}) also moves other "
+                        f"heads' outputs (gradient {leak:.3g} vs {scale:.3g} for its own): something after "
+                        f"that point mixes heads, so the graph's per-head {name} inputs are not where this "
+                        "architecture's heads read their own"
                     )
 
 

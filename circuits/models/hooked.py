@@ -407,25 +407,73 @@ class HookedModel:
         return nn.Identity() if norm is None else norm._original_component
 
     def W_qkv(self, layer: int, letter: QKV) -> Tensor:
-        """Per-head projection weights [n, width, d_model] (n = n_heads for q, n_kv_heads for k/v; width
-        `qkv_width`: d_head, or for a q projection that also computes each head's output gate, Qwen3.5's,
-        2 d_head)."""
+        """Per-head weights of everything head h's q (k, v) input feeds, [n, width, d_model] (n = n_heads
+        for q, n_kv_heads for k/v): the projection's slice (d_head wide, or 2 d_head for a q projection that
+        also computes each head's output gate, Qwen3.5's), and for q, where the heads' output gates have a
+        projection of their own (AFMoE, Laguna: `head_gate_hook`), that projection's slice after it."""
         w = linear_weight(self._projection(layer, letter))
-        return w.reshape(self.spec.n_qkv_heads(letter), -1, self.spec.d_model)
+        per_head = w.reshape(self.spec.n_qkv_heads(letter), -1, self.spec.d_model)
+        gate = self._gate_projection(layer) if letter == "q" else None
+        if gate is None:
+            return per_head
+        return torch.cat((per_head, linear_weight(gate).reshape(self.spec.n_heads, -1, self.spec.d_model)), 1)
 
     def b_qkv(self, layer: int, letter: QKV) -> Tensor | None:
-        """Per-head projection biases [n, width], or None."""
-        bias = self._projection(layer, letter).bias
-        return bias.reshape(self.spec.n_qkv_heads(letter), -1) if isinstance(bias, Tensor) else None
+        """Per-head biases [n, width] of what `W_qkv` projects with (zeros for a part without), or None."""
+        parts = [self._projection(layer, letter)]
+        gate = self._gate_projection(layer) if letter == "q" else None
+        parts += [] if gate is None else [gate]
+        if all(not isinstance(p.bias, Tensor) for p in parts):
+            return None
+        n = self.spec.n_qkv_heads(letter)
+        return torch.cat(
+            [
+                p.bias.reshape(n, -1)
+                if isinstance(p.bias, Tensor)
+                else linear_weight(p).new_zeros(n, linear_weight(p).shape[0] // n)
+                for p in parts
+            ],
+            1,
+        )
+
+    def head_gate_hook(self, layer: int) -> str | None:
+        """Where the heads' output gates are computed by a projection of their own from the normed residual
+        (AFMoE's `gate_proj`, Laguna's `g_proj`; [batch, pos, n_heads * gate width]), or None. Head h's q
+        input is the residual its query and its gate are both computed from: patching it recomputes both,
+        and its gradient is the sum of both paths (as for Qwen3.5, whose q projection computes the gate)."""
+        return None if self._gate_projection(layer) is None else f"blocks.{layer}.attn.gate.hook_out"
+
+    def gate_width(self, layer: int) -> int:
+        """Values per head at `head_gate_hook` (d_head for AFMoE, 1 for Laguna's scalar gates), 0 without."""
+        gate = self._gate_projection(layer)
+        return 0 if gate is None else int(linear_weight(gate).shape[0]) // self.spec.n_heads
+
+    def _gate_projection(self, layer: int) -> nn.Module | None:
+        attn = dict(self._block(layer).named_children()).get("attn")
+        gate = None if attn is None else dict(attn.named_children()).get("gate")
+        return None if gate is None else gate._original_component  # type: ignore[no-any-return]
+
+    def split_gate(self, layer: int, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Head queries and gates, each [..., n_heads * width] as their hooks hold them, from q inputs'
+        values [..., n_heads, d_head + gate width] (`qkv_from_residual(layer, "q", ...)`)."""
+        d = self.qkv_width(layer, "q")
+        return values[..., :d].flatten(-2), values[..., d:].flatten(-2)
+
+    def join_gate(self, q: Tensor, gate: Tensor) -> Tensor:
+        """Per-head q values (or gradients) [..., n_heads * d_head] and gate values [..., n_heads * w] as
+        one per-head input, [..., n_heads * (d_head + w)] (head by head, the layout of `W_qkv`)."""
+        n = self.spec.n_heads
+        return torch.cat((q.unflatten(-1, (n, -1)), gate.unflatten(-1, (n, -1))), -1).flatten(-2)
 
     def qkv_width(self, layer: int, letter: QKV) -> int:
-        """Values per head in the q (k, v) projection's output: d_head, or 2 d_head where the q projection
-        computes each head's query and output gate together (Qwen3.5, Qwen3-Next: head h's q input is the
-        residual both are computed from); with latent attention, the widths of its heads' q, k and v."""
+        """Values per head at `head_input_hook` (the q, k or v projection's output): d_head, or 2 d_head where
+        the q projection computes each head's query and output gate together (Qwen3.5, Qwen3-Next: head h's
+        q input is the residual both are computed from); with latent attention, the widths of its heads' q,
+        k and v. (A gate from a projection of its own is not counted: `head_gate_hook`.)"""
         latent = self.latent_attention(layer)
         if latent is not None:
             return latent.width(letter)
-        return int(self.W_qkv(layer, letter).shape[1])
+        return int(linear_weight(self._projection(layer, letter)).shape[0]) // self.spec.n_qkv_heads(letter)
 
     def latent_attention(self, layer: int) -> LatentAttention | None:
         """The layer's multi-head latent attention (DeepSeek-V2 / V3), or None for any other."""

@@ -114,6 +114,8 @@ class DestinationSite:
     destinations: slice  # graph destination indices
     hook: str
     residual_hook: str | None = None  # the residual the input is rebuilt from (q, k, v; a shared-norm MLP)
+    gate_hook: str | None = None  # q: where the heads' output gates are, when a projection of their own
+    # computes them from the same residual (`HookedModel.head_gate_hook`): patched and read with the queries
 
     @property
     def letter(self) -> QKV | None:
@@ -154,11 +156,12 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
     destinations = []
     for block in destination_blocks:
         layer = block.layer
-        residual = None
+        residual = gate = None
         match block.kind:
             case "q" | "k" | "v":
                 hook = model.head_input_hook(layer, block.kind)
                 residual = model.attn_norm_in_hook(layer)
+                gate = model.head_gate_hook(layer) if block.kind == "q" else None
             case "mixer":
                 hook = model.attn_norm_in_hook(layer)
             case "mlp":
@@ -169,7 +172,7 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
                 hook = model.final_norm_in_hook
             case other:
                 raise AssertionError(f"a destination block of kind {other}")
-        destinations.append(DestinationSite(block.kind, layer, block.indices, hook, residual))
+        destinations.append(DestinationSite(block.kind, layer, block.indices, hook, residual, gate))
     return Wiring(tuple(sources), tuple(destinations))
 
 
