@@ -31,7 +31,7 @@ from torch import Tensor
 from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn
-from circuits.models.wiring import DestinationSite, wiring
+from circuits.models.wiring import DestinationSite, residual_factors, wiring
 from circuits.sources import Placement, SourceOutputs, source_major, source_placement
 
 
@@ -123,9 +123,12 @@ def ablation_gradient(
     with torch.enable_grad(), model.hooks(hooks):
         values = measure(model(input_ids, attention_mask))
         grads = torch.autograd.grad(values.sum(), [x for _, x in inputs], allow_unused=True)
-    stacked = sums.stacked()  # (first source, [k, rows * P * d]) per device
+    stacked = sums.stacked()  # (first source, [k, rows * P * d]) per device, times 1 / P_j (`_Corrections`)
     prefix = graph.valid_prefixes()
     out = torch.zeros(graph.valid.shape, dtype=torch.float64)
+    factors = residual_factors(model, graph.spec)
+    if factors is not None:  # a destination's input moves by P_m times its weighted sum
+        per_destination = factors[1]
     for (cols, _), g in zip(inputs, grads):
         if g is None:
             continue
@@ -135,6 +138,8 @@ def ablation_gradient(
             if first < n:
                 block = diff[: n - first]
                 out[first : first + block.shape[0], cols] = (block @ per_dst.T.to(diff)).double().cpu()
+    if factors is not None:
+        out *= per_destination[None]
     return values.detach(), out * graph.valid
 
 
@@ -199,12 +204,17 @@ def _ablation_hooks(
     With `inputs`, every destination block's corrected input [rows, P, n, d_model] is appended to it with
     its destination slice (blocks with nothing ablated included), for gradients with respect to them."""
     resid: dict[int, Tensor] = {}
+    factors = residual_factors(model, graph.spec)
+    if factors is not None:
+        sums.source_factor = factors[0]
 
     def corrected(cols: slice, base: Tensor) -> Tensor | None:
         """base [rows, P, n, d] + the block's correction, or None when nothing is added or watched."""
         d = sums.correction(cols)
         if d is None and inputs is None:
             return None
+        if d is not None and factors is not None:
+            d = d * factors[1][cols].to(d).view(1, 1, -1, 1)
         x = base if d is None else base + d.to(base)
         if inputs is not None:
             inputs.append((cols, x))
@@ -335,7 +345,13 @@ def forward_with_node_ablation(
 
 class _Corrections:
     """Collects source outputs during the forward pass and returns, per destination block, the summed
-    ablation differences [rows, P, n_block, d] (None when nothing into the block is ablated)."""
+    ablation differences [rows, P, n_block, d] (None when nothing into the block is ablated).
+
+    Where layers rescale the residual stream (`wiring.residual_factors`), each difference is recorded times
+    its source's factor 1 / P_j (`source_factor`), and `_ablation_hooks` multiplies each destination's sum
+    by its P_m: edge u -> v then carries P_m / P_j times u's difference, as the residual stream does."""
+
+    source_factor: Tensor | None = None  # [n_sources]
 
     def wanted(self, ids: Tensor) -> Tensor:
         """Positions in `ids` (source indices) whose outputs must be recorded."""
@@ -373,6 +389,9 @@ class _PerRow(_Corrections):
         if used.numel() == 0:
             return None
         diff = self.patch[:, :, used] - self.current[:, :, used]
+        if self.source_factor is not None:
+            factor = self.source_factor[self.sources[used].cpu()]
+            diff = diff * factor.to(diff).view(1, 1, -1, 1)
         return torch.einsum("bpsd,bsn->bpnd", diff, w[:, used])
 
 
@@ -399,6 +418,8 @@ class _Shared(_Corrections):
         span = slice(int(ids[0]), int(ids[-1]) + 1)  # one layer's heads, its MLP, or the input
         target = self.diff.select(span)  # [rows, P, n, d]
         diff = torch.sub(self.patch.select(span).to(target), value.to(target), out=target)
+        if self.source_factor is not None:
+            diff.mul_(self.source_factor[span].to(diff).view(1, 1, -1, 1))
         self.total = self.total.to(target.device)  # follows the layers over their devices
         self.total += diff.sum(2)
         self.recorded = span.stop
@@ -459,6 +480,8 @@ class _Weighted(_Corrections):
     def record(self, ids: Tensor, value: Tensor) -> None:
         patch = self.patch.select(slice(int(ids[0]), int(ids[-1]) + 1))  # one layer's sources
         diff = (patch.to(value) - value).permute(2, 0, 1, 3)  # [k, rows, P, d]
+        if self.source_factor is not None:
+            diff = diff * self.source_factor[ids.cpu()].to(diff).view(-1, 1, 1, 1)
         self.shape = tuple(diff.shape[1:])
         flat = diff.reshape(diff.shape[0], -1)
         self.blocks.append((ids, flat))

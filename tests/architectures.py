@@ -41,6 +41,7 @@ class Architecture:
     why: str = ""  # for refused ones: the reason in words (docs/models.md's column)
     label: str = ""  # docs/models.md's name when one model type appears in several styles
     exact_since: str = ""  # the transformers version from which it is exact; refused as above before it
+    layer_scalars: tuple[float, ...] = ()  # learned values a checkpoint has and a config cannot set (Gemma-4)
 
     @property
     def name(self) -> str:
@@ -67,7 +68,11 @@ class Architecture:
             self.model_type, vocab_size=len(tiny_tokenizer()), **sizes, **init, **self.options
         )
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config).eval()
+        model = AutoModelForCausalLM.from_config(config).eval()
+        scaled = [m for m in model.modules() if "layer_scalar" in m._buffers]
+        for module, scalar in zip(scaled, self.layer_scalars, strict=bool(self.layer_scalars)):
+            module.layer_scalar.fill_(scalar)
+        return model
 
 
 GQA = dict(num_key_value_heads=2)
@@ -107,9 +112,7 @@ RELP_WITHOUT_MLP_RULES = {
     "deepseek_v2",
     "deepseek_v3",
     "glm4_moe_lite",
-    "glm_moe_dsa",
     "afmoe",
-    "laguna",
 }
 # AtP*'s QK fix needs the pattern to be the softmax of scores linear in q/k after their norms
 NO_PATTERN = "the attention pattern hook does not feed"
@@ -123,7 +126,7 @@ ATP_STAR_REFUSALS = {
     "hunyuan_v1_dense": "through its norm alone",
     "gemma2": "soft-capping",
     "helium": NO_PATTERN,
-    "gemma4_text (layer scalars 1, no per-layer inputs)": NO_PATTERN,
+    "gemma4_text (learned layer scalars, no per-layer inputs)": "rescale the residual stream",
     "persimmon": NO_PATTERN,
     "biogpt": NO_PATTERN,
     "afmoe": NO_PATTERN,
@@ -168,7 +171,11 @@ GATE_PROJ = (
     "a per-head output gate from a projection of its own: head h's q input is the residual its query and "
     "its gate are computed from"
 )
-PER_LAYER_INPUTS = "per-layer inputs (a second token embedding entering every layer): no node for them yet"
+PER_LAYER_INPUTS = (
+    "per-layer inputs (a second token embedding entering every layer): no node for them yet; and "
+    "full-attention layers with another head width than the sliding ones (`global_head_dim`): the graph has "
+    "one head width"
+)
 PARALLEL_MIXERS = "attention and a Mamba mixer side by side in one layer, with multipliers"
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
 
@@ -312,9 +319,15 @@ ARCHITECTURES = [
     Architecture("nemotron_h", dict(num_key_value_heads=2, chunk_size=8), how=BLOCKS),
     Architecture(
         "gemma4_text",
-        dict(**GQA16, hidden_size_per_layer_input=0, global_head_dim=16),
-        how=SANDWICH,
-        label="gemma4_text (layer scalars 1, no per-layer inputs)",
+        dict(
+            **GQA16,
+            hidden_size_per_layer_input=0,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        how=f"{SANDWICH}; learned layer scalars rescale each edge by the scalars between its ends",
+        label="gemma4_text (learned layer scalars, no per-layer inputs)",
+        layer_scalars=(0.6, 1.7),
     ),
     Architecture("helium", GQA16, how=OWN_ADAPTER),
     Architecture("persimmon", how=OWN_ADAPTER),
@@ -325,7 +338,7 @@ ARCHITECTURES = [
     Architecture("glm_moe_dsa", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
     Architecture("youtu", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
     Architecture("afmoe", GQA16, how=f"{SANDWICH}; {GATE_PROJ}"),
-    Architecture("laguna", GQA16, how=GATE_PROJ),
+    Architecture("laguna", dict(**GQA16, mlp_layer_types=["dense", "dense"]), how=GATE_PROJ),
     # ------------------------------------------------------------------------------------ refused
     Architecture("falcon_h1", GQA, refusal="side by side in each layer", why=PARALLEL_MIXERS),
     Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),

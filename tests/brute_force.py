@@ -251,6 +251,21 @@ def metric(
         return logit_diff(model(pairs.clean if ids is None else ids), pairs)
 
 
+def edge_factor(model: HookedModel, src: str, dst: str) -> float:
+    """What the residual stream multiplies u's output by on its way to v: the product of the learned layer
+    scalars (Gemma-4's `layer_scalar`, read from the Hugging Face decoder layers) of the layers from the one
+    writing u (the input: layer 0) up to the one before v's (the logits: all of them)."""
+    # the modules owning the buffer (the bridge's blocks forward the attribute to the layers they wrap)
+    layers = [m for m in model.bridge.original_model.modules() if "layer_scalar" in m._buffers]
+    scalars = [float(m.layer_scalar.reshape(-1)[0]) for m in layers] or [1.0] * model.spec.n_layers
+    first = 0 if src == "input" else int(re.match(r"[a-z]+(\d+)", src).group(1))  # type: ignore[union-attr]
+    last = len(scalars) if dst == "logits" else int(re.match(r"[a-z]+(\d+)", dst).group(1))  # type: ignore[union-attr]
+    factor = 1.0
+    for scalar in scalars[first:last]:
+        factor *= scalar
+    return factor
+
+
 def exact_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
     """[n_sources, n_destinations]: M(edge patched to its corrupted value) - M(clean), mean over examples."""
     clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
@@ -259,7 +274,8 @@ def exact_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor
         base = metric(model, pairs)
         for name in graph.edge_names():
             src, dst = name.split("->")
-            patched = metric(model, pairs, {dst: corrupted[src] - clean[src]})
+            delta = (corrupted[src] - clean[src]) * edge_factor(model, src, dst)
+            patched = metric(model, pairs, {dst: delta})
             scores[graph.edge_index(name)] = (patched - base).double().mean()
     return scores
 
@@ -285,14 +301,20 @@ def destination_grads(
 
 
 def gradient_scores(
-    graph: Graph, deltas: dict[str, Tensor], grads: dict[str, Tensor], sources: Sequence[str] | None = None
+    graph: Graph,
+    deltas: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    sources: Sequence[str] | None = None,
+    model: HookedModel | None = None,
 ) -> Tensor:
-    """[n_sources, n_destinations]: delta_u . grad_v for the valid edges out of `sources` (default: all)."""
+    """[n_sources, n_destinations]: delta_u . grad_v for the valid edges out of `sources` (default: all),
+    times the residual stream's factor from u to v where `model`'s layers rescale it (`edge_factor`)."""
     scores = torch.zeros(graph.valid.shape, dtype=torch.float64)
     for name in graph.edge_names():
         src, dst = name.split("->")
         if sources is None or src in sources:
-            scores[graph.edge_index(name)] = (deltas[src].double() * grads[dst]).sum()
+            factor = 1.0 if model is None else edge_factor(model, src, dst)
+            scores[graph.edge_index(name)] = factor * (deltas[src].double() * grads[dst]).sum()
     return scores
 
 
@@ -300,7 +322,7 @@ def eap_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
     """[n_sources, n_destinations]: (corrupted - clean source output) . dM/d(destination input)."""
     clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
     deltas = {name: corrupted[name] - clean[name] for name in clean}
-    return gradient_scores(graph, deltas, destination_grads(model, graph, pairs))
+    return gradient_scores(graph, deltas, destination_grads(model, graph, pairs), model=model)
 
 
 def qk_fix_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> dict[str, float]:

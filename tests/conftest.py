@@ -50,6 +50,9 @@ LAYOUTS = {
     "opt": "flattened MLP",
     "olmo2": "q/k norm over all heads (grouped-query)",
     "bamba": "hybrid: a state-space mixer layer, then an attention layer",
+    "youtu": "multi-head latent attention (q/k/v through latents and the rotary embedding)",
+    "laguna": "per-head output gates from a projection of their own (grouped-query)",
+    "gemma4_text (learned layer scalars, no per-layer inputs)": "layers rescaling the residual stream",
 }
 
 

@@ -56,6 +56,11 @@ class QKCapture:
                 f"{model.spec.name}: AtP*'s QK fix and GradDrop are written here for models whose every "
                 f"layer is attention; layers {list(graph.spec.mixer_layers)} have another token mixer"
             )
+        if model.layer_scalars() is not None:
+            raise UnsupportedModelError(
+                f"{model.spec.name}: its layers rescale the residual stream (learned layer scalars), which "
+                "AtP*'s QK fix and GradDrop do not apply to the changes they move q and k by"
+            )
         latent = [layer for layer in model.spec.attention_layers if model.latent_attention(layer) is not None]
         if latent:
             raise UnsupportedModelError(

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from circuits.graph import Graph
 from circuits.models.hooked import QKV_LETTERS, HookedModel, HookFn
-from circuits.models.wiring import DestinationSite, wiring
+from circuits.models.wiring import DestinationSite, residual_factors, wiring
 from circuits.sources import SourceOutputs
 
 
@@ -65,6 +65,7 @@ class ScoreRecorder:
         self._workspace = {} if workspace is None else workspace
         self._pending: list[tuple[int, int]] = []  # (first destination, count) of the queued blocks
         self._n_pending = 0
+        self._factors = residual_factors(model, graph.spec)  # layers rescaling the residual stream
 
     # ---------------------------------------------------------------------------------- scoring
     def _fold(self, g: Tensor) -> Tensor:
@@ -122,6 +123,9 @@ class ScoreRecorder:
         targets = cols.to(self.edges.device)
         for sources, delta in self.delta.matrices(rows):  # [n, b * P * d] per device the sources are kept on
             valid = self.graph.valid[sources][:, cols].to(delta.device)
+            if self._factors is not None:  # edge u -> v carries P_m / P_j times u's output
+                source_factor, destination_factor = self._factors
+                valid = valid * torch.outer(source_factor[sources], destination_factor[cols]).to(delta)
             scores = (delta @ grads.T.to(delta.device)) * valid
             self.edges[sources, targets] += scores.to(self.edges.device)
 

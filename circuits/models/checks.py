@@ -54,7 +54,8 @@ def probe_ids(model: HookedModel) -> Tensor:
 
 
 def unhandled_features(model: HookedModel) -> str | None:
-    """A block feature the graph does not express yet, named from the Hugging Face model it wraps, or None.
+    """The block features the graph does not express yet, named from the Hugging Face model it wraps (all
+    of them, joined by "; and "), or None.
 
     Each is an exact intervention in principle; these say which piece is missing, so that a refusal names
     the cause instead of the first hook or sum that comes out wrong.
@@ -63,35 +64,39 @@ def unhandled_features(model: HookedModel) -> str | None:
     config = hf.config
     modules = dict(hf.named_modules())
     attention = [m for name, m in modules.items() if name.endswith("self_attn")]
+    reasons = []
     gates = [name for m in attention for name in ("gate_proj", "g_proj") if hasattr(m, name)]
     if gates and any(model.head_gate_hook(layer) is None for layer in model.spec.attention_layers):
-        return (
+        reasons.append(
             f"each head's output is multiplied by a gate its own projection (`self_attn.{gates[0]}`) "
             "computes from the residual, and the bridge has no hook point on that projection (`attn.gate`) "
             "where the gates could be patched with the queries"
         )
     for layer in model.spec.attention_layers:
         if model.head_gate_hook(layer) is not None and model.head_input_norm(layer, "q") is not None:
-            return (
+            reasons.append(
                 f"layer {layer}'s heads have output gates from a projection of their own and a q norm over "
                 "all heads: head h's q input then feeds both through different maps, not written here"
             )
-    scalars = [
-        m.layer_scalar for m in modules.values() if isinstance(getattr(m, "layer_scalar", None), Tensor)
-    ]
-    if any(not bool((scalar == 1).all()) for scalar in scalars):
-        return (
-            "every layer multiplies the whole residual stream by a learned scalar (Gemma-4's layer_scalar): "
-            "an edge's effect is then scaled by the scalars of the layers between its ends, which the graph "
-            "does not apply yet"
+            break
+    if any(getattr(m, "k_proj", None) is not None and getattr(m, "v_proj", 0) is None for m in attention):
+        reasons.append(
+            "some layers take their values from the key projection (Gemma-4's attention_k_eq_v): one "
+            "projection feeds both a head's k and v inputs, which the graph keeps apart"
+        )
+    shapes = {(getattr(m, "head_dim", None), _out_width(getattr(m, "k_proj", None))) for m in attention}
+    if len(shapes) > 1:
+        reasons.append(
+            f"the layers' attention differs in head width or key/value heads ({sorted(shapes, key=str)}: "
+            "Gemma-4's full-attention layers): the graph has one head width and one key/value head count"
         )
     if getattr(config, "hidden_size_per_layer_input", 0):
-        return (
+        reasons.append(
             "per-layer inputs (Gemma-3n, Gemma-4: a second embedding of the tokens enters every layer "
             "through its own gate): no input node per layer yet"
         )
     if getattr(config, "num_kv_shared_layers", 0):
-        return (
+        reasons.append(
             "the last layers reuse the keys and values of earlier layers (num_kv_shared_layers): their k / v "
             "inputs are another layer's, which the graph does not express yet"
         )
@@ -99,11 +104,17 @@ def unhandled_features(model: HookedModel) -> str | None:
         getattr(m, "mamba", None) is not None and getattr(m, "self_attn", None) is not None
         for m in modules.values()
     ):
-        return (
+        reasons.append(
             "attention and a Mamba mixer side by side in each layer, with multipliers on their inputs and "
             "outputs (Falcon-H1): one layer's two token mixers are not separate nodes yet"
         )
-    return None
+    return "; and ".join(reasons) or None
+
+
+def _out_width(module: torch.nn.Module | None) -> int | None:
+    """A linear map's output width (its weight's rows), or None."""
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, Tensor) else None
 
 
 def check_bridge(model: HookedModel, input_ids: Tensor | None = None) -> None:
@@ -200,6 +211,7 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
             "this architecture's computation through them, so its edges cannot be read"
         )
     rtol = 1e-4 if logits.dtype == torch.float32 else 2e-2
+    scalars = model.layer_scalars()
     for layer in range(spec.n_layers):
         pre, post = acts[model.resid_pre_hook(layer)], acts[model.resid_post_hook(layer)]
         attn = acts[model.attn_out_hook(layer)]
@@ -215,7 +227,8 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         mlp_hook = model.mlp_destination_hook(layer)
         if spec.has_mlp(layer):
             _close(spec.name, mlp_hook, acts[mlp_hook], mlp_in, rtol)
-        _close(spec.name, model.resid_post_hook(layer), post, pre + attn + mlp, rtol)
+        scalar = 1.0 if scalars is None else scalars[layer]  # Gemma-4: the layer rescales the whole stream
+        _close(spec.name, model.resid_post_hook(layer), post, scalar * (pre + attn + mlp), rtol)
         following = model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
         _close(spec.name, following, acts[following], post, rtol)
 

@@ -299,8 +299,13 @@ class HookedModel:
         """(activation input z, up projection output u or None, output projection input h) of an MLP
         computing h = act(z) (* u when gated); a name may be missing where the bridge has no such hook."""
         base = f"blocks.{layer}.mlp"
-        if f"{base}.gate.hook_out" in self._hook_points:
-            return f"{base}.gate.hook_out", f"{base}.in.hook_out", f"{base}.out.hook_in"
+        for prefix in ("", "dense_"):  # dense_: a dense layer of a model mixing dense and expert layers
+            if f"{base}.{prefix}gate.hook_out" in self._hook_points:
+                return (
+                    f"{base}.{prefix}gate.hook_out",
+                    f"{base}.{prefix}in.hook_out",
+                    f"{base}.{prefix}out.hook_in",
+                )
         return f"{base}.in.hook_out", None, f"{base}.out.hook_in"
 
     @property
@@ -536,6 +541,24 @@ class HookedModel:
         bias = self._block(layer).attn.o._original_component.bias
         scale = self._residual_scale(layer)
         return None if not isinstance(bias, Tensor) else bias if scale == 1.0 else bias * scale
+
+    def layer_scalars(self) -> list[float] | None:
+        """The factor s_l by which each layer multiplies the whole residual stream after adding its outputs
+        (Gemma-4's learned `layer_scalar`: resid_{l+1} = s_l (resid_l + attn_l + mlp_l)), or None where
+        every layer has none or 1. A source written in layer j then reaches a destination reading the
+        residual at layer m scaled by s_j ... s_{m-1} (`wiring.residual_factors`)."""
+        scalars = []
+        for layer in range(self.spec.n_layers):
+            scalar = getattr(self._block(layer)._original_component, "layer_scalar", None)
+            scalars.append(float(scalar.reshape(-1)[0]) if isinstance(scalar, Tensor) else 1.0)
+        if all(s == 1.0 for s in scalars):
+            return None
+        if any(s == 0.0 for s in scalars):
+            raise UnsupportedModelError(
+                f"{self.spec.name}: a layer scalar is 0, which erases the residual stream: no edge into a "
+                "later layer has an effect to score"
+            )
+        return scalars
 
     def _residual_scale(self, layer: int) -> float:
         """The factor a block applies to its attention / MLP outputs before adding them (Granite's

@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Literal
 from weakref import WeakKeyDictionary
 
+import torch
+from torch import Tensor
+
 from circuits.models.hooked import QKV, QKV_LETTERS, HookedModel, ModelSpec
 
 SourceKind = Literal["input", "heads", "attention", "mixer", "mlp"]
@@ -174,6 +177,26 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
                 raise AssertionError(f"a destination block of kind {other}")
         destinations.append(DestinationSite(block.kind, layer, block.indices, hook, residual, gate))
     return Wiring(tuple(sources), tuple(destinations))
+
+
+def residual_factors(model: HookedModel, spec: ModelSpec | None = None) -> tuple[Tensor, Tensor] | None:
+    """Where layers rescale the residual stream (`HookedModel.layer_scalars`): per source 1 / P_j and per
+    destination P_m, float64, with P_l = s_0 ... s_{l-1} the product of the scalars before layer l, j the
+    layer writing the source (0 for the input) and m the layer whose residual the destination reads
+    (n_layers for the logits). Edge u -> v then carries P_m / P_j times u's output; None without scalars."""
+    scalars = model.layer_scalars()
+    if scalars is None:
+        return None
+    spec = model.spec if spec is None else spec
+    before = torch.cumprod(torch.tensor([1.0, *scalars], dtype=torch.float64), 0)  # [n_layers + 1]
+    sites = wiring(model, spec)
+    sources = torch.cat(
+        [before[max(s.layer, 0)].repeat(s.sources.stop - s.sources.start) for s in sites.sources]
+    )
+    destinations = torch.cat(
+        [before[d.layer].repeat(d.destinations.stop - d.destinations.start) for d in sites.destinations]
+    )
+    return 1 / sources, destinations
 
 
 _BUILT: WeakKeyDictionary[HookedModel, dict[ModelSpec, Wiring]] = WeakKeyDictionary()

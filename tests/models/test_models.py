@@ -5,6 +5,7 @@ from circuits import Graph, load_model
 from circuits.errors import ModelLoadError, UnsupportedModelError
 from circuits.models import AdditivityError, EmbeddedModelMissing, check_additivity, embedded
 from circuits.models.checks import check_heads_independent, heads_mixed_before_output
+from circuits.models.wiring import residual_factors
 from circuits.testing import tiny_gpt2_hf, tiny_llama_hf, tiny_tokenizer
 from tests.architectures import ARCHITECTURES
 
@@ -129,14 +130,22 @@ def _loaded(name: str):
     return load_model(arch.build(), tiny_tokenizer())
 
 
-def test_learned_layer_scalars_are_refused_for_what_they_do():
-    """Gemma-4 with its layer scalars at 1 is exact (the matrix); a learned scalar rescales the residual
-    stream after its layer, which the graph does not apply: refused with that reason."""
-    arch = next(a for a in ARCHITECTURES if a.name.startswith("gemma4_text (layer scalars 1"))
+def test_learned_layer_scalars_scale_each_edge_by_the_scalars_between_its_ends():
+    """Gemma-4's layer scalars (0.6, 1.7 in the matrix row) multiply the residual stream after each layer:
+    an edge from layer j's output to layer m's input carries s_j ... s_{m-1}; a zero scalar is refused."""
+    arch = next(a for a in ARCHITECTURES if a.name.startswith("gemma4_text (learned layer scalars"))
     hf = arch.build()
-    load_model(hf, tiny_tokenizer())
-    hf.model.layers[0].layer_scalar.fill_(0.5)
-    with pytest.raises(
-        UnsupportedModelError, match="multiplies the whole residual stream by a learned scalar"
-    ):
+    model = load_model(hf, tiny_tokenizer())
+    assert model.layer_scalars() == pytest.approx([0.6, 1.7])
+    graph = Graph.from_model(model)
+    factors = residual_factors(model)
+    assert factors is not None
+    scale = torch.outer(*factors)
+    for src, dst, want in [("input", "a0.h0<q>", 1.0), ("input", "a1.kv0<k>", 0.6), ("a0", "m0", 1.0)]:
+        assert float(scale[graph.sources.index(src), graph.destinations.index(dst)]) == pytest.approx(want)
+    assert float(scale[graph.sources.index("m0"), graph.destinations.index("logits")]) == pytest.approx(
+        0.6 * 1.7
+    )
+    hf.model.layers[1].layer_scalar.fill_(0.0)
+    with pytest.raises(UnsupportedModelError, match="layer scalar is 0"):
         load_model(hf, tiny_tokenizer())
