@@ -75,6 +75,8 @@ class Graph:
                     self._where[f"a{layer}.h{h}"] = ("head", layer, h)
             else:
                 self._where[f"a{layer}"] = ("attention", layer, None)
+            if layer in spec.parallel_mixer_layers:
+                self._where[f"mix{layer}"] = ("mixer", layer, None)
             if spec.has_mlp(layer):
                 self._where[f"m{layer}"] = ("mlp", layer, None)
         self._where["logits"] = ("logits", None, None)
@@ -288,10 +290,16 @@ class Graph:
 
     def mixer_inputs(self, layer: int) -> slice:
         """Destination indices of what layer `layer`'s token mixer reads: its heads' q, k and v inputs, or
-        a mixer layer's one input."""
+        a mixer layer's one input (a mixer beside the heads: `parallel_mixer`)."""
         if not self.spec.has_attention(layer):
             return self.destination_block("mixer", layer).indices
         return slice(self.qkv_destinations(layer, "q").start, self.qkv_destinations(layer, "v").stop)
+
+    def parallel_mixer(self, layer: int) -> tuple[int, int]:
+        """(destination index, source index) of the mixer `mix{l}` beside layer `layer`'s heads."""
+        return self.destination_block("mixer", layer).indices.start, self.source_block(
+            "mixer", layer
+        ).indices.start
 
     def mlp_source(self, layer: int) -> int:
         return self.source_block("mlp", layer).indices.start
@@ -350,6 +358,7 @@ class Graph:
             "per_head_sources",
             "mixer_layers",
             "layers_without_mlp",
+            "parallel_mixer_layers",
         )
         sizes = ("d_model", "d_head", "d_mlp")
         mine, theirs = asdict(self.spec), asdict(spec)
@@ -373,8 +382,9 @@ class Graph:
         counts["nodes: input"] = 1
         attention = "attention heads" if self.spec.per_head_sources else "attention layers"
         counts[f"nodes: {attention}"] = len(self.spec.attention_layers) * self.spec.n_attn_sources
-        if self.spec.mixer_layers:
-            counts["nodes: mixers"] = len(self.spec.mixer_layers)
+        mixers = len(self.spec.mixer_layers) + len(self.spec.parallel_mixer_layers)
+        if mixers:
+            counts["nodes: mixers"] = mixers
         counts["nodes: MLPs"] = self.spec.n_layers - len(self.spec.layers_without_mlp)
         counts["nodes: logits"] = 1
         per_dst = self.valid.sum(0)
@@ -716,7 +726,9 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
     _expect(isinstance(parallel, bool), where, "cfg.parallel_attn_mlp", "true or false", parallel)
     per_head = cfg.get("per_head_sources", True)
     _expect(isinstance(per_head, bool), where, "cfg.per_head_sources", "true or false", per_head)
-    mixers, without_mlp = (_layers(cfg, key, where) for key in ("mixer_layers", "layers_without_mlp"))
+    mixers, without_mlp, beside = (
+        _layers(cfg, key, where) for key in ("mixer_layers", "layers_without_mlp", "parallel_mixer_layers")
+    )
     try:
         return ModelSpec(
             n_layers=_count(cfg, "n_layers", where),
@@ -730,6 +742,7 @@ def _spec_from_cfg(cfg: dict[str, Any], where: str) -> ModelSpec:
             per_head_sources=per_head,
             mixer_layers=mixers,
             layers_without_mlp=without_mlp,
+            parallel_mixer_layers=beside,
         )
     except InputError as err:
         raise FileFormatError(f"{where}: cfg: {err}") from None

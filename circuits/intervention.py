@@ -239,8 +239,9 @@ def _ablation_hooks(
 
         return hook
 
-    def renorm_mlp_input(site: DestinationSite) -> HookFn:
-        """An MLP sharing the attention norm reads norm(resid + D): rebuilt from the saved residual."""
+    def renorm_input(site: DestinationSite) -> HookFn:
+        """An MLP sharing the attention norm (or a mixer beside attention) reads norm(resid + D): rebuilt
+        from the saved residual."""
         cols, layer = site.destinations, site.layer
 
         def hook(_x: Tensor) -> Tensor | None:
@@ -266,8 +267,8 @@ def _ablation_hooks(
                 if dst.kind == "q":  # the residual the layer's q, k and v inputs are rebuilt from
                     hooks.append((dst.residual_hook, save_resid(dst.layer)))  # type: ignore[arg-type]
                 hooks += _rebuilt_head_inputs(model, dst, corrected, resid)
-            case "mlp" if dst.residual_hook is not None:
-                hooks.append((dst.hook, renorm_mlp_input(dst)))
+            case "mlp" | "mixer" if dst.residual_hook is not None:  # reading the attention norm's output
+                hooks.append((dst.hook, renorm_input(dst)))
             case "mixer" | "mlp" | "logits":
                 hooks.append((dst.hook, add_to_input(dst.destinations.start)))
     return hooks
@@ -409,7 +410,9 @@ class _Shared(_Corrections):
         n_pos = patch.shape[1]
         self.diff = SourceOutputs.empty(graph, rows, n_pos, placement)
         self.total = torch.zeros(rows, n_pos, graph.spec.d_model, device=placement[0][1])
-        self.recorded = 0  # sources arrive in order: [0, recorded) are in `diff`
+        # sources recorded so far, in `diff`: in index order, except within a layer whose mixer beside
+        # attention runs first (Falcon-H1)
+        self.seen = torch.zeros(graph.n_sources, dtype=torch.bool)
 
     def wanted(self, ids: Tensor) -> Tensor:
         return torch.arange(ids.numel())
@@ -422,7 +425,7 @@ class _Shared(_Corrections):
             diff.mul_(self.source_factor[span].to(diff).view(1, 1, -1, 1))
         self.total = self.total.to(target.device)  # follows the layers over their devices
         self.total += diff.sum(2)
-        self.recorded = span.stop
+        self.seen[span] = True
 
     def _weighted(self, sources: Tensor, weights: Tensor) -> Tensor:
         """sum_u weights[u, n] diff_u over `sources` -> [rows, P, n, d], on the running total's device."""
@@ -440,7 +443,7 @@ class _Shared(_Corrections):
 
     def correction(self, cols: slice) -> Tensor | None:
         n = self.prefix[cols.start]
-        if self.recorded < n:
+        if not bool(self.seen[:n].all()):
             raise AssertionError(f"destinations {cols} read sources not yet computed")
         ablate, kept = self.ablate[:n, cols], self.kept[:n, cols]
         ablated_sources = ablate.amax(1).nonzero()[:, 0]
@@ -450,9 +453,22 @@ class _Shared(_Corrections):
         if ablated_sources.numel() <= kept_sources.numel() + 1:
             return self._weighted(ablated_sources, ablate)
         total = self.total
-        for _, diff in self.diff.matrices(slice(n, self.recorded)):  # recorded after these destinations
-            total = total - diff.sum(0).view_as(total).to(total)
+        for later in _runs(self.seen, n):  # recorded, but after what these destinations read
+            for _, diff in self.diff.matrices(later):
+                total = total - diff.sum(0).view_as(total).to(total)
         return total.unsqueeze(2) - self._weighted(kept_sources, kept)
+
+
+def _runs(mask: Tensor, start: int) -> list[slice]:
+    """The runs of consecutive True entries of the bool vector `mask` from index `start` on."""
+    runs: list[slice] = []
+    for i in range(start, mask.numel()):
+        if bool(mask[i]):
+            if runs and runs[-1].stop == i:
+                runs[-1] = slice(runs[-1].start, i + 1)
+            else:
+                runs.append(slice(i, i + 1))
+    return runs
 
 
 class _Weighted(_Corrections):
@@ -519,7 +535,7 @@ class _Weighted(_Corrections):
         """Every recorded difference, detached: (first source, [k, rows * P * d]) for each run of blocks
         kept on one device (one entry for a model on one device)."""
         runs: list[tuple[int, list[Tensor]]] = []
-        for ids, diff in self.blocks:
+        for ids, diff in sorted(self.blocks, key=lambda block: int(block[0][0])):  # by source, not arrival
             if runs and runs[-1][1][0].device == diff.device:
                 runs[-1][1].append(diff.detach())
             else:

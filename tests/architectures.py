@@ -145,6 +145,7 @@ ATP_STAR_REFUSALS = {
     "qwen3_next": "every layer is attention",
     "lfm2_moe": "every layer is attention",
     "olmo_hybrid": "every layer is attention",
+    "falcon_h1": "every layer is attention",
     "qwen3_5_moe_text": "every layer is attention",
     **dict.fromkeys(
         ["deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm_moe_dsa", "youtu"], "latent attention"
@@ -176,7 +177,20 @@ PER_LAYER_INPUTS = (
     "full-attention layers with another head width than the sliding ones (`global_head_dim`): the graph has "
     "one head width"
 )
-PARALLEL_MIXERS = "attention and a Mamba mixer side by side in one layer, with multipliers"
+PARALLEL_MIXERS = (
+    "attention heads and a Mamba mixer `mix{l}` side by side in each layer, reading one norm; the layers' "
+    "multipliers folded into the linear maps next to them (`circuits.models.folding`)"
+)
+FALCON_H1_MULTIPLIERS = dict(  # muP multipliers as the checkpoints have them (none of them 1)
+    attention_in_multiplier=0.5,
+    attention_out_multiplier=0.7,
+    ssm_out_multiplier=1.3,
+    ssm_in_multiplier=1.2,
+    key_multiplier=0.9,
+    embedding_multiplier=2.0,
+    lm_head_multiplier=0.8,
+    mlp_multipliers=[1.1, 0.6],
+)
 OWN_ADAPTER = "pre-norm blocks, through this toolkit's TransformerLens adapter (`circuits.models.adapters`)"
 
 ARCHITECTURES = [
@@ -339,8 +353,19 @@ ARCHITECTURES = [
     Architecture("youtu", dict(**LATENT_DIMS, q_lora_rank=24, **PAD), how=LATENT),
     Architecture("afmoe", GQA16, how=f"{SANDWICH}; {GATE_PROJ}"),
     Architecture("laguna", dict(**GQA16, mlp_layer_types=["dense", "dense"]), how=GATE_PROJ),
+    Architecture(
+        "falcon_h1",
+        dict(
+            **GQA,
+            **FALCON_H1_MULTIPLIERS,
+            mamba_d_ssm=64,
+            mamba_n_heads=8,
+            mamba_d_state=16,
+            mamba_chunk_size=8,
+        ),
+        how=PARALLEL_MIXERS,
+    ),
     # ------------------------------------------------------------------------------------ refused
-    Architecture("falcon_h1", GQA, refusal="side by side in each layer", why=PARALLEL_MIXERS),
     Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),
     Architecture("granitemoehybrid", dict(**GQA, **PAD), refusal="bridge fails to run", why=BRIDGE),
     Architecture(

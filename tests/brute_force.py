@@ -13,7 +13,7 @@ recomputing, with the real norm and projection modules, what the destination rea
 - `m{l}`: the MLP norm's input + delta (the MLP's input + delta where it has no norm), or with a norm
   shared with attention, norm(resid + delta);
 - `mix{l}` (a layer whose token mixer is no attention): the layer's first norm's input + delta (`ln1`, or
-  `norm` in Mamba's blocks);
+  `norm` in Mamba's blocks); beside attention (Falcon-H1), the mixer's input rebuilt as norm(resid + delta);
 - `logits`: the final norm's input + delta.
 EAP's reference is the same patch made differentiable: dM/d(delta_v) at delta_v = 0, dotted with each
 source's corrupted - clean difference.
@@ -61,7 +61,7 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
     for layer in attention:
         hooks += [(f"blocks.{layer}.attn.o.hook_in", keep(f"z{layer}"))]
         hooks += [(f"blocks.{layer}.hook_attn_out", keep(f"a{layer}"))]
-    for layer in spec.mixer_layers:  # the output of the block's one mixer component, whatever its name
+    for layer in (*spec.mixer_layers, *spec.parallel_mixer_layers):  # the mixer component's output
         children = dict(model.bridge.blocks[layer].named_children())
         (mixer,) = [n for n in ("linear_attn", "mixer", "conv", "mamba") if n in children]
         hooks += [(f"blocks.{layer}.{mixer}.hook_out", keep(f"mix{layer}"))]
@@ -71,7 +71,7 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
     with torch.no_grad(), model.hooks(hooks):
         model(ids)
     out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in with_mlp}}
-    out |= {f"mix{i}": captured[f"mix{i}"] for i in spec.mixer_layers}
+    out |= {f"mix{i}": captured[f"mix{i}"] for i in (*spec.mixer_layers, *spec.parallel_mixer_layers)}
     if not spec.per_head_sources:  # post-norm blocks: the normed attention output of each layer
         return out | {f"a{i}": captured[f"a{i}"] for i in attention}
 
@@ -155,6 +155,15 @@ def _patch_hooks(
                 hooks.append((f"{gate}.hook_out", partial(rebuild, proj=_module(model, gate), width=width)))
         elif dst == "logits":
             hooks.append(("ln_final.hook_in", lambda x, delta=delta: x + delta))
+        elif dst.startswith("mix") and int(dst[3:]) in spec.parallel_mixer_layers:  # beside attention:
+            layer = int(dst[3:])  # it reads the attention norm's output, rebuilt from resid + delta
+            norm = attn_norm(layer)
+            hooks.append(
+                (
+                    f"blocks.{layer}.mamba.hook_in",
+                    lambda x, layer=layer, norm=norm, delta=delta: norm(resid[layer] + delta),
+                )
+            )
         elif dst.startswith("mix"):  # a mixer layer's first norm (`norm` in Mamba's blocks), read by it alone
             first = next(n for n in ("ln1", "norm") if has(f"blocks.{int(dst[3:])}.{n}.hook_in"))
             hooks.append((f"blocks.{int(dst[3:])}.{first}.hook_in", lambda x, delta=delta: x + delta))

@@ -53,6 +53,7 @@ LAYOUTS = {
     "youtu": "multi-head latent attention (q/k/v through latents and the rotary embedding)",
     "laguna": "per-head output gates from a projection of their own (grouped-query)",
     "gemma4_text (learned layer scalars, no per-layer inputs)": "layers rescaling the residual stream",
+    "falcon_h1": "a Mamba mixer beside the heads in every layer, multipliers folded",
 }
 
 

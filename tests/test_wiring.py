@@ -44,6 +44,11 @@ def test_sites_name_the_graphs_nodes(layout):
                 assert graph.head_sources(site.layer) == site.sources
             case "attention":
                 assert names == [f"a{site.layer}"] and not layout.spec.per_head_sources
+            case "mixer" if site.layer in layout.spec.parallel_mixer_layers:  # beside the heads
+                assert (
+                    names == [f"mix{site.layer}"]
+                    and site.sources.start == graph.head_sources(site.layer).stop
+                )
             case "mixer":
                 assert names == [f"mix{site.layer}"] and site.layer in layout.spec.mixer_layers
                 assert graph.head_sources(site.layer) == site.sources
@@ -56,6 +61,10 @@ def test_sites_name_the_graphs_nodes(layout):
             head = "kv" if len(into) < layout.spec.n_heads else "h"  # a key/value head's, grouped
             assert into == [f"a{dst.layer}.{head}{h}<{dst.letter}>" for h in range(len(into))]
             assert len(into) == layout.spec.n_qkv_heads(dst.letter)
+        elif dst.kind == "mixer" and dst.layer in layout.spec.parallel_mixer_layers:
+            assert (
+                into == [f"mix{dst.layer}"] and graph.parallel_mixer(dst.layer)[0] == dst.destinations.start
+            )
         elif dst.kind == "mixer":
             assert into == [f"mix{dst.layer}"] and graph.mixer_inputs(dst.layer) == dst.destinations
         elif dst.kind == "mlp":

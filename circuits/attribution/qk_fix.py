@@ -51,10 +51,11 @@ class QKCapture:
     """
 
     def __init__(self, model: HookedModel, graph: Graph) -> None:
-        if graph.spec.mixer_layers:
+        mixers = sorted({*graph.spec.mixer_layers, *graph.spec.parallel_mixer_layers})
+        if mixers:
             raise UnsupportedModelError(
                 f"{model.spec.name}: AtP*'s QK fix and GradDrop are written here for models whose every "
-                f"layer is attention; layers {list(graph.spec.mixer_layers)} have another token mixer"
+                f"layer is attention; layers {mixers} have another token mixer"
             )
         if model.layer_scalars() is not None:
             raise UnsupportedModelError(

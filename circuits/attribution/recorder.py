@@ -165,8 +165,9 @@ class ScoreRecorder:
     def _node_hook(self, group: slice) -> HookFn:
         return self._on_grad(lambda g: self._score_nodes(group, self._fold(g)))
 
-    def _mlp_hook(self, site: DestinationSite) -> HookFn:
-        """The MLP destination's gradient: as it is, or pulled back through the attention norm it shares."""
+    def _input_hook(self, site: DestinationSite) -> HookFn:
+        """An MLP, mixer or logits destination's gradient: as it is, or pulled back through the attention
+        norm it reads through (an MLP sharing it, a mixer beside attention)."""
         cols, layer = site.destinations.start, site.layer
         if site.residual_hook is None:
             return self._edge_hook(cols)
@@ -238,10 +239,8 @@ class ScoreRecorder:
                     hooks.append((dst.hook, self._qkv_hook(dst.layer, dst.kind)))  # type: ignore[arg-type]
                     if dst.gate_hook is not None:
                         hooks.append((dst.gate_hook, self._qkv_hook(dst.layer, "gate")))
-                case "mlp":
-                    hooks.append((dst.hook, self._mlp_hook(dst)))
-                case "mixer" | "logits":
-                    hooks.append((dst.hook, self._edge_hook(dst.destinations.start)))
+                case "mlp" | "mixer" | "logits":
+                    hooks.append((dst.hook, self._input_hook(dst)))
         for src in sites.sources:
             # the input's node scores per example (IG completeness); at edge level the others' node scores
             # are edge scores summed over destinations

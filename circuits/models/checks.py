@@ -100,14 +100,6 @@ def unhandled_features(model: HookedModel) -> str | None:
             "the last layers reuse the keys and values of earlier layers (num_kv_shared_layers): their k / v "
             "inputs are another layer's, which the graph does not express yet"
         )
-    if any(
-        getattr(m, "mamba", None) is not None and getattr(m, "self_attn", None) is not None
-        for m in modules.values()
-    ):
-        reasons.append(
-            "attention and a Mamba mixer side by side in each layer, with multipliers on their inputs and "
-            "outputs (Falcon-H1): one layer's two token mixers are not separate nodes yet"
-        )
     return "; and ".join(reasons) or None
 
 
@@ -214,21 +206,23 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
     scalars = model.layer_scalars()
     for layer in range(spec.n_layers):
         pre, post = acts[model.resid_pre_hook(layer)], acts[model.resid_post_hook(layer)]
+        beside = layer in spec.parallel_mixer_layers  # a mixer beside the heads (Falcon-H1)
         attn = acts[model.attn_out_hook(layer)]
+        written = attn + acts[model.mixer_out_hook(layer)] if beside else attn  # the token mixers' writes
         mlp = acts[model.mlp_out_hook(layer)] if spec.has_mlp(layer) else torch.zeros_like(attn)
         _close(spec.name, model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
         if spec.per_head_sources and spec.has_attention(layer):
             heads = model.head_results(layer, acts[model.head_z_hook(layer)]).sum(2)
             b_o = model.b_O(layer)
             _close(spec.name, model.attn_out_hook(layer), attn, heads if b_o is None else heads + b_o, rtol)
-        mlp_in = pre if spec.parallel_attn_mlp else pre + attn
+        mlp_in = pre if spec.parallel_attn_mlp else pre + written
         if model.mlp_shares_attn_norm:
             mlp_in = model.attn_norm(layer)(mlp_in)
         mlp_hook = model.mlp_destination_hook(layer)
         if spec.has_mlp(layer):
             _close(spec.name, mlp_hook, acts[mlp_hook], mlp_in, rtol)
         scalar = 1.0 if scalars is None else scalars[layer]  # Gemma-4: the layer rescales the whole stream
-        _close(spec.name, model.resid_post_hook(layer), post, scalar * (pre + attn + mlp), rtol)
+        _close(spec.name, model.resid_post_hook(layer), post, scalar * (pre + written + mlp), rtol)
         following = model.resid_pre_hook(layer + 1) if layer + 1 < spec.n_layers else model.final_norm_in_hook
         _close(spec.name, following, acts[following], post, rtol)
 
@@ -242,6 +236,8 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
             total = model.attn_input_grads(layer, resid, per_head).sum(2)
         else:  # the mixer alone reads the norm: its input's gradient pulled back through it is all of it
             total = model.shared_norm_grads(layer, resid, grads[model.mixer_in_hook(layer)], one)
+        if beside:  # the mixer reads the attention norm's output too
+            total = total + model.shared_norm_grads(layer, resid, grads[model.mixer_in_hook(layer)], one)
         if model.mlp_shares_attn_norm:
             total = total + model.shared_norm_grads(layer, resid, grads[mlp_hook], one)
         _close(

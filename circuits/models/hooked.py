@@ -67,11 +67,19 @@ class ModelSpec:
     mixer_layers: tuple[int, ...] = ()
     # layers without an MLP (Mamba's blocks: a norm and a mixer alone)
     layers_without_mlp: tuple[int, ...] = ()
+    # attention layers with a mixer beside the heads, reading the same norm's output and adding into the
+    # same residual stream (Falcon-H1's Mamba mixer): one node `mix{l}` besides the heads
+    parallel_mixer_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise InputError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        for name in ("mixer_layers", "layers_without_mlp"):
+        if set(self.mixer_layers) & set(self.parallel_mixer_layers):
+            raise InputError(
+                f"layers {sorted(set(self.mixer_layers) & set(self.parallel_mixer_layers))} are both mixer "
+                "layers (no attention) and attention layers with a mixer beside it"
+            )
+        for name in ("mixer_layers", "layers_without_mlp", "parallel_mixer_layers"):
             layers = getattr(self, name)
             if any(not 0 <= layer < self.n_layers for layer in layers):
                 raise InputError(f"{name} {layers} name layers outside 0..{self.n_layers - 1}")
@@ -83,6 +91,10 @@ class ModelSpec:
     def has_attention(self, layer: int) -> bool:
         """Layer `layer`'s token mixer is attention (heads), not one mixer node."""
         return layer not in self.mixer_layers
+
+    def has_mixer(self, layer: int) -> bool:
+        """Layer `layer` has a mixer node `mix{l}`: instead of attention, or beside it."""
+        return layer in self.mixer_layers or layer in self.parallel_mixer_layers
 
     @property
     def attention_layers(self) -> list[int]:
@@ -115,12 +127,10 @@ MIXER_COMPONENTS = ("linear_attn", "mixer", "conv", "mamba")
 
 
 def mixer_component(block: Any) -> str | None:
-    """The name of a bridge block's token mixer when it is no attention (`linear_attn` for Qwen3.5's and
+    """The name of a bridge block's token mixer that is no attention (`linear_attn` for Qwen3.5's and
     Qwen3-Next's gated delta nets, `mixer` for Jamba's and Bamba's state-space mixers, `conv` for LFM2's
-    convolutions), or None: a block with attention, or with no mixer this toolkit knows."""
+    convolutions, `mamba` for Falcon-H1's, which runs beside attention), or None."""
     children = dict(block.named_children())  # the bridge's components (attribute lookup also finds HF's)
-    if "attn" in children:
-        return None
     return next((name for name in MIXER_COMPONENTS if name in children), None)
 
 
@@ -337,20 +347,25 @@ class HookedModel:
 
     def attn_out_hook(self, layer: int) -> str:
         """Where the layer's token mixer's output enters the residual stream: the attention output, or a
-        mixer layer's output (the output of its `mixer_component`)."""
-        mixer = self.mixer_component(layer)
-        return f"blocks.{layer}.hook_attn_out" if mixer is None else f"blocks.{layer}.{mixer}.hook_out"
+        mixer layer's output (`mixer_out_hook`)."""
+        return (
+            f"blocks.{layer}.hook_attn_out" if self.spec.has_attention(layer) else self.mixer_out_hook(layer)
+        )
 
     def mixer_in_hook(self, layer: int) -> str:
         """A mixer layer's mixer input (the first norm's output), [batch, pos, d_model]."""
         return f"blocks.{layer}.{self.mixer_component(layer)}.hook_in"
 
     def mixer_component(self, layer: int) -> str | None:
-        """The bridge component of a mixer layer's token mixer (`linear_attn`, `mixer`, `conv`), or None
-        for an attention layer."""
-        if self.spec.has_attention(layer):
+        """The bridge component of a layer's mixer node (`linear_attn`, `mixer`, `conv`, `mamba`), or None
+        for an attention layer without one."""
+        if not self.spec.has_mixer(layer):
             return None
         return mixer_component(self.bridge.blocks[layer])
+
+    def mixer_out_hook(self, layer: int) -> str:
+        """Where a mixer node's output enters the residual stream, [batch, pos, d_model]."""
+        return f"blocks.{layer}.{self.mixer_component(layer)}.hook_out"
 
     # ----------------------------------------------------------------------------- modules, weights
     @property

@@ -21,6 +21,7 @@ from circuits.models.checks import (
     unhandled_features,
 )
 from circuits.models.embedded import EMBEDDED_NAME, load_embedded, load_gguf
+from circuits.models.folding import fold_multipliers
 from circuits.models.hooked import HookedModel, ModelSpec, mixer_component
 from circuits.models.latent import is_latent
 
@@ -68,6 +69,7 @@ def load_model(
     hf_model.requires_grad_(False)
     model_name = name_or_model if isinstance(name_or_model, str) else hf_model.config._name_or_path
     model_name = model_name or type(hf_model).__name__
+    fold_multipliers(hf_model)  # Falcon-H1's layer multipliers, so that hooks carry what is added and read
     source = private_copy(hf_model)  # unwrapped, over the same weights: what an ungrouped twin is made of
     bridge = _boot(model_name, hf_model, tokenizer, dtype)
     bridge.eval()
@@ -324,6 +326,9 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     d_head = cfg.d_head
     attentions = [dict(block.named_children()).get("attn") for block in bridge.blocks]
+    mixers = [
+        (mixer_component(block) is not None, a is not None) for block, a in zip(bridge.blocks, attentions)
+    ]
     latent = [a._original_component for a in attentions if a is not None and is_latent(a._original_component)]
     if latent:  # every head has its own key and value (`models.latent`); z is v_head_dim wide per head
         n_kv, d_head = cfg.n_heads, int(latent[0].v_head_dim)
@@ -344,7 +349,8 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
         per_head_sources=not any(
             HookedModel.post_attn_norm_in_hook(layer) in bridge.hook_dict for layer in range(cfg.n_layers)
         ),
-        mixer_layers=tuple(i for i, block in enumerate(bridge.blocks) if mixer_component(block) is not None),
+        mixer_layers=tuple(i for i, (mixer, attn) in enumerate(mixers) if mixer and not attn),
+        parallel_mixer_layers=tuple(i for i, (mixer, attn) in enumerate(mixers) if mixer and attn),
         layers_without_mlp=tuple(
             i for i, block in enumerate(bridge.blocks) if "mlp" not in dict(block.named_children())
         ),

@@ -60,9 +60,10 @@ def blocks(spec: ModelSpec) -> tuple[list[Block], list[Block]]:
     """(source blocks, destination blocks) of the graph of a model of shape `spec`, in index order.
 
     Sources: input, then per layer its heads (one per query head; one `attention` source for post-norm
-    blocks; one `mixer` for a layer without attention) and its MLP. Destinations: per layer one q input
-    per query head, one k and one v input per key-value head (grouped-query attention is native) or the
-    mixer's input, the MLP's input (a layer may have none: Mamba); then the logits.
+    blocks; one `mixer` for a layer without attention), a mixer beside the heads where there is one
+    (Falcon-H1) and its MLP. Destinations: per layer one q input per query head, one k and one v input
+    per key-value head (grouped-query attention is native) or the mixer's input, the input of a mixer
+    beside the heads, the MLP's input (a layer may have none: Mamba); then the logits.
     """
     sources: list[Block] = []
     destinations: list[Block] = []
@@ -80,12 +81,17 @@ def blocks(spec: ModelSpec) -> tuple[list[Block], list[Block]]:
             add(sources, "heads", layer, spec.n_heads, attention)
         else:
             add(sources, "attention", layer, 1, attention)
+        beside = layer in spec.parallel_mixer_layers  # a mixer beside the heads, writing with them
+        if beside:
+            add(sources, "mixer", layer, 1, attention)
         if spec.has_mlp(layer):
             add(sources, "mlp", layer, 1, mlp)
         if not spec.has_attention(layer):
             add(destinations, "mixer", layer, 1, attention)
         for letter in QKV_LETTERS if spec.has_attention(layer) else ():
             add(destinations, letter, layer, spec.n_qkv_heads(letter), attention)
+        if beside:
+            add(destinations, "mixer", layer, 1, attention)
         if spec.has_mlp(layer):
             add(destinations, "mlp", layer, 1, attention if spec.parallel_attn_mlp else mlp)
     add(destinations, "logits", spec.n_layers, 1, 2 * spec.n_layers + 1)
@@ -149,8 +155,10 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
                 hook = output = model.input_hook
             case "heads":
                 hook, output = model.head_z_hook(layer), model.attn_out_hook(layer)
-            case "attention" | "mixer":
+            case "attention":
                 hook = output = model.attn_out_hook(layer)
+            case "mixer":
+                hook = output = model.mixer_out_hook(layer)
             case "mlp":
                 hook = output = model.mlp_out_hook(layer)
             case other:
@@ -165,6 +173,8 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
                 hook = model.head_input_hook(layer, block.kind)
                 residual = model.attn_norm_in_hook(layer)
                 gate = model.head_gate_hook(layer) if block.kind == "q" else None
+            case "mixer" if layer in spec.parallel_mixer_layers:  # reads the attention norm's output too
+                hook, residual = model.mixer_in_hook(layer), model.attn_norm_in_hook(layer)
             case "mixer":
                 hook = model.attn_norm_in_hook(layer)
             case "mlp":

@@ -76,6 +76,8 @@ def layer_layout(circuit: Graph, edges: list[ShownEdge]) -> dict[str, tuple[floa
     for layer in range(circuit.spec.n_layers):
         heads = range(circuit.n_sources)[circuit.head_sources(layer)]
         row = [circuit.sources[i] for i in heads if circuit.sources[i] in touched]
+        if layer in circuit.spec.parallel_mixer_layers and f"mix{layer}" in touched:  # beside the heads
+            row.append(f"mix{layer}")
         mlp = circuit.sources[circuit.mlp_source(layer)] if circuit.spec.has_mlp(layer) else None
         if mlp in touched:
             row.append(mlp)

@@ -143,6 +143,9 @@ def destination_owners(graph: Graph) -> Tensor:
             for letter in ("k", "v"):
                 cols = graph.qkv_destinations(layer, letter)
                 owners[cols.start + group, heads] = True
+        if layer in spec.parallel_mixer_layers:  # a mixer beside the heads reads its own input
+            mixer_dst, mixer_src = graph.parallel_mixer(layer)
+            owners[mixer_dst, mixer_src] = True
         if spec.has_mlp(layer):
             owners[graph.mlp_destination(layer), graph.mlp_source(layer)] = True
     return owners
@@ -186,6 +189,9 @@ def prune_dead(circuit: Graph) -> None:
 def _layer_blocks(graph: Graph, layer: int) -> list[tuple[slice, slice]]:
     """(destination columns, source nodes) of a layer's attention, then of its MLP, in forward order."""
     blocks = [(graph.mixer_inputs(layer), graph.head_sources(layer))]
+    if layer in graph.spec.parallel_mixer_layers:  # beside the heads: reads and writes with them
+        mixer_dst, mixer_src = graph.parallel_mixer(layer)
+        blocks.append((slice(mixer_dst, mixer_dst + 1), slice(mixer_src, mixer_src + 1)))
     if graph.spec.has_mlp(layer):
         mlp_dst, mlp_src = graph.mlp_destination(layer), graph.mlp_source(layer)
         blocks.append((slice(mlp_dst, mlp_dst + 1), slice(mlp_src, mlp_src + 1)))

@@ -149,3 +149,23 @@ def test_learned_layer_scalars_scale_each_edge_by_the_scalars_between_its_ends()
     hf.model.layers[1].layer_scalar.fill_(0.0)
     with pytest.raises(UnsupportedModelError, match="layer scalar is 0"):
         load_model(hf, tiny_tokenizer())
+
+
+def test_falcon_h1_multipliers_fold_without_changing_the_model_or_the_callers_object():
+    """Falcon-H1's attention-in, attention-out and mixer-out multipliers move into the linear maps next to
+    them (`models.folding`): the hooked model's logits are the original model's, and the caller's model
+    (its parameters and config) is left as it was."""
+    hf = next(a for a in ARCHITECTURES if a.name == "falcon_h1").build()
+    ids = torch.randint(3, 300, (2, 7))
+    with torch.no_grad():
+        want = hf(ids).logits
+    o_proj = hf.model.layers[1].self_attn.o_proj.weight.clone()
+    model = load_model(hf, tiny_tokenizer())
+    assert model.spec.parallel_mixer_layers == (0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hf.model.layers[1].self_attn.o_proj.weight, o_proj)
+    assert hf.config.attention_out_multiplier == 0.7 and hf.model.layers[1].attn_out_multiplier == 0.7
+    folded = model.bridge.original_model.model.layers[1]
+    assert folded.attn_out_multiplier == 1.0
+    torch.testing.assert_close(folded.self_attn.o_proj.weight, 0.7 * o_proj)
