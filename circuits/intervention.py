@@ -123,7 +123,7 @@ def ablation_gradient(
     with torch.enable_grad(), model.hooks(hooks):
         values = measure(model(input_ids, attention_mask))
         grads = torch.autograd.grad(values.sum(), [x for _, x in inputs], allow_unused=True)
-    stacked = sums.stacked()  # (first source, [k, rows * P * d]) per device, times 1 / P_j (`_Corrections`)
+    stacked = sums.stacked()  # (first source, [k, rows * P * d]) per device, times c_u / P_j (`_Corrections`)
     prefix = graph.valid_prefixes()
     out = torch.zeros(graph.valid.shape, dtype=torch.float64)
     factors = residual_factors(model, graph.spec)
@@ -348,9 +348,11 @@ class _Corrections:
     """Collects source outputs during the forward pass and returns, per destination block, the summed
     ablation differences [rows, P, n_block, d] (None when nothing into the block is ablated).
 
-    Where layers rescale the residual stream (`wiring.residual_factors`), each difference is recorded times
-    its source's factor 1 / P_j (`source_factor`), and `_ablation_hooks` multiplies each destination's sum
-    by its P_m: edge u -> v then carries P_m / P_j times u's difference, as the residual stream does."""
+    Where the residual stream scales what a source's hook holds on its way to a destination
+    (`wiring.residual_factors`: layer scalars, a block's multiplier on its mixer), each difference is
+    recorded times its source's factor c_u / P_j (`source_factor`), and `_ablation_hooks` multiplies each
+    destination's sum by its P_m: edge u -> v then carries c_u P_m / P_j times u's difference, as the
+    residual stream does."""
 
     source_factor: Tensor | None = None  # [n_sources]
 

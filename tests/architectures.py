@@ -146,6 +146,7 @@ ATP_STAR_REFUSALS = {
     "lfm2_moe": "every layer is attention",
     "olmo_hybrid": "every layer is attention",
     "falcon_h1": "every layer is attention",
+    "granitemoehybrid (dense)": "every layer is attention",
     "qwen3_5_moe_text": "every layer is attention",
     **dict.fromkeys(
         ["deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm_moe_dsa", "youtu"], "latent attention"
@@ -180,6 +181,16 @@ PER_LAYER_INPUTS = (
 PARALLEL_MIXERS = (
     "attention heads and a Mamba mixer `mix{l}` side by side in each layer, reading one norm; the layers' "
     "multipliers folded into the linear maps next to them (`circuits.models.folding`)"
+)
+GRANITE_HYBRID = dict(  # Granite-4.0-H: Mamba-2 and attention layers, a shared MLP, Granite's multipliers
+    **GQA,
+    **PAD,
+    **MULTIPLIERS,
+    layer_types=["linear_attention", "full_attention"],
+    shared_intermediate_size=128,
+    mamba_d_state=16,
+    mamba_n_heads=8,
+    mamba_chunk_size=8,
 )
 FALCON_H1_MULTIPLIERS = dict(  # muP multipliers as the checkpoints have them (none of them 1)
     attention_in_multiplier=0.5,
@@ -367,7 +378,18 @@ ARCHITECTURES = [
     ),
     # ------------------------------------------------------------------------------------ refused
     Architecture("gemma4_text", GQA16, refusal="per-layer inputs", why=PER_LAYER_INPUTS, label="gemma4_text"),
-    Architecture("granitemoehybrid", dict(**GQA, **PAD), refusal="bridge fails to run", why=BRIDGE),
+    Architecture(
+        "granitemoehybrid",
+        dict(**GRANITE_HYBRID, num_local_experts=0),
+        how=f"{MIXERS}; {SCALED}, the mixers' applied by the graph (the bridge hooks them unscaled)",
+        label="granitemoehybrid (dense)",
+    ),
+    Architecture(
+        "granitemoehybrid",
+        GRANITE_HYBRID,
+        refusal="no hook point 'blocks.0.hook_mlp_out'",
+        why="with experts, the bridge has no hook on the MLP's output (the experts' sum plus the shared MLP)",
+    ),
     Architecture(
         "hrm_text", dict(**GQA, **PAD), refusal="no layer blocks", why="the adapter maps no layer blocks"
     ),
@@ -460,6 +482,7 @@ CHECKPOINTS = {
     "glm_moe_dsa": "zai-org/GLM-5",
     "youtu": "tencent/Youtu-LLM-2B",
     "granitemoehybrid": "ibm-granite/granite-4.0-h-tiny",
+    "granitemoehybrid (dense)": "ibm-granite/granite-4.0-h-micro",
     "zamba2": "Zyphra/Zamba2-1.2B",
     "rwkv": "RWKV/rwkv-4-169m-pile",
     "recurrent_gemma": "google/recurrentgemma-2b",

@@ -61,17 +61,20 @@ def source_outputs(model: HookedModel, ids: Tensor) -> dict[str, Tensor]:
     for layer in attention:
         hooks += [(f"blocks.{layer}.attn.o.hook_in", keep(f"z{layer}"))]
         hooks += [(f"blocks.{layer}.hook_attn_out", keep(f"a{layer}"))]
-    for layer in (*spec.mixer_layers, *spec.parallel_mixer_layers):  # the mixer component's output
-        children = dict(model.bridge.blocks[layer].named_children())
-        (mixer,) = [n for n in ("linear_attn", "mixer", "conv", "mamba") if n in children]
-        hooks += [(f"blocks.{layer}.{mixer}.hook_out", keep(f"mix{layer}"))]
+    for layer in spec.parallel_mixer_layers:  # beside the heads: the mixer component's output
+        hooks += [(f"blocks.{layer}.mamba.hook_out", keep(f"mix{layer}"))]
+    for layer in spec.mixer_layers:  # alone in its layer: what the layer adds besides its MLP
+        hooks += [(f"blocks.{layer}.hook_resid_pre", keep(f"pre{layer}"))]
+        hooks += [(f"blocks.{layer}.hook_resid_post", keep(f"post{layer}"))]
     with_mlp = [layer for layer in range(spec.n_layers) if layer not in spec.layers_without_mlp]
     for layer in with_mlp:
         hooks += [(f"blocks.{layer}.hook_mlp_out", keep(f"m{layer}"))]
     with torch.no_grad(), model.hooks(hooks):
         model(ids)
     out = {"input": captured["input"], **{f"m{i}": captured[f"m{i}"] for i in with_mlp}}
-    out |= {f"mix{i}": captured[f"mix{i}"] for i in (*spec.mixer_layers, *spec.parallel_mixer_layers)}
+    out |= {f"mix{i}": captured[f"mix{i}"] for i in spec.parallel_mixer_layers}
+    for i in spec.mixer_layers:
+        out[f"mix{i}"] = captured[f"post{i}"] - captured[f"pre{i}"] - out.get(f"m{i}", 0.0)
     if not spec.per_head_sources:  # post-norm blocks: the normed attention output of each layer
         return out | {f"a{i}": captured[f"a{i}"] for i in attention}
 

@@ -12,6 +12,8 @@ that they could go upstream. `register()` adds them to TransformerLens' factory;
   with a q, a k and a v to hook); the attention runs Hugging Face's forward.
 - BioGPT (Microsoft): OPT's pre-norm layout under other names (learned positions offset by 2, scaled
   token embeddings, a plain GELU MLP); the attention runs Hugging Face's forward.
+- Granite-4 hybrid (IBM): TransformerLens' own adapter, with its rotary-embedding component mapped only
+  where the model has rotary embeddings (Granite-4.0-H has none, and the original fails to run it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from transformer_lens.model_bridge.generalized_components import (
     PosEmbedBridge,
     RotaryEmbeddingBridge,
     UnembeddingBridge,
+)
+from transformer_lens.model_bridge.supported_architectures.granite_moe_hybrid import (
+    GraniteMoeHybridArchitectureAdapter,
 )
 from transformer_lens.model_bridge.supported_architectures.llama import LlamaArchitectureAdapter
 
@@ -159,10 +164,24 @@ class BioGptArchitectureAdapter(ArchitectureAdapter):
         }
 
 
+class GraniteHybridArchitectureAdapter(GraniteMoeHybridArchitectureAdapter):
+    """Granite-4 hybrid (IBM): TransformerLens 4.3's adapter, which maps a rotary-embedding component
+    whenever its config lacks `position_embedding_type` (it always does), so a model without rotary
+    embeddings (Granite-4.0-H: no position embeddings at all) fails to run. Here the component is mapped
+    only where the Hugging Face model has one."""
+
+    def prepare_model(self, hf_model: Any) -> None:
+        super().prepare_model(hf_model)
+        if getattr(getattr(hf_model, "model", None), "rotary_emb", None) is None and self.component_mapping:
+            self.component_mapping.pop("rotary_emb", None)
+            self.cfg.positional_embedding_type = "none"
+
+
 ADAPTERS: dict[str, type[ArchitectureAdapter]] = {
     "HeliumForCausalLM": HeliumArchitectureAdapter,
     "PersimmonForCausalLM": PersimmonArchitectureAdapter,
     "BioGptForCausalLM": BioGptArchitectureAdapter,
+    "GraniteMoeHybridForCausalLM": GraniteHybridArchitectureAdapter,
 }
 
 
@@ -171,4 +190,4 @@ def register() -> None:
     config's architecture against its module-level table before it asks the factory, so both learn it."""
     for name, adapter in ADAPTERS.items():
         factory.ArchitectureAdapterFactory.register_adapter(name, adapter)
-        factory.SUPPORTED_ARCHITECTURES.setdefault(name, adapter)
+        factory.SUPPORTED_ARCHITECTURES[name] = adapter

@@ -208,7 +208,10 @@ def check_additivity(model: HookedModel, input_ids: Tensor | None = None) -> Non
         pre, post = acts[model.resid_pre_hook(layer)], acts[model.resid_post_hook(layer)]
         beside = layer in spec.parallel_mixer_layers  # a mixer beside the heads (Falcon-H1)
         attn = acts[model.attn_out_hook(layer)]
-        written = attn + acts[model.mixer_out_hook(layer)] if beside else attn  # the token mixers' writes
+        if not spec.has_attention(layer):  # a mixer's hooked output, as the block adds it
+            attn = attn * model.mixer_scale(layer)
+        mixer = acts[model.mixer_out_hook(layer)] * model.mixer_scale(layer) if beside else 0.0
+        written = attn + mixer  # the token mixers' writes
         mlp = acts[model.mlp_out_hook(layer)] if spec.has_mlp(layer) else torch.zeros_like(attn)
         _close(spec.name, model.attn_norm_in_hook(layer), acts[model.attn_norm_in_hook(layer)], pre, rtol)
         if spec.per_head_sources and spec.has_attention(layer):

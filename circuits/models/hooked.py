@@ -309,13 +309,10 @@ class HookedModel:
         """(activation input z, up projection output u or None, output projection input h) of an MLP
         computing h = act(z) (* u when gated); a name may be missing where the bridge has no such hook."""
         base = f"blocks.{layer}.mlp"
-        for prefix in ("", "dense_"):  # dense_: a dense layer of a model mixing dense and expert layers
-            if f"{base}.{prefix}gate.hook_out" in self._hook_points:
-                return (
-                    f"{base}.{prefix}gate.hook_out",
-                    f"{base}.{prefix}in.hook_out",
-                    f"{base}.{prefix}out.hook_in",
-                )
+        # dense_: a dense layer of a model mixing dense and expert layers (Laguna); shared_mlp: Granite-4's
+        for mlp in (f"{base}.", f"{base}.dense_", f"blocks.{layer}.shared_mlp."):
+            if f"{mlp}gate.hook_out" in self._hook_points:
+                return f"{mlp}gate.hook_out", f"{mlp}in.hook_out", f"{mlp}out.hook_in"
         return f"{base}.in.hook_out", None, f"{base}.out.hook_in"
 
     @property
@@ -579,6 +576,12 @@ class HookedModel:
         """The factor a block applies to its attention / MLP outputs before adding them (Granite's
         residual multiplier; the bridge's hook_attn_out and hook_mlp_out carry the scaled values)."""
         return float(getattr(self._block(layer), "residual_contribution_scale", 1.0))
+
+    def mixer_scale(self, layer: int) -> float:
+        """The factor a block applies to its mixer node's hooked output (`mixer_out_hook`) before adding it
+        to the residual stream: Granite-4's residual multiplier, which the bridge applies to the attention
+        and MLP hooks it declares but not to its Mamba mixer's; 1 elsewhere."""
+        return self._residual_scale(layer) if self.spec.has_mixer(layer) else 1.0
 
     def attn_input_grads(
         self,

@@ -352,6 +352,8 @@ def _spec_from_bridge(bridge: Any, name: str) -> ModelSpec:
         mixer_layers=tuple(i for i, (mixer, attn) in enumerate(mixers) if mixer and not attn),
         parallel_mixer_layers=tuple(i for i, (mixer, attn) in enumerate(mixers) if mixer and attn),
         layers_without_mlp=tuple(
-            i for i, block in enumerate(bridge.blocks) if "mlp" not in dict(block.named_children())
+            i
+            for i, block in enumerate(bridge.blocks)
+            if not {"mlp", "shared_mlp"} & set(dict(block.named_children()))  # Granite-4: shared_mlp
         ),
     )

@@ -190,23 +190,33 @@ def _build(model: HookedModel, spec: ModelSpec) -> Wiring:
 
 
 def residual_factors(model: HookedModel, spec: ModelSpec | None = None) -> tuple[Tensor, Tensor] | None:
-    """Where layers rescale the residual stream (`HookedModel.layer_scalars`): per source 1 / P_j and per
-    destination P_m, float64, with P_l = s_0 ... s_{l-1} the product of the scalars before layer l, j the
-    layer writing the source (0 for the input) and m the layer whose residual the destination reads
-    (n_layers for the logits). Edge u -> v then carries P_m / P_j times u's output; None without scalars."""
-    scalars = model.layer_scalars()
-    if scalars is None:
-        return None
+    """What the residual stream multiplies a source's hooked output by on its way to a destination, as a
+    per-source factor c_u / P_j and a per-destination factor P_m (float64): P_l = s_0 ... s_{l-1} the
+    product of the layer scalars before layer l (`HookedModel.layer_scalars`, Gemma-4), j the layer writing
+    the source (0 for the input), m the layer whose residual the destination reads (n_layers for the
+    logits), c_u the factor the block applies to the source's hooked output (`HookedModel.mixer_scale`,
+    Granite-4's multiplier on its Mamba mixers; 1 elsewhere). Edge u -> v carries c_u P_m / P_j times u's
+    hooked output; None where every factor is 1."""
     spec = model.spec if spec is None else spec
+    scalars = model.layer_scalars()
+    own = {layer: model.mixer_scale(layer) for layer in range(spec.n_layers) if spec.has_mixer(layer)}
+    if scalars is None and all(c == 1.0 for c in own.values()):
+        return None
+    scalars = [1.0] * spec.n_layers if scalars is None else scalars
     before = torch.cumprod(torch.tensor([1.0, *scalars], dtype=torch.float64), 0)  # [n_layers + 1]
     sites = wiring(model, spec)
     sources = torch.cat(
-        [before[max(s.layer, 0)].repeat(s.sources.stop - s.sources.start) for s in sites.sources]
+        [
+            ((own[s.layer] if s.kind == "mixer" else 1.0) / before[max(s.layer, 0)]).repeat(
+                s.sources.stop - s.sources.start
+            )
+            for s in sites.sources
+        ]
     )
     destinations = torch.cat(
         [before[d.layer].repeat(d.destinations.stop - d.destinations.start) for d in sites.destinations]
     )
-    return 1 / sources, destinations
+    return sources, destinations
 
 
 _BUILT: WeakKeyDictionary[HookedModel, dict[ModelSpec, Wiring]] = WeakKeyDictionary()
