@@ -84,13 +84,12 @@ class LatentAttention:
         m = self._module
         if letter == "q":
             if getattr(self.attention, "q_lora_rank", None) is None:
-                latent = m("q_proj")(x)
+                q = self._own_head(m("q_proj"), x)
             else:
-                latent = m("q_b_proj")(m("q_a_layernorm")(m("q_a_proj")(x)))
-            q = self._own_head(latent, self.nope + self.rope)
+                q = self._own_head(m("q_b_proj"), m("q_a_layernorm")(m("q_a_proj")(x)))
             return torch.cat((q[..., : self.nope], self._rotate(q[..., self.nope :])), dim=-1)
         c, r = m("kv_a_proj_with_mqa")(x).split([self.kv_rank, self.rope], dim=-1)
-        kv = self._own_head(m("kv_b_proj")(m("kv_a_layernorm")(c)), self.nope + self.v_width)
+        kv = self._own_head(m("kv_b_proj"), m("kv_a_layernorm")(c))
         if letter == "v":
             return kv[..., self.nope :]
         return torch.cat((kv[..., : self.nope], self._rotate(r)), dim=-1)
@@ -101,10 +100,13 @@ class LatentAttention:
         module = getattr(self.attention, name)
         return getattr(module, "_original_component", module)  # type: ignore[no-any-return]
 
-    def _own_head(self, full: Tensor, width: int) -> Tensor:
-        """Head h's slice of copy h: [b, P, n, width] from [b, P, n, n_heads * width]."""
-        per_head = full.unflatten(-1, (self.n_heads, width))  # [b, P, n (copies), n_heads, width]
-        return per_head.diagonal(dim1=2, dim2=3).movedim(-1, 2)
+    def _own_head(self, up: nn.Module, x: Tensor) -> Tensor:
+        """Head h's slice of the up-projection `up` applied to copy h alone: [b, P, n, width] from x
+        [b, P, n, d_in] (one slice matmul per head, not every head's output for every copy)."""
+        weight = up.weight.unflatten(0, (self.n_heads, -1))  # type: ignore[operator]  # [n, width, d_in]
+        out = torch.einsum("bpni,nwi->bpnw", x, weight.to(x.dtype))
+        bias = getattr(up, "bias", None)
+        return out if bias is None else out + bias.unflatten(0, (self.n_heads, -1)).to(out.dtype)
 
     def _rotate(self, x: Tensor) -> Tensor:
         """The rotary embedding of [b, P, n, rope] at positions 0..P-1, as the bridge applies it."""
