@@ -166,7 +166,7 @@ class HookedModel:
         # through `qkv_from_residual` for every head (the reference path, and its cost in benchmarks)
         self.closed_form_pullbacks = True
         self._heads_norms: dict[tuple[int, str], tuple[tuple, HeadsNorm]] = {}
-        self._latent: dict[int, LatentAttention] = {}
+        self._latent: dict[int, LatentAttention | None] = {}
         self._norm_hooks: list[tuple[str, str]] | None = None
         # hook points whose tensors are head-major [batch, heads, pos, width] (latent attention's q / k / v):
         # shown to hooks as [batch, pos, heads * width], as every per-head input is
@@ -494,13 +494,13 @@ class HookedModel:
 
     def latent_attention(self, layer: int) -> LatentAttention | None:
         """The layer's multi-head latent attention (DeepSeek-V2 / V3), or None for any other."""
-        if layer not in self._latent:
+        if layer not in self._latent:  # found once per layer (None included)
             attn = getattr(self._block(layer), "attn", None)
             hf = None if attn is None else attn._original_component
-            if hf is None or not is_latent(hf):
-                return None
-            rotary = self.bridge.rotary_emb._original_component
-            self._latent[layer] = LatentAttention(hf, rotary)
+            found = None
+            if hf is not None and is_latent(hf):
+                found = LatentAttention(hf, self.bridge.rotary_emb._original_component)
+            self._latent[layer] = found
         return self._latent[layer]
 
     def qkv_from_residual(self, layer: int, letter: QKV, resid: Tensor) -> Tensor:
