@@ -21,6 +21,7 @@ from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.metrics import Metric, get_metric
 from circuits.models.hooked import HookedModel
+from circuits.spans import Spans
 
 ENTRY_POINT_GROUP = "circuits.tasks"
 
@@ -35,6 +36,7 @@ class TaskPairs:
     requested: int
     dropped: int  # proposed examples rejected (multi-token answers, unequal lengths)
     seed: int | None = None  # the generator's seed (`make_task`); None for a data file
+    spans: Spans | None = None  # where the generator knows its templates: the clean prompts' spans
 
     def __post_init__(self) -> None:
         # the pairs carry the task's metric, so `evaluate(model, circuit, task.pairs)` scores as the task does

@@ -16,6 +16,7 @@ from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.metrics import Metric
 from circuits.models.hooked import HookedModel
+from circuits.spans import Spans
 from circuits.task import TaskPairs
 
 
@@ -25,6 +26,9 @@ class Example:
     corrupted: str
     answer: str  # text of the correct next token, e.g. " Mary"
     distractor: str  # text of the contrasting token
+    # the clean prompt as named pieces [(span name, text), ...] concatenating to it, where the generator
+    # knows its template (`circuits.spans.Spans.from_segments`)
+    segments: list[tuple[str, str]] | None = None
 
 
 def is_single_token(model: HookedModel, text: str) -> bool:
@@ -75,4 +79,6 @@ def collect_pairs(
         [e.answer for e in kept],
         [e.distractor for e in kept],
     )
-    return TaskPairs(task, pairs, metric, n, dropped)
+    segmented = all(e.segments is not None for e in kept)
+    spans = Spans.from_segments(model, pairs, [e.segments or [] for e in kept]) if segmented else None
+    return TaskPairs(task, pairs, metric, n, dropped, spans=spans)

@@ -12,6 +12,7 @@ prompts differ in token length are dropped (and counted).
 from __future__ import annotations
 
 import random
+import re
 from typing import Literal
 
 from circuits.errors import InputError
@@ -56,6 +57,26 @@ TEMPLATES = [
 Corruption = Literal["abc", "s2_io_flip"]
 
 
+# the template's text around its names, as spans: before A, between A and B, between B and S2, after S2
+LITERAL_SPANS = ("prefix", "and", "context", "action")
+
+
+def segments(template: str, fill: dict[str, str], s2: str) -> list[tuple[str, str]]:
+    """A filled template as named pieces (`circuits.spans.Spans.from_segments`): prefix, A, and, B, context,
+    S2, action, concatenating to the clean prompt (its last token then becomes the span `end`)."""
+    names = {"A": fill["A"], "B": fill["B"], "S2": s2}
+    pieces: list[tuple[str, str]] = []
+    literals = iter(LITERAL_SPANS)
+    for i, part in enumerate(re.split(r"\{(A|B|S2)\}", template)):
+        if i % 2:  # a name
+            pieces.append((part, names[part]))
+        else:
+            name, text = next(literals), part.format(**fill)
+            if text:
+                pieces.append((name, text))
+    return pieces
+
+
 def ioi_pairs(
     model: HookedModel,
     n: int,
@@ -83,7 +104,7 @@ def ioi_pairs(
         fill = {"PLACE": rng.choice(PLACES), "OBJECT": rng.choice(OBJECTS), "A": first, "B": second}
         clean = template.format(S2=s, **fill)
         corrupted = template.format(S2=c if corruption == "abc" else io, **fill)
-        return Example(clean, corrupted, " " + io, " " + s)
+        return Example(clean, corrupted, " " + io, " " + s, segments(template, fill, s))
 
     return collect_pairs(model, "ioi", n, propose, "logit_diff", seed)
 

@@ -15,7 +15,7 @@ PACKAGE = ROOT / "circuits"
 LAYERS = [
     ["errors", "textfiles", "folders", "quadrature", "distributed", "settings"],
     ["models"],
-    ["data", "metrics", "task", "baseline"],
+    ["data", "metrics", "spans", "task", "baseline"],
     ["selection", "graph"],
     ["sources"],
     ["intervention"],
