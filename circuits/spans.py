@@ -100,6 +100,11 @@ class Spans:
         start token, `bos` first."""
         if len(segments) != len(pairs):
             raise InputError(f"{len(segments)} segmented prompts for {len(pairs)} pairs")
+        if not getattr(model.tokenizer, "is_fast", False):
+            raise InputError(
+                f"{type(model.tokenizer).__name__} gives no character offsets (a slow tokenizer): load the "
+                "model with its fast tokenizer, or read the spans off the pairs (Spans.from_differences)"
+            )
         names: list[str] = [START] if model.prepend_bos else []
         for pieces in segments:
             for name, _ in pieces:

@@ -79,6 +79,7 @@ def collect_pairs(
         [e.answer for e in kept],
         [e.distractor for e in kept],
     )
-    segmented = all(e.segments is not None for e in kept)
+    # spans need the tokenizer's character offsets, which only fast (Rust) tokenizers give
+    segmented = all(e.segments is not None for e in kept) and bool(getattr(model.tokenizer, "is_fast", False))
     spans = Spans.from_segments(model, pairs, [e.segments or [] for e in kept]) if segmented else None
     return TaskPairs(task, pairs, metric, n, dropped, spans=spans)

@@ -68,3 +68,11 @@ def test_different_patterns_of_differences_share_no_schema(llama):
 def test_malformed_spans_are_refused(names, index, match):
     with pytest.raises(InputError, match=match):
         Spans(names, torch.tensor(index))
+
+
+def test_a_slow_tokenizer_gives_no_spans_but_still_the_pairs(llama, monkeypatch):
+    monkeypatch.setattr(type(llama.tokenizer), "is_fast", property(lambda self: False))
+    task = ioi_pairs(llama, 3, seed=6)
+    assert task.spans is None and len(task.pairs) == 3
+    with pytest.raises(InputError, match="no character offsets"):
+        Spans.from_segments(llama, task.pairs, [[("x", "a")]] * 3)
