@@ -24,6 +24,7 @@ model over several devices, `sources.source_placement`); the differences are kep
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 from torch import Tensor
@@ -463,14 +464,11 @@ class _Shared(_Corrections):
 
 def _runs(mask: Tensor, start: int) -> list[slice]:
     """The runs of consecutive True entries of the bool vector `mask` from index `start` on."""
-    runs: list[slice] = []
-    for i in range(start, mask.numel()):
-        if bool(mask[i]):
-            if runs and runs[-1].stop == i:
-                runs[-1] = slice(runs[-1].start, i + 1)
-            else:
-                runs.append(slice(i, i + 1))
-    return runs
+    ids = mask[start:].nonzero()[:, 0] + start
+    if ids.numel() == 0:
+        return []
+    bounds = [0, *((ids[1:] - ids[:-1] != 1).nonzero()[:, 0] + 1).tolist(), ids.numel()]
+    return [slice(int(ids[a]), int(ids[b - 1]) + 1) for a, b in pairwise(bounds)]
 
 
 class _Weighted(_Corrections):

@@ -744,10 +744,13 @@ class HookedModel:
         the identity for an MLP sharing the norm), rebuilt when a weight changes."""
         norm = self.attn_norm(layer)
         letters: tuple[QKV, ...] = QKV_LETTERS if reader == "qkv" else () if reader == "mlp" else (reader,)
-        weights = [self.W_qkv(layer, letter) for letter in letters]
-        key = tuple((t.data_ptr(), t._version) for t in [*weights, *norm.parameters()])
+        readers = [self._projection(layer, letter) for letter in letters]
+        readers += [gate] if "q" in letters and (gate := self._gate_projection(layer)) is not None else []
+        params = [p for module in (*readers, norm) for p in module.parameters()]  # what `W_qkv` reads
+        key = tuple((t.data_ptr(), t._version) for t in params)
         cached = self._projected_norms.get((layer, reader))
         if cached is None or cached[0] != key:
+            weights = [self.W_qkv(layer, letter) for letter in letters]
             eye = torch.eye(self.spec.d_model, device=self.device, dtype=self.dtype)[None]
             cached = (key, ProjectedNorm(norm, torch.cat(weights) if weights else eye))
             self._projected_norms[layer, reader] = cached
