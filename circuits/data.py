@@ -24,8 +24,9 @@ ROW_FIELDS = (
     "corrupted_lengths",
     "answer_tokens",
     "answer_offset",
+    "span_index",
 )
-OPTIONAL_ROW_FIELDS = ("corrupted_lengths", "answer_tokens", "answer_offset")
+OPTIONAL_ROW_FIELDS = ("corrupted_lengths", "answer_tokens", "answer_offset", "span_index")
 
 
 @dataclass
@@ -47,6 +48,8 @@ class PromptPairs:
             (teacher forcing), so that a metric can read the probability of every answer token.
         answer_offset: [N] how many positions before the last one the answer and the distractor branch
             (their first differing token, `answer` / `distractor`), with answers of several tokens.
+        span_index: [N, P] the span of each clean position, -1 on padding (`circuits.spans.Spans.index`),
+            for scores per span (`Spans.attach`); None: positions are summed.
         metric: what the pairs are scored with (a name in `circuits.metrics.METRICS` or a callable), set
             by the task that made them; every function taking pairs uses it unless given another metric
             (`metric_for`). None: the logit difference.
@@ -67,6 +70,7 @@ class PromptPairs:
     start_tokens: int = 0
     answer_tokens: Tensor | None = field(default=None, repr=False)
     answer_offset: Tensor | None = field(default=None, repr=False)
+    span_index: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ROW_FIELDS:
@@ -98,6 +102,11 @@ class PromptPairs:
                 raise InputError(f"{name} must lie in [1, {self.clean.shape[1]}] (the number of positions)")
         if self.corrupted_lengths is not None and torch.equal(self.corrupted_lengths, self.lengths):
             self.corrupted_lengths = None  # one length per pair: positions correspond one to one
+        if self.span_index is not None and self.span_index.shape != self.clean.shape:
+            raise InputError(
+                f"span_index must be [N, P] like clean {tuple(self.clean.shape)}, got "
+                f"{tuple(self.span_index.shape)}"
+            )
         if (self.answer_tokens is None) != (self.answer_offset is None):
             raise InputError("answer_tokens and answer_offset come together (answers of several tokens)")
         if self.answer_tokens is not None and self.answer_offset is not None:
@@ -223,6 +232,7 @@ class PromptPairs:
             lengths=self.corrupted_real_lengths,
             corrupted_lengths=None if self.corrupted_lengths is None else self.lengths,
             texts=[(b, a) for a, b in self.texts],
+            span_index=None,  # the spans are the clean prompts'
         )
 
     def __getitem__(self, index: slice) -> PromptPairs:
@@ -233,7 +243,9 @@ class PromptPairs:
         rows = indices.long()
         width = int(torch.maximum(self.lengths[rows], self.corrupted_real_lengths[rows]).max())
         picked = self._rows(lambda t: t[rows])
-        picked["clean"], picked["corrupted"] = picked["clean"][:, :width], picked["corrupted"][:, :width]
+        for name in ("clean", "corrupted", "span_index"):
+            if picked[name] is not None:
+                picked[name] = picked[name][:, :width]
         return replace(self, **picked, texts=[self.texts[i] for i in rows.tolist()] if self.texts else [])
 
     def _rows(self, fn: Callable[[Tensor], Tensor]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ def forward_with_ablation(
     attention_mask: Tensor | None,
     ablated: Tensor | SourceOutputs,
     ablation_mask: Tensor,
+    span_index: Tensor | None = None,
 ) -> Tensor:
     """Logits [rows, P, d_vocab] with the edges in `ablation_mask` carrying `ablated` source outputs.
 
@@ -50,7 +51,10 @@ def forward_with_ablation(
         input_ids: [rows, P].
         ablated: [r, P, n_sources, d_model] source outputs to patch in, with r dividing rows (row i of the
             batch uses ablated row i mod r; e.g. r = b examples repeated for several masks).
-        ablation_mask: bool [rows, n_sources, n_destinations] or [n_sources, n_destinations].
+        ablation_mask: bool [rows, n_sources, n_destinations] or [n_sources, n_destinations]; with
+            `span_index`, per span: [rows, S, n_sources, n_destinations] or [S, n_sources, n_destinations]
+            (edge u -> v ablated at span s: at the positions of s, where u writes and v reads).
+        span_index: [r, P] long, each position's span (-1 on padding), r dividing rows.
     """
     rows, n_pos = input_ids.shape
     patch = _rows_dividing(ablated, rows, n_pos)
@@ -58,11 +62,16 @@ def forward_with_ablation(
     if not bool(mask.any()):
         with torch.no_grad():
             return model(input_ids, attention_mask)
-    sums: _Corrections = (
-        _PerRow(graph, mask, patch, rows)
-        if mask.dim() == 3
-        else _Shared(graph, mask, patch, rows, source_placement(model, graph))
-    )
+    sums: _Corrections
+    if span_index is not None:
+        if rows % span_index.shape[0] or span_index.shape[1] < n_pos:
+            raise InputError(f"span_index {tuple(span_index.shape)} does not fit a batch [{rows}, {n_pos}]")
+        spans = span_index[:, :n_pos].to(input_ids.device).repeat(rows // span_index.shape[0], 1)
+        sums = _PerRow(graph, mask if mask.dim() == 4 else mask[None], patch, rows, spans)
+    elif mask.dim() == 3:
+        sums = _PerRow(graph, mask, patch, rows)
+    else:
+        sums = _Shared(graph, mask, patch, rows, source_placement(model, graph))
     with torch.no_grad(), model.hooks(_ablation_hooks(model, graph, sums)):
         return model(input_ids, attention_mask)
 
@@ -282,6 +291,7 @@ def forward_with_node_ablation(
     attention_mask: Tensor | None,
     ablated: Tensor | SourceOutputs,
     nodes: Tensor,
+    positions: Tensor | None = None,
 ) -> Tensor:
     """Logits [rows, P, d_vocab] with source node `nodes[i]` ablated in row i (every edge out of it).
 
@@ -291,13 +301,17 @@ def forward_with_node_ablation(
     Args:
         ablated: [r, P, n_sources, d_model] with r dividing rows (row i uses ablated row i mod r).
         nodes: [rows] source index per row (0 = input, heads, MLPs).
+        positions: bool [rows, P], where row i's node is ablated (None: everywhere), e.g. one span.
     """
     rows, n_pos = input_ids.shape
     if nodes.shape != (rows,):
         raise InputError(f"need nodes [rows={rows}], got {tuple(nodes.shape)}")
+    if positions is not None and positions.shape[0] != rows:
+        raise InputError(f"need positions [rows={rows}, P], got {tuple(positions.shape)}")
     outputs = _rows_dividing(ablated, rows, n_pos)
     row_of = torch.arange(rows)
     patch = outputs.per_row(row_of % outputs.shape[0], nodes, input_ids.device)  # [rows, P, d]: ablated
+    where = None if positions is None else positions[:, :n_pos, None].to(input_ids.device)
     head_delta: dict[int, Tensor] = {}
 
     def replace_rows(selected: Tensor) -> HookFn:
@@ -305,7 +319,8 @@ def forward_with_node_ablation(
             if selected.numel() == 0:
                 return None
             x = x.clone()
-            x[selected] = patch[selected].to(x)
+            value = patch[selected].to(x)
+            x[selected] = value if where is None else torch.where(where[selected], value, x[selected])
             return x
 
         return hook
@@ -314,7 +329,8 @@ def forward_with_node_ablation(
         def hook(z: Tensor) -> None:
             if selected.numel():  # row selected[i] ablates head heads[i]
                 current = model.head_results(layer, z[selected])[torch.arange(selected.numel()), :, heads]
-                head_delta[layer] = patch[selected].to(z) - current
+                delta = patch[selected].to(z) - current
+                head_delta[layer] = delta if where is None else delta * where[selected].to(delta)
 
         return hook
 
@@ -370,13 +386,19 @@ class _Corrections:
 
 
 class _PerRow(_Corrections):
-    """Per-row masks: only the sources with an ablated edge in some row are recorded."""
+    """Per-row masks: only the sources with an ablated edge in some row are recorded.
 
-    def __init__(self, graph: Graph, mask: Tensor, patch: SourceOutputs, rows: int) -> None:
-        self.sources = mask.amax(2).amax(0).nonzero()[:, 0]
+    With `span_index` [rows, P], the masks are per span, [rows or 1, S, n_sources, n_destinations], and
+    position p of row b takes the mask of its span."""
+
+    def __init__(
+        self, graph: Graph, mask: Tensor, patch: SourceOutputs, rows: int, span_index: Tensor | None = None
+    ) -> None:
+        self.sources = _touched(mask)
         self.slot = torch.full((graph.n_sources,), -1, dtype=torch.long)
         self.slot[self.sources.cpu()] = torch.arange(self.sources.numel())
-        self.weights = mask[:, self.sources].float()  # [rows, k, n_dst]
+        self.weights = mask[..., self.sources, :].float()  # [rows, k, n_dst] or [rows or 1, S, k, n_dst]
+        self.span_index = span_index
         picked = patch.gather(self.sources, mask.device)  # [r, P, k, d]
         self.patch = picked.repeat(rows // picked.shape[0], 1, 1, 1)  # [rows, P, k, d]
         self.current = torch.zeros_like(self.patch)
@@ -388,15 +410,26 @@ class _PerRow(_Corrections):
         self.current[:, :, self.slot[ids].to(self.current.device)] = value.to(self.current)
 
     def correction(self, cols: slice) -> Tensor | None:
-        w = self.weights[:, :, cols]  # [rows, k, n]
-        used = w.amax(-1).amax(0).nonzero()[:, 0]
+        w = self.weights[..., cols]  # [rows, k, n] or [rows or 1, S, k, n]
+        used = _touched(w)
         if used.numel() == 0:
             return None
         diff = self.patch[:, :, used] - self.current[:, :, used]
         if self.source_factor is not None:
             factor = self.source_factor[self.sources[used].cpu()]
             diff = diff * factor.to(diff).view(1, 1, -1, 1)
-        return torch.einsum("bpsd,bsn->bpnd", diff, w[:, used])
+        w = w[..., used, :]
+        if self.span_index is None:
+            return torch.einsum("bpsd,bsn->bpnd", diff, w)
+        index = self.span_index.to(w.device)  # [rows, P]: each position takes its span's mask
+        rows = torch.arange(index.shape[0], device=w.device)[:, None] if w.shape[0] > 1 else 0
+        per_position = w[rows, index.clamp(min=0)] * (index >= 0)[..., None, None].to(w)  # [rows, P, k, n]
+        return torch.einsum("bpsd,bpsn->bpnd", diff, per_position)
+
+
+def _touched(mask: Tensor) -> Tensor:
+    """The sources (dimension -2 of `mask` [..., n_sources, n]) with some edge set in any row or span."""
+    return mask.flatten(0, -3).amax(-1).amax(0).nonzero()[:, 0]
 
 
 class _Shared(_Corrections):

@@ -18,7 +18,7 @@ Where spans come from, without asking any language model:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +29,17 @@ from circuits.models.hooked import HookedModel
 
 END = "end"  # the last real position's span
 START = "bos"  # the start tokens' span, where the model prepends them
+
+
+def check_schema(names: Sequence[str]) -> None:
+    """`InputError` unless `names` are distinct span names ending with `end`."""
+    if (
+        not names
+        or names[-1] != END
+        or len(set(names)) != len(names)
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise InputError(f"span names must be distinct strings ending with {END!r}, got {list(names)}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +57,7 @@ class Spans:
 
     def __post_init__(self) -> None:
         names, index = self.names, self.index
-        if not names or names[-1] != END or len(set(names)) != len(names):
-            raise InputError(f"span names must be distinct and end with {END!r}, got {list(names)}")
+        check_schema(names)
         if index.dim() != 2 or index.dtype != torch.long:
             raise InputError(
                 f"Spans.index must be a long tensor [N, P], got {index.dtype} {tuple(index.shape)}"
@@ -89,6 +99,11 @@ class Spans:
                 f"spans of {self.index.shape[0]} prompts ({real.tolist()[:4]} positions...) do not cover "
                 f"these {len(pairs)} pairs ({pairs.lengths.tolist()[:4]} positions...)"
             )
+
+    def attach(self, pairs: PromptPairs) -> PromptPairs:
+        """`pairs` carrying these spans (`PromptPairs.span_index`), checked to cover them."""
+        self.check_fits(pairs)
+        return replace(pairs, span_index=self.index.to(pairs.clean.device))
 
     @classmethod
     def from_segments(

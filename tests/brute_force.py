@@ -278,17 +278,38 @@ def edge_factor(model: HookedModel, src: str, dst: str) -> float:
     return factor
 
 
-def exact_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
-    """[n_sources, n_destinations]: M(edge patched to its corrupted value) - M(clean), mean over examples."""
+def exact_scores(
+    model: HookedModel, graph: Graph, pairs: PromptPairs, positions: Tensor | None = None
+) -> Tensor:
+    """[n_sources, n_destinations]: M(edge patched to its corrupted value) - M(clean), mean over examples;
+    with `positions` (bool [b, P], e.g. one span's), patched there only."""
     clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    keep = 1.0 if positions is None else positions[..., None].to(model.dtype)
     scores = torch.zeros(graph.valid.shape, dtype=torch.float64)
     with torch.no_grad():
         base = metric(model, pairs)
         for name in graph.edge_names():
             src, dst = name.split("->")
-            delta = (corrupted[src] - clean[src]) * edge_factor(model, src, dst)
+            delta = (corrupted[src] - clean[src]) * edge_factor(model, src, dst) * keep
             patched = metric(model, pairs, {dst: delta})
             scores[graph.edge_index(name)] = (patched - base).double().mean()
+    return scores
+
+
+def exact_node_scores(model: HookedModel, graph: Graph, pairs: PromptPairs, positions: Tensor) -> Tensor:
+    """[n_sources]: M(every edge out of the source patched at `positions`, bool [b, P]) - M(clean)."""
+    clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    keep = positions[..., None].to(model.dtype)
+    scores = torch.zeros(graph.n_sources, dtype=torch.float64)
+    with torch.no_grad():
+        base = metric(model, pairs)
+        for u, src in enumerate(graph.sources):
+            deltas = {
+                dst: (corrupted[src] - clean[src]) * edge_factor(model, src, dst) * keep
+                for dst, ok in zip(graph.destinations, graph.valid[u].tolist())
+                if ok
+            }
+            scores[u] = (metric(model, pairs, deltas) - base).double().mean()
     return scores
 
 
@@ -372,3 +393,72 @@ def qk_fix_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> dict[
         change = seen["patched"] - seen[f"A{layer}"]
         reference[name] = float((change * seen[f"A{layer}:grad"]).sum())
     return reference
+
+
+def crossing_scores(
+    model: HookedModel, pairs: PromptPairs, span_index: Tensor, n_spans: int
+) -> dict[tuple[int, int, int, int, int], tuple[float, float]]:
+    """Crossing edges patched one at a time, for prompts of equal lengths: {(key / value span a, query span
+    b, layer, query head h, letter 0 = k / 1 = v): (exact, PEAP's score)}, means over examples.
+
+    Head h's output z_h at layer l is recomputed with the k (v) projection's output at span a's positions
+    taken from the corrupted run (a forward pass with that patch, read at the output projection's input);
+    the exact score adds z_h(patched) - z_h(clean) to the clean run's z at span b's queries, PEAP's score
+    dots that difference with dM/dz_h there."""
+    spec = model.spec
+    d_head = spec.d_head
+
+    def run(hooks: list[tuple[str, Callable]], ids: Tensor) -> dict[str, Tensor]:
+        seen: dict[str, Tensor] = {}
+
+        def keep(name: str) -> Callable:
+            return lambda x: seen.__setitem__(name, x.detach().clone())
+
+        keeps = [
+            (f"blocks.{layer}.attn.{n}", keep(f"{layer}.{n}"))
+            for layer in range(spec.n_layers)
+            for n in ("k.hook_out", "v.hook_out", "o.hook_in")
+        ]
+        with torch.no_grad(), model.hooks([*keeps, *hooks]):
+            model(ids)
+        return seen
+
+    clean, corrupted = run([], pairs.clean), run([], pairs.corrupted)
+    base = metric(model, pairs)
+    z_leaves = {  # zeros added to each layer's z: their gradient is dM/dz, every path through z kept
+        layer: torch.zeros_like(clean[f"{layer}.o.hook_in"], requires_grad=True)
+        for layer in range(spec.n_layers)
+    }
+    with torch.enable_grad():
+        added = [(f"blocks.{layer}.attn.o.hook_in", lambda x, z=z: x + z) for layer, z in z_leaves.items()]
+        metric(model, pairs, extra_hooks=added).mean().backward()
+    out = {}
+    for layer in range(spec.n_layers):
+        for letter, name in enumerate(("k", "v")):
+            hook = f"blocks.{layer}.attn.{name}.hook_out"
+            for a in range(n_spans):
+                at_a = (span_index == a)[..., None]
+                if not bool(at_a.any()):
+                    continue
+                value = corrupted[f"{layer}.{name}.hook_out"]
+                swap = [(hook, lambda x, at_a=at_a, value=value: torch.where(at_a, value, x))]
+                patched = run(swap, pairs.clean)[f"{layer}.o.hook_in"]
+                dz = patched - clean[f"{layer}.o.hook_in"]
+                for b in range(a, n_spans):
+                    at_b = (span_index == b)[..., None]
+                    if not bool(at_b.any()):
+                        continue
+                    for h in range(spec.n_heads):
+                        cols = slice(h * d_head, (h + 1) * d_head)
+                        add = torch.zeros_like(dz)
+                        add[..., cols] = (dz * at_b)[..., cols]
+                        with torch.no_grad():
+                            moved = metric(
+                                model,
+                                pairs,
+                                extra_hooks=[(f"blocks.{layer}.attn.o.hook_in", lambda x, add=add: x + add)],
+                            )
+                        exact = float((moved - base).double().mean())
+                        peap = float((add.double() * z_leaves[layer].grad.double()).sum())
+                        out[(a, b, layer, h, letter)] = (exact, peap)
+    return out

@@ -16,7 +16,7 @@ LAYERS = [
     ["errors", "textfiles", "folders", "quadrature", "distributed", "settings"],
     ["models"],
     ["data", "metrics", "spans", "task", "baseline"],
-    ["selection", "graph"],
+    ["selection", "graph", "span_graph"],
     ["sources"],
     ["intervention"],
     ["attribution"],

@@ -60,7 +60,7 @@ def test_different_patterns_of_differences_share_no_schema(llama):
     [
         (("a", "end"), [[0, 1, 0]], "order"),
         (("a", "end"), [[0, 1, 1]], "alone"),
-        (("a", "b"), [[0, 1]], "end with 'end'"),
+        (("a", "b"), [[0, 1]], "ending with 'end'"),
         (("a", "end"), [[0, -1, 1]], "padding"),
         (("a", "end"), [[0, 2]], "must lie in"),
     ],

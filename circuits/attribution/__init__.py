@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -24,6 +24,8 @@ from circuits.models.relp import RelPBackward, RelPRules
 from circuits.models.ungroup import model_for
 from circuits.quadrature import warn_if_incomplete
 from circuits.sources import AblationValues, SourceOutputs, source_means
+from circuits.span_graph import SpanGraph
+from circuits.spans import Spans
 from circuits.task import Pairs
 
 __all__ = [
@@ -82,22 +84,34 @@ class Attribution:
     metric_corrupted: float | None
     completeness: Completeness | None
     options: ScoringOptions | None = None  # what ran: the given options as the memory plan fitted them
+    # scored on a SpanGraph: the span names and the scores per span, [S, ...] (edge_scores, node_scores
+    # are their sums over spans)
+    span_names: tuple[str, ...] | None = None
+    span_edge_scores: Tensor | None = None  # [S, n_sources, n_destinations]
+    span_node_scores: Tensor | None = None  # [S, n_sources]
+    # [S, S, n_sources, 2]: crossing edge (key / value span a, query span b, head, k / v), a <= b
+    crossing_scores: Tensor | None = None
 
 
 @uses_model
 def attribute(
     model: HookedModel,
-    graph: Graph,
+    graph: Graph | SpanGraph,
     pairs: Pairs,
     metric: str | Metric | None = None,
     method: MethodName | None = None,
     *,
     options: ScoringOptions | None = None,
     reference: Pairs | None = None,
+    spans: Spans | None = None,
     quiet: bool = False,
     **settings: Any,
 ) -> Attribution:
     """Score the edges (or nodes) of `graph` for the behaviour in `pairs`, and write them into `graph`.
+
+    A `SpanGraph` is scored per span of its schema: the prompts' spans are `spans`, or the task's own
+    (`TaskPairs.spans`); the result's `span_edge_scores` / `span_node_scores` hold them, its `edge_scores`
+    / `node_scores` their sums over spans.
 
     How: `options` (`ScoringOptions`: method, IG grid, ablation, level, batch size, memory budget, ...),
     with `method` and any of its fields given as keywords taking precedence, so both
@@ -114,11 +128,23 @@ def attribute(
     if method is not None:
         settings["method"] = method
     options = (options or ScoringOptions()).with_settings(**settings)
+    span_graph = graph if isinstance(graph, SpanGraph) else None
+    if span_graph is not None:
+        graph = span_graph.graph
+        spans = spans if spans is not None else getattr(pairs, "spans", None)
+    elif spans is not None:
+        raise InputError("spans score a SpanGraph (SpanGraph.from_model(model, spans)); this is a Graph")
     if not isinstance(graph, Graph):
         raise InputError(f"graph must be a Graph (Graph.from_model(model)), got {type(graph).__name__}")
     model = model_for(model, graph.spec)  # an ungrouped graph runs on the ungrouped twin
     graph.check_fits(model.spec)
     pairs = check_pairs(model, pairs)
+    if span_graph is not None:
+        pairs = span_graph.attach(spans, pairs)
+        if options.method == "atp*":
+            raise InputError(
+                "atp* is not written per span (its QK fix sums over positions); choose another method"
+            )
     metric_fn = get_metric(pairs.metric_for(metric))
     if is_flat_at_clean(metric_fn) and options.spec.gradient_at_clean_only:
         raise InputError(
@@ -135,15 +161,40 @@ def attribute(
         if options.ablation == "patching"
         else source_means(model, graph, reference or pairs, options.ablation, options.batch_size)
     )
-    totals = _run_batches(model, graph, metric_fn, pairs, ablated, options, quiet)
+    n_spans = 0 if span_graph is None else len(span_graph.names)
+    totals = _run_batches(model, graph, metric_fn, pairs, ablated, options, quiet, n_spans)
     result = _result(options, totals, len(pairs), model, pairs.aligned)
+    name = metric_name(pairs.metric_for(metric))
+    if span_graph is not None:
+        result = _summed_over_spans(result, span_graph.names)
+        if result.span_edge_scores is not None:
+            span_graph.scores = result.span_edge_scores.clone()
+        if result.span_node_scores is not None:
+            span_graph.node_scores = result.span_node_scores.clone()
+        if result.crossing_scores is not None:
+            span_graph.crossing_scores = result.crossing_scores.clone()
+        span_graph.metric = name
+        return result
     if result.edge_scores is not None:
         graph.scores = result.edge_scores.clone()
     if result.node_scores is not None:
         graph.node_scores = result.node_scores.clone()
-    graph.metric = metric_name(pairs.metric_for(metric))
+    graph.metric = name
     graph.node_magnitudes = options.method == "atp*" and options.level == "node"  # GradDrop's |.|
     return result
+
+
+def _summed_over_spans(result: Attribution, names: tuple[str, ...]) -> Attribution:
+    """`result`, whose scores are per span, with those as `span_*` and their sums over spans as scores."""
+    edges, nodes = result.edge_scores, result.node_scores
+    return replace(
+        result,
+        edge_scores=None if edges is None else edges.sum(0),
+        node_scores=None if nodes is None else nodes.sum(0),
+        span_names=names,
+        span_edge_scores=edges,
+        span_node_scores=nodes,
+    )
 
 
 def _within_memory(
@@ -183,8 +234,10 @@ def _run_batches(
     ablated: AblationValues | None,
     options: ScoringOptions,
     quiet: bool,
+    n_spans: int = 0,
 ) -> dict[str, Tensor | float]:
-    """The method's sums over this process's batches, summed over processes."""
+    """The method's sums over this process's batches, summed over processes (split into `n_spans` spans
+    when the pairs carry their spans)."""
     totals: dict[str, Tensor | float] = {}
     workspace: dict[str, Tensor] = {}
     outputs: dict[str, SourceOutputs] = {}
@@ -206,6 +259,7 @@ def _run_batches(
             backward,
             options.recompute,
             outputs,
+            n_spans,
         )
         _accumulate(totals, options.spec.run(job))
     return _summed_over_processes(totals, model.device)
@@ -235,6 +289,7 @@ def _result(
         float(totals["metric_corrupted"]) / n if "metric_corrupted" in totals else None,
         completeness,
         options,
+        crossing_scores=(totals["crossing"] / n).float() if "crossing" in totals else None,  # type: ignore[operator, union-attr]
     )
     if completeness is not None:
         advice = f"Use more ig_steps (now {options.ig_steps}) or quadrature='gauss-legendre'"
@@ -269,6 +324,8 @@ def _accumulate(totals: dict[str, Tensor | float], r: BatchResult) -> None:
         add("edges", r.edges.detach().double().cpu())
     if r.nodes is not None:
         add("nodes", r.nodes.detach().double().cpu())
+    if r.crossing is not None:
+        add("crossing", r.crossing.detach().double().cpu())
     add("metric_clean", float(r.metric_clean.sum()))
     if r.metric_corrupted is not None:
         add("metric_corrupted", float(r.metric_corrupted.sum()))

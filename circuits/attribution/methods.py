@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from circuits.attribution.crossing import exact_hooks, gradient_scores, head_output_changes, head_sites
 from circuits.attribution.qk_fix import QKCapture, qk_corrections
 from circuits.attribution.recorder import ScoreRecorder
 from circuits.data import PromptPairs
@@ -44,6 +45,7 @@ from circuits.models.relp import RelPBackward
 from circuits.models.wiring import SourceSite, wiring
 from circuits.quadrature import Quadrature, quadrature
 from circuits.sources import AblationValues, SourceOutputs, source_hooks, source_placement
+from circuits.span_graph import crossing_valid
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Job:
     rules: RelPBackward | None = None  # RelP's modified backward, if the method runs with it
     recompute: bool = False  # checkpoint the blocks of passes with gradients (`models.recompute`)
     outputs: dict[str, SourceOutputs] = field(default_factory=dict)  # source outputs reused likewise
+    n_spans: int = 0  # spans the scores are split into when the pairs carry a span index
 
 
 @dataclass
@@ -78,6 +81,8 @@ class BatchResult:
     # [b] the metric where IG's path ends when that is not the corrupted run: for prompts of different
     # lengths, the clean prompts with the input patched (aligned); completeness compares with it
     metric_path_end: Tensor | None = None
+    # per span: crossing-edge scores [S, S, n_sources, 2] (key / value span, query span, head, k / v)
+    crossing: Tensor | None = None
 
 
 Method = Callable[[Job], BatchResult]
@@ -146,19 +151,34 @@ def _acts(job: Job, rows: int, role: str) -> SourceOutputs:
 
 
 def _node_totals(edges: Tensor | None, nodes: Tensor) -> Tensor:
-    """[n_sources] node scores summed over the batch.
+    """[n_sources] node scores summed over the batch ([S, n_sources] per span).
 
     At edge level they are the edge scores summed over destinations: every read of the residual stream
     is a destination, so a source's output gradient is the sum of its destinations' input gradients.
     """
-    return edges.sum(1) if edges is not None else nodes.sum(0)
+    return edges.sum(-1) if edges is not None else nodes.sum(0)
+
+
+def _n_spans(job: Job) -> int | None:
+    """How many spans the batch's scores are split into (None: positions summed)."""
+    return None if job.pairs.span_index is None else job.n_spans
 
 
 def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
-    """Zeroed edge sums [n_sources, n_destinations] (edge level only), per-example node scores [b, n_src]."""
-    device, graph = job.model.device, job.graph
-    edges = torch.zeros(graph.n_sources, graph.n_destinations, device=device) if job.level == "edge" else None
-    return edges, torch.zeros(len(job.pairs), graph.n_sources, device=device)
+    """Zeroed edge sums [n_sources, n_destinations] (edge level only) and per-example node scores
+    [b, n_sources]; split by span, [S, n_sources, n_destinations] and (node level) [b, S, n_sources]."""
+    device, graph, spans = job.model.device, job.graph, _n_spans(job)
+    per_span = () if spans is None else (spans,)
+    edges = None
+    if job.level == "edge":
+        edges = torch.zeros(*per_span, graph.n_sources, graph.n_destinations, device=device)
+    nodes_per_span = per_span if edges is None else ()
+    return edges, torch.zeros(len(job.pairs), *nodes_per_span, graph.n_sources, device=device)
+
+
+def _input_totals(nodes: Tensor) -> Tensor:
+    """[b] the input node's scores, summed over spans."""
+    return nodes[:, 0] if nodes.dim() == 2 else nodes[:, :, 0].sum(1)
 
 
 def _difference(job: Job, ablated: SourceOutputs, clean: SourceOutputs) -> SourceOutputs:
@@ -203,12 +223,49 @@ def _recorder(
     nodes: Tensor,
     delta: SourceOutputs | None = None,
     sources: slice = slice(None),
+    output_grads: dict[int, Tensor] | None = None,
 ) -> ScoreRecorder:
-    """The score recorder, its norm pull-back matching the model's backward (RelP's LN rule)."""
+    """The score recorder, its norm pull-back matching the model's backward (RelP's LN rule); with
+    `output_grads`, also keeping the gradients at the heads' outputs that crossing edges are scored with."""
     frozen = job.rules is not None and job.rules.rules.ln
     return ScoreRecorder(
-        job.model, job.graph, weights, edges, nodes, delta, sources, frozen, workspace=job.workspace
+        job.model,
+        job.graph,
+        weights,
+        edges,
+        nodes,
+        delta,
+        sources,
+        frozen,
+        workspace=job.workspace,
+        span_index=None if _n_spans(job) is None else job.pairs.span_index,
+        output_grads=output_grads,
     )
+
+
+def _output_grads(job: Job) -> dict[int, Tensor] | None:
+    """Where the recorders keep the gradients at the heads' outputs, when crossing edges are scored."""
+    return None if _n_spans(job) is None else {}
+
+
+def _crossing(job: Job, delta: SourceOutputs, output_grads: dict[int, Tensor] | None) -> Tensor | None:
+    """PEAP's crossing-edge scores [S, S, n_sources, 2] of the batch (None without spans): each head's
+    output recomputed exactly with one span's keys / values ablated, dotted with the method's gradient
+    there (`attribution.crossing`)."""
+    pairs, span_index = job.pairs, job.pairs.span_index
+    if output_grads is None or span_index is None:
+        return None
+    changes = head_output_changes(
+        job.model,
+        job.graph,
+        pairs.clean.to(job.model.device),
+        pairs.attention_mask.to(job.model.device),
+        span_index.to(job.model.device),
+        job.n_spans,
+        delta,
+        job.max_rows,
+    )
+    return gradient_scores(job.model, job.graph, changes, output_grads, span_index, job.n_spans)
 
 
 def _grad_leaf(x: Tensor) -> Tensor:
@@ -297,7 +354,8 @@ def eap(job: Job) -> BatchResult:
     """EAP, or RelP when the job carries RelP's rules (the same passes, a modified backward)."""
     delta, corrupted_logits = _ablated_acts(job)  # becomes ablated - clean in the clean forward
     edges, nodes = _accumulators(job)
-    recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
+    output_grads = _output_grads(job)
+    recorder = _recorder(job, torch.ones(1), edges, nodes, delta, output_grads=output_grads)
     hooks = _with_rules(
         job,
         [
@@ -311,7 +369,10 @@ def eap(job: Job) -> BatchResult:
     values = _differentiable(job, _metric(job, logits, clean_logits))
     recorder.backward(values.sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
+    crossing = _crossing(job, delta, output_grads)
+    return BatchResult(
+        edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None, crossing=crossing
+    )
 
 
 @register(
@@ -385,7 +446,8 @@ def clean_corrupted(job: Job) -> BatchResult:
     ids = torch.cat([job.pairs.clean, job.pairs.corrupted]).to(job.model.device)
     acts = _acts(job, 2 * b, "clean")
     edges, nodes = _accumulators(job)
-    recorder = _recorder(job, torch.full((2,), 0.5), edges, nodes)
+    output_grads = _output_grads(job)
+    recorder = _recorder(job, torch.full((2,), 0.5), edges, nodes, output_grads=output_grads)
     hooks = _with_rules(
         job,
         [(job.model.input_hook, _grad_leaf), *source_hooks(job.model, job.graph, acts), *recorder.hooks()],
@@ -395,7 +457,10 @@ def clean_corrupted(job: Job) -> BatchResult:
     values = _differentiable(job, _metric(job, logits, clean_logits, repeat=2))
     recorder.delta = _difference(job, acts.map(lambda t: t[b:]), acts.map(lambda t: t[:b]))
     recorder.backward(values.sum())
-    return BatchResult(edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None)
+    crossing = _crossing(job, recorder.delta, output_grads)
+    return BatchResult(
+        edges, _node_totals(edges, nodes), values[:b].detach(), values[b:].detach(), None, crossing=crossing
+    )
 
 
 @register(
@@ -419,6 +484,7 @@ def _ig_inputs(job: Job, grid: Callable[[], Iterator[tuple[Tensor, Tensor]]]) ->
     clean_logits = _run(job, job.pairs.clean.to(model.device), hooks, grad=False)  # delta = corr - clean
     e_clean = e_corr - delta.select(0)
     edges, nodes = _accumulators(job)
+    output_grads = _output_grads(job)
     for alphas, weights in grid():
         m = alphas.shape[0]
         a = alphas.to(e_clean.device).repeat_interleave(b)[:, None, None]
@@ -427,12 +493,12 @@ def _ig_inputs(job: Job, grid: Callable[[], Iterator[tuple[Tensor, Tensor]]]) ->
             mixed = e_corr.repeat(m, 1, 1) + a * (e_clean - e_corr).repeat(m, 1, 1)
             return mixed.to(x).requires_grad_(True)
 
-        recorder = _recorder(job, weights, edges, nodes, delta)
+        recorder = _recorder(job, weights, edges, nodes, delta, output_grads=output_grads)
         ids = job.pairs.clean.to(model.device).repeat(m, 1)
         hooks = _with_rules(job, [(model.input_hook, interpolate), *recorder.hooks()])
         logits = _run(job, ids, hooks, grad=True)
         recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
-    ig_total = -nodes[:, 0]  # sum over positions of (e_clean - e_corr) . mean gradient at the input
+    ig_total = -_input_totals(nodes)  # sum over positions of (e_clean - e_corr) . mean gradient at the input
     path_end = None
     if job.pairs.aligned:
         patched_input: list[tuple[str, HookFn]] = [(model.input_hook, lambda x: e_corr.to(x))]
@@ -446,6 +512,7 @@ def _ig_inputs(job: Job, grid: Callable[[], Iterator[tuple[Tensor, Tensor]]]) ->
         _corrupted_metric(job, corrupted_logits, clean_logits),
         ig_total,
         path_end,
+        _crossing(job, delta, output_grads),
     )
 
 
@@ -460,6 +527,7 @@ def eap_ig_activations(job: Job) -> BatchResult:
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids, clean_acts, clean_logits, delta, corrupted_logits = _clean_and_delta(job)
     edges, nodes = _accumulators(job)
+    output_grads = _output_grads(job)
     for site in wiring(model, graph.spec).sources:
         members = site.sources
         hook_name, clean_out, delta_out = _site_output(model, site, clean_acts, delta)
@@ -472,13 +540,18 @@ def eap_ig_activations(job: Job) -> BatchResult:
             ) -> Tensor:
                 return (c.repeat(m, 1, 1) + (1 - a) * dlt.repeat(m, 1, 1)).to(x).requires_grad_(True)
 
-            recorder = _recorder(job, weights, edges, nodes, delta, members)
+            recorder = _recorder(job, weights, edges, nodes, delta, members, output_grads)
             hooks = _with_rules(job, [(hook_name, interpolate), *recorder.hooks()])
             logits = _run(job, clean_ids.repeat(m, 1), hooks, grad=True)
             recorder.backward(_differentiable(job, _metric(job, logits, clean_logits, repeat=m)).sum())
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
     return BatchResult(
-        edges, _node_totals(edges, nodes), _metric(job, clean_logits, clean_logits), metric_corrupted, None
+        edges,
+        _node_totals(edges, nodes),
+        _metric(job, clean_logits, clean_logits),
+        metric_corrupted,
+        None,
+        crossing=_crossing(job, delta, output_grads),
     )
 
 
@@ -496,14 +569,26 @@ def _site_output(
 
 @register("exact", backward="none", buffers=2, recomputable=False, rows="units")
 def exact(job: Job) -> BatchResult:
-    """Ablate one edge (or node) at a time, many side by side in the batch dimension."""
+    """Ablate one edge (or node) at a time, many side by side in the batch dimension; split by span,
+    one edge (node) at one span's positions at a time."""
     model, graph, b = job.model, job.graph, len(job.pairs)
     clean_ids = job.pairs.clean.to(model.device)
     clean_logits = _run(job, clean_ids, [], grad=False)
     ablated, corrupted_logits = _ablated_acts(job)  # [b, P, n_sources, d]
     base = _metric(job, clean_logits, clean_logits)
-    # [n_units, 2] (source, destination) edges, or [n_units, 1] source nodes
-    units = graph.valid.nonzero() if job.level == "edge" else torch.arange(graph.n_sources)[:, None]
+    spans = _n_spans(job)
+    span_index = None if spans is None else job.pairs.span_index
+    # the units' shape: [n_sources, n_destinations] edges or [n_sources] nodes, with spans first
+    shape = (*(() if spans is None else (spans,)), graph.n_sources)
+    if job.level == "edge":
+        shape = (*shape, graph.n_destinations)
+        units = graph.valid.expand(shape).nonzero()  # [n_units, 2 or 3]
+    else:
+        units = torch.ones(shape, dtype=torch.bool).nonzero()
+    if span_index is not None:  # a span without positions in this batch changes nothing
+        present = torch.zeros(spans, dtype=torch.bool)  # type: ignore[arg-type]
+        present[span_index[span_index >= 0].unique().cpu()] = True
+        units = units[present[units[:, 0]]]
     per_chunk = max(1, job.max_rows // b)
     totals = torch.zeros(units.shape[0])
     for start in range(0, units.shape[0], per_chunk):
@@ -512,21 +597,61 @@ def exact(job: Job) -> BatchResult:
         ids = clean_ids.repeat(e, 1)
         mask = job.pairs.attention_mask.to(model.device).repeat(e, 1)
         if job.level == "edge":
-            edges_mask = torch.zeros(e, graph.n_sources, graph.n_destinations, dtype=torch.bool)
-            edges_mask[torch.arange(e), chunk[:, 0], chunk[:, 1]] = True
+            edges_mask = torch.zeros(e, *shape, dtype=torch.bool)
+            where = (torch.arange(e), *chunk.T)
+            edges_mask[where] = True
             logits = forward_with_ablation(
-                model, graph, ids, mask, ablated, edges_mask.repeat_interleave(b, 0)
+                model, graph, ids, mask, ablated, edges_mask.repeat_interleave(b, 0), span_index
             )
         else:
-            node_rows = chunk[:, 0].repeat_interleave(b)
-            logits = forward_with_node_ablation(model, graph, ids, mask, ablated, node_rows)
+            node_rows = chunk[:, -1].repeat_interleave(b)
+            positions = None
+            if span_index is not None:  # row r ablates its node at the positions of its unit's span
+                positions = span_index.repeat(e, 1) == chunk[:, 0].repeat_interleave(b)[:, None].to(
+                    span_index
+                )
+            logits = forward_with_node_ablation(model, graph, ids, mask, ablated, node_rows, positions)
         values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)
         totals[start : start + e] = (values - base).sum(1).cpu()
-    edges, nodes = None, None
-    if job.level == "edge":
-        edges = torch.zeros(graph.n_sources, graph.n_destinations)
-        edges[units[:, 0], units[:, 1]] = totals
-    else:
-        nodes = totals
+    scores = torch.zeros(shape)
+    scores[tuple(units.T)] = totals
+    edges, nodes = (scores, None) if job.level == "edge" else (None, scores)
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    return BatchResult(edges, nodes, base, metric_corrupted, None)
+    crossing = None
+    if span_index is not None and job.level == "edge":
+        crossing = _exact_crossing(job, clean_ids, ablated, base, clean_logits)
+    return BatchResult(edges, nodes, base, metric_corrupted, None, crossing=crossing)
+
+
+def _exact_crossing(
+    job: Job, clean_ids: Tensor, ablated: SourceOutputs, base: Tensor, clean_logits: Tensor
+) -> Tensor:
+    """[S, S, n_sources, 2] M(one crossing edge ablated) - M(clean), summed over the batch."""
+    model, graph, b = job.model, job.graph, len(job.pairs)
+    span_index = job.pairs.span_index
+    assert span_index is not None
+    clean, _ = _forward_sources(job, clean_ids, "clean")
+    delta = _acts(job, b, "crossing delta").difference(ablated, clean)
+    mask = job.pairs.attention_mask.to(model.device)
+    changes = head_output_changes(
+        model, graph, clean_ids, mask, span_index.to(model.device), job.n_spans, delta, job.max_rows
+    )
+    heads = [i for site in head_sites(model, graph) for i in range(site.sources.start, site.sources.stop)]
+    valid = crossing_valid(graph, job.n_spans, heads)
+    present = torch.zeros(job.n_spans, dtype=torch.bool)
+    present[span_index[span_index >= 0].unique().cpu()] = True
+    valid &= present[:, None, None, None] & present[None, :, None, None]
+    units = valid.nonzero()  # [n, 4]: key / value span, query span, head source, letter
+    totals = torch.zeros(units.shape[0])
+    per_chunk = max(1, job.max_rows // b)
+    for start in range(0, units.shape[0], per_chunk):
+        chunk = units[start : start + per_chunk]
+        e = chunk.shape[0]
+        hooks = exact_hooks(model, graph, chunk, changes, span_index.to(model.device), b)
+        with torch.no_grad(), model.hooks(hooks):
+            logits = model(clean_ids.repeat(e, 1), mask.repeat(e, 1))
+        values = _metric(job, logits, clean_logits, repeat=e).reshape(e, b)
+        totals[start : start + e] = (values - base).sum(1).cpu()
+    scores = torch.zeros(valid.shape)
+    scores[tuple(units.T)] = totals
+    return scores

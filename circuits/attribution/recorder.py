@@ -28,6 +28,11 @@ class ScoreRecorder:
     `edges` [n_sources, n_destinations] and per-example node scores delta_u . g_u into `nodes` [b, n_sources]
     (with `edges`, only the input's: the other node scores are then the edge sums over destinations).
 
+    With `span_index` [b, P] (each position's span, -1 on padding), the sums are split by span: `edges`
+    is [S, n_sources, n_destinations] (span s sums over the positions in s, where the source writes and the
+    destination reads: position-aware EAP's non-crossing edges, Haklay et al. 2025, arXiv 2502.04577), and
+    node scores are [b, S, n_sources].
+
     Args:
         weights: [steps] quadrature weights; the forward batch holds steps x b rows, step-major.
         delta: [b, P, n_sources, d] ablated minus clean source outputs (kept beside the layers that wrote
@@ -39,6 +44,10 @@ class ScoreRecorder:
             scale held constant, as RelP's LN rule does in the model's own backward.
         flush_columns: destinations whose gradients are queued before one score matmul.
         workspace: where the queue's storage is kept for the next recorder of the same shape.
+        span_index: [b, P] long, the span of each position (None: positions summed).
+        output_grads: where to add, per layer, the (folded) gradient at its heads' summed output
+            [b, P, d_model] when the layer's heads are among `sources` (crossing edges,
+            `attribution.crossing`).
     """
 
     def __init__(
@@ -53,6 +62,8 @@ class ScoreRecorder:
         frozen_scale: bool = False,
         flush_columns: int = 64,
         workspace: dict[str, Tensor] | None = None,
+        span_index: Tensor | None = None,
+        output_grads: dict[int, Tensor] | None = None,
     ) -> None:
         self.model, self.graph, self.weights = model, graph, weights
         self.edges, self.nodes, self.delta = edges, nodes, delta
@@ -66,6 +77,14 @@ class ScoreRecorder:
         self._pending: list[tuple[int, int]] = []  # (first destination, count) of the queued blocks
         self._n_pending = 0
         self._factors = residual_factors(model, graph.spec)  # layers rescaling the residual stream
+        self._span_index = span_index
+        self.output_grads = output_grads
+        # per span, the flat (example, position) rows inside it
+        self._span_rows = None if span_index is None else _rows_by_span(span_index, self._n_spans())
+
+    def _n_spans(self) -> int:
+        scores = self.edges if self.edges is not None else self.nodes
+        return scores.shape[0] if self.edges is not None else scores.shape[1]
 
     # ---------------------------------------------------------------------------------- scoring
     def _fold(self, g: Tensor) -> Tensor:
@@ -126,8 +145,18 @@ class ScoreRecorder:
             if self._factors is not None:  # edge u -> v carries P_m / P_j times u's output
                 source_factor, destination_factor = self._factors
                 valid = valid * torch.outer(source_factor[sources], destination_factor[cols]).to(delta)
-            scores = (delta @ grads.T.to(delta.device)) * valid
-            self.edges[sources, targets] += scores.to(self.edges.device)
+            on_device = grads.to(delta.device)
+            if self._span_rows is None:
+                scores = (delta @ on_device.T) * valid
+                self.edges[sources, targets] += scores.to(self.edges.device)
+                continue
+            d = self.graph.spec.d_model
+            per_row, grad_rows = delta.view(delta.shape[0], -1, d), on_device.view(on_device.shape[0], -1, d)
+            for span, inside in enumerate(self._span_rows):  # [n, m * d] @ [m * d, N] for m positions
+                if inside.numel():
+                    inside = inside.to(delta.device)
+                    part = per_row[:, inside].flatten(1) @ grad_rows[:, inside].flatten(1).T
+                    self.edges[span, sources, targets] += (part * valid).to(self.edges.device)
 
     def backward(self, loss: Tensor, retain_graph: bool = False) -> None:
         """Run the backward pass of `loss` through the hooks, then score what is still queued."""
@@ -142,6 +171,12 @@ class ScoreRecorder:
             return
         assert self.delta is not None, "delta must be set before the backward pass"
         b = g.shape[0]
+        if self._span_index is not None and self.edges is None:  # [b, P, n] per position, then by span
+            selected = self.delta.select(rows)
+            per_position = (selected * g.unsqueeze(2).to(selected)).sum(-1)
+            spans = _one_hot_spans(self._span_index, self.nodes.shape[1]).to(per_position)
+            self.nodes[:, :, rows] += torch.einsum("bpn,bps->bsn", per_position, spans).to(self.nodes.device)
+            return
         delta = self.delta.select(rows).permute(0, 2, 1, 3).reshape(b, rows.stop - rows.start, -1)
         scores = torch.bmm(delta, g.reshape(b, -1, 1).to(delta))[:, :, 0]  # [b, n]
         self.nodes[:, rows] += scores.to(self.nodes.device)
@@ -164,6 +199,15 @@ class ScoreRecorder:
 
     def _node_hook(self, group: slice) -> HookFn:
         return self._on_grad(lambda g: self._score_nodes(group, self._fold(g)))
+
+    def _output_grad_hook(self, layer: int) -> HookFn:
+        def add(g: Tensor) -> None:
+            assert self.output_grads is not None
+            folded = self._fold(g)
+            kept = self.output_grads
+            kept[layer] = folded + kept[layer] if layer in kept else folded
+
+        return self._on_grad(add)
 
     def _input_hook(self, site: DestinationSite) -> HookFn:
         """An MLP, mixer or logits destination's gradient: as it is, or pulled back through the attention
@@ -242,8 +286,22 @@ class ScoreRecorder:
                 case "mlp" | "mixer" | "logits":
                     hooks.append((dst.hook, self._input_hook(dst)))
         for src in sites.sources:
+            if self.output_grads is not None and src.per_head and self.start < src.sources.stop <= self.stop:
+                hooks.append((src.output_hook, self._output_grad_hook(src.layer)))
             # the input's node scores per example (IG completeness); at edge level the others' node scores
             # are edge scores summed over destinations
             if src.kind == "input" or self.edges is None:
                 hooks.append((src.output_hook, self._node_hook(src.sources)))
         return hooks
+
+
+def _one_hot_spans(span_index: Tensor, n_spans: int) -> Tensor:
+    """[b, P, S] one where a position is in a span (padding in none)."""
+    one_hot = torch.nn.functional.one_hot(span_index.clamp(min=0), n_spans)
+    return one_hot * (span_index >= 0).unsqueeze(-1)
+
+
+def _rows_by_span(span_index: Tensor, n_spans: int) -> list[Tensor]:
+    """For each span, the flat indices b * P + p of its positions in `span_index` [b, P]."""
+    flat = span_index.reshape(-1).cpu()
+    return [(flat == span).nonzero()[:, 0] for span in range(n_spans)]
