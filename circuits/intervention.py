@@ -29,7 +29,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor
 
-from circuits.errors import InputError
+from circuits.errors import InputError, UnsupportedModelError
 from circuits.graph import Graph
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.wiring import DestinationSite, residual_factors, wiring
@@ -574,3 +574,115 @@ class _Weighted(_Corrections):
             else:
                 runs.append((int(ids[0]), [diff.detach()]))
         return [(first, torch.cat(diffs)) for first, diffs in runs]
+
+
+def forward_with_span_ablation(
+    model: HookedModel,
+    graph: Graph,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    ablated: Tensor | SourceOutputs,
+    span_mask: Tensor,
+    span_index: Tensor,
+    crossing_mask: Tensor | None = None,
+    ablated_inputs: dict[tuple[int, str], Tensor] | None = None,
+) -> Tensor:
+    """Logits [b, P, d_vocab] of a position-aware circuit's run (`circuits.span_graph`): span edges ablated
+    at their span's positions and crossing edges ablated inside attention.
+
+    Crossing edge (k / v span a, query span b, head h) ablated: at its queries in span b, head h reads the
+    ablated key (value) inputs at span a's positions, and the circuit's own elsewhere. The batch runs as
+    two copies: the first is the circuit's run, the second reads every key and value input ablated. At
+    each attention layer with head nodes, the first copy's scores take the second's where a key is
+    ablated, the softmax is recomputed, and the pattern is split between the copies by where a value is
+    ablated; the two copies' head outputs are summed and written into both, so that the copies' residual
+    streams stay equal. Needs each layer's pattern to be the softmax of its scores (checked as it runs).
+
+    Args:
+        input_ids: [b, P].
+        ablated: [b or 1, P, n_sources, d_model] the source outputs span edges carry when ablated.
+        span_mask: bool [S, n_sources, n_destinations], the span edges to ablate.
+        span_index: [b, P] each position's span, -1 on padding.
+        crossing_mask: bool [S, S, n_sources, 2], the crossing edges to ablate (None: none).
+        ablated_inputs: (layer, "k" / "v") -> [b, P, width] the key (value) inputs a crossing edge
+            carries when ablated (`attribution.crossing.ablated_head_inputs`); needed with `crossing_mask`.
+    """
+    b, n_pos = input_ids.shape
+    crossing = crossing_mask is not None and bool(crossing_mask.any())
+    if not crossing:
+        return forward_with_ablation(model, graph, input_ids, attention_mask, ablated, span_mask, span_index)
+    assert crossing_mask is not None and ablated_inputs is not None, "crossing edges need ablated_inputs"
+    ids = input_ids.repeat(2, 1)
+    mask = None if attention_mask is None else attention_mask.repeat(2, 1)
+    patch = _rows_dividing(ablated, b, n_pos)
+    spans = span_index[:, :n_pos].to(input_ids.device)
+    edges = span_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
+    sums = _PerRow(graph, edges[None], patch, 2 * b, spans.repeat(2, 1))
+    # the heads' outputs are summed before the ablation hooks record them; the key and value inputs of
+    # the second copy are set after the ablation hooks have rebuilt them
+    before: list[tuple[str, HookFn]] = []
+    after: list[tuple[str, HookFn]] = []
+    for site in wiring(model, graph.spec).sources:
+        if site.per_head:
+            ablate = crossing_mask[:, :, site.sources]
+            layer_hooks = _crossing_hooks(model, site.layer, ablate, spans, ablated_inputs)
+            before.append(layer_hooks[-1])
+            after += layer_hooks[:-1]
+    hooks = [*before, *_ablation_hooks(model, graph, sums), *after]
+    with torch.no_grad(), model.hooks(hooks):
+        return model(ids, mask)[:b]
+
+
+def _crossing_hooks(
+    model: HookedModel,
+    layer: int,
+    ablate: Tensor,
+    spans: Tensor,
+    ablated_inputs: dict[tuple[int, str], Tensor],
+) -> list[tuple[str, HookFn]]:
+    """One layer's hooks for `forward_with_span_ablation`, the one summing the copies' head outputs last;
+    ablate: bool [S, S, n_heads, 2]."""
+    index = spans.clamp(min=0)
+    # [b, H, Q, K]: is the key (value) at position p ablated for head h's query at q
+    per_pair = ablate.to(spans.device)[index[:, None, :], index[:, :, None]]  # [b, Q, K, H, 2]
+    keys, values = per_pair[..., 0].permute(0, 3, 1, 2), per_pair[..., 1].permute(0, 3, 1, 2)
+    state: dict[str, Tensor] = {}
+
+    def second_copy_reads(letter: str) -> HookFn:
+        value = ablated_inputs[(layer, letter)]
+
+        def hook(x: Tensor) -> Tensor:
+            b = x.shape[0] // 2
+            return torch.cat([x[:b], value.to(x).reshape(x[b:].shape)])
+
+        return hook
+
+    def mixed_scores(s: Tensor) -> None:
+        b = s.shape[0] // 2
+        state["clean"] = s[:b].float()
+        mixed = torch.where(keys.to(s.device), s[b:], s[:b])
+        state["pattern"] = torch.softmax(mixed.float(), dim=-1)
+
+    def split_pattern(pattern: Tensor) -> Tensor:
+        b = pattern.shape[0] // 2
+        if not torch.allclose(torch.softmax(state.pop("clean"), -1), pattern[:b].float(), atol=1e-4):
+            raise UnsupportedModelError(
+                f"{model.spec.name}: layer {layer}'s attention pattern is not the softmax of its scores "
+                "(sinks or another normalisation), so crossing edges cannot be ablated by recomputing it"
+            )
+        new = state.pop("pattern")
+        on_values = values.to(new)
+        return torch.cat([new * (1 - on_values), new * on_values]).to(pattern)
+
+    def summed(z: Tensor) -> Tensor:
+        b = z.shape[0] // 2
+        total = z[:b] + z[b:]
+        return torch.cat([total, total])
+
+    return [
+        (model.head_input_hook(layer, "k"), second_copy_reads("k")),
+        (model.head_input_hook(layer, "v"), second_copy_reads("v")),
+        (model.attn_scores_hook(layer), mixed_scores),
+        (model.attn_pattern_hook(layer), split_pattern),
+        (model.head_z_hook(layer), summed),
+    ]

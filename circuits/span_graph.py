@@ -69,6 +69,15 @@ class SpanGraph:
         names = spans.names if isinstance(spans, Spans) else spans
         return cls(Graph.from_model(model), names)
 
+    def copy(self) -> SpanGraph:
+        """An independent copy (tensors cloned)."""
+        new = SpanGraph(self.graph.copy(), self.names)
+        new.scores, new.in_graph = self.scores.clone(), self.in_graph.clone()
+        new.crossing_scores, new.in_crossing = self.crossing_scores.clone(), self.in_crossing.clone()
+        new.node_scores = None if self.node_scores is None else self.node_scores.clone()
+        new.metric = self.metric
+        return new
+
     @property
     def valid(self) -> Tensor:
         """bool [S, n_sources, n_destinations]: every edge of `graph` at every span."""

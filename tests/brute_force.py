@@ -462,3 +462,48 @@ def crossing_scores(
                         peap = float((add.double() * z_leaves[layer].grad.double()).sum())
                         out[(a, b, layer, h, letter)] = (exact, peap)
     return out
+
+
+def without_crossing_edges(
+    model: HookedModel,
+    pairs: PromptPairs,
+    span_index: Tensor,
+    layer: int,
+    removed: set[tuple[int, int, int, int]],
+) -> Tensor:
+    """[b] the metric with the crossing edges `removed` = {(key / value span a, query span b, query head h,
+    letter 0 = k / 1 = v)} of one layer ablated, for prompts of equal lengths: for each head and query
+    span, its output z recomputed in a forward pass with the k (v) projection's output at those key spans
+    taken from the corrupted run, then written into the clean run at that span's queries."""
+    spec = model.spec
+    d_head = spec.d_head
+    z_hook = f"blocks.{layer}.attn.o.hook_in"
+
+    def run(hooks: list[tuple[str, Callable]], ids: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+        seen: dict[str, Tensor] = {}
+        keeps = [(n, lambda x, n=n: seen.__setitem__(n, x.detach().clone())) for n in names]
+        with torch.no_grad(), model.hooks([*hooks, *keeps]):
+            model(ids)
+        return seen
+
+    kv = [f"blocks.{layer}.attn.{name}.hook_out" for name in ("k", "v")]
+    corrupted = run([], pairs.corrupted, kv)
+    z = run([], pairs.clean, [z_hook])[z_hook].clone()
+    heads = {h for _, _, h, _ in removed}
+    spans = {b for _, b, _, _ in removed}
+    for h in heads:
+        cols = slice(h * d_head, (h + 1) * d_head)
+        for b in spans:
+            patches = []
+            for letter, hook in enumerate(kv):
+                at = torch.zeros_like(span_index, dtype=torch.bool)
+                for a, b2, h2, letter2 in removed:
+                    if (b2, h2, letter2) == (b, h, letter):
+                        at |= span_index == a
+                value = corrupted[hook]
+                patches.append((hook, lambda x, at=at[..., None], value=value: torch.where(at, value, x)))
+            patched = run(patches, pairs.clean, [z_hook])[z_hook]
+            queries = (span_index == b)[..., None]
+            z[..., cols] = torch.where(queries, patched[..., cols], z[..., cols])
+    with torch.no_grad():
+        return metric(model, pairs, extra_hooks=[(z_hook, lambda _x: z)])

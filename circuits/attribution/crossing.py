@@ -79,21 +79,8 @@ def head_output_changes(
     """
     sites = head_sites(model, graph)
     b, n_pos = clean_ids.shape
-    resid: dict[int, Tensor] = {}
-    clean_z: dict[int, Tensor] = {}
-    hooks: list[tuple[str, HookFn]] = []
-    for site in sites:
-        hooks.append((model.attn_norm_in_hook(site.layer), _keep(resid, site.layer)))
-        hooks.append((site.hook, _keep(clean_z, site.layer)))
-    with torch.no_grad(), model.hooks(hooks):
-        model(clean_ids, attention_mask)
-    ablated: dict[tuple[int, str], Tensor] = {}  # each layer's k (v) inputs from the ablated residual
-    for site in sites:
-        for letter in LETTERS:
-            change = _ablated_residual_change(model, graph, site.layer, letter, delta)
-            n = graph.spec.n_qkv_heads(letter)
-            x = (resid[site.layer] + change.to(resid[site.layer])).unsqueeze(2).expand(-1, -1, n, -1)
-            ablated[(site.layer, letter)] = model.qkv_from_residual(site.layer, letter, x).flatten(2)
+    resid, clean_z = clean_attention(model, graph, clean_ids, attention_mask)
+    ablated = ablated_head_inputs(model, graph, resid, delta)
     groups = [(a, letter) for a in range(n_spans) for letter in range(len(LETTERS))]
     per_chunk = max(1, max_rows // b)
     out: dict[int, list[Tensor]] = {site.layer: [] for site in sites}
@@ -116,6 +103,38 @@ def head_output_changes(
         for layer, dz in changes.items():
             out[layer].append(dz)
     return {layer: torch.cat(parts).view(n_spans, len(LETTERS), b, n_pos, -1) for layer, parts in out.items()}
+
+
+def clean_attention(
+    model: HookedModel, graph: Graph, ids: Tensor, attention_mask: Tensor
+) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Per attention layer with head nodes, the clean run's residual at the attention norm's input
+    [b, P, d_model] and its heads' outputs z [b, P, n_heads * d_head]."""
+    resid: dict[int, Tensor] = {}
+    clean_z: dict[int, Tensor] = {}
+    hooks: list[tuple[str, HookFn]] = []
+    for site in head_sites(model, graph):
+        hooks.append((model.attn_norm_in_hook(site.layer), _keep(resid, site.layer)))
+        hooks.append((site.hook, _keep(clean_z, site.layer)))
+    with torch.no_grad(), model.hooks(hooks):
+        model(ids, attention_mask)
+    return resid, clean_z
+
+
+def ablated_head_inputs(
+    model: HookedModel, graph: Graph, resid: dict[int, Tensor], delta: SourceOutputs
+) -> dict[tuple[int, str], Tensor]:
+    """(layer, k / v) -> the layer's key (value) inputs [b, P, n_kv * width] computed from the ablated
+    residual stream, resid + every upstream source's ablation difference (`resid` from `clean_attention`)."""
+    ablated: dict[tuple[int, str], Tensor] = {}
+    for site in head_sites(model, graph):
+        for letter in LETTERS:
+            change = _ablated_residual_change(model, graph, site.layer, letter, delta)
+            n = graph.spec.n_qkv_heads(letter)
+            x = (resid[site.layer] + change.to(resid[site.layer])).unsqueeze(2).expand(-1, -1, n, -1)
+            with torch.no_grad():
+                ablated[(site.layer, letter)] = model.qkv_from_residual(site.layer, letter, x).flatten(2)
+    return ablated
 
 
 def _keep(store: dict[int, Tensor], layer: int) -> HookFn:

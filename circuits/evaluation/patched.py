@@ -1,6 +1,10 @@
 """Faithfulness of circuits: run the model with every edge outside a circuit ablated (the protocol of
 EAP-IG, Hanna et al. 2024, arXiv 2403.17806, and MIB, Mueller et al. 2025, arXiv 2504.13151).
 
+A position-aware circuit (`SpanGraph`) has every span edge outside it ablated at its span's positions and
+every crossing edge outside it ablated inside its head's attention
+(`intervention.forward_with_span_ablation`).
+
 f(C) = (M(C) - M(empty)) / (M(full) - M(empty)), a ratio of dataset means. The callers' graphs are never
 modified: the ablation masks are computed from them. Several circuits are evaluated batch by batch, so the
 clean, ablated and empty-circuit passes are shared.
@@ -14,11 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from circuits.attribution.crossing import ablated_head_inputs, clean_attention
 from circuits.data import PromptPairs, check_count, check_pairs
 from circuits.distributed import gather_rows
 from circuits.errors import InputError, NumericalError
 from circuits.graph import Graph
-from circuits.intervention import forward_with_ablation
+from circuits.intervention import forward_with_ablation, forward_with_span_ablation
 from circuits.metrics import Metric, check_values, get_metric
 from circuits.models.hooked import HookedModel, uses_model
 from circuits.models.ungroup import model_for
@@ -31,6 +36,8 @@ from circuits.sources import (
     source_means,
     source_placement,
 )
+from circuits.span_graph import SpanGraph
+from circuits.spans import Spans
 from circuits.task import Pairs
 
 
@@ -58,7 +65,7 @@ class Evaluation:
 @uses_model
 def evaluate(
     model: HookedModel,
-    circuit: Graph,
+    circuit: Graph | SpanGraph,
     pairs: Pairs,
     metric: str | Metric | None = None,
     ablation: Ablation = "patching",
@@ -67,8 +74,11 @@ def evaluate(
     complement: bool = False,
     batch_size: int = 8,
     quiet: bool = True,
+    spans: Spans | None = None,
 ) -> Evaluation:
     """Metric of the circuit (edges with `in_graph`), the full model and the empty circuit.
+
+    A `SpanGraph` circuit is evaluated on `pairs` split by `spans` (default: the task's own spans).
 
     ablation: what a removed edge carries: the corrupted run's output (`patching`), the source's mean
         output over `reference`'s clean prompts (`mean`, per position when lengths agree) or zero.
@@ -84,13 +94,14 @@ def evaluate(
         complement=complement,
         batch_size=batch_size,
         quiet=quiet,
+        spans=spans,
     )[0]
 
 
 @uses_model
 def evaluate_many(
     model: HookedModel,
-    circuits: Sequence[Graph],
+    circuits: Sequence[Graph | SpanGraph],
     pairs: Pairs,
     metric: str | Metric | None = None,
     ablation: Ablation = "patching",
@@ -99,6 +110,7 @@ def evaluate_many(
     complement: bool = False,
     batch_size: int = 8,
     quiet: bool = True,
+    spans: Spans | None = None,
 ) -> list[Evaluation]:
     """`evaluate` for several circuits of one model, sharing the clean, ablated and empty passes."""
     if not circuits:
@@ -106,9 +118,20 @@ def evaluate_many(
     if ablation not in ABLATIONS:
         raise InputError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     check_count(batch_size, "batch_size")
-    for circuit in circuits:
-        if not isinstance(circuit, Graph):
-            raise InputError(f"circuits must be Graphs, got {type(circuit).__name__}")
+    span_graphs = [c for c in circuits if isinstance(c, SpanGraph)]
+    if span_graphs:
+        if len(span_graphs) < len(circuits):
+            raise InputError("evaluate position-aware circuits (SpanGraph) apart from Graph circuits")
+        if complement:
+            raise InputError("complement is not written for position-aware circuits")
+        return _evaluate_spans(
+            model, span_graphs, pairs, spans, metric, ablation, reference, batch_size, quiet
+        )
+    graphs = [c for c in circuits if isinstance(c, Graph)]
+    if len(graphs) < len(circuits):
+        other = next(c for c in circuits if not isinstance(c, Graph))
+        raise InputError(f"circuits must be Graphs, got {type(other).__name__}")
+    circuits = graphs
     model = model_for(model, circuits[0].spec)  # ungrouped circuits run on the ungrouped twin
     for circuit in circuits:
         circuit.check_fits(model.spec)
@@ -188,3 +211,91 @@ def ablated_outputs(
     if clean is not None:
         acts.align_(batch, clean)
     return acts, logits, clean_logits
+
+
+def _evaluate_spans(
+    model: HookedModel,
+    circuits: Sequence[SpanGraph],
+    pairs: Pairs,
+    spans: Spans | None,
+    metric: str | Metric | None,
+    ablation: Ablation,
+    reference: Pairs | None,
+    batch_size: int,
+    quiet: bool,
+) -> list[Evaluation]:
+    """The metric of each position-aware circuit (its `in_graph` span edges and `in_crossing` crossing
+    edges), of the full model and of the empty circuit, on `pairs` split by `spans` (default: the task's).
+
+    ablation: what a removed edge carries: the corrupted run's (`patching`), the source's mean output over
+        `reference`'s clean prompts (`mean`, per position when lengths agree) or zero; a removed crossing
+        edge carries the key (value) input computed from the residual stream with every source so ablated.
+    """
+    for circuit in circuits:
+        if not isinstance(circuit, SpanGraph):
+            raise InputError(f"circuits must be SpanGraphs, got {type(circuit).__name__}")
+        if circuit.names != circuits[0].names:
+            raise InputError("the circuits follow different span schemas")
+    first = circuits[0]
+    graph = first.graph
+    graph.check_fits(model.spec)
+    spans = spans if spans is not None else getattr(pairs, "spans", None)
+    pairs = first.attach(spans, check_pairs(model, pairs))
+    if reference is not None:
+        reference = check_pairs(model, reference, "reference")
+    fn = get_metric(pairs.metric_for(metric))
+    means = (
+        None
+        if ablation == "patching"
+        else source_means(model, graph, reference or pairs, ablation, batch_size)
+    )
+    masks = [(first.valid & ~c.in_graph, first.crossing_valid & ~c.in_crossing) for c in circuits]
+    nothing = (first.valid, first.crossing_valid)
+    values: list[list[Tensor]] = [[] for _ in circuits]
+    full: list[Tensor] = []
+    empty: list[Tensor] = []
+    desc = f"evaluating {len(circuits)} position-aware circuit(s)"
+    for where, batch in pairs.process_batches(batch_size, model.device, desc, quiet):
+        ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
+        assert batch.span_index is not None
+        span_index = batch.span_index.to(model.device)
+        ablated, _, clean_logits = ablated_outputs(model, graph, batch, means)
+        inputs = _ablated_inputs(model, first, batch, ablated)
+
+        full.append(check_values(fn(clean_logits, batch, clean_logits), len(batch), where).cpu())
+        for i, (span_mask, crossing_mask) in enumerate([nothing, *masks]):
+            logits = forward_with_span_ablation(
+                model, graph, ids, mask, ablated, span_mask, span_index, crossing_mask, inputs
+            )
+            measured = check_values(fn(logits, batch, clean_logits), len(batch), where).cpu()
+            (empty if i == 0 else values[i - 1]).append(measured)
+    full_all, empty_all = (gather_rows(torch.cat(v), model.device) for v in (full, empty))
+    results = []
+    for per_batch in values:
+        per_example = gather_rows(torch.cat(per_batch), model.device)
+        results.append(
+            Evaluation(
+                per_example,
+                float(per_example.mean()),
+                float(full_all.double().mean()),
+                float(empty_all.double().mean()),
+                full_all,
+                empty_all,
+            )
+        )
+    return results
+
+
+def _ablated_inputs(
+    model: HookedModel, circuit: SpanGraph, batch: PromptPairs, ablated: SourceOutputs
+) -> dict[tuple[int, str], Tensor]:
+    """Every head layer's key / value inputs from the fully ablated residual stream (crossing edges)."""
+    graph = circuit.graph
+    ids, mask = batch.clean.to(model.device), batch.attention_mask.to(model.device)
+    clean = SourceOutputs.empty(graph, len(batch), batch.n_positions, source_placement(model, graph))
+    with torch.no_grad(), model.hooks(source_hooks(model, graph, clean)):
+        model(ids, mask)
+    delta = SourceOutputs.empty(graph, len(batch), batch.n_positions, source_placement(model, graph))
+    delta.difference(SourceOutputs.of(ablated).map(lambda t: t.expand(len(batch), *t.shape[1:])), clean)
+    resid, _ = clean_attention(model, graph, ids, mask)
+    return ablated_head_inputs(model, graph, resid, delta)
