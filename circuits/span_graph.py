@@ -19,6 +19,7 @@ from circuits.data import PromptPairs
 from circuits.errors import InputError
 from circuits.graph import Graph
 from circuits.models.hooked import QKV, HookedModel
+from circuits.selection.pruning import _layer_blocks, destination_owners
 from circuits.spans import Spans, check_schema
 
 LETTERS: tuple[QKV, QKV] = (
@@ -96,7 +97,13 @@ class SpanGraph:
         return len(self.names) * self.graph.n_edges + int(self.crossing_valid.sum())
 
     def attach(self, spans: Spans | None, pairs: PromptPairs) -> PromptPairs:
-        """`pairs` carrying `spans` (`Spans.attach`), checked to follow this graph's schema."""
+        """`pairs` carrying `spans` (`Spans.attach`), checked to follow this graph's schema; without
+        `spans`, pairs that carry theirs already (e.g. a slice of attached pairs)."""
+        if spans is None and pairs.span_index is not None:
+            index = pairs.span_index
+            if int(index.max()) >= len(self.names):
+                raise InputError(f"the pairs carry spans beyond this graph's {len(self.names)}")
+            return pairs
         if spans is None:
             raise InputError(
                 "a SpanGraph is scored per span: give the prompts' spans (spans=..., e.g. the task's "
@@ -113,8 +120,131 @@ class SpanGraph:
         scored.metric = self.metric
         return scored
 
+    @property
+    def n_in_graph(self) -> int:
+        """Span edges and crossing edges in the circuit."""
+        return int((self.in_graph & self.valid).sum()) + int((self.in_crossing & self.crossing_valid).sum())
+
+    # -------------------------------------------------------------------- selection (copies)
+    def top_n(self, n: int, absolute: bool = True, prune: bool = True) -> SpanGraph:
+        """A copy whose circuit is the `n` best-ranked span and crossing edges (ranked together, by |score|
+        or by score), then pruned to the edges on an input -> logits path."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InputError(f"n must be a count of edges (an int >= 0), got {n!r}")
+        span, crossing = self.scores, self.crossing_scores
+        ranked = torch.cat(
+            [_rank(span, absolute)[self.valid], _rank(crossing, absolute)[self.crossing_valid]]
+        )
+        chosen = torch.zeros(ranked.numel(), dtype=torch.bool)
+        chosen[torch.topk(ranked, min(n, ranked.numel())).indices] = True
+        circuit = self.copy()
+        n_span = int(self.valid.sum())
+        circuit.in_graph = torch.zeros_like(self.in_graph)
+        circuit.in_graph[self.valid] = chosen[:n_span]
+        circuit.in_crossing = torch.zeros_like(self.in_crossing)
+        circuit.in_crossing[self.crossing_valid] = chosen[n_span:]
+        if prune:
+            prune_dead(circuit)
+        return circuit
+
+    def concrete_edges(self, spans: Spans) -> float:
+        """The circuit's size as PEAP counts it, in edges between positions, averaged over the prompts of
+        `spans`: a span edge at span s is n_s edges (one per position), a crossing edge from span a to a
+        later span b is n_a n_b (every key position to every query position), within one span
+        n_s (n_s + 1) / 2 (causal pairs)."""
+        lengths = spans.lengths.double()  # [N, S]
+        span_edges = (self.in_graph & self.valid).sum((1, 2)).double()  # [S]
+        total = lengths @ span_edges
+        crossing = (self.in_crossing & self.crossing_valid).sum((2, 3)).double()  # [S_a, S_b]
+        pairs = lengths[:, :, None] * lengths[:, None, :]  # [N, S_a, S_b]
+        diagonal = torch.eye(len(self.names), dtype=torch.bool)
+        pairs[:, diagonal] = lengths * (lengths + 1) / 2
+        total += (pairs * crossing).sum((1, 2))
+        return float(total.mean())
+
     def __repr__(self) -> str:
         return (
-            f"SpanGraph({self.graph.spec.name}, spans {list(self.names)}: "
-            f"{self.n_edges} span edges, {int((self.in_graph & self.valid).sum())} in the circuit)"
+            f"SpanGraph({self.graph.spec.name}, spans {list(self.names)}: {self.n_edges} span and crossing "
+            f"edges, {self.n_in_graph} in the circuit)"
         )
+
+
+def _rank(scores: Tensor, absolute: bool) -> Tensor:
+    return scores.abs() if absolute else scores
+
+
+def concrete_edges(circuit: Graph, spans: Spans) -> float:
+    """A position-agnostic circuit's size counted as `SpanGraph.concrete_edges` counts it: each edge is one
+    per position of a prompt (P), and a query head whose key (value) input the circuit feeds sees every key
+    position from every query position, P (P + 1) / 2 edges; averaged over the prompts of `spans`."""
+    lengths = spans.lengths.sum(1).double()  # [N] positions
+    edges = circuit.in_graph & circuit.valid
+    fed, speaks = edges.amax(0), edges.amax(1)  # destinations with an edge in, sources with one out
+    owners = destination_owners(circuit)
+    reads = 0
+    for layer in range(circuit.spec.n_layers):
+        if not (circuit.spec.per_head_sources and circuit.spec.has_attention(layer)):
+            continue
+        for letter in LETTERS:
+            cols = circuit.qkv_destinations(layer, letter)
+            readers = (owners[cols] & fed[cols, None]).amax(0)  # heads reading a fed key (value) input
+            reads += int((readers & speaks).sum())
+    return float((lengths * int(edges.sum()) + reads * lengths * (lengths + 1) / 2).mean())
+
+
+def prune_dead(circuit: SpanGraph) -> None:
+    """In place: keep only the span and crossing edges on a path from the input (at any span) to the logits.
+
+    A destination at span a feeds its reader (`selection.pruning.destination_owners`) at span a (a q or MLP
+    input), at a later or the same span b through the crossing edge (a head's k / v input), or at every
+    span b >= a (a layer's one attention node, a mixer: no crossing edges, positions mixed inside).
+    """
+    graph, n_spans = circuit.graph, len(circuit.names)
+    edges = circuit.in_graph & circuit.valid  # [S, n_src, n_dst]
+    crossing = circuit.in_crossing & circuit.crossing_valid  # [S_a, S_b, n_src, 2]
+    owners = destination_owners(graph)
+    later = torch.ones(n_spans, n_spans, dtype=torch.bool).triu()  # [a, b]: a <= b
+    same = torch.eye(n_spans, dtype=torch.bool)
+    heads = torch.tensor([graph.node_kind(name) == "head" for name in graph.sources])
+    letters = [Graph.qkv_letter(name) for name in graph.destinations]
+
+    def spread(dst: int, node: int) -> Tensor:  # [S_a, S_b]: destination at a feeds the node at b
+        letter = letters[dst]
+        if letter in LETTERS:  # a head's key / value: through the crossing edges; one attention node: all
+            return crossing[:, :, node, LETTERS.index(letter)] if bool(heads[node]) else later  # type: ignore[arg-type]
+        mixes = letter is None and graph.node_kind(graph.sources[node]) == "mixer"
+        return later if mixes else same
+
+    reached = torch.zeros(n_spans, graph.n_sources, dtype=torch.bool)
+    reached[:, 0] = True
+    live_dst = torch.zeros(n_spans, graph.n_destinations, dtype=torch.bool)
+    blocks = [block for layer in range(graph.spec.n_layers) for block in _layer_blocks(graph, layer)]
+    for cols, nodes in blocks:
+        live_dst[:, cols] = (edges[:, :, cols] & reached[:, :, None]).amax(1)
+        for node in range(nodes.start, nodes.stop):
+            fed = torch.zeros(n_spans, dtype=torch.bool)
+            for dst in owners[cols, node].nonzero()[:, 0].tolist():
+                fed |= (live_dst[:, cols.start + dst, None] & spread(cols.start + dst, node)).amax(0)
+            reached[:, node] = fed
+    useful_dst = torch.zeros(n_spans, graph.n_destinations, dtype=torch.bool)
+    useful_dst[:, graph.logits_destination] = True
+    useful_src = torch.zeros(n_spans, graph.n_sources, dtype=torch.bool)
+    for cols, nodes in reversed(blocks):
+        useful_src[:, nodes] = (edges[:, nodes] & useful_dst[:, None, :]).amax(-1)
+        for dst in range(cols.start, cols.stop):
+            for node in owners[dst].nonzero()[:, 0].tolist():
+                useful_dst[:, dst] |= (spread(dst, node) & useful_src[None, :, node]).amax(1)
+    circuit.in_graph = edges & reached[:, :, None] & useful_dst[:, None, :]
+    kept = torch.zeros_like(crossing)
+    for letter_index, letter in enumerate(LETTERS):
+        for layer in range(graph.spec.n_layers):
+            if not (graph.spec.per_head_sources and graph.spec.has_attention(layer)):
+                continue
+            cols = graph.qkv_destinations(layer, letter)
+            head_nodes = graph.head_sources(layer)
+            group = graph.spec.n_heads // (cols.stop - cols.start)
+            kv = cols.start + torch.arange(graph.spec.n_heads) // group  # each head's k / v column
+            live_kv = live_dst[:, kv]  # [S_a, H]: the head's key input at span a is fed
+            useful = useful_src[:, head_nodes]  # [S_b, H]
+            kept[:, :, head_nodes, letter_index] = live_kv[:, None, :] & useful[None, :, :]
+    circuit.in_crossing = crossing & kept

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from circuits import Graph, attribute, evaluate
-from circuits.span_graph import SpanGraph
+from circuits.span_graph import SpanGraph, concrete_edges, prune_dead
 from circuits.spans import Spans
 from tests import brute_force
 from tests.pairs import make_pairs
@@ -73,3 +73,63 @@ def test_several_crossing_edges_of_a_layer_match_the_brute_force(scored):
     expected = brute_force.without_crossing_edges(model, pairs, spans.index, layer, removed)
     got = evaluate(model, circuit, pairs, spans=spans)
     torch.testing.assert_close(got.per_example, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_top_n_ranks_span_and_crossing_edges_together(scored):
+    _, _, _, graph = scored
+    circuit = graph.top_n(20, prune=False)
+    assert circuit.n_in_graph == 20
+    chosen = torch.cat([circuit.scores[circuit.in_graph], circuit.crossing_scores[circuit.in_crossing]])
+    left = torch.cat(
+        [
+            graph.scores[graph.valid & ~circuit.in_graph],
+            graph.crossing_scores[graph.crossing_valid & ~circuit.in_crossing],
+        ]
+    )
+    assert float(chosen.abs().min()) >= float(left.abs().max())
+    assert bool(circuit.in_crossing.any()) and bool(circuit.in_graph.any())
+    assert graph.n_in_graph == graph.n_edges  # the original is untouched
+
+
+@pytest.mark.parametrize("n", [5, 30, 120])
+def test_pruning_drops_only_edges_that_change_nothing(scored, n):
+    model, pairs, spans, graph = scored
+    loose = graph.top_n(n, prune=False)
+    pruned = graph.top_n(n)
+    assert bool((pruned.in_graph <= loose.in_graph).all()) and bool(
+        (pruned.in_crossing <= loose.in_crossing).all()
+    )
+    again = pruned.copy()
+    prune_dead(again)
+    assert torch.equal(again.in_graph, pruned.in_graph) and torch.equal(again.in_crossing, pruned.in_crossing)
+    before, after = (evaluate(model, c, pairs, spans=spans) for c in (loose, pruned))
+    torch.testing.assert_close(after.per_example, before.per_example, atol=1e-5, rtol=0)
+    if n == 120:
+        assert pruned.n_in_graph < loose.n_in_graph  # something was dead
+
+
+def test_concrete_edges_count_positions_as_peap_does(scored):
+    model, _, spans, graph = scored
+    circuit = graph.copy()
+    circuit.in_graph[:] = False
+    circuit.in_crossing[:] = False
+    lengths = spans.lengths.double()  # [N, S]
+    s = 1
+    circuit.in_graph[s, 0, graph.graph.logits_destination] = True  # input -> logits at span s
+    head = graph.graph.head_sources(1).start
+    circuit.in_crossing[0, s, head, 0] = True  # keys of span 0 read at span s
+    circuit.in_crossing[s, s, head, 1] = True  # values within span s
+    expected = lengths[:, s] + lengths[:, 0] * lengths[:, s] + lengths[:, s] * (lengths[:, s] + 1) / 2
+    assert circuit.concrete_edges(spans) == pytest.approx(float(expected.mean()))
+    plain = Graph.from_model(model)
+    plain.in_graph[:] = False
+    plain.in_graph[0, plain.logits_destination] = True
+    assert concrete_edges(plain, spans) == pytest.approx(float(lengths.sum(1).mean()))
+
+
+def test_attached_pairs_carry_their_spans_into_slices(scored):
+    model, pairs, spans, graph = scored
+    attached = spans.attach(pairs)
+    whole = evaluate(model, graph.top_n(10), attached)  # no spans= needed: the pairs carry them
+    first, rest = (evaluate(model, graph.top_n(10), part) for part in (attached[:1], attached[1:]))
+    torch.testing.assert_close(whole.per_example, torch.cat([first.per_example, rest.per_example]))
