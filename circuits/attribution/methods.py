@@ -161,7 +161,7 @@ def _node_totals(edges: Tensor | None, nodes: Tensor) -> Tensor:
 
 def _n_spans(job: Job) -> int | None:
     """How many spans the batch's scores are split into (None: positions summed)."""
-    return None if job.pairs.span_index is None else job.n_spans
+    return None if job.pairs.span_index is None or not job.n_spans else job.n_spans
 
 
 def _accumulators(job: Job) -> tuple[Tensor | None, Tensor]:
