@@ -67,7 +67,10 @@ def forward_with_ablation(
         if rows % span_index.shape[0] or span_index.shape[1] < n_pos:
             raise InputError(f"span_index {tuple(span_index.shape)} does not fit a batch [{rows}, {n_pos}]")
         spans = span_index[:, :n_pos].to(input_ids.device).repeat(rows // span_index.shape[0], 1)
-        sums = _PerRow(graph, mask if mask.dim() == 4 else mask[None], patch, rows, spans)
+        if mask.dim() == 3:  # one mask per span, shared by the rows
+            sums = _SpanShared(graph, mask, _tiled(patch, rows), rows, source_placement(model, graph), spans)
+        else:
+            sums = _PerRow(graph, mask, patch, rows, spans)
     elif mask.dim() == 3:
         sums = _PerRow(graph, mask, patch, rows)
     else:
@@ -159,6 +162,12 @@ def _rows_dividing(ablated: Tensor | SourceOutputs, rows: int, n_pos: int) -> So
     if rows % patch.shape[0]:
         raise InputError(f"ablated has {patch.shape[0]} rows, which does not divide the batch's {rows}")
     return patch
+
+
+def _tiled(patch: SourceOutputs, rows: int) -> SourceOutputs:
+    """`patch` with 1 row, or tiled to `rows` rows (row i is row i mod r)."""
+    r = patch.shape[0]
+    return patch if r in (1, rows) else patch.map(lambda t: t.repeat(rows // r, 1, 1, 1))
 
 
 def _requiring_grad(x: Tensor) -> Tensor:
@@ -463,36 +472,83 @@ class _Shared(_Corrections):
         self.total += diff.sum(2)
         self.seen[span] = True
 
-    def _weighted(self, sources: Tensor, weights: Tensor) -> Tensor:
-        """sum_u weights[u, n] diff_u over `sources` -> [rows, P, n, d], on the running total's device."""
+    def _weighted(self, sources: Tensor, weights: Tensor, positions: Tensor | None = None) -> Tensor:
+        """sum_u weights[u, n] diff_u over `sources` -> [rows, P, n, d], on the running total's device; at
+        `positions` (flat indices into rows * P) only: [m, n, d]."""
         rows, n_pos, d = self.total.shape
-        out: Tensor | None = None  # [n, rows * P * d]
+        m = rows * n_pos if positions is None else positions.numel()
+        out: Tensor | None = None  # [n, m * d]
         for kept, shard in self.diff.shards:
             inside = sources[(sources >= kept.start) & (sources < kept.stop)]
             if inside.numel():
-                diff = source_major(shard)[(inside - kept.start).to(shard.device)]  # [m, rows * P * d]
+                diff = source_major(shard)[(inside - kept.start).to(shard.device)]  # [k, rows * P * d]
+                if positions is not None:
+                    diff = diff.view(inside.numel(), -1, d)[:, positions.to(diff.device)].flatten(1)
                 part = weights[inside].float().T.to(diff) @ diff
                 out = part.to(self.total.device) if out is None else out + part.to(out)
         if out is None:
-            return self.total.new_zeros(rows, n_pos, weights.shape[1], d)
-        return out.reshape(-1, rows, n_pos, d).permute(1, 2, 0, 3)
+            out = self.total.new_zeros(weights.shape[1], m * d)
+        out = out.reshape(-1, m, d).permute(1, 0, 2)  # [m, n, d]
+        return out if positions is not None else out.reshape(rows, n_pos, -1, d)
 
     def correction(self, cols: slice) -> Tensor | None:
+        return self._summed(cols, self.ablate, self.kept)
+
+    def _summed(
+        self, cols: slice, ablate: Tensor, kept: Tensor, positions: Tensor | None = None
+    ) -> Tensor | None:
+        """The block's correction from masks `ablate` / `kept` [n_sources, n_destinations]: [rows, P, n, d],
+        or at `positions` only, [m, n, d]; None when nothing into the block is ablated."""
         n = self.prefix[cols.start]
         if not bool(self.seen[:n].all()):
             raise AssertionError(f"destinations {cols} read sources not yet computed")
-        ablate, kept = self.ablate[:n, cols], self.kept[:n, cols]
+        ablate, kept = ablate[:n, cols], kept[:n, cols]
         ablated_sources = ablate.amax(1).nonzero()[:, 0]
         if ablated_sources.numel() == 0:
             return None
         kept_sources = kept.amax(1).nonzero()[:, 0]
         if ablated_sources.numel() <= kept_sources.numel() + 1:
-            return self._weighted(ablated_sources, ablate)
+            return self._weighted(ablated_sources, ablate, positions)
         total = self.total
         for later in _runs(self.seen, n):  # recorded, but after what these destinations read
             for _, diff in self.diff.matrices(later):
                 total = total - diff.sum(0).view_as(total).to(total)
-        return total.unsqueeze(2) - self._weighted(kept_sources, kept)
+        if positions is not None:
+            total = total.reshape(-1, total.shape[-1])[positions.to(total.device)]
+        return total.unsqueeze(-2) - self._weighted(kept_sources, kept, positions)
+
+
+class _SpanShared(_Shared):
+    """One mask per span for all rows, [S, n_sources, n_destinations]: `_Shared`'s sums taken span by
+    span over the positions of each span (`span_index` [rows, P]), each from its sparser side."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        masks: Tensor,
+        patch: SourceOutputs,
+        rows: int,
+        placement: Placement,
+        span_index: Tensor,
+    ) -> None:
+        super().__init__(graph, masks[0], patch, rows, placement)
+        self.masks, self.kept_masks = masks, graph.valid.to(masks.device) & ~masks
+        flat = span_index.reshape(-1)
+        self.positions = [(flat == span).nonzero()[:, 0] for span in range(masks.shape[0])]
+
+    def correction(self, cols: slice) -> Tensor | None:
+        rows, n_pos, d = self.total.shape
+        out: Tensor | None = None
+        for span, positions in enumerate(self.positions):
+            if positions.numel() == 0:
+                continue
+            part = self._summed(cols, self.masks[span], self.kept_masks[span], positions)
+            if part is None:
+                continue
+            if out is None:
+                out = self.total.new_zeros(rows * n_pos, part.shape[1], d)
+            out[positions.to(out.device)] = part.to(out)
+        return None if out is None else out.view(rows, n_pos, -1, d)
 
 
 def _runs(mask: Tensor, start: int) -> list[slice]:
@@ -617,7 +673,8 @@ def forward_with_span_ablation(
     patch = _rows_dividing(ablated, b, n_pos)
     spans = span_index[:, :n_pos].to(input_ids.device)
     edges = span_mask.to(input_ids.device) & graph.valid.to(input_ids.device)
-    sums = _PerRow(graph, edges[None], patch, 2 * b, spans.repeat(2, 1))
+    placement = source_placement(model, graph)
+    sums = _SpanShared(graph, edges, _tiled(patch, 2 * b), 2 * b, placement, spans.repeat(2, 1))
     # the heads' outputs are summed before the ablation hooks record them; the key and value inputs of
     # the second copy are set after the ablation hooks have rebuilt them
     before: list[tuple[str, HookFn]] = []
