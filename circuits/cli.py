@@ -30,6 +30,7 @@ from circuits.selection.strategies import SELECTIONS, Selection, Selector, ratio
 if TYPE_CHECKING:
     from circuits.graph import Graph
     from circuits.models.hooked import HookedModel
+    from circuits.spans import Spans
     from circuits.task import TaskPairs
 
 EXAMPLES = __doc__.split("\n\n", 1)[1]
@@ -206,6 +207,20 @@ def _add_discover(commands: Any) -> None:
         help="re-score K bootstrap resamples of the pairs and report the Jaccard index of their circuits "
         "with this one (K more attribution runs; default 0: skip)",
     )
+    d.add_argument(
+        "--positions",
+        default="summed",
+        choices=["summed", "spans"],
+        help="summed: edges summed over positions (default); spans: a position-aware circuit, a node per "
+        "site and span and crossing edges inside attention (PEAP), top --edges span and crossing edges",
+    )
+    d.add_argument(
+        "--schema",
+        default="task",
+        help="with --positions spans, where the spans come from: task (the generator's templates, default), "
+        'differences (where clean and corrupted prompts differ), or a JSON file {"spans": [names], '
+        '"index": [[span of each position] per prompt]}',
+    )
     d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
 
 
@@ -344,6 +359,8 @@ def _discover(args: argparse.Namespace) -> int:
         raise InputError(
             f"--positive-fraction applies to --selection ratio only (the selection is {args.selection})"
         )
+    if args.positions == "spans":
+        return _discover_spans(args)
     model = _model(args)
     task = _task(args, model)
     found = discover(
@@ -379,6 +396,90 @@ def _discover(args: argparse.Namespace) -> int:
         print(found.stability)
     print("wrote " + ", ".join(str(f) for f in found.files))
     return 0
+
+
+def _discover_spans(args: argparse.Namespace) -> int:
+    """`discover --positions spans`: score a SpanGraph, keep the top span and crossing edges (pruned),
+    evaluate, write circuit.json (the circuit's edges, span-qualified names), scores.pt, summary.json."""
+    import json
+
+    import torch
+
+    from circuits.attribution import attribute
+    from circuits.evaluation import evaluate
+    from circuits.folders import replacing_folder
+    from circuits.span_graph import SpanGraph
+
+    unsupported = {
+        "--selection": args.selection != "top_n",
+        "--ungrouped": args.ungrouped,
+        "--stability": bool(args.stability),
+        "--ensemble": bool(getattr(args, "ensemble", None)),
+        "--sign-consistency": bool(getattr(args, "sign_consistency", False)),
+    }
+    given = [flag for flag, on in unsupported.items() if on]
+    if given:
+        raise InputError(f"--positions spans takes top-n circuits only for now; drop {', '.join(given)}")
+    model = _model(args)
+    task = _task(args, model)
+    spans = _spans(args, task)
+    graph = SpanGraph.from_model(model, spans)
+    result = attribute(
+        model,
+        graph,
+        task.pairs,
+        task.metric,
+        method=args.method,
+        ig_steps=args.steps,
+        quadrature=args.quadrature,
+        rules=None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES}),
+        batch_size=args.batch_size,
+        max_memory=args.max_memory,
+        spans=spans,
+    )
+    circuit = graph.top_n(args.edges)
+    evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=args.batch_size, spans=spans)
+    summary = {
+        "task": str(task),
+        "spans": list(spans.names),
+        "method": args.method,
+        "edges": circuit.n_in_graph,
+        "concrete_edges_per_example": circuit.concrete_edges(spans),
+        "faithfulness": evaluation.faithfulness,
+        "metric": {"circuit": evaluation.circuit, "full": evaluation.full, "empty": evaluation.empty},
+    }
+    files = ("circuit.json", "scores.pt", "summary.json")
+    with replacing_folder(args.out, files) as folder:
+        circuit.to_json(folder / "circuit.json", circuit_only=True)
+        scores = {"spans": spans.names, "span_edges": graph.scores, "crossing_edges": graph.crossing_scores}
+        torch.save(scores, folder / "scores.pt")
+        (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"{task}; spans {' | '.join(spans.names)}")
+    if result.completeness is not None:
+        print(result.completeness)
+    print(
+        f"circuit: {circuit.n_in_graph} span and crossing edges ({summary['concrete_edges_per_example']:.0f} "
+        f"edges between positions per example), faithfulness {evaluation.faithfulness:.3f}"
+    )
+    print("wrote " + ", ".join(str(args.out / f) for f in files))
+    return 0
+
+
+def _spans(args: argparse.Namespace, task: TaskPairs) -> Spans:
+    from circuits.spans import Spans
+
+    if args.schema == "differences":
+        return Spans.from_differences(task.pairs)
+    if args.schema == "task":
+        if task.spans is None:
+            raise InputError(
+                f"{task.task} gives no spans (its generator names no template pieces, or the tokenizer has "
+                "no offsets): use --schema differences or a schema file"
+            )
+        return task.spans
+    spans = Spans.from_json(Path(args.schema))
+    spans.check_fits(task.pairs)
+    return spans
 
 
 def _selection(args: argparse.Namespace, model: HookedModel, task: TaskPairs) -> Selection | Selector:

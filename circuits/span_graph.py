@@ -12,11 +12,16 @@ subject" and "a3.h1 at the end" are different nodes. Two kinds of edges:
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from circuits.data import PromptPairs
-from circuits.errors import InputError
+from circuits.errors import FileFormatError, GraphMismatchError, InputError
 from circuits.graph import Graph
 from circuits.models.hooked import QKV, HookedModel
 from circuits.selection.pruning import _layer_blocks, destination_owners
@@ -161,6 +166,97 @@ class SpanGraph:
         pairs[:, diagonal] = lengths * (lengths + 1) / 2
         total += (pairs * crossing).sum((1, 2))
         return float(total.mean())
+
+    # ------------------------------------------------------------------------------------ files
+    def edge_name(self, kind: str, index: tuple[int, ...]) -> str:
+        """The file name of span edge (s, u, v) (`kind="span"`: `a0.h1@A->a2.h3<q>@A`) or crossing edge
+        (a, b, h, letter) (`kind="crossing"`: the key / value input at a to the head at b,
+        `a2.kv0<k>@S2->a2.h3@end`)."""
+        g, names = self.graph, self.names
+        if kind == "span":
+            s, u, v = index
+            return f"{g.sources[u]}@{names[s]}->{g.destinations[v]}@{names[s]}"
+        a, b, h, letter = index
+        layer, head = g.node_layer(g.sources[h]), g.node_head(g.sources[h])
+        assert layer is not None and head is not None
+        kv = g.qkv_destinations(layer, LETTERS[letter])
+        group = g.spec.n_heads // (kv.stop - kv.start)
+        return f"{g.destinations[kv.start + head // group]}@{names[a]}->{g.sources[h]}@{names[b]}"
+
+    def to_json(self, path: str | Path, circuit_only: bool = False) -> None:
+        """Write an EAP-IG-style circuit file whose edge names carry their spans (`edge_name`): `cfg`,
+        `spans`, `edges` (score, in_graph), `metric`; scores as `attribute` gives them, M(ablated) -
+        M(clean). `circuit_only`: the circuit's edges alone (a full file of a 135M model is large)."""
+        edges: dict[str, dict[str, Any]] = {}
+        for kind, valid, scores, kept in (
+            ("span", self.valid, self.scores, self.in_graph),
+            ("crossing", self.crossing_valid, self.crossing_scores, self.in_crossing),
+        ):
+            where = valid & kept if circuit_only else valid
+            for index, score, flag in zip(
+                where.nonzero().tolist(), scores[where].tolist(), kept[where].tolist()
+            ):
+                edges[self.edge_name(kind, tuple(index))] = {"score": score, "in_graph": bool(flag)}
+        data = {
+            "cfg": self.graph.cfg(),
+            "spans": list(self.names),
+            "nodes": {},
+            "edges": edges,
+            "metric": self.metric,
+            "score_sign": "metric",
+        }
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> SpanGraph:
+        """Read a file written by `to_json` (edges it leaves out are outside the circuit, scored 0)."""
+        where = str(path)
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FileFormatError(f"{where}: not a readable JSON file ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("spans"), list):
+            raise FileFormatError(f"{where}: not a position-aware circuit file (no `spans` list)")
+        graph = Graph.from_dict({"cfg": data.get("cfg"), "nodes": {}, "edges": {}}, where)
+        n_kv = data["cfg"].get("n_key_value_heads") if isinstance(data.get("cfg"), dict) else None
+        names = " ".join(data.get("edges", {}))
+        if isinstance(n_kv, int) and 0 < n_kv < graph.spec.n_kv_heads and ".kv" in names:
+            graph = Graph(replace(graph.spec, n_kv_heads=n_kv))  # this toolkit's grouped k / v inputs
+        circuit = cls(graph, tuple(data["spans"]))
+        circuit.metric = data.get("metric")
+        circuit.in_graph[:] = False
+        circuit.in_crossing[:] = False
+        span = {name: i for i, name in enumerate(circuit.names)}
+        for name, info in dict(data.get("edges", {})).items():
+            field = f"{where}: edges[{name!r}]"
+            try:
+                (left, a), (right, b) = (side.rsplit("@", 1) for side in name.split("->"))
+                a_index, b_index = span[a], span[b]
+            except (ValueError, KeyError):
+                raise FileFormatError(
+                    f"{field}: not `node@span->node@span` with spans {list(span)}"
+                ) from None
+            if not isinstance(info, dict) or not isinstance(info.get("in_graph", False), bool):
+                raise FileFormatError(f"{field}: an object with a boolean in_graph")
+            score = info.get("score", 0.0)
+            if isinstance(score, bool) or not isinstance(score, int | float):
+                raise FileFormatError(f"{field}.score: a number, got {score!r}")
+            letter = Graph.qkv_letter(left)
+            if letter is not None:  # from a key / value input: a crossing edge to a head
+                if letter not in LETTERS or right not in graph.src_index or a_index > b_index:
+                    raise GraphMismatchError(f"{field}: no such crossing edge")
+                if graph.node_kind(right) != "head":
+                    raise GraphMismatchError(f"{field}: no such crossing edge")
+                index = (a_index, b_index, graph.src_index[right], LETTERS.index(letter))  # type: ignore[arg-type]
+                circuit.crossing_scores[index] = float(score)
+                circuit.in_crossing[index] = info.get("in_graph", False)
+            else:
+                if a_index != b_index:
+                    raise GraphMismatchError(f"{field}: a span edge joins nodes of one span")
+                u, v = graph.edge_index(f"{left}->{right}")
+                circuit.scores[a_index, u, v] = float(score)
+                circuit.in_graph[a_index, u, v] = info.get("in_graph", False)
+        return circuit
 
     def __repr__(self) -> str:
         return (

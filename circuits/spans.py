@@ -17,14 +17,16 @@ Where spans come from, without asking any language model:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from circuits.data import PromptPairs
-from circuits.errors import InputError
+from circuits.errors import FileFormatError, InputError
 from circuits.models.hooked import HookedModel
 
 END = "end"  # the last real position's span
@@ -104,6 +106,25 @@ class Spans:
         """`pairs` carrying these spans (`PromptPairs.span_index`), checked to cover them."""
         self.check_fits(pairs)
         return replace(pairs, span_index=self.index.to(pairs.clean.device))
+
+    @classmethod
+    def from_json(cls, path: Path) -> Spans:
+        """A schema file: {"spans": [span names, the last `end`], "index": [[each position's span, -1 on
+        padding] per prompt]} (a prompt's row may stop at its last position)."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise FileFormatError(f"{path}: not a readable JSON file ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("spans"), list):
+            raise FileFormatError(f'{path}: a schema file is {{"spans": [...], "index": [[...], ...]}}')
+        rows = data.get("index")
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) for r in rows):
+            raise FileFormatError(f"{path}: `index` must be a list of per-prompt lists of span indices")
+        width = max(len(r) for r in rows)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for r in rows for i in r):
+            raise FileFormatError(f"{path}: `index` holds span indices (integers)")
+        index = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+        return cls(tuple(data["spans"]), index)
 
     @classmethod
     def from_segments(

@@ -278,3 +278,54 @@ def test_discover_on_the_ungrouped_graph_writes_eap_igs_edges(tmp_path):
     edges = json.loads((out / "circuit.json").read_text())["edges"]
     assert "input->a1.h3<k>" in edges and not any(".kv" in e for e in edges)  # every query head's own
     assert main(["evaluate", str(out / "circuit.json"), "--model", "tiny-llama", "--n", "4"]) == 0
+
+
+@pytest.mark.parametrize("schema", ["task", "differences", "file"])
+def test_discover_by_position_matches_the_api(tmp_path, capsys, schema):
+    """`discover --positions spans` writes the span circuit the API finds; a schema file works like the
+    spans it holds."""
+    from circuits import attribute, evaluate
+    from circuits.span_graph import SpanGraph
+    from circuits.spans import Spans
+    from circuits.testing import tiny_llama
+
+    model = tiny_llama()
+    task = make_task(model, "ioi", 4)
+    spans = task.spans if schema == "task" else Spans.from_differences(task.pairs)
+    assert spans is not None
+    given = schema
+    if schema == "file":
+        given = str(tmp_path / "schema.json")
+        rows = [row[row >= 0].tolist() for row in spans.index]
+        (tmp_path / "schema.json").write_text(json.dumps({"spans": list(spans.names), "index": rows}))
+    out = tmp_path / "spans"
+    args = ["discover", "--model", "tiny-llama", "--n", "4", "--batch-size", "2", "--method", "eap"]
+    assert main([*args, "--positions", "spans", "--schema", given, "--edges", "30", "--out", str(out)]) == 0
+    graph = SpanGraph.from_model(model, spans)
+    attribute(model, graph, task.pairs, task.metric, "eap", batch_size=2, spans=spans, quiet=True)
+    circuit = graph.top_n(30)
+    written = SpanGraph.from_json(out / "circuit.json")
+    assert torch.equal(written.in_graph, circuit.in_graph) and torch.equal(
+        written.in_crossing, circuit.in_crossing
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    expected = evaluate(model, circuit, task.pairs, task.metric, batch_size=2, spans=spans)
+    assert summary["faithfulness"] == pytest.approx(expected.faithfulness, abs=1e-6)
+    assert summary["spans"] == list(spans.names)
+    assert "faithfulness" in capsys.readouterr().out
+
+
+def test_discover_by_position_refuses_what_it_does_not_do(tmp_path, capsys):
+    args = [
+        "discover",
+        "--model",
+        "tiny-llama",
+        "--n",
+        "4",
+        "--positions",
+        "spans",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    assert main([*args, "--ungrouped"]) != 0
+    assert "--ungrouped" in capsys.readouterr().err

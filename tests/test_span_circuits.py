@@ -2,10 +2,13 @@
 inside attention; checked against the exact scores (themselves checked against the brute force), against
 position-agnostic evaluation, and against a brute force of several crossing edges of one layer at once."""
 
+import json
+
 import pytest
 import torch
 
 from circuits import Graph, attribute, evaluate
+from circuits.errors import FileFormatError, GraphMismatchError
 from circuits.span_graph import SpanGraph, concrete_edges, prune_dead
 from circuits.spans import Spans
 from tests import brute_force
@@ -133,3 +136,32 @@ def test_attached_pairs_carry_their_spans_into_slices(scored):
     whole = evaluate(model, graph.top_n(10), attached)  # no spans= needed: the pairs carry them
     first, rest = (evaluate(model, graph.top_n(10), part) for part in (attached[:1], attached[1:]))
     torch.testing.assert_close(whole.per_example, torch.cat([first.per_example, rest.per_example]))
+
+
+@pytest.mark.parametrize("circuit_only", [False, True])
+def test_span_circuit_files_read_back(scored, tmp_path, circuit_only):
+    _, _, _, graph = scored
+    circuit = graph.top_n(25)
+    path = tmp_path / "circuit.json"
+    circuit.to_json(path, circuit_only=circuit_only)
+    back = SpanGraph.from_json(path)
+    assert back.names == circuit.names and back.metric == circuit.metric
+    assert torch.equal(back.in_graph, circuit.in_graph) and torch.equal(back.in_crossing, circuit.in_crossing)
+    kept = circuit.in_graph if circuit_only else circuit.valid
+    torch.testing.assert_close(back.scores[kept], circuit.scores[kept])
+    kept = circuit.in_crossing if circuit_only else circuit.crossing_valid
+    torch.testing.assert_close(back.crossing_scores[kept], circuit.crossing_scores[kept])
+    names = list(json.loads(path.read_text())["edges"])
+    assert circuit_only or any("<k>@" in name and name.split("->")[1].split("@")[0].startswith("a") for name in names)
+
+
+def test_a_malformed_span_circuit_file_is_refused(scored, tmp_path):
+    _, _, _, graph = scored
+    path = tmp_path / "circuit.json"
+    graph.top_n(5).to_json(path, circuit_only=True)
+    data = json.loads(path.read_text())
+    for bad, error in (("input->m0", FileFormatError), ("input@end->m0@s0", GraphMismatchError)):
+        broken = dict(data, edges={bad: {"score": 1.0, "in_graph": True}})
+        path.write_text(json.dumps(broken))
+        with pytest.raises(error):
+            SpanGraph.from_json(path)
