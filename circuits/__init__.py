@@ -39,6 +39,8 @@ _LAZY = {  # name -> the module that defines it, imported on first use
     "make_task": "circuits.task",
     "TaskPairs": "circuits.task",
     "select": "circuits.selection.strategies",
+    "SpanGraph": "circuits.span_graph",
+    "Spans": "circuits.spans",
     "CurveOptions": "circuits.evaluation.curves",
     "faithfulness_curve": "circuits.evaluation.curves",
     "mib_scores": "circuits.evaluation.curves",

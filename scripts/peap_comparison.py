@@ -106,10 +106,13 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=12, help="GPT-2 shape: layers (GPT-2 small: 12)")
+    parser.add_argument("--heads", type=int, default=12, help="GPT-2 shape: heads (GPT-2 small: 12)")
+    parser.add_argument("--width", type=int, default=768, help="GPT-2 shape: d_model (GPT-2 small: 768)")
     parser.add_argument("--out", default="outputs/peap")
     args = parser.parse_args()
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_head=args.heads, n_embd=args.width)).eval()
     weights = {k: v.clone() for k, v in hf.state_dict().items()}
     model = load_model(hf, tiny_tokenizer())
     hf.load_state_dict(weights)
@@ -129,7 +132,13 @@ def main() -> None:
     subprocess.run([args.peap_python, str(runner), "--peap", args.peap, "--folder", str(folder)], check=True)
     peap = json.loads((folder / "peap.json").read_text())
     agreement = compare(graph, peap, list(spans.names))
-    summary = {"pairs": len(pairs), "seconds": {"here": ours, "peap": peap["seconds"]}, **agreement}
+    shape = {"layers": args.layers, "heads": args.heads, "width": args.width}
+    summary = {
+        "shape": shape,
+        "pairs": len(pairs),
+        "seconds": {"here": ours, "peap": peap["seconds"]},
+        **agreement,
+    }
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 

@@ -17,12 +17,13 @@ import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # type: ignore[attr-defined]  # 2.x
 from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 
 def load_source(name: str, path: Path, device: str) -> types.ModuleType:
@@ -33,6 +34,16 @@ def load_source(name: str, path: Path, device: str) -> types.ModuleType:
     code = path.read_text().replace('"cuda"', repr(device))
     exec(compile(code, str(path), "exec"), module.__dict__)  # PEAP's own code, as published
     return module
+
+
+def tokenizer(folder: Path) -> Any:
+    """The exported tokenizer (its tokenizer.json and special tokens; transformers 5 saves a class name
+    that transformers 4 does not know)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(k)}
+    saved = folder.with_name("tokenizer-transformers4")  # re-saved so that TransformerLens can reload it
+    PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special).save_pretrained(saved)
+    return AutoTokenizer.from_pretrained(saved)
 
 
 def gpt2(folder: Path, device: str) -> HookedTransformer:
@@ -53,7 +64,7 @@ def gpt2(folder: Path, device: str) -> HookedTransformer:
         device=device,
         default_prepend_bos=json.loads((folder / "pairs.json").read_text())["prepend_bos"],
     )
-    model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"))
+    model = HookedTransformer(cfg, tokenizer=tokenizer(folder / "tokenizer"))
     model.load_and_process_state_dict(
         convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False, center_unembed=False
     )

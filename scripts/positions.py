@@ -52,10 +52,14 @@ def sweep(model, circuits, test, **settings) -> list[dict[str, float]]:
     return rows
 
 
-def needed(rows: list[dict[str, float]], target: float = 0.8) -> float | None:
-    """The smallest concrete size in the sweep whose faithfulness reaches `target` (None: none does)."""
+def needed(rows: list[dict[str, float]], target: float = 0.8) -> dict[str, float | None]:
+    """The smallest concrete size in the sweep whose faithfulness reaches `target`, and the smallest from
+    which every larger circuit of the sweep does (None: none)."""
     reached = [row["concrete"] for row in rows if row["faithfulness"] >= target]
-    return min(reached) if reached else None
+    stays = [
+        row["concrete"] for i, row in enumerate(rows) if all(r["faithfulness"] >= target for r in rows[i:])
+    ]
+    return {"first": min(reached) if reached else None, "from then on": min(stays) if stays else None}
 
 
 def main() -> None:

@@ -152,7 +152,9 @@ def test_span_circuit_files_read_back(scored, tmp_path, circuit_only):
     kept = circuit.in_crossing if circuit_only else circuit.crossing_valid
     torch.testing.assert_close(back.crossing_scores[kept], circuit.crossing_scores[kept])
     names = list(json.loads(path.read_text())["edges"])
-    assert circuit_only or any("<k>@" in name and name.split("->")[1].split("@")[0].startswith("a") for name in names)
+    assert circuit_only or any(
+        "<k>@" in name and name.split("->")[1].split("@")[0].startswith("a") for name in names
+    )
 
 
 def test_a_malformed_span_circuit_file_is_refused(scored, tmp_path):
