@@ -50,6 +50,7 @@ _LAZY = {  # name -> the module that defines it, imported on first use
     "refine": "circuits.evaluation.refinement",
     "draw_circuit": "circuits.pictures.drawing",
     "plot_curves": "circuits.pictures.drawing",
+    "draw_span_circuit": "circuits.pictures.span_drawing",
     "show": "circuits.pictures.viewer",
     "write_page": "circuits.pictures.viewer",
     "DiscoveryOptions": "circuits.pipeline",

@@ -432,7 +432,7 @@ class Graph:
         for r, c in zip(rows.tolist(), cols.tolist()):
             dst = self.destinations[c]
             match = _DST_RE.match(dst)
-            for reader in self._readers(c):
+            for reader in self.readers(c):
                 g.add_edge(
                     self.sources[r],
                     reader,
@@ -442,7 +442,7 @@ class Graph:
                 )
         return g
 
-    def _readers(self, dst: int) -> list[str]:
+    def readers(self, dst: int) -> list[str]:
         """The nodes reading destination `dst`: its head (a key/value head's: every query head of its
         group), its MLP, a post-norm layer's attention, logits."""
         name = self.destinations[dst]

@@ -93,6 +93,15 @@ class Spans:
             raise InputError(f"no span {name!r}; the spans are {list(self.names)}")
         return self.index == self.names.index(name)
 
+    def tokens(self, model: HookedModel, pairs: PromptPairs, row: int = 0) -> list[list[str]]:
+        """Prompt `row`'s clean tokens in each span, as text (e.g. to label a drawing's columns)."""
+        ids, index = pairs.clean[row].tolist(), self.index[row].tolist()
+        words: list[list[str]] = [[] for _ in self.names]
+        for token, span in zip(ids, index):
+            if span >= 0:
+                words[span].append(str(model.tokenizer.decode([token])))
+        return words
+
     def check_fits(self, pairs: PromptPairs) -> None:
         """`InputError` unless these spans cover exactly the clean prompts of `pairs`."""
         real = (self.index >= 0).sum(1)

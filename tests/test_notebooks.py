@@ -16,7 +16,7 @@ spec.loader.exec_module(run_notebooks)
 NEEDS_DATA = {"02_context_neurons", "03_steering"}
 
 
-@pytest.mark.parametrize("name", ["01_ioi_circuit", "02_context_neurons", "03_steering"])
+@pytest.mark.parametrize("name", ["01_ioi_circuit", "02_context_neurons", "03_steering", "04_positions"])
 def test_notebook_runs(name):
     if name in NEEDS_DATA and not DEFAULT.exists():
         pytest.skip(f"shared data folder {DEFAULT} is not next to this checkout")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from circuits import Graph, attribute, evaluate
+from circuits import Graph, attribute, draw_span_circuit, evaluate
 from circuits.errors import FileFormatError, GraphMismatchError
 from circuits.span_graph import SpanGraph, concrete_edges, prune_dead
 from circuits.spans import Spans
@@ -167,3 +167,15 @@ def test_a_malformed_span_circuit_file_is_refused(scored, tmp_path):
         path.write_text(json.dumps(broken))
         with pytest.raises(error):
             SpanGraph.from_json(path)
+
+
+def test_a_span_circuit_is_drawn_by_span_with_an_examples_tokens(scored, tmp_path):
+    model, pairs, spans, graph = scored
+    circuit = graph.top_n(40)
+    assert bool(circuit.in_crossing.any())
+    tokens = spans.tokens(model, pairs, 0)
+    text = "".join(token for span in tokens for token in span)
+    assert text == model.tokenizer.decode(pairs.clean[0, : int(pairs.lengths[0])].tolist())
+    path = draw_span_circuit(circuit, tmp_path / "circuit.svg", tokens=tokens, max_edges=5)
+    svg = path.read_text()  # matplotlib keeps each text as a comment beside its glyphs
+    assert all(name in svg for name in spans.names) and f"5 of {circuit.n_in_graph}" in svg

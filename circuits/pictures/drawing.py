@@ -76,7 +76,7 @@ def draw_circuit(
     for layer, y in rows_by_layer.items():
         if layer is not None:
             ax.text(left, y, f"layer {layer}", ha="right", va="center", fontsize=8, color="#666666")
-    ax.legend(handles=_legend(), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.legend(handles=legend(), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     ax.set_axis_off()
     shown, total = len(edges), circuit.n_in_graph
     hidden = f"{shown} of {total} edges shown, by |score|" if shown < total else f"{total} edges"
@@ -85,7 +85,8 @@ def draw_circuit(
     return path
 
 
-def _legend() -> list[Line2D]:
+def legend() -> list[Line2D]:
+    """The legend of circuit drawings: colours, widths, line styles and node shapes."""
     return [
         Line2D([], [], color=HELPS, linewidth=2, label="helps the metric (score < 0)"),
         Line2D([], [], color=HURTS, linewidth=2, label="hurts it (score > 0)"),
