@@ -237,10 +237,17 @@ class AblationValues:
     start: Tensor  # [S, n_sources, d]: at the S start tokens
     from_end: Tensor  # [K, n_sources, d]: row k at k positions before the last real token
     reach: int  # tokens past the start ones that the longest reference prompt has (= K); -1 for zeros
+    # [n_spans, n_sources, d]: means per span instead (prompts of one span schema, `PromptPairs.span_index`)
+    per_span: Tensor | None = None
 
     def for_pairs(self, pairs: PromptPairs) -> Tensor:
         """[N, P, n_sources, d] the values at every position of `pairs`' clean prompts (zeros on padding);
         `InputError` when a prompt reaches further back than every reference prompt."""
+        if self.per_span is not None:
+            if pairs.span_index is None:
+                raise InputError("these ablation values are means per span: the pairs must carry their spans")
+            index = pairs.span_index.to(self.per_span.device)
+            return self.per_span[index.clamp(min=0)] * (index >= 0)[:, :, None, None]
         s = self.start.shape[0]
         device = self.from_end.device
         lengths = pairs.lengths.to(device)
@@ -265,14 +272,18 @@ def source_means(
     reference: PromptPairs,
     ablation: str,
     batch_size: int = 8,
+    n_spans: int = 0,
 ) -> AblationValues:
     """Ablation values: zeros, or each source's mean output over `reference`'s clean prompts at each
-    aligned position (`AblationValues`)."""
+    aligned position (`AblationValues`); with `n_spans`, over the positions of each span instead (the
+    reference prompts carry their spans: mean ablation over prompts of one schema)."""
     n, d = graph.n_sources, graph.spec.d_model
     s = reference.start_tokens
     if ablation == "zero":
         zeros = torch.zeros(1, n, d, device=model.device)
         return AblationValues(zeros.expand(s, -1, -1), zeros, -1)
+    if n_spans:
+        return _span_means(model, graph, reference, n_spans, batch_size)
     reach = int(reference.lengths.max()) - s
     totals = torch.zeros(s + reach, n, d, device=model.device)
     counts = torch.zeros(s + reach, device=model.device)
@@ -288,3 +299,27 @@ def source_means(
         counts.index_add_(0, slot[real], torch.ones_like(slot[real], dtype=counts.dtype))
     means = totals / counts.clamp(min=1)[:, None, None]
     return AblationValues(means[:s], means[s:], reach)
+
+
+def _span_means(
+    model: HookedModel, graph: Graph, reference: PromptPairs, n_spans: int, batch_size: int
+) -> AblationValues:
+    """Each source's mean output over the positions of each span of `reference`'s clean prompts."""
+    if reference.span_index is None:
+        raise InputError(
+            "mean ablation per span needs reference prompts that carry their spans (Spans.attach)"
+        )
+    n, d = graph.n_sources, graph.spec.d_model
+    totals = torch.zeros(n_spans, n, d, device=model.device)
+    counts = torch.zeros(n_spans, device=model.device)
+    for batch in reference.batches(batch_size):
+        acts = torch.zeros(len(batch), batch.n_positions, n, d, device=model.device)
+        with torch.no_grad(), model.hooks(source_hooks(model, graph, SourceOutputs.of(acts))):
+            model(batch.clean.to(model.device), batch.attention_mask.to(model.device))
+        assert batch.span_index is not None
+        index = batch.span_index.to(model.device)
+        real = index >= 0
+        totals.index_add_(0, index[real], acts[real])
+        counts.index_add_(0, index[real], torch.ones_like(index[real], dtype=counts.dtype))
+    empty = torch.zeros(0, n, d, device=model.device)
+    return AblationValues(empty, empty, -1, totals / counts.clamp(min=1)[:, None, None])

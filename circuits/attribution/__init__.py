@@ -156,12 +156,14 @@ def attribute(
     options = _within_memory(model, graph, options, pairs, metric_fn, quiet)
     if reference is not None:
         reference = check_pairs(model, reference, "reference")
+    n_spans = 0 if span_graph is None else len(span_graph.names)
+    if span_graph is not None and reference is not None:
+        reference = span_graph.attach(None, reference)  # a reference of the schema carries its spans
     ablated = (
         None
         if options.ablation == "patching"
-        else source_means(model, graph, reference or pairs, options.ablation, options.batch_size)
+        else source_means(model, graph, reference or pairs, options.ablation, options.batch_size, n_spans)
     )
-    n_spans = 0 if span_graph is None else len(span_graph.names)
     totals = _run_batches(model, graph, metric_fn, pairs, ablated, options, quiet, n_spans)
     result = _result(options, totals, len(pairs), model, pairs.aligned)
     name = metric_name(pairs.metric_for(metric))

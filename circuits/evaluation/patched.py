@@ -244,10 +244,13 @@ def _evaluate_spans(
     if reference is not None:
         reference = check_pairs(model, reference, "reference")
     fn = get_metric(pairs.metric_for(metric))
+    if reference is not None:
+        reference = first.attach(None, reference)
+    n_spans = len(first.names)
     means = (
         None
         if ablation == "patching"
-        else source_means(model, graph, reference or pairs, ablation, batch_size)
+        else source_means(model, graph, reference or pairs, ablation, batch_size, n_spans)
     )
     masks = [(first.valid & ~c.in_graph, first.crossing_valid & ~c.in_crossing) for c in circuits]
     nothing = (first.valid, first.crossing_valid)

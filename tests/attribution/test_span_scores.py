@@ -5,7 +5,7 @@ brute force patching that destination input there only, on both tiny layouts (Ll
 import pytest
 import torch
 
-from circuits import Graph, attribute
+from circuits import Graph, attribute, evaluate
 from circuits.errors import InputError
 from circuits.span_graph import SpanGraph
 from circuits.spans import Spans
@@ -125,3 +125,33 @@ def test_crossing_edges_match_the_brute_force(tiny, method):
     scale = float(reference.abs().max())
     assert scale > 1e-4
     torch.testing.assert_close(got.double(), reference, atol=1e-4 * scale, rtol=0)
+
+
+def test_mean_ablation_per_span_uses_each_spans_mean(tiny):
+    """Mean ablation of a SpanGraph: each source's mean over the reference positions of the same span
+    (prompts of one schema, of any lengths); EAP per span against the brute-force gradient."""
+    pairs = make_pairs(tiny)
+    spans = Spans.from_differences(pairs)
+    attached = spans.attach(pairs)
+    graph = SpanGraph.from_model(tiny, spans)
+    split = attribute(tiny, graph, attached, method="eap", ablation="mean", quiet=True)
+    plain = Graph.from_model(tiny)
+    clean = brute_force.source_outputs(tiny, pairs.clean)
+    index = spans.index
+    means = {
+        src: torch.stack([value[index == s].mean(0) for s in range(len(spans))])
+        for src, value in clean.items()
+    }
+    deltas = {
+        src: (means[src][index.clamp(min=0)] - value) * (index >= 0)[..., None]
+        for src, value in clean.items()
+    }
+    grads = brute_force.destination_grads(tiny, plain, pairs)
+    for s, name in enumerate(spans.names):
+        keep = spans.positions(name)[..., None].to(tiny.dtype)
+        expected = brute_force.gradient_scores(
+            plain, {k: v * keep for k, v in deltas.items()}, grads, model=tiny
+        )
+        torch.testing.assert_close(split.span_edge_scores[s].double(), expected, atol=1e-6, rtol=1e-4)
+    result = evaluate(tiny, graph.top_n(20), attached, ablation="mean")  # evaluation takes the same means
+    assert result.full != result.empty
