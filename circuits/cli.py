@@ -399,8 +399,9 @@ def _discover(args: argparse.Namespace) -> int:
 
 
 def _discover_spans(args: argparse.Namespace) -> int:
-    """`discover --positions spans`: score a SpanGraph, keep the top span and crossing edges (pruned),
-    evaluate, write circuit.json (the circuit's edges, span-qualified names), scores.pt, summary.json."""
+    """`discover --positions spans`: score a SpanGraph, keep the top (or greedily grown) span and crossing
+    edges, pruned, evaluate, write circuit.json (the circuit's edges, span-qualified names), scores.pt and
+    summary.json."""
     import json
 
     import torch
@@ -411,7 +412,7 @@ def _discover_spans(args: argparse.Namespace) -> int:
     from circuits.span_graph import SpanGraph
 
     unsupported = {
-        "--selection": args.selection != "top_n",
+        "--selection": args.selection not in ("top_n", "greedy"),
         "--ungrouped": args.ungrouped,
         "--stability": bool(args.stability),
         "--ensemble": bool(getattr(args, "ensemble", None)),
@@ -419,7 +420,9 @@ def _discover_spans(args: argparse.Namespace) -> int:
     }
     given = [flag for flag, on in unsupported.items() if on]
     if given:
-        raise InputError(f"--positions spans takes top-n circuits only for now; drop {', '.join(given)}")
+        raise InputError(
+            f"--positions spans selects top_n or greedy circuits, nothing more yet; drop {', '.join(given)}"
+        )
     model = _model(args)
     task = _task(args, model)
     spans = _spans(args, task)
@@ -437,7 +440,7 @@ def _discover_spans(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         spans=spans,
     )
-    circuit = graph.top_n(args.edges)
+    circuit = graph.greedy(args.edges) if args.selection == "greedy" else graph.top_n(args.edges)
     evaluation = evaluate(model, circuit, task.pairs, task.metric, batch_size=args.batch_size, spans=spans)
     summary = {
         "task": str(task),

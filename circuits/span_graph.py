@@ -12,6 +12,7 @@ subject" and "a3.h1 at the end" are different nodes. Two kinds of edges:
 
 from __future__ import annotations
 
+import heapq
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from circuits.data import PromptPairs
 from circuits.errors import FileFormatError, GraphMismatchError, InputError
 from circuits.graph import Graph
 from circuits.models.hooked import QKV, HookedModel
-from circuits.selection.pruning import _layer_blocks, destination_owners
+from circuits.selection.pruning import _layer_blocks, destination_owners, destinations_of_sources
 from circuits.spans import Spans, check_schema
 
 LETTERS: tuple[QKV, QKV] = (
@@ -148,6 +149,72 @@ class SpanGraph:
         circuit.in_graph[self.valid] = chosen[:n_span]
         circuit.in_crossing = torch.zeros_like(self.in_crossing)
         circuit.in_crossing[self.crossing_valid] = chosen[n_span:]
+        if prune:
+            prune_dead(circuit)
+        return circuit
+
+    def greedy(self, n: int, absolute: bool = True, prune: bool = True) -> SpanGraph:
+        """A copy whose circuit grows from the logits at the last span (PEAP's search): repeatedly add the
+        best-ranked span or crossing edge into a node already in the circuit. A head at span b reads its q
+        input at b and, through crossing edges, its k / v inputs at spans a <= b; a k / v input at a
+        joins when a crossing edge from it does; a mixer or one attention node reads its inputs at every
+        span a <= b."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InputError(f"n must be a count of edges (an int >= 0), got {n!r}")
+        graph, n_spans = self.graph, len(self.names)
+        span_rank, crossing_rank = _rank(self.scores, absolute), _rank(self.crossing_scores, absolute)
+        inputs_of = destinations_of_sources(graph)
+        heads = [graph.node_kind(name) == "head" for name in graph.sources]
+        mixing = [graph.node_kind(name) in ("mixer", "attention") for name in graph.sources]
+        heap: list[tuple[float, int, tuple[int, ...]]] = []  # (-rank, 0 span / 1 crossing, index)
+        opened: set[tuple[int, int]] = set()  # (destination, span) whose edges are candidates
+        joined: set[tuple[int, int]] = set()  # (source, span) in the circuit
+
+        def open_input(dst: int, span: int) -> None:
+            if (dst, span) in opened:
+                return
+            opened.add((dst, span))
+            rows = self.graph.valid[:, dst].nonzero()[:, 0]
+            for row, value in zip(rows.tolist(), span_rank[span, rows, dst].tolist()):
+                heapq.heappush(heap, (-value, 0, (span, row, dst)))
+
+        def join(source: int, span: int) -> None:
+            if (source, span) in joined:
+                return
+            joined.add((source, span))
+            for dst in inputs_of[source]:
+                letter = Graph.qkv_letter(graph.destinations[dst])
+                if heads[source] and letter in LETTERS:  # keys / values: through crossing edges
+                    index = LETTERS.index(letter)  # type: ignore[arg-type]
+                    for a in range(span + 1):
+                        value = float(crossing_rank[a, span, source, index])
+                        heapq.heappush(heap, (-value, 1, (a, span, source, index)))
+                elif mixing[source] and letter != "q":  # positions mixed inside: every earlier span
+                    for a in range(span + 1):
+                        open_input(dst, a)
+                else:
+                    open_input(dst, span)
+
+        open_input(graph.logits_destination, n_spans - 1)
+        circuit = self.copy()
+        circuit.in_graph = torch.zeros_like(self.in_graph)
+        circuit.in_crossing = torch.zeros_like(self.in_crossing)
+        added = 0
+        while added < n and heap:
+            _, kind, index = heapq.heappop(heap)
+            if kind == 0:
+                span, row, dst = index
+                circuit.in_graph[span, row, dst] = True
+                join(row, span)
+            else:
+                a, b, head, letter = index
+                circuit.in_crossing[a, b, head, letter] = True
+                layer = graph.node_layer(graph.sources[head])
+                assert layer is not None
+                kv = graph.qkv_destinations(layer, LETTERS[letter])
+                group = graph.spec.n_heads // (kv.stop - kv.start)
+                open_input(kv.start + (head - graph.head_sources(layer).start) // group, a)
+            added += 1
         if prune:
             prune_dead(circuit)
         return circuit

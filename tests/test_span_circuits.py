@@ -179,3 +179,47 @@ def test_a_span_circuit_is_drawn_by_span_with_an_examples_tokens(scored, tmp_pat
     path = draw_span_circuit(circuit, tmp_path / "circuit.svg", tokens=tokens, max_edges=5)
     svg = path.read_text()  # matplotlib keeps each text as a comment beside its glyphs
     assert all(name in svg for name in spans.names) and f"5 of {circuit.n_in_graph}" in svg
+
+
+def test_greedy_growth_starts_at_the_logits_and_stays_connected(scored):
+    """PEAP's search: each edge added feeds a node already connected to the logits at the last span."""
+    _, _, spans, graph = scored
+    g = graph.graph
+    first = graph.greedy(1, prune=False)
+    end, logits = len(spans) - 1, g.logits_destination
+    into_logits = graph.scores[end, :, logits].abs() * g.valid[:, logits]
+    assert bool(first.in_graph[end, int(into_logits.argmax()), logits]) and first.n_in_graph == 1
+    small, large = graph.greedy(15, prune=False), graph.greedy(60, prune=False)
+    assert large.n_in_graph == 60
+    assert bool((small.in_graph <= large.in_graph).all()) and bool(
+        (small.in_crossing <= large.in_crossing).all()
+    )
+    # every chosen edge reaches ("dst", logits, end) through chosen edges
+    successors: dict[tuple, set] = {}
+    for s, u, v in large.in_graph.nonzero().tolist():
+        successors.setdefault(("dst", v, s), set())
+        for reader in g.readers(v):
+            if reader != "logits":
+                successors.setdefault(("src", g.src_index[reader], s), set())
+        successors.setdefault(("src", u, s), set()).add(("dst", v, s))
+    for a, b, h, letter in large.in_crossing.nonzero().tolist():
+        kv = next(
+            c
+            for c in range(g.n_destinations)
+            if g.sources[h] in g.readers(c) and Graph.qkv_letter(g.destinations[c]) == "kv"[letter]
+        )
+        successors.setdefault(("dst", kv, a), set()).add(("src", h, b))
+    for (kind, index, span), targets in list(successors.items()):
+        if kind == "dst":  # a q / MLP input feeds its reader at its span (k / v only through crossing edges)
+            for reader in g.readers(index):
+                if reader != "logits" and Graph.qkv_letter(g.destinations[index]) not in ("k", "v"):
+                    targets.add(("src", g.src_index[reader], span))
+
+    def reaches(node: tuple, seen: set) -> bool:
+        if node == ("dst", logits, end):
+            return True
+        seen.add(node)
+        return any(reaches(n, seen) for n in successors.get(node, ()) if n not in seen)
+
+    for s, u, v in large.in_graph.nonzero().tolist():
+        assert reaches(("src", u, s), set()), (s, u, v)
