@@ -197,3 +197,71 @@ def test_the_page_in_a_headless_browser(circuit, tmp_path):
         assert not errors, errors
     finally:
         browser.quit()
+
+
+@pytest.fixture(scope="module")
+def span_circuit(llama):
+    from circuits.span_graph import SpanGraph
+    from circuits.spans import Spans
+
+    pairs = make_pairs(llama)
+    spans = Spans.from_differences(pairs)
+    graph = SpanGraph.from_model(llama, spans)
+    attribute(llama, graph, pairs, method="eap", spans=spans, quiet=True)
+    return graph.top_n(60), spans.tokens(llama, pairs, 0)
+
+
+def _data(page: str) -> dict:
+    block = re.search(r"<script type='application/json' id='circuit-data'>(.*?)</script>", page, re.S)
+    assert block is not None
+    return json.loads(block.group(1))
+
+
+def test_the_span_page_holds_every_span_and_crossing_edge_by_span(span_circuit, tmp_path):
+    from circuits.pictures.span_drawing import draw_span_circuit
+
+    circuit, tokens = span_circuit
+    path = draw_span_circuit(circuit, tmp_path / "spans.html", tokens=tokens)  # .html: the page
+    data = _data(path.read_text())
+    assert len(data["edges"]) == circuit.n_in_graph and bool(circuit.in_crossing.any())
+    scores = [abs(e["score"]) for e in data["edges"]]
+    assert scores == sorted(scores, reverse=True)
+    ids = {n["id"] for n in data["nodes"]}
+    assert all(e["source"] in ids and set(e["targets"]) <= ids for e in data["edges"])
+    assert [c["label"] for c in data["columns"]] == list(circuit.names)
+    assert data["columns"][0]["text"] == "".join(tokens[0]).strip()[:24]
+    for e in data["edges"]:  # a node sits in its span's column
+        for node in (e["source"], *e["targets"]):
+            span = circuit.names.index(node.rsplit("@", 1)[1])
+            x = next(n["x"] for n in data["nodes"] if n["id"] == node)
+            left = data["columns"][span - 1]["x"] if span else -1e9
+            right = data["columns"][span + 1]["x"] if span + 1 < len(circuit.names) else 1e9
+            assert left < x < right
+    crossing = [
+        e for e in data["edges"] if e["source"].rsplit("@", 1)[1] != e["targets"][0].rsplit("@", 1)[1]
+    ]
+    assert crossing and all(e["name"].split("->")[1] == e["targets"][0] for e in crossing)
+
+
+@pytest.mark.slow
+def test_the_span_page_in_a_headless_browser(span_circuit, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from circuits.pictures.span_drawing import write_span_page
+
+    circuit, tokens = span_circuit
+    path = write_span_page(circuit, tmp_path / "spans.html", tokens=tokens, title="by span")
+    browser = _browser()
+    try:
+        browser.get(path.as_uri())
+        visible = lambda: len(browser.find_elements(By.CSS_SELECTOR, "g.edge:not(.hidden)"))  # noqa: E731
+        assert visible() == min(SHOWN, circuit.n_in_graph)
+        labels = {t.text for t in browser.find_elements(By.CSS_SELECTOR, "text.row-label")}
+        assert set(circuit.names) <= labels
+        node = browser.find_elements(By.CSS_SELECTOR, "g.node:not(.hidden)")[0]
+        node.click()
+        assert browser.find_elements(By.CSS_SELECTOR, "g.edge.lit")
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        browser.quit()

@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 
 from circuits.graph import Graph
 from circuits.pictures.drawing import HELPS, HURTS, LINESTYLE, MAX_EDGES, legend
+from circuits.pictures.viewer import SHOWN, html_of
 from circuits.span_graph import LETTERS, SpanGraph
 
 Node = tuple[str, int]  # (source name or "logits", span)
@@ -37,25 +38,13 @@ def draw_span_circuit(
         tokens: one example's tokens in each span, shown under the span's column.
         max_edges: draw only this many edges, those of largest |score| (None: every edge).
     """
+    if Path(path).suffix == ".html":
+        return write_span_page(circuit, path, tokens=tokens, title=title)
     path, graph = Path(path), circuit.graph
-    edges: list[tuple[float, Node, list[Node], str | None]] = []  # (score, source, targets, letter)
-    for s, u, v in (circuit.in_graph & circuit.valid).nonzero().tolist():
-        targets = [(name, s) for name in graph.readers(v)]
-        edges.append(
-            (
-                float(circuit.scores[s, u, v]),
-                (graph.sources[u], s),
-                targets,
-                graph.qkv_letter(graph.destinations[v]),
-            )
-        )
-    for a, b, h, letter in (circuit.in_crossing & circuit.crossing_valid).nonzero().tolist():
-        score = float(circuit.crossing_scores[a, b, h, letter])
-        edges.append((score, (graph.sources[h], a), [(graph.sources[h], b)], LETTERS[letter]))
-    edges.sort(key=lambda edge: -abs(edge[0]))
+    edges = _edges(circuit)
     total = len(edges)
     edges = edges if max_edges is None else edges[:max_edges]
-    nodes = sorted({node for _, source, targets, _ in edges for node in (source, *targets)}, key=str)
+    nodes = sorted({node for _, source, targets, _, _ in edges for node in (source, *targets)}, key=str)
     rows = _rows(graph, nodes)
     positions = _positions(graph, nodes, rows)
     fig = Figure(
@@ -66,7 +55,7 @@ def draw_span_circuit(
     )
     ax = fig.subplots()
     top = max((abs(score) for score, *_ in edges), default=1.0) or 1.0
-    for score, source, targets, letter in edges:
+    for score, source, targets, letter, _ in edges:
         weight = abs(score) / top
         for target in targets:
             crossing = source[1] != target[1]
@@ -122,7 +111,98 @@ def draw_span_circuit(
     return path
 
 
+def write_span_page(
+    circuit: SpanGraph,
+    path: str | Path,
+    *,
+    tokens: Sequence[Sequence[str]] | None = None,
+    title: str | None = None,
+    faithfulness: float | None = None,
+) -> Path:
+    """The interactive page (`circuits.pictures.viewer`) of a position-aware circuit: every span and
+    crossing edge of the circuit, largest |score| first behind the slider, nodes `site@span` laid out in a
+    column per span, with the span names (and `tokens`, one example's per span) under the columns."""
+    path, graph = Path(path), circuit.graph
+    edges = _edges(circuit)
+    nodes = sorted({node for _, source, targets, _, _ in edges for node in (source, *targets)}, key=str)
+    rows = _rows(graph, nodes)
+    cells: dict[tuple[int, int], list[Node]] = {}
+    for node in nodes:
+        cells.setdefault((node[1], _layer(graph, node[0])), []).append(node)
+    widths = [
+        max([len(m) for (span, _), m in cells.items() if span == s] or [1]) for s in range(len(circuit.names))
+    ]
+    starts = [sum(widths[:s]) + s for s in range(len(widths))]  # a free slot between columns
+    place: dict[Node, tuple[float, float]] = {}
+    for (span, layer), members in cells.items():
+        members.sort(key=lambda node: graph.src_index.get(node[0], len(graph.sources)))
+        first = starts[span] + (widths[span] - len(members)) / 2
+        for i, node in enumerate(members):
+            place[node] = (first + i, float(rows[layer]))
+    name = {node: f"{node[0]}@{circuit.names[node[1]]}" for node in nodes}
+    data = {
+        "title": title or graph.spec.name or "circuit",
+        "model": graph.spec.name,
+        "n_in_graph": circuit.n_in_graph,
+        "n_edges": circuit.n_edges,
+        "shown": min(SHOWN, len(edges)),
+        "faithfulness": faithfulness,
+        "prompts": [],
+        "nodes": [
+            {
+                "id": name[node],
+                "label": node[0].split(".")[-1],
+                "kind": "logits" if node[0] == "logits" else graph.node_kind(node[0]),
+                "layer": None if node[0] in ("input", "logits") else graph.node_layer(node[0]),
+                "x": place[node][0],
+                "y": place[node][1],
+                "score": None,
+            }
+            for node in nodes
+        ],
+        "edges": [
+            {
+                "name": edge_name,
+                "source": name[source],
+                "targets": [name[t] for t in targets],
+                "input": letter,
+                "score": score,
+            }
+            for score, source, targets, letter, edge_name in edges
+        ],
+        "columns": [
+            {
+                "x": starts[s] + (widths[s] - 1) / 2,
+                "label": span,
+                "text": "" if tokens is None else "".join(tokens[s]).strip()[:24],
+            }
+            for s, span in enumerate(circuit.names)
+        ],
+    }
+    path.write_text(html_of(data), encoding="utf-8")
+    return path
+
+
 _COLUMN = 2.0  # horizontal room per span
+
+
+Edge = tuple[float, Node, list[Node], str | None, str]  # (score, source, nodes it feeds, q/k/v, name)
+
+
+def _edges(circuit: SpanGraph) -> list[Edge]:
+    """The circuit's span and crossing edges, largest |score| first."""
+    graph = circuit.graph
+    edges: list[Edge] = []
+    for s, u, v in (circuit.in_graph & circuit.valid).nonzero().tolist():
+        targets = [(name, s) for name in graph.readers(v)]
+        letter = graph.qkv_letter(graph.destinations[v])
+        name = circuit.edge_name("span", (s, u, v))
+        edges.append((float(circuit.scores[s, u, v]), (graph.sources[u], s), targets, letter, name))
+    for a, b, h, i in (circuit.in_crossing & circuit.crossing_valid).nonzero().tolist():
+        name = circuit.edge_name("crossing", (a, b, h, i))
+        score = float(circuit.crossing_scores[a, b, h, i])
+        edges.append((score, (graph.sources[h], a), [(graph.sources[h], b)], LETTERS[i], name))
+    return sorted(edges, key=lambda edge: -abs(edge[0]))
 
 
 def _rows(graph: Graph, nodes: list[Node]) -> dict[int, int]:

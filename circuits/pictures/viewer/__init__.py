@@ -70,7 +70,12 @@ def page_data(
 
 def page_html(circuit: Graph, **extras: Any) -> str:
     """The page as one HTML string (see `page_data` for the extras: title, faithfulness, prompts)."""
-    data = page_data(circuit, **extras)
+    return html_of(page_data(circuit, **extras))
+
+
+def html_of(data: dict[str, Any]) -> str:
+    """The page of a `page_data`-shaped dict (nodes may add a short `label`; `columns`, when given, label
+    the x axis: [{"x", "label", "text"}], e.g. a position-aware circuit's spans)."""
     assets = resources.files("circuits.pictures.viewer")
     script = assets.joinpath("viewer.js").read_text()
     style = assets.joinpath("viewer.css").read_text()

@@ -42,9 +42,10 @@
 
   // ---------------------------------------------------------------- geometry
   const nodes = new Map(data.nodes.map((n) => [n.id, n]));
-  const xs = data.nodes.map((n) => n.x), ys = data.nodes.map((n) => n.y);
+  const xs = [...data.nodes.map((n) => n.x), ...(data.columns || []).map((c) => c.x)];
+  const ys = data.nodes.map((n) => n.y);
   const minX = Math.min(...xs), maxX = Math.max(...xs), maxY = Math.max(...ys);
-  const width = (maxX - minX) * DX + LEFT + PAD, height = maxY * DY + 2 * PAD;
+  const width = (maxX - minX) * DX + LEFT + PAD, height = maxY * DY + 2 * PAD + (data.columns ? 30 : 0);
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
@@ -65,6 +66,13 @@
   for (const [y, layer] of seenRows) {
     const t = make("text", { x: 8, y: (maxY - y) * DY + PAD + 4, class: "row-label" }, rows);
     t.textContent = `layer ${layer}`;
+  }
+  for (const c of data.columns || []) {  // a position-aware circuit: the spans, an example's tokens
+    const x = (c.x - minX) * DX + LEFT;
+    const name = make("text", { x, y: height - 24, "text-anchor": "middle", class: "row-label" }, rows);
+    name.textContent = c.label;
+    const words = make("text", { x, y: height - 8, "text-anchor": "middle", class: "row-label" }, rows);
+    words.textContent = c.text;
   }
 
   // ---------------------------------------------------------------- edges and nodes
@@ -101,7 +109,7 @@
     else if (n.kind === "attention" || n.kind === "head") make("circle", { r: 19 }, g);
     else make("rect", { x: -26, y: -13, width: 52, height: 26, rx: 13 }, g);
     const label = make("text", { "text-anchor": "middle", dy: "4" }, g);
-    label.textContent = n.id;
+    label.textContent = n.label || n.id;
     g.addEventListener("mouseover", (ev) => tip(ev, nodeCard(n)));
     g.addEventListener("mouseout", untip);
     g.addEventListener("click", (ev) => { ev.stopPropagation(); select({ node: n.id }); });
@@ -160,7 +168,7 @@
 
   function update() {
     const edges = visible();
-    const used = new Set(["input", "logits"]);
+    const used = new Set(data.columns ? [] : ["input", "logits"]);  // by span: only the nodes edges touch
     for (const e of edges) { used.add(e.source); e.targets.forEach((t) => used.add(t)); }
     edgeEls.forEach((g, i) => g.classList.toggle("hidden", i >= shown));
     nodeEls.forEach((g, id) => g.classList.toggle("hidden", !used.has(id)));
