@@ -218,7 +218,8 @@ def _add_discover(commands: Any) -> None:
         "--schema",
         default="task",
         help="with --positions spans, where the spans come from: task (the generator's templates, default), "
-        'differences (where clean and corrupted prompts differ), or a JSON file {"spans": [names], '
+        "differences (where clean and corrupted prompts differ), answers (those, with the tokens equal to "
+        'the answer or distractor as spans of their own), or a JSON file {"spans": [names], '
         '"index": [[span of each position] per prompt]}',
     )
     d.add_argument("--out", type=Path, default=Path("outputs/discover"), help="output folder")
@@ -469,10 +470,11 @@ def _discover_spans(args: argparse.Namespace) -> int:
 
 
 def _spans(args: argparse.Namespace, task: TaskPairs) -> Spans:
-    from circuits.spans import Spans
+    from circuits.spans import Spans, answer_marks
 
-    if args.schema == "differences":
-        return Spans.from_differences(task.pairs)
+    if args.schema in ("differences", "answers"):
+        marks = answer_marks(task.pairs) if args.schema == "answers" else None
+        return Spans.from_differences(task.pairs, marks=marks)
     if args.schema == "task":
         if task.spans is None:
             raise InputError(

@@ -12,7 +12,9 @@ Where spans come from, without asking any language model:
   character (the tokenizer's offsets), so leading spaces may sit on either side of a boundary;
 - `Spans.from_differences`: from the prompt pairs alone, the runs of positions where clean and corrupted
   tokens differ (`d0`, `d1`, ...) and the runs between them (`s0`, `s1`, ...), with the start tokens
-  (`bos`) and the last position (`end`) apart; every pair must show the same pattern of runs.
+  (`bos`) and the last position (`end`) apart; every pair must show the same pattern of runs. Marked
+  tokens split the unchanged runs further (`answer_marks`: the tokens equal to the answer or distractor;
+  or the most salient tokens, `token_saliency`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from circuits.data import PromptPairs
 from circuits.errors import FileFormatError, InputError
+from circuits.metrics import get_metric
 from circuits.models.hooked import HookedModel
 
 END = "end"  # the last real position's span
@@ -184,9 +187,17 @@ class Spans:
         return cls(tuple(names), index)
 
     @classmethod
-    def from_differences(cls, pairs: PromptPairs) -> Spans:
+    def from_differences(
+        cls, pairs: PromptPairs, marks: Tensor | None = None, saliency: Tensor | None = None, salient: int = 0
+    ) -> Spans:
         """The schema read off where each pair's clean and corrupted tokens differ (see module doc); prompts
-        of different lengths compare position by position as `PromptPairs.alignment` lines them up."""
+        of different lengths compare position by position as `PromptPairs.alignment` lines them up.
+
+        The runs of unchanged tokens can be split further, at marked positions, each a span of its own: run
+        `s0` with two marks becomes `s0.0`, `s0.m1`, `s0.1`, `s0.m2`, `s0.2`. `marks` (bool [N, P]) are
+        given (e.g. `answer_marks`: tokens equal to the pair's answer or distractor, which IOI's names
+        are), and every prompt must have as many in each run; with `saliency` [N, P] (e.g.
+        `token_saliency`), each run's `salient` most salient positions in each prompt are marked too."""
         n, p = pairs.clean.shape
         where = pairs.alignment.cpu()
         corrupted = pairs.corrupted.cpu().gather(1, where.clamp(min=0))
@@ -214,18 +225,100 @@ class Spans:
                 "tokens, d = different): no one schema fits them; split the pairs by template, or give the "
                 "spans (Spans.from_segments)"
             )
+        marked = _marks(pairs, patterns, marks, saliency, salient)  # per prompt and run: marked positions
         counts = {"s": 0, "d": 0}
-        names = []
-        for kind in kinds[0]:
+        names: list[str] = []
+        for j, kind in enumerate(kinds[0]):
             if kind == START:
                 names.append(START)
-            else:
-                names.append(f"{kind}{counts[kind]}")
-                counts[kind] += 1
+                continue
+            name = f"{kind}{counts[kind]}"
+            counts[kind] += 1
+            k = len(marked[0][j])
+            if k:
+                names += [piece for i in range(k) for piece in (f"{name}.{i}", f"{name}.m{i + 1}")]
+            names.append(f"{name}.{k}" if k else name)
         names.append(END)
         index = torch.full((n, p), -1, dtype=torch.long)
         for row, runs in enumerate(patterns):
-            for span, (_, begin, stop) in enumerate(runs):
-                index[row, begin:stop] = span
+            span = 0
+            for j, (_, begin, stop) in enumerate(runs):
+                position = begin
+                for i, top in enumerate(marked[row][j]):  # pieces 2i (before the mark) and 2i + 1 (it)
+                    index[row, position:top] = span + 2 * i
+                    index[row, top] = span + 2 * i + 1
+                    position = top + 1
+                index[row, position:stop] = span + 2 * len(marked[row][j])
+                span += 2 * len(marked[row][j]) + 1
             index[row, int(pairs.lengths[row]) - 1] = len(names) - 1
         return cls(tuple(names), index)
+
+
+def _marks(
+    pairs: PromptPairs,
+    patterns: list[list[tuple[str, int, int]]],
+    marks: Tensor | None,
+    saliency: Tensor | None,
+    salient: int,
+) -> list[list[list[int]]]:
+    """For each prompt and run, its marked positions in order (runs of unchanged tokens only); every
+    prompt must have as many marks in each run."""
+    shape = tuple(pairs.clean.shape)
+    for name, value in (("marks", marks), ("saliency", saliency)):
+        if value is not None and tuple(value.shape) != shape:
+            raise InputError(f"{name} must be [N, P] like the pairs {shape}, got {tuple(value.shape)}")
+    if salient and saliency is None:
+        raise InputError(f"salient={salient} needs the tokens' saliency [N, P] (token_saliency)")
+    out: list[list[list[int]]] = []
+    for row, runs in enumerate(patterns):
+        per_run: list[list[int]] = []
+        for kind, begin, stop in runs:
+            chosen: set[int] = set()
+            if kind == "s" and marks is not None:
+                chosen |= {begin + int(i) for i in marks[row, begin:stop].nonzero()[:, 0]}
+            if kind == "s" and salient and saliency is not None:
+                scores = saliency[row, begin:stop].float().cpu()
+                chosen |= {begin + int(i) for i in torch.topk(scores, min(salient, stop - begin)).indices}
+            per_run.append(sorted(chosen))
+        out.append(per_run)
+    for row, per_run in enumerate(out):
+        counts = [len(m) for m in per_run]
+        if counts != [len(m) for m in out[0]]:
+            raise InputError(
+                f"prompts 0 and {row} have different numbers of marked tokens in their runs "
+                f"({[len(m) for m in out[0]]} vs {counts}): no one schema fits them"
+            )
+    return out
+
+
+def answer_marks(pairs: PromptPairs) -> Tensor:
+    """bool [N, P]: the clean positions (not start tokens, not the last) holding the pair's answer or
+    distractor token, e.g. IOI's two names in the prompt: a mark for `Spans.from_differences`."""
+    p = torch.arange(pairs.n_positions)[None, :]
+    tokens = pairs.clean.cpu()
+    match = (tokens == pairs.answer.cpu()[:, None]) | (tokens == pairs.distractor.cpu()[:, None])
+    inside = (p >= pairs.start_tokens) & (p < pairs.lengths.cpu()[:, None] - 1)
+    return match & inside
+
+
+def token_saliency(model: HookedModel, pairs: PromptPairs, batch_size: int = 8) -> Tensor:
+    """[N, P] |e_p . dM/de_p| at the clean prompts: how much each token's input (embedding) moves the
+    pairs' metric to first order (gradient x input; zero on padding), for `Spans.from_differences`."""
+    metric = get_metric(pairs.metric_for(None))
+    out = torch.zeros(pairs.clean.shape)
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        kept: dict[str, Tensor] = {}
+
+        def leaf(x: Tensor, kept: dict[str, Tensor] = kept) -> Tensor:
+            kept["e"] = x.detach().requires_grad_(True)
+            return kept["e"]
+
+        with torch.enable_grad(), model.hooks([(model.input_hook, leaf)]):
+            logits = model(batch.clean.to(model.device), batch.attention_mask.to(model.device))
+            metric(logits, batch, logits.detach()).sum().backward()
+        e = kept["e"]
+        assert e.grad is not None
+        values = (e * e.grad).sum(-1).abs().detach().cpu() * batch.attention_mask.cpu()
+        out[start : start + len(batch), : values.shape[1]] = values
+    return out

@@ -280,18 +280,19 @@ def test_discover_on_the_ungrouped_graph_writes_eap_igs_edges(tmp_path):
     assert main(["evaluate", str(out / "circuit.json"), "--model", "tiny-llama", "--n", "4"]) == 0
 
 
-@pytest.mark.parametrize("schema", ["task", "differences", "file"])
+@pytest.mark.parametrize("schema", ["task", "differences", "answers", "file"])
 def test_discover_by_position_matches_the_api(tmp_path, capsys, schema):
     """`discover --positions spans` writes the span circuit the API finds; a schema file works like the
     spans it holds."""
     from circuits import attribute, evaluate
     from circuits.span_graph import SpanGraph
-    from circuits.spans import Spans
+    from circuits.spans import Spans, answer_marks
     from circuits.testing import tiny_llama
 
     model = tiny_llama()
     task = make_task(model, "ioi", 4)
-    spans = task.spans if schema == "task" else Spans.from_differences(task.pairs)
+    marks = answer_marks(task.pairs) if schema == "answers" else None
+    spans = task.spans if schema == "task" else Spans.from_differences(task.pairs, marks=marks)
     assert spans is not None
     given = schema
     if schema == "file":

@@ -76,3 +76,59 @@ def test_a_slow_tokenizer_gives_no_spans_but_still_the_pairs(llama, monkeypatch)
     assert task.spans is None and len(task.pairs) == 3
     with pytest.raises(InputError, match="no character offsets"):
         Spans.from_segments(llama, task.pairs, [[("x", "a")]] * 3)
+
+
+def test_marks_at_the_answers_recover_the_whole_ioi_schema(llama):
+    """Read off the pairs alone (no language model): where clean and corrupted differ, plus the tokens
+    equal to the answer or distractor (IOI's names): every span of the generator's template."""
+    from circuits.spans import answer_marks
+
+    task = ioi_pairs(llama, 16, seed=7)
+    known = task.spans
+    assert known is not None
+    auto = Spans.from_differences(task.pairs, marks=answer_marks(task.pairs))
+    start = ["bos"] if llama.prepend_bos else []
+    assert auto.names == (*start, "s0.0", "s0.m1", "s0.1", "s0.m2", "s0.2", "d0", "s1", "end")
+    pieces = {"s0.0": "prefix", "s0.m1": "A", "s0.1": "and", "s0.m2": "B", "s0.2": "context", "d0": "S2"}
+    for name, part in {**pieces, "s1": "action", "end": "end"}.items():
+        assert torch.equal(auto.positions(name), known.positions(part)), name
+
+
+def test_salient_tokens_split_each_unchanged_run_and_marks_must_agree(llama):
+    task = ioi_pairs(llama, 6, seed=8)
+    saliency = torch.rand(task.pairs.clean.shape)
+    auto = Spans.from_differences(task.pairs, saliency=saliency, salient=1)
+    assert [n for n in auto.names if ".m" in n] == ["s0.m1", "s1.m1"]
+    for row in range(6):  # the marked token is its run's most salient one
+        inside = auto.index[row] == auto.names.index("s0.m1")
+        run = (auto.index[row] >= auto.names.index("s0.0")) & (auto.index[row] <= auto.names.index("s0.1"))
+        assert float(saliency[row][inside].max()) == float(saliency[row][run].max())
+    uneven = torch.zeros_like(task.pairs.clean, dtype=torch.bool)
+    uneven[0, 1] = True  # one prompt with a mark its others lack
+    with pytest.raises(InputError, match="numbers of marked tokens"):
+        Spans.from_differences(task.pairs, marks=uneven)
+
+
+def test_token_saliency_is_gradient_times_input_by_finite_differences(llama):
+    """|e_p . dM/de_p| against a central difference of M along e_p (the input at p scaled by 1 +- eps)."""
+    from circuits.metrics import logit_diff
+    from circuits.spans import token_saliency
+
+    pairs = ioi_pairs(llama, 3, seed=9).pairs
+    saliency = token_saliency(llama, pairs)
+    eps = 1e-3
+    for row, p in ((0, 1), (1, 3), (2, int(pairs.lengths[2]) - 1)):
+        one = pairs[row : row + 1]
+
+        def scaled(factor: float, p: int = p, one=one):
+            def hook(x):
+                x = x.clone()
+                x[:, p] *= factor
+                return x
+
+            with torch.no_grad(), llama.hooks([(llama.input_hook, hook)]):
+                return logit_diff(llama(one.clean, one.attention_mask), one).double()
+
+        expected = abs(float((scaled(1 + eps) - scaled(1 - eps)) / (2 * eps)))
+        assert float(saliency[row, p]) == pytest.approx(expected, rel=2e-2, abs=1e-6)
+    assert bool((saliency[2, int(pairs.lengths[2]) :] == 0).all())  # padding
