@@ -245,3 +245,41 @@ def test_follow_up_analysis_sees_the_attributed_tokens(model):
     torch.testing.assert_close(cache[name], captured[name])
     _, everything = model.run_with_cache(pairs.clean[:1])
     assert name in everything and len(everything) > 10
+
+
+def test_span_scores_of_prompts_of_different_lengths(model):
+    """A SpanGraph on pairs of different lengths: spans of different lengths line up by span; EAP's span
+    scores sum to its position-summed ones, and exact patching of a span edge patches the aligned
+    corrupted values at that span's positions only (the brute force above, masked)."""
+    from circuits import SpanGraph, attribute
+    from circuits.spans import Spans
+
+    pairs = unequal_pairs(model)
+    index = torch.full(pairs.clean.shape, -1, dtype=torch.long)
+    for i, length in enumerate(pairs.lengths.tolist()):  # the first half, the rest, the last token
+        index[i, : length // 2] = 0
+        index[i, length // 2 : length - 1] = 1
+        index[i, length - 1] = 2
+    spans = Spans(("head", "tail", "end"), index)
+    split = attribute(model, SpanGraph.from_model(model, spans), pairs, method="eap", spans=spans, quiet=True)
+    plain = attribute(model, Graph.from_model(model), pairs, method="eap", quiet=True)
+    scale = float(plain.edge_scores.abs().max())
+    torch.testing.assert_close(split.span_edge_scores.sum(0), plain.edge_scores, atol=1e-6 * scale, rtol=0)
+    exact = attribute(
+        model, SpanGraph.from_model(model, spans), pairs, method="exact", spans=spans, quiet=True
+    )
+    graph = Graph.from_model(model)
+    for s in range(3):
+        expected = torch.zeros(graph.valid.shape, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(len(pairs)):
+                alone, _, _ = one_pair(pairs, i)
+                keep = (index[i, : int(pairs.lengths[i])] == s)[None, :, None].to(model.dtype)
+                deltas = {k: v * keep for k, v in aligned_deltas(model, pairs, i).items()}
+                base = metric(model, alone)
+                for name in graph.edge_names():
+                    src, dst = name.split("->")
+                    expected[graph.edge_index(name)] += float(metric(model, alone, {dst: deltas[src]}) - base)
+        expected /= len(pairs)
+        top = float(exact.span_edge_scores.abs().max())
+        torch.testing.assert_close(exact.span_edge_scores[s].double(), expected, atol=1e-4 * top, rtol=0)
