@@ -223,3 +223,15 @@ def test_greedy_growth_starts_at_the_logits_and_stays_connected(scored):
 
     for s, u, v in large.in_graph.nonzero().tolist():
         assert reaches(("src", u, s), set()), (s, u, v)
+
+
+def test_the_complement_of_a_span_circuit_ablates_its_edges(scored):
+    model, pairs, spans, graph = scored
+    circuit = graph.top_n(30)
+    inverse = graph.copy()
+    inverse.in_graph = graph.valid & ~circuit.in_graph
+    inverse.in_crossing = graph.crossing_valid & ~circuit.in_crossing
+    complement = evaluate(model, circuit, pairs, spans=spans, complement=True)
+    expected = evaluate(model, inverse, pairs, spans=spans)
+    torch.testing.assert_close(complement.per_example, expected.per_example)
+    assert complement.circuit != pytest.approx(evaluate(model, circuit, pairs, spans=spans).circuit)

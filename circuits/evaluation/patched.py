@@ -122,10 +122,8 @@ def evaluate_many(
     if span_graphs:
         if len(span_graphs) < len(circuits):
             raise InputError("evaluate position-aware circuits (SpanGraph) apart from Graph circuits")
-        if complement:
-            raise InputError("complement is not written for position-aware circuits")
         return _evaluate_spans(
-            model, span_graphs, pairs, spans, metric, ablation, reference, batch_size, quiet
+            model, span_graphs, pairs, spans, metric, ablation, reference, batch_size, quiet, complement
         )
     graphs = [c for c in circuits if isinstance(c, Graph)]
     if len(graphs) < len(circuits):
@@ -223,6 +221,7 @@ def _evaluate_spans(
     reference: Pairs | None,
     batch_size: int,
     quiet: bool,
+    complement: bool = False,
 ) -> list[Evaluation]:
     """The metric of each position-aware circuit (its `in_graph` span edges and `in_crossing` crossing
     edges), of the full model and of the empty circuit, on `pairs` split by `spans` (default: the task's).
@@ -252,7 +251,13 @@ def _evaluate_spans(
         if ablation == "patching"
         else source_means(model, graph, reference or pairs, ablation, batch_size, n_spans)
     )
-    masks = [(first.valid & ~c.in_graph, first.crossing_valid & ~c.in_crossing) for c in circuits]
+    masks = [
+        (
+            first.valid & (c.in_graph if complement else ~c.in_graph),
+            first.crossing_valid & (c.in_crossing if complement else ~c.in_crossing),
+        )
+        for c in circuits
+    ]
     nothing = (first.valid, first.crossing_valid)
     values: list[list[Tensor]] = [[] for _ in circuits]
     full: list[Tensor] = []
