@@ -358,11 +358,14 @@ def eap_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> Tensor:
     return gradient_scores(graph, deltas, destination_grads(model, graph, pairs), model=model)
 
 
-def qk_fix_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> dict[str, float]:
+def qk_fix_scores(
+    model: HookedModel, graph: Graph, pairs: PromptPairs, positions: Tensor | None = None
+) -> dict[str, float]:
     """AtP*'s QK-fixed score of each q/k edge from the pattern its patch really produces: sum (A_patched
-    - A) . dM/dA, A_patched read from a forward pass with only that edge patched, dM/dA from a clean
-    backward pass."""
+    - A) . dM/dA, A_patched read from a forward pass with only that edge patched (at `positions`, bool
+    [b, P], when given), dM/dA from a clean backward pass."""
     clean, corrupted = source_outputs(model, pairs.clean), source_outputs(model, pairs.corrupted)
+    keep_at = 1.0 if positions is None else positions[..., None].to(model.dtype)
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name: str, grad: bool = False):
@@ -389,7 +392,7 @@ def qk_fix_scores(model: HookedModel, graph: Graph, pairs: PromptPairs) -> dict[
         layer = int(dst[1 : dst.index(".")])
         patched = [(model.attn_pattern_hook(layer), keep("patched"))]
         with torch.no_grad():
-            metric(model, pairs, {dst: corrupted[src] - clean[src]}, extra_hooks=patched)
+            metric(model, pairs, {dst: (corrupted[src] - clean[src]) * keep_at}, extra_hooks=patched)
         change = seen["patched"] - seen[f"A{layer}"]
         reference[name] = float((change * seen[f"A{layer}:grad"]).sum())
     return reference

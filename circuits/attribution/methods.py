@@ -268,6 +268,15 @@ def _crossing(job: Job, delta: SourceOutputs, output_grads: dict[int, Tensor] | 
     return gradient_scores(job.model, job.graph, changes, output_grads, span_index, job.n_spans)
 
 
+def _at_span(job: Job, delta: SourceOutputs, positions: Tensor) -> SourceOutputs:
+    """`delta` zeroed outside `positions` (bool [b, P]), in a buffer of its own."""
+    out = _acts(job, delta.shape[0], "span delta")
+    for (_, target), (_, source) in zip(out.shards, delta.shards, strict=True):
+        keep = positions[:, : source.shape[1], None, None].to(source.device, source.dtype)
+        torch.mul(source, keep, out=target)
+    return out
+
+
 def _grad_leaf(x: Tensor) -> Tensor:
     """Input hook making the embeddings a leaf that requires grad (the parameters are frozen)."""
     return x.detach().requires_grad_(True)
@@ -393,7 +402,8 @@ def atp_star(job: Job) -> BatchResult:
         )
     delta, corrupted_logits = _ablated_acts(job)
     edges, nodes = _accumulators(job)
-    recorder = _recorder(job, torch.ones(1), edges, nodes, delta)
+    output_grads = _output_grads(job)
+    recorder = _recorder(job, torch.ones(1), edges, nodes, delta, output_grads=output_grads)
     capture = QKCapture(model, graph)
     hooks = [
         (model.input_hook, _grad_leaf),
@@ -406,16 +416,29 @@ def atp_star(job: Job) -> BatchResult:
     values = _differentiable(job, _metric(job, logits, clean_logits))
     drops: list[int | None] = [None] if job.level == "edge" else [None, *range(n_layers)]
     per_pass = []
+    span_index = job.pairs.span_index if _n_spans(job) is not None else None
     try:
         for drop in drops:
             capture.drop = drop
             recorder.nodes = torch.zeros_like(nodes)
             recorder.backward(values.sum(), retain_graph=True)
             per_pass.append(recorder.nodes)
-        corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
+        if span_index is None:
+            corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
+        else:  # span s: q and k moved at its positions only, the softmax recomputed for that
+            per_span = [
+                qk_corrections(model, graph, capture, _at_span(job, delta, span_index == s))[0][0].sum(1)
+                for s in range(job.n_spans)
+            ]
     finally:
         capture.release()
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
+    if edges is not None and span_index is not None:
+        edges += torch.stack(per_span).to(edges.device)
+        crossing = _crossing(job, delta, output_grads)
+        return BatchResult(
+            edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None, crossing=crossing
+        )
     if edges is not None:
         edges += corrections[0].sum(1).to(edges.device)
         return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)

@@ -155,3 +155,28 @@ def test_mean_ablation_per_span_uses_each_spans_mean(tiny):
         torch.testing.assert_close(split.span_edge_scores[s].double(), expected, atol=1e-6, rtol=1e-4)
     result = evaluate(tiny, graph.top_n(20), attached, ablation="mean")  # evaluation takes the same means
     assert result.full != result.empty
+
+
+def test_atp_star_per_span_fixes_q_and_k_edges_at_their_span(tiny):
+    """AtP*'s QK fix per span: a q / k span edge moves the queries (keys) at its span's positions only and
+    the softmax is recomputed exactly (the brute force reads the patched pattern); other edges are EAP's."""
+    pairs, spans, graph, split, _ = _scored(tiny, "atp*")
+    eap = attribute(tiny, SpanGraph.from_model(tiny, spans), pairs, method="eap", spans=spans, quiet=True)
+    plain = Graph.from_model(tiny)
+    for s, name in enumerate(spans.names):
+        reference = brute_force.qk_fix_scores(tiny, plain, pairs, spans.positions(name))
+        scale = float(split.span_edge_scores.abs().max())  # the bos span moves nothing: its scores are ~0
+        worst = max(
+            abs(float(split.span_edge_scores[s][plain.edge_index(e)]) - v) for e, v in reference.items()
+        )
+        assert worst < 1e-4 * scale, name
+        others = torch.ones_like(plain.valid)
+        for e in reference:
+            others[plain.edge_index(e)] = False
+        torch.testing.assert_close(
+            split.span_edge_scores[s][others], eap.span_edge_scores[s][others], rtol=0, atol=1e-7
+        )
+    assert split.crossing_scores is not None
+    torch.testing.assert_close(split.crossing_scores, eap.crossing_scores)  # PEAP's, from the same gradient
+    with pytest.raises(InputError, match="GradDrop"):
+        attribute(tiny, graph, pairs, method="atp*", level="node", spans=spans, quiet=True)
