@@ -31,6 +31,7 @@ from torch import Tensor
 
 from circuits.errors import InputError, UnsupportedModelError
 from circuits.graph import Graph
+from circuits.models.checks import pattern_problem, probed
 from circuits.models.hooked import HookedModel, HookFn
 from circuits.models.wiring import DestinationSite, residual_factors, wiring
 from circuits.sources import Placement, SourceOutputs, source_major, source_placement
@@ -664,10 +665,15 @@ def forward_with_span_ablation(
             carries when ablated (`attribution.crossing.ablated_head_inputs`); needed with `crossing_mask`.
     """
     b, n_pos = input_ids.shape
-    crossing = crossing_mask is not None and bool(crossing_mask.any())
-    if not crossing:
+    if crossing_mask is None or not _crossing_matters(model, graph, span_mask, crossing_mask):
         return forward_with_ablation(model, graph, input_ids, attention_mask, ablated, span_mask, span_index)
     assert crossing_mask is not None and ablated_inputs is not None, "crossing edges need ablated_inputs"
+    problem = probed(model, "pattern", pattern_problem)
+    if problem:
+        raise UnsupportedModelError(
+            f"{model.spec.name}: crossing edges are ablated by editing the attention pattern, and {problem}; "
+            "evaluate circuits that keep every crossing edge, or score them only"
+        )
     ids = input_ids.repeat(2, 1)
     mask = None if attention_mask is None else attention_mask.repeat(2, 1)
     patch = _rows_dividing(ablated, b, n_pos)
@@ -688,6 +694,26 @@ def forward_with_span_ablation(
     hooks = [*before, *_ablation_hooks(model, graph, sums), *after]
     with torch.no_grad(), model.hooks(hooks):
         return model(ids, mask)[:b]
+
+
+def _crossing_matters(model: HookedModel, graph: Graph, span_mask: Tensor, crossing_mask: Tensor) -> bool:
+    """Whether some ablated crossing edge leaves a key / value input whose circuit value is not already
+    its ablated one: one with a span edge kept into it at the crossing edge's key span. (A k / v input
+    with every edge into it ablated is the ablated input itself, so the crossing edges out of it change
+    nothing, and the run needs no second copy: e.g. the empty circuit.)"""
+    kept = graph.valid.to(span_mask.device) & ~span_mask  # [S, n_src, n_dst]
+    for site in wiring(model, graph.spec).sources:
+        if not site.per_head:
+            continue
+        for i, letter in enumerate(("k", "v")):
+            cols = graph.qkv_destinations(site.layer, letter)  # type: ignore[arg-type]
+            group = graph.spec.n_heads // (cols.stop - cols.start)
+            fed = kept[:, :, cols].amax(1)  # [S_a, n_kv]: an edge kept into the input at span a
+            cut = crossing_mask[:, :, site.sources, i].amax(1).to(fed.device)  # [S_a, H]: ablated somewhere
+            by_group = cut.reshape(cut.shape[0], -1, group).amax(-1)  # [S_a, n_kv]
+            if bool((fed & by_group).any()):
+                return True
+    return False
 
 
 def _crossing_hooks(

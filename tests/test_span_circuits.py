@@ -235,3 +235,23 @@ def test_the_complement_of_a_span_circuit_ablates_its_edges(scored):
     expected = evaluate(model, inverse, pairs, spans=spans)
     torch.testing.assert_close(complement.per_example, expected.per_example)
     assert complement.circuit != pytest.approx(evaluate(model, circuit, pairs, spans=spans).circuit)
+
+
+def test_crossing_edges_are_not_ablated_where_the_pattern_cannot_be_edited():
+    """A bridge that computes attention past its pattern hook would ignore the edit: refused, not wrong."""
+    from circuits.errors import UnsupportedModelError
+    from circuits.models.checks import _PROBED
+    from circuits.testing import tiny_llama
+
+    model = tiny_llama()
+    _PROBED.setdefault(model, {})["pattern"] = "the attention pattern hook does not feed the heads"
+    pairs = make_pairs(model)
+    spans = Spans.from_differences(pairs)
+    graph = SpanGraph.from_model(model, spans)
+    circuit = graph.copy()
+    circuit.in_crossing[:] = False
+    with pytest.raises(UnsupportedModelError, match="pattern"):
+        evaluate(model, circuit, pairs, spans=spans)
+    kept = graph.copy()  # every crossing edge kept: no pattern edit needed
+    kept.in_graph[:] = False
+    assert bool(evaluate(model, kept, pairs, spans=spans).per_example.isfinite().all())
