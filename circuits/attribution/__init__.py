@@ -141,11 +141,6 @@ def attribute(
     pairs = check_pairs(model, pairs)
     if span_graph is not None:
         pairs = span_graph.attach(spans, pairs)
-        if options.method == "atp*" and options.level == "node":
-            raise InputError(
-                "atp*'s GradDrop is not written per span (its |.| sums over positions); score edges "
-                "(level='edge') or choose another method"
-            )
     metric_fn = get_metric(pairs.metric_for(metric))
     if is_flat_at_clean(metric_fn) and options.spec.gradient_at_clean_only:
         raise InputError(

@@ -269,7 +269,8 @@ def _crossing(job: Job, delta: SourceOutputs, output_grads: dict[int, Tensor] | 
 
 
 def _at_span(job: Job, delta: SourceOutputs, positions: Tensor) -> SourceOutputs:
-    """`delta` zeroed outside `positions` (bool [b, P]), in a buffer of its own."""
+    """`delta` zeroed outside `positions` (bool [b, P]), in the job's one buffer for it (overwritten by the
+    next call: use it before)."""
     out = _acts(job, delta.shape[0], "span delta")
     for (_, target), (_, source) in zip(out.shards, delta.shards, strict=True):
         keep = positions[:, : source.shape[1], None, None].to(source.device, source.dtype)
@@ -388,7 +389,8 @@ def eap(job: Job) -> BatchResult:
     "atp*", passes=lambda _m, _layers: (1, 1), backward="own", recomputable=False, gradient_at_clean_only=True
 )
 def atp_star(job: Job) -> BatchResult:
-    """AtP*: EAP's scores with the QK fix on q/k edges; at node level, GradDrop over the layers.
+    """AtP*: EAP's scores with the QK fix on q/k edges; at node level, GradDrop over the layers. Per
+    span, the fix moves q and k at the span's positions only, and GradDrop's |.| is taken per span.
 
     Node level: per example and for each layer l, the QK-fixed node scores with layer l's residual writes
     dropped from the backward pass; the score is sum_examples sum_l |.| / (L - 1) (the paper's c_AtP*).
@@ -423,29 +425,28 @@ def atp_star(job: Job) -> BatchResult:
             recorder.nodes = torch.zeros_like(nodes)
             recorder.backward(values.sum(), retain_graph=True)
             per_pass.append(recorder.nodes)
-        if span_index is None:
-            corrections, _ = qk_corrections(model, graph, capture, delta)  # [passes, n_src, b, n_dst]
-        else:  # span s: q and k moved at its positions only, the softmax recomputed for that
-            per_span = [
-                qk_corrections(model, graph, capture, _at_span(job, delta, span_index == s))[0][0].sum(1)
-                for s in range(job.n_spans)
-            ]
+        # per span s, q and k moved at its positions only (the softmax recomputed for that): the first
+        # pass's edge corrections, or the node sums of the dropped passes
+        kept = []
+        for s in range(1 if span_index is None else job.n_spans):
+            moved = delta if span_index is None else _at_span(job, delta, span_index == s)
+            fixes, _ = qk_corrections(model, graph, capture, moved)  # [passes, n_src, b, n_dst]
+            kept.append(fixes[0].sum(1) if edges is not None else fixes[1:].sum(-1))
     finally:
         capture.release()
     metric_corrupted = _corrupted_metric(job, corrupted_logits, clean_logits)
-    if edges is not None and span_index is not None:
-        edges += torch.stack(per_span).to(edges.device)
+    if edges is not None:
+        edges += (kept[0] if span_index is None else torch.stack(kept)).to(edges.device)
         crossing = _crossing(job, delta, output_grads)
         return BatchResult(
             edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None, crossing=crossing
         )
-    if edges is not None:
-        edges += corrections[0].sum(1).to(edges.device)
-        return BatchResult(edges, _node_totals(edges, nodes), values.detach(), metric_corrupted, None)
-    fixed = corrections[1:].sum(-1).transpose(1, 2).to(nodes.device)  # [L, b, n]
+    # [L, b, n_src], or per span [L, b, S, n_src]: the QK-fixed node scores of each dropped pass
+    fixed = kept[0].transpose(1, 2) if span_index is None else torch.stack(kept).permute(1, 3, 0, 2)
+    fixed = fixed.to(nodes.device)
     for layer in range(n_layers):  # dropping a source's own layer cuts every path out of it, q/k edges too
-        fixed[layer, :, graph.head_sources(layer)] = 0
-        fixed[layer, :, graph.mlp_source(layer)] = 0
+        fixed[layer, ..., graph.head_sources(layer)] = 0
+        fixed[layer, ..., graph.mlp_source(layer)] = 0
     fixed += torch.stack(per_pass)[1:]
     grad_drop = fixed.abs().sum(0) / (n_layers - 1)
     return BatchResult(None, grad_drop.sum(0), values.detach(), metric_corrupted, None)

@@ -160,7 +160,7 @@ def test_mean_ablation_per_span_uses_each_spans_mean(tiny):
 def test_atp_star_per_span_fixes_q_and_k_edges_at_their_span(tiny):
     """AtP*'s QK fix per span: a q / k span edge moves the queries (keys) at its span's positions only and
     the softmax is recomputed exactly (the brute force reads the patched pattern); other edges are EAP's."""
-    pairs, spans, graph, split, _ = _scored(tiny, "atp*")
+    pairs, spans, _, split, _ = _scored(tiny, "atp*")
     eap = attribute(tiny, SpanGraph.from_model(tiny, spans), pairs, method="eap", spans=spans, quiet=True)
     plain = Graph.from_model(tiny)
     for s, name in enumerate(spans.names):
@@ -178,5 +178,27 @@ def test_atp_star_per_span_fixes_q_and_k_edges_at_their_span(tiny):
         )
     assert split.crossing_scores is not None
     torch.testing.assert_close(split.crossing_scores, eap.crossing_scores)  # PEAP's, from the same gradient
-    with pytest.raises(InputError, match="GradDrop"):
-        attribute(tiny, graph, pairs, method="atp*", level="node", spans=spans, quiet=True)
+
+
+def test_graddrop_per_span_leaves_one_path_where_the_model_has_two_layers(llama):
+    """As for GradDrop over positions (tests/attribution/test_atp_star.py), per span: a last-layer
+    source's GradDrop at span s is the mean over examples of |its AtP score at s|, layer 0's MLP's the
+    mean |its direct edge to the logits at s|."""
+    pairs = make_pairs(llama)
+    spans = Spans.from_differences(pairs)
+    graph = SpanGraph.from_model(llama, spans)
+    scores = attribute(llama, graph, pairs, method="atp*", level="node", spans=spans, quiet=True)
+    assert scores.span_node_scores is not None
+    attached = spans.attach(pairs)
+    each = []
+    for i in range(len(pairs)):
+        one = SpanGraph.from_model(llama, spans)
+        attribute(llama, one, attached[i : i + 1], method="eap", quiet=True)
+        each.append(one.scores)
+    per_example = torch.stack(each)  # [b, S, n_src, n_dst]
+    g = graph.graph
+    last = [*range(g.head_sources(1).start, g.head_sources(1).stop), g.mlp_source(1)]
+    want_last = per_example.sum(3)[:, :, last].abs().mean(0)
+    want_first = per_example[:, :, g.mlp_source(0), g.logits_destination].abs().mean(0)
+    torch.testing.assert_close(scores.span_node_scores[:, last], want_last, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(scores.span_node_scores[:, g.mlp_source(0)], want_first, rtol=1e-4, atol=1e-7)
