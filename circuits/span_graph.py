@@ -333,7 +333,9 @@ class SpanGraph:
 
 
 def _rank(scores: Tensor, absolute: bool) -> Tensor:
-    return scores.abs() if absolute else scores
+    """As `selection.ranking`: by |score|, or signed with the edges that help the metric most (most
+    negative, M(ablated) - M(clean) < 0) first."""
+    return scores.abs() if absolute else -scores
 
 
 def concrete_edges(circuit: Graph, spans: Spans) -> float:

@@ -255,3 +255,32 @@ def test_crossing_edges_are_not_ablated_where_the_pattern_cannot_be_edited():
     kept = graph.copy()  # every crossing edge kept: no pattern edit needed
     kept.in_graph[:] = False
     assert bool(evaluate(model, kept, pairs, spans=spans).per_example.isfinite().all())
+
+
+def test_signed_selection_takes_the_edges_that_help_most_first(scored):
+    _, _, _, graph = scored
+    circuit = graph.top_n(6, absolute=False, prune=False)
+    chosen = torch.cat([graph.scores[circuit.in_graph], graph.crossing_scores[circuit.in_crossing]])
+    left = torch.cat(
+        [
+            graph.scores[graph.valid & ~circuit.in_graph],
+            graph.crossing_scores[graph.crossing_valid & ~circuit.in_crossing],
+        ]
+    )
+    assert float(chosen.max()) <= float(left.min()) and float(chosen.max()) < 0  # most negative: helps M
+
+
+def test_faithfulness_curves_and_mib_scores_of_a_span_graph(scored):
+    from circuits.evaluation.curves import mib_scores
+
+    model, pairs, spans, graph = scored
+    scores = mib_scores(
+        model, graph, pairs, spans=spans, percentages=(1.0, 10.0, 100.0), resamples=0, quiet=True
+    )
+    for curve in (scores.signed, scores.absolute):
+        assert [p.percent for p in curve.points] == [1.0, 10.0, 100.0]
+        assert curve.points[-1].faithfulness == pytest.approx(1.0, abs=1e-4)  # every edge kept
+    budget = int(0.1 * graph.n_edges)
+    direct = evaluate(model, graph.top_n(budget), pairs, spans=spans)
+    assert scores.absolute.points[1].faithfulness == pytest.approx(direct.faithfulness, abs=1e-6)
+    assert scores.cpr == pytest.approx(scores.signed.area_under) and scores.cmd >= 0

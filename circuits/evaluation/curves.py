@@ -36,6 +36,8 @@ from circuits.models.hooked import HookedModel, uses_model
 from circuits.selection.strategies import Selection, Selector, mib_edge_weights, select, selection_name
 from circuits.settings import with_settings
 from circuits.sources import Ablation
+from circuits.span_graph import SpanGraph
+from circuits.spans import Spans
 from circuits.task import Pairs
 
 MIB_PERCENTAGES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
@@ -124,20 +126,27 @@ class CurveOptions:
 @uses_model
 def faithfulness_curve(
     model: HookedModel,
-    graph: Graph,
+    graph: Graph | SpanGraph,
     pairs: Pairs,
     metric: str | Metric | None = None,
     options: CurveOptions | None = None,
     *,
     reference: Pairs | None = None,
+    spans: Spans | None = None,
     quiet: bool = False,
     **settings: Any,
 ) -> FaithfulnessCurve:
     """Faithfulness of circuits of `graph`'s best edges at each budget of `options` (`CurveOptions`; any
     of its fields may be given as a keyword instead), budgets and x values as its protocol says (see the
-    module docstring). `reference`: the prompts of a mean ablation (default `pairs`)."""
+    module docstring). `reference`: the prompts of a mean ablation (default `pairs`).
+
+    A `SpanGraph` (with `spans`, default the task's): budgets count its span and crossing edges together,
+    circuits are `top_n` or `greedy` selections, and x is the budget's fraction (`mib`) or the fraction
+    of edges left after pruning (`pruned`)."""
     options = with_settings(options or CurveOptions(), settings)
     fractions = [round(p / 100, 12) for p in options.percentages]  # MIB's literals (.001, ..., 1)
+    if isinstance(graph, SpanGraph):
+        return _span_curve(model, graph, pairs, metric, options, fractions, reference, spans, quiet)
     mib = options.protocol == "mib"
     weights = mib_edge_weights(graph) if mib else graph.valid.long()
     if mib and int(weights.max()) > 1:
@@ -179,6 +188,52 @@ def faithfulness_curve(
     )
 
 
+def _span_curve(
+    model: HookedModel,
+    graph: SpanGraph,
+    pairs: Pairs,
+    metric: str | Metric | None,
+    options: CurveOptions,
+    fractions: list[float],
+    reference: Pairs | None,
+    spans: Spans | None,
+    quiet: bool,
+) -> FaithfulnessCurve:
+    """`faithfulness_curve` of a position-aware graph."""
+    if options.selection not in ("top_n", "greedy"):
+        raise InputError(f"a SpanGraph's circuits are top_n or greedy selections, not {options.selection!r}")
+    total = graph.n_edges
+    mib = options.protocol == "mib"
+    grow = graph.greedy if options.selection == "greedy" else graph.top_n
+    circuits = [grow(int(f * total) if mib else round(f * total), options.absolute) for f in fractions]
+    results = evaluate_many(
+        model,
+        circuits,
+        pairs,
+        metric,
+        options.ablation,
+        reference=reference,
+        batch_size=options.batch_size,
+        quiet=quiet,
+        spans=spans,
+    )
+    points = [
+        CurvePoint(p, c.n_in_graph, f if mib else c.n_in_graph / total, r.circuit, r.faithfulness)
+        for p, f, c, r in zip(options.percentages, fractions, circuits, results)
+    ]
+    first = results[0]
+    return FaithfulnessCurve(
+        options.label or str(options.selection),
+        options.absolute,
+        first.full,
+        first.empty,
+        points,
+        first.full_per_example,
+        first.empty_per_example,
+        [r.per_example for r in results],
+    )
+
+
 @dataclass(frozen=True)
 class MIBScores:
     cpr: float  # area under f, signed selection (higher is better)
@@ -191,12 +246,13 @@ class MIBScores:
 
 def mib_scores(
     model: HookedModel,
-    graph: Graph,
+    graph: Graph | SpanGraph,
     pairs: Pairs,
     metric: str | Metric | None = None,
     options: CurveOptions | None = None,
     *,
     reference: Pairs | None = None,
+    spans: Spans | None = None,
     resamples: int = RESAMPLES,
     quiet: bool = False,
     **settings: Any,
@@ -208,7 +264,14 @@ def mib_scores(
     options = with_settings(options or CurveOptions(), settings)
     signed, absolute = (
         faithfulness_curve(
-            model, graph, pairs, metric, replace(options, absolute=by_size), reference=reference, quiet=quiet
+            model,
+            graph,
+            pairs,
+            metric,
+            replace(options, absolute=by_size),
+            reference=reference,
+            spans=spans,
+            quiet=quiet,
         )
         for by_size in (False, True)
     )
