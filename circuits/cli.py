@@ -367,12 +367,7 @@ def _discover(args: argparse.Namespace) -> int:
     found = discover(
         model,
         task,
-        method=args.method,
-        ig_steps=args.steps,
-        quadrature=args.quadrature,
-        rules=None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES}),
-        batch_size=args.batch_size,
-        max_memory=args.max_memory,
+        **_scoring(args),
         edges=args.edges,
         selection=_selection(args, model, task),
         ensemble=args.ensemble,
@@ -397,6 +392,19 @@ def _discover(args: argparse.Namespace) -> int:
         print(found.stability)
     print("wrote " + ", ".join(str(f) for f in found.files))
     return 0
+
+
+def _scoring(args: argparse.Namespace) -> dict[str, Any]:
+    """The scoring settings (`ScoringOptions` fields) the command line gives."""
+    rules = None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES})
+    return {
+        "method": args.method,
+        "ig_steps": args.steps,
+        "quadrature": args.quadrature,
+        "rules": rules,
+        "batch_size": args.batch_size,
+        "max_memory": args.max_memory,
+    }
 
 
 def _discover_spans(args: argparse.Namespace) -> int:
@@ -433,12 +441,7 @@ def _discover_spans(args: argparse.Namespace) -> int:
         graph,
         task.pairs,
         task.metric,
-        method=args.method,
-        ig_steps=args.steps,
-        quadrature=args.quadrature,
-        rules=None if args.rules is None else RelPRules(**{r: r in args.rules for r in RELP_RULES}),
-        batch_size=args.batch_size,
-        max_memory=args.max_memory,
+        **_scoring(args),
         spans=spans,
     )
     circuit = graph.greedy(args.edges) if args.selection == "greedy" else graph.top_n(args.edges)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from circuits.errors import CircuitsWarning, InputError
-from circuits.evaluation import evaluate_many
+from circuits.evaluation import Evaluation, evaluate_many
 from circuits.evaluation.intervals import LEVEL, RESAMPLES, Interval, curve_intervals
 from circuits.graph import Graph
 from circuits.metrics import Metric
@@ -171,21 +171,7 @@ def faithfulness_curve(
         batch_size=options.batch_size,
         quiet=quiet,
     )
-    points = [
-        CurvePoint(p, c.n_in_graph, f if mib else c.n_in_graph / graph.n_edges, r.circuit, r.faithfulness)
-        for p, f, c, r in zip(options.percentages, fractions, circuits, results)
-    ]
-    first = results[0]
-    return FaithfulnessCurve(
-        options.label or selection_name(options.selection),
-        options.absolute,
-        first.full,
-        first.empty,
-        points,
-        first.full_per_example,
-        first.empty_per_example,
-        [r.per_example for r in results],
-    )
+    return _curve(options, fractions, [c.n_in_graph for c in circuits], graph.n_edges, results)
 
 
 def _span_curve(
@@ -217,13 +203,22 @@ def _span_curve(
         quiet=quiet,
         spans=spans,
     )
+    return _curve(options, fractions, [c.n_in_graph for c in circuits], total, results)
+
+
+def _curve(
+    options: CurveOptions, fractions: list[float], sizes: list[int], total: int, results: list[Evaluation]
+) -> FaithfulnessCurve:
+    """The curve of circuits of `sizes` edges (after pruning, of `total`) evaluated as `results`; x is the
+    budget's fraction (`mib`) or the fraction of edges kept (`pruned`)."""
+    mib = options.protocol == "mib"
     points = [
-        CurvePoint(p, c.n_in_graph, f if mib else c.n_in_graph / total, r.circuit, r.faithfulness)
-        for p, f, c, r in zip(options.percentages, fractions, circuits, results)
+        CurvePoint(p, n, f if mib else n / total, r.circuit, r.faithfulness)
+        for p, f, n, r in zip(options.percentages, fractions, sizes, results)
     ]
     first = results[0]
     return FaithfulnessCurve(
-        options.label or str(options.selection),
+        options.label or selection_name(options.selection),
         options.absolute,
         first.full,
         first.empty,

@@ -167,19 +167,21 @@ def evaluate_many(
         for i, edges in enumerate(ablate):
             patched = forward_with_ablation(model, graph, ids, mask, ablated, edges)
             values[i].append(measure(patched, clean_logits).cpu())
-    full_all, empty_all = (gather_rows(torch.cat(v), model.device) for v in (full, empty))
+    return _evaluations(values, full, empty, model.device)
+
+
+def _evaluations(
+    values: list[list[Tensor]], full: list[Tensor], empty: list[Tensor], device: torch.device
+) -> list[Evaluation]:
+    """One `Evaluation` per circuit from the per-batch metrics of the circuits, the full model and the
+    empty circuit (gathered over processes)."""
+    full_all, empty_all = (gather_rows(torch.cat(v), device) for v in (full, empty))
     results = []
     for per_batch in values:
-        per_example = gather_rows(torch.cat(per_batch), model.device)
+        per_example = gather_rows(torch.cat(per_batch), device)
+        full_mean, empty_mean = float(full_all.double().mean()), float(empty_all.double().mean())
         results.append(
-            Evaluation(
-                per_example,
-                float(per_example.mean()),
-                float(full_all.double().mean()),
-                float(empty_all.double().mean()),
-                full_all,
-                empty_all,
-            )
+            Evaluation(per_example, float(per_example.mean()), full_mean, empty_mean, full_all, empty_all)
         )
     return results
 
@@ -277,21 +279,7 @@ def _evaluate_spans(
             )
             measured = check_values(fn(logits, batch, clean_logits), len(batch), where).cpu()
             (empty if i == 0 else values[i - 1]).append(measured)
-    full_all, empty_all = (gather_rows(torch.cat(v), model.device) for v in (full, empty))
-    results = []
-    for per_batch in values:
-        per_example = gather_rows(torch.cat(per_batch), model.device)
-        results.append(
-            Evaluation(
-                per_example,
-                float(per_example.mean()),
-                float(full_all.double().mean()),
-                float(empty_all.double().mean()),
-                full_all,
-                empty_all,
-            )
-        )
-    return results
+    return _evaluations(values, full, empty, model.device)
 
 
 def _ablated_inputs(
