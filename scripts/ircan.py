@@ -1,7 +1,10 @@
 """IRCAN on the embedded model: fit context neurons on a dev split, choose (h, beta) on dev, report test.
 
-Rows: the original model, IRCAN (its h most frequent context neurons scaled by beta) and a random-neuron
-control with the same per-layer counts and beta. Data are read from the shared data folder (or --data).
+Rows: the original model, IRCAN (its h most frequent context neurons scaled by beta) and two controls with
+the same h and beta: random neurons with the same per-layer counts, and the h neurons whose activation rises
+most from the prompt without its context to the prompt with it on the same fit examples (no gradients).
+Test accuracy with a 95% bootstrap interval over examples, and the paired difference to the original model.
+Data are read from the shared data folder (or --data).
 
     python scripts/ircan.py --dataset memotrap --fit 100 --out outputs/ircan
 """
@@ -17,7 +20,8 @@ from circuits_tasks.context import context_accuracy, cose_kre, first_token, memo
 from circuits_tasks.paths import shared_data
 
 from circuits import load_model
-from circuits.neurons import context_neurons, random_neurons_like, reweight
+from circuits.evaluation.intervals import percentile_interval, resample_indices
+from circuits.neurons import activation_difference_neurons, context_neurons, random_neurons_like, reweight
 from circuits.quadrature import QUADRATURES
 
 SPLITS = {
@@ -85,18 +89,38 @@ def main() -> None:
         with reweight(model, neurons, beta):
             rows[f"IRCAN ({rule}), h = {h}, beta = {beta:g}"] = context_accuracy(model, test)
         with reweight(model, random_neurons_like(neurons, model.spec.d_mlp), beta):
-            rows[f"random neurons ({rule}), beta = {beta:g}"] = context_accuracy(model, test)
+            rows[f"random neurons, same layers ({rule}), beta = {beta:g}"] = context_accuracy(model, test)
+        rising = activation_difference_neurons(
+            model, [e.with_context for e in fit], [e.without_context for e in fit], h
+        )
+        with reweight(model, rising, beta):
+            rows[f"{h} neurons by activation rise ({rule}), beta = {beta:g}"] = context_accuracy(model, test)
         chosen[rule] = {
             "h": h,
             "beta": beta,
             "neurons": neurons.tolist(),
             "fit_seconds_per_example": fit_seconds,
-            "dev_grid": {f"h={k[0]},beta={k[1]}": vars(v) for k, v in grid.items()},
+            "dev_grid": {f"h={k[0]},beta={k[1]}": v.accuracy for k, v in grid.items()},
         }
     print(f"\n{args.dataset} test, {len(test)} examples; (h, beta) chosen on dev")
-    print("| model | accuracy | stubbornness |\n|---|---|---|")
+    draws = resample_indices(len(test), 2000, 0)
+    original = rows["original"].per_example
+    assert original is not None
+    intervals = {}
+    print(
+        "| model | accuracy [95% interval] | accuracy - original (points) | stubbornness |\n|---|---|---|---|"
+    )
     for name, scores in rows.items():
-        print(f"| {name} | {scores.accuracy:.1%} | {scores.stubbornness:.1%} |")
+        assert scores.per_example is not None
+        right, gain = scores.per_example[:, 0], scores.per_example[:, 0] - original[:, 0]
+        accuracy = percentile_interval(scores.accuracy, right[draws].mean(-1), 0.95)
+        change = percentile_interval(float(gain.mean()), gain[draws].mean(-1), 0.95)
+        intervals[name] = {"accuracy": accuracy.to_dict(), "gain": change.to_dict()}
+        print(
+            f"| {name} | {accuracy.estimate:.1%} [{accuracy.low:.1%}, {accuracy.high:.1%}] | "
+            f"{change.estimate * 100:+.1f} [{change.low * 100:+.1f}, {change.high * 100:+.1f}] | "
+            f"{scores.stubbornness:.1%} |"
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -105,7 +129,11 @@ def main() -> None:
         "fit_examples": len(fit),
         "steps": args.steps,
         "chosen": chosen,
-        "test": {name: vars(scores) for name, scores in rows.items()},
+        "test": {
+            name: {"accuracy": scores.accuracy, "stubbornness": scores.stubbornness, "n": scores.n}
+            for name, scores in rows.items()
+        },
+        "intervals": intervals,
     }
     (args.out / f"{args.dataset}.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out / (args.dataset + '.json')}")

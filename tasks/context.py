@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from circuits.errors import InputError
 from circuits.models.hooked import HookedModel
 
@@ -84,6 +86,7 @@ class ContextScores:
     accuracy: float  # context-supported option chosen
     stubbornness: float  # memorised option chosen
     n: int
+    per_example: torch.Tensor | None = None  # [n, 2] each example's (context option, memorised option) chosen
 
     def __str__(self) -> str:
         return f"accuracy {self.accuracy:.1%}, stubbornness {self.stubbornness:.1%} (n={self.n})"
@@ -93,13 +96,13 @@ def context_accuracy(model: HookedModel, examples: list[ContextExample]) -> Cont
     """Accuracy and stubbornness rate of the model on prompts with their context."""
     if not examples:
         raise InputError("no examples to evaluate")
-    right = stubborn = 0
+    each = []
     for e in examples:
         choice = int(continuation_logprobs(model, e.with_context, e.options).argmax())
-        right += choice == e.context_answer
-        stubborn += choice == e.memory_answer
-    n = len(examples)
-    return ContextScores(right / n, stubborn / n, n)
+        each.append([float(choice == e.context_answer), float(choice == e.memory_answer)])
+    table = torch.tensor(each, dtype=torch.float64)
+    accuracy, stubbornness = table.mean(0).tolist()
+    return ContextScores(accuracy, stubbornness, len(examples), table)
 
 
 def first_token(model: HookedModel, example: ContextExample) -> int:

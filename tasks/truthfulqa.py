@@ -72,6 +72,7 @@ class MCScores:
     mc1: float
     mc2: float
     n: int
+    per_question: torch.Tensor | None = None  # [n, 2] each question's MC1 (0 or 1) and MC2, for intervals
 
     def __str__(self) -> str:
         return f"MC1 {self.mc1:.1%}, MC2 {self.mc2:.1%} (n={self.n})"
@@ -81,13 +82,13 @@ def multiple_choice(model: HookedModel, questions: list[Question]) -> MCScores:
     """MC1-style accuracy and MC2-style mass on correct answers (see the module docstring)."""
     if not questions:
         raise InputError("no questions to score")
-    mc1 = mc2 = 0.0
+    each = []
     for q in questions:
         answers = [q.best, *q.correct, *q.incorrect]
         logp = continuation_logprobs(model, q.prompt, [" " + a for a in answers])
         best, correct, wrong = logp[0], logp[1 : 1 + len(q.correct)], logp[1 + len(q.correct) :]
-        mc1 += float(best > wrong.max())
         mass = torch.cat([correct, wrong]).double().softmax(0)
-        mc2 += float(mass[: len(correct)].sum())
-    n = len(questions)
-    return MCScores(mc1 / n, mc2 / n, n)
+        each.append([float(best > wrong.max()), float(mass[: len(correct)].sum())])
+    table = torch.tensor(each, dtype=torch.float64)
+    mc1, mc2 = table.mean(0).tolist()
+    return MCScores(mc1, mc2, len(questions), table)

@@ -81,7 +81,8 @@ def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = 0) -> Tenso
     return torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _interval(estimate: float, values: Tensor, level: float) -> Interval:
+def percentile_interval(estimate: float, values: Tensor, level: float) -> Interval:
+    """`estimate` with the `level` percentile interval of its resampled `values` [resamples]."""
     level = check_level(level)
     finite = values[values.isfinite()]
     if len(finite) < len(values):
@@ -119,7 +120,9 @@ def faithfulness_interval(
     check_level(level)
     circuit, full, empty = _per_example(evaluation)
     draws = resample_indices(len(circuit), resamples, seed)
-    return _interval(evaluation.faithfulness, _resampled_faithfulness(circuit, full, empty, draws), level)
+    return percentile_interval(
+        evaluation.faithfulness, _resampled_faithfulness(circuit, full, empty, draws), level
+    )
 
 
 def _trapezoid(x: Tensor, y: Tensor) -> Tensor:
@@ -139,8 +142,8 @@ def curve_intervals(
     draws = resample_indices(circuits.shape[1], resamples, seed)
     f = _resampled_faithfulness(circuits, full, empty, draws)  # [resamples, points]
     x = torch.tensor([p.fraction for p in curve.points], dtype=torch.float64)
-    under = _interval(curve.area_under, _trapezoid(x, f), level)
-    from_one = _interval(curve.area_from_one, _trapezoid(x, (1 - f).abs()), level)
+    under = percentile_interval(curve.area_under, _trapezoid(x, f), level)
+    from_one = percentile_interval(curve.area_from_one, _trapezoid(x, (1 - f).abs()), level)
     return under, from_one
 
 

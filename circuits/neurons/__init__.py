@@ -3,6 +3,7 @@
 from circuits.neurons.ig import NeuronAttribution, NeuronIGOptions, last_activations, neuron_ig
 from circuits.neurons.ircan import (
     ContextNeurons,
+    activation_difference_neurons,
     context_neurons,
     random_neurons_like,
     reweight,
@@ -13,6 +14,7 @@ __all__ = [
     "ContextNeurons",
     "NeuronAttribution",
     "NeuronIGOptions",
+    "activation_difference_neurons",
     "context_neurons",
     "last_activations",
     "neuron_ig",

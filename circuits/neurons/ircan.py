@@ -99,6 +99,26 @@ def random_neurons_like(neurons: Tensor, d_mlp: int, seed: int = 0) -> Tensor:
     return torch.cat(out) if out else neurons.clone()
 
 
+@uses_model
+def activation_difference_neurons(
+    model: HookedModel, with_context: Sequence[str], without_context: Sequence[str], h: int
+) -> Tensor:
+    """[h, 2] (layer, index) of the h neurons whose activation at the last position rises most, on
+    average over the examples, from the prompt without its context to the prompt with it: IRCAN's
+    gradient-free control (the same examples, no attribution)."""
+    if len(with_context) != len(without_context) or not with_context:
+        raise InputError(
+            f"need as many prompts with context as without (at least one), got {len(with_context)} and "
+            f"{len(without_context)}"
+        )
+    rise = (last_activations(model, with_context) - last_activations(model, without_context)).mean(0)
+    if not 1 <= h <= rise.numel():
+        raise InputError(f"h must lie in [1, {rise.numel()}], got {h}")
+    index = rise.flatten().topk(h).indices
+    d_mlp = rise.shape[1]
+    return torch.stack([index // d_mlp, index % d_mlp], dim=1)
+
+
 @contextmanager
 def reweight(model: HookedModel, neurons: Tensor, beta: float) -> Iterator[None]:
     """Within the block, the activations of `neurons` ([k, 2] (layer, index)) are multiplied by `beta` at

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from circuits.errors import InputError, NumericalError
 from circuits.models.hooked import HookedModel, HookFn, uses_model
 from circuits.quadrature import COMPLETENESS_TOLERANCE
-from circuits.steering.token_ig import contrastive_token_ig, warn_incomplete_tokens
+from circuits.steering.token_ig import contrastive_token_ig, token_options, warn_incomplete_tokens
 
 
 @dataclass
@@ -118,7 +118,7 @@ def steering_vectors(
             max(misses),
             f"contrastive token attributions of {len(misses)} of the {len(pairs)} pairs the tokens to "
             "ablate were chosen from (the worst shown)",
-            int(ig_options.get("steps", 64)),
+            token_options(None, ig_options),
         )
     pos, neg = torch.stack(pos_diffs), torch.stack(neg_diffs)  # [n_pairs, n_layers, d]
     direction = pc1_aligned if method == "pca" else (lambda d: d.mean(0) / d.mean(0).norm())

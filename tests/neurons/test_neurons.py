@@ -152,3 +152,25 @@ def test_prompts_padded_together_equal_prompts_alone(tiny):
     together = last_activations(tiny, PROMPTS)
     alone = torch.cat([last_activations(tiny, [p]) for p in PROMPTS])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_difference_neurons_by_hand(llama):
+    """IRCAN's gradient-free control: the neurons whose last-position activation rises most with context,
+    recomputed from hooks on separate forward passes."""
+    from circuits.neurons import activation_difference_neurons
+
+    without = ["John gave a drink to", "said hello to"]
+    names = [llama.mlp_post_hook(layer) for layer in range(llama.spec.n_layers)]
+
+    def last(prompt):
+        with torch.no_grad(), llama.capture(names) as captured:
+            llama(torch.tensor(llama.to_ids([prompt])))
+        return torch.stack([captured[name][0, -1] for name in names])
+
+    rise = sum(last(a) - last(b) for a, b in zip(PROMPTS, without)) / 2
+    found = activation_difference_neurons(llama, PROMPTS, without, 5)
+    expected = rise.flatten().topk(5).indices
+    d_mlp = llama.spec.d_mlp
+    assert found.tolist() == [[int(i) // d_mlp, int(i) % d_mlp] for i in expected]
+    with pytest.raises(ValueError, match="h must lie"):
+        activation_difference_neurons(llama, PROMPTS, without, 0)

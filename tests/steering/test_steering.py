@@ -110,14 +110,24 @@ def test_bad_inputs(llama):
 def test_zero_baseline_on_smollm2_is_finite(smollm2):
     """All-zero embeddings give non-finite gradients in SmolLM2; the endpoint used for the delta must not
     leak into the scores."""
-    result = token_ig(smollm2, "Q: Is the sky blue?\nA:", " Yes", steps=4)
+    result = token_ig(
+        smollm2, "Q: Is the sky blue?\nA:", " Yes", steps=4, quadrature="gauss-legendre", baseline="zero"
+    )
     assert torch.isfinite(result.scores).all() and abs(result.delta) > 0
 
 
 def test_a_path_through_the_singular_baseline_says_what_to_do(smollm2):
-    """The left rule evaluates alpha = 0, the zero embedding, where RMSNorm divides by zero: the error
-    names the point and the two ways out."""
+    """With the zero baseline the left rule evaluates alpha = 0, the zero embedding, where RMSNorm divides
+    by zero: the error names the point and the two ways out."""
     from circuits.errors import NumericalError
 
-    with pytest.raises(NumericalError, match=r"alpha = 0: .*gauss-legendre.*baseline="):
-        token_ig(smollm2, "Q: Is the sky blue?\nA:", " Yes", steps=4, quadrature="left")
+    with pytest.raises(NumericalError, match=r"alpha = 0: .*baseline='pad'.*gauss-legendre"):
+        token_ig(
+            smollm2,
+            "Q: Is the sky blue?\nA:",
+            " Yes",
+            steps=4,
+            quadrature="left",
+            baseline="zero",
+            keep_first=False,
+        )
